@@ -1,0 +1,146 @@
+//! Alerts (seed §7.2): rotation failed more than 3 times, degraded mode for more than 24 h,
+//! TPM unavailable (or cleared), secret expired without replacement, unauthorized access
+//! attempt.
+//!
+//! Each alert is, at once: an audit entry `alert.<kind>`; an error-priority log record with a
+//! structured `alert` field (journald fields `ALERT`, `PRIORITY=3` when the agent runs under
+//! systemd's journal, the `alert=<kind>` stderr form otherwise); and, when configured, a JSON
+//! POST to a webhook. Webhook deliveries go through a bounded queue to one background worker
+//! with bounded retries: raising an alert never waits on the network, and a full queue drops
+//! the delivery (the audit entry and log record remain).
+
+use std::time::Duration;
+
+use license_audit::{Event, Outcome};
+use tokio::sync::mpsc;
+
+use crate::audit::Audit;
+
+/// Deliveries waiting for the webhook, at most.
+const QUEUE: usize = 64;
+/// Time allowed for one webhook attempt.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlertKind {
+    RotationFailed,
+    DegradedTooLong,
+    TpmUnavailable,
+    TpmCleared,
+    SecretExpired,
+    UnauthorizedAccess,
+}
+
+impl AlertKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::RotationFailed => "rotation_failed",
+            AlertKind::DegradedTooLong => "degraded_too_long",
+            AlertKind::TpmUnavailable => "tpm_unavailable",
+            AlertKind::TpmCleared => "tpm_cleared",
+            AlertKind::SecretExpired => "secret_expired",
+            AlertKind::UnauthorizedAccess => "unauthorized_access",
+        }
+    }
+}
+
+/// Raises alerts; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Alerts {
+    audit: Audit,
+    machine_id: String,
+    webhook: Option<mpsc::Sender<serde_json::Value>>,
+}
+
+impl Alerts {
+    /// Starts the webhook worker (inside a Tokio runtime) when a URL is given.
+    pub fn new(
+        audit: Audit,
+        machine_id: String,
+        webhook_url: Option<String>,
+        retries: u32,
+    ) -> Self {
+        let webhook = webhook_url.map(|url| {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            tokio::spawn(deliver(url, retries, rx));
+            tx
+        });
+        Self {
+            audit,
+            machine_id,
+            webhook,
+        }
+    }
+
+    pub fn audit(&self) -> &Audit {
+        &self.audit
+    }
+
+    /// Raises one alert; returns at once.
+    pub fn raise(&self, kind: AlertKind, message: &str, details: serde_json::Value) {
+        tracing::error!(alert = kind.as_str(), details = %details, "ALERT: {message}");
+        let mut event = Event::new(format!("alert.{}", kind.as_str()), Outcome::Error)
+            .detail("message", message);
+        if let serde_json::Value::Object(map) = &details {
+            for (k, v) in map {
+                event = event.detail(k.clone(), v.clone());
+            }
+        }
+        self.audit.note(event);
+        if let Some(webhook) = &self.webhook {
+            let payload = serde_json::json!({
+                "alert": kind.as_str(),
+                "message": message,
+                "machine_id": self.machine_id,
+                "time": crate::validator::rfc3339(
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+                ),
+                "details": details,
+            });
+            if webhook.try_send(payload).is_err() {
+                tracing::warn!(
+                    alert = kind.as_str(),
+                    "webhook queue full or closed; alert not forwarded"
+                );
+            }
+        }
+    }
+}
+
+/// The webhook worker: each alert POSTed with up to `retries` retries (1 s, 2 s, 4 s … apart).
+async fn deliver(url: String, retries: u32, mut queue: mpsc::Receiver<serde_json::Value>) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let tls = rustls::ClientConfig::builder_with_provider(crate::net::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+    let client = match tls.map_err(|e| e.to_string()).and_then(|tls| {
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(ATTEMPT_TIMEOUT)
+            .build()
+            .map_err(|e| e.to_string())
+    }) {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!(error = %e, "webhook client unavailable; alerts stay in the log and the audit");
+            return;
+        }
+    };
+    while let Some(payload) = queue.recv().await {
+        for attempt in 0..=retries {
+            match client.post(&url).json(&payload).send().await {
+                Ok(r) if r.status().is_success() => break,
+                Ok(r) => tracing::warn!(
+                    status = r.status().as_u16(),
+                    attempt,
+                    "webhook refused the alert"
+                ),
+                Err(e) => tracing::warn!(error = %e, attempt, "webhook unreachable"),
+            }
+            if attempt < retries {
+                tokio::time::sleep(Duration::from_secs(1 << attempt.min(5))).await;
+            }
+        }
+    }
+}

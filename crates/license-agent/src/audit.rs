@@ -1,0 +1,51 @@
+//! The agent's side of the audit log (seed §4.3, DESIGN.md §3.4): every validation, rotation,
+//! refused peer, alert and state change goes into the hash-chained log of `license-audit`.
+//!
+//! Validations use [`Audit::durable`]: the answer is sent only once its record is on disk
+//! (the log batches concurrent records into one fsync, so throughput holds), and a record that
+//! cannot be written turns the answer into `internal`. Background events use [`Audit::note`],
+//! which logs a failure instead: there is no caller to refuse.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use license_audit::{Actor, Anchor, AuditError, AuditLog, Event, LogOptions, Outcome};
+
+#[derive(Debug, Clone)]
+pub struct Audit {
+    log: Arc<AuditLog>,
+}
+
+impl Audit {
+    pub fn open(path: &Path) -> Result<Self, AuditError> {
+        Ok(Self {
+            log: Arc::new(AuditLog::open(path, LogOptions::default())?),
+        })
+    }
+
+    /// Appends and waits until the record is durable; the error says why it is not.
+    pub async fn durable(&self, event: Event) -> Result<(), String> {
+        let log = self.log.clone();
+        match tokio::task::spawn_blocking(move || log.append(event)).await {
+            Ok(result) => result.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Appends from synchronous code; a failure is logged (nothing to refuse).
+    pub fn note(&self, event: Event) {
+        if let Err(e) = self.log.append(event) {
+            tracing::error!(error = %e, "cannot write the audit log");
+        }
+    }
+
+    /// The chain's head, kept in state.json so that truncation of the log's tail is detectable.
+    pub fn head(&self) -> Anchor {
+        self.log.head()
+    }
+}
+
+/// An event by the agent itself.
+pub fn agent_event(name: &str, outcome: Outcome) -> Event {
+    Event::new(name, outcome).actor(Actor::AGENT)
+}

@@ -1,0 +1,505 @@
+//! `/etc/license-agent/config.toml`: the agent's configuration (seed §4.2, DESIGN.md §3.4).
+//!
+//! Parsed into typed values with unknown keys refused; cross-field checks live in
+//! [`AgentConfig::check`], and every error names the key at fault. `license-agent enroll`
+//! writes this file; `license-agent check-config` validates it without starting anything.
+
+use std::path::{Path, PathBuf};
+
+use license_protocol::identity::{ClientId, MachineId};
+use license_protocol::pin::CertPin;
+use serde::{Deserialize, Serialize};
+
+/// Seed §4.2: rotate every 24 h.
+pub const DEFAULT_ROTATION_INTERVAL_SECS: u64 = 86_400;
+/// Seed §4.2: 7 days of grace.
+pub const DEFAULT_GRACE_PERIOD_SECS: u64 = 604_800;
+/// Shortest rotation interval accepted (tests use a few seconds).
+pub const MIN_ROTATION_INTERVAL_SECS: u64 = 1;
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/license-agent/config.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/license-agent";
+pub const DEFAULT_LOG_DIR: &str = "/var/log/license-agent";
+/// Seconds between checks with the server (forced rotation, invalidation, revocation).
+pub const DEFAULT_POLL_INTERVAL_SECS: u64 = 60;
+/// The kernel's TPM resource manager.
+pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
+pub const DEFAULT_MGMT_SOCKET: &str = "/run/license-agent/mgmt.sock";
+pub const DEFAULT_SOCKET: &str = "/run/license-agent/agent.sock";
+/// Connections served at once on the validation socket.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// A connection idle this long (no complete frame) is closed.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 30;
+/// How long a validation nonce is remembered, to refuse replays.
+pub const DEFAULT_REPLAY_WINDOW_SECS: u64 = 600;
+/// PBKDF2-HMAC-SHA256 iterations deriving the file store's key.
+pub const DEFAULT_PBKDF2_ITERATIONS: u32 = 210_000;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub server: ServerSection,
+    pub agent: AgentSection,
+    #[serde(default)]
+    pub tpm: TpmSection,
+    #[serde(default)]
+    pub management: ManagementSection,
+    #[serde(default)]
+    pub ipc: IpcSection,
+    #[serde(default)]
+    pub alerts: AlertsSection,
+}
+
+/// Where alerts go besides the audit log and the journal (seed §7.2).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsSection {
+    /// Optional webhook (`http://` or `https://`) receiving each alert as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    #[serde(default = "default_webhook_retries")]
+    pub webhook_retries: u32,
+}
+
+impl Default for AlertsSection {
+    fn default() -> Self {
+        Self {
+            webhook_url: None,
+            webhook_retries: default_webhook_retries(),
+        }
+    }
+}
+
+fn default_webhook_retries() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Agent API base URL (mTLS), e.g. `https://licenses.example.com:8444`.
+    pub url: String,
+    /// Public base URL (enrollment, downloads).
+    pub public_url: String,
+    /// Pin of the server's TLS key, `sha256:<base64>`.
+    pub cert_pin: CertPin,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// The server's CA certificate (chain check on top of the pin).
+    pub ca_cert: PathBuf,
+    /// License signing public key pinned at enrollment, `ed25519:<base64>`.
+    pub license_public_key: String,
+    /// Single-use credential (0600) that lets the agent re-key through the server when its TPM
+    /// was cleared; renewed by each recovery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// This machine's id (the `machine_id` of its certificate CN).
+    pub id: MachineId,
+    pub client_id: ClientId,
+    #[serde(default = "default_rotation")]
+    pub rotation_interval: u64,
+    #[serde(default = "default_grace")]
+    pub grace_period: u64,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_log_dir")]
+    pub log_dir: PathBuf,
+    /// Seconds between checks with the server for forced rotations, invalidated versions and
+    /// revoked licenses.
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval: u64,
+    /// The tamper-evident audit log (default: `log_dir/audit.log`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_log: Option<PathBuf>,
+    /// For benchmarks only: answer validations without auditing them. Everything else is
+    /// still audited.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub danger_unaudited_validations: bool,
+    /// Prometheus textfile (node_exporter format) rewritten after every round.
+    #[serde(default = "default_metrics_file")]
+    pub metrics_file: PathBuf,
+    /// `allow`: keep validating with ACTIVE/GRACE secrets while the server is unreachable and
+    /// rotation is overdue (until their grace ends); `deny`: fail closed instead.
+    #[serde(default)]
+    pub degraded_mode: DegradedPolicy,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DegradedPolicy {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// The validation socket for POS applications (DESIGN.md §3.2).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpcSection {
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Peers whose uid is listed may validate…
+    #[serde(default)]
+    pub allowed_uids: Vec<u32>,
+    /// …and so may peers whose primary gid is listed.
+    #[serde(default)]
+    pub allowed_gids: Vec<u32>,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: u64,
+    #[serde(default = "default_replay_window")]
+    pub replay_window: u64,
+}
+
+impl Default for IpcSection {
+    fn default() -> Self {
+        Self {
+            socket: default_socket(),
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT_SECS,
+            replay_window: DEFAULT_REPLAY_WINDOW_SECS,
+        }
+    }
+}
+
+fn default_metrics_file() -> PathBuf {
+    Path::new(DEFAULT_STATE_DIR).join("metrics.prom")
+}
+fn default_poll_interval() -> u64 {
+    DEFAULT_POLL_INTERVAL_SECS
+}
+fn default_socket() -> PathBuf {
+    DEFAULT_SOCKET.into()
+}
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_idle_timeout() -> u64 {
+    DEFAULT_IDLE_TIMEOUT_SECS
+}
+fn default_replay_window() -> u64 {
+    DEFAULT_REPLAY_WINDOW_SECS
+}
+fn default_key_file() -> PathBuf {
+    Path::new(DEFAULT_STATE_DIR).join("secret.key")
+}
+fn default_tcti() -> String {
+    DEFAULT_TCTI.into()
+}
+fn default_sealed() -> PathBuf {
+    Path::new(DEFAULT_STATE_DIR).join("secrets.tpm.json")
+}
+fn default_iterations() -> u32 {
+    DEFAULT_PBKDF2_ITERATIONS
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmSection {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Encrypted-file store used when there is no TPM.
+    #[serde(default = "default_fallback")]
+    pub fallback_encrypted_storage: PathBuf,
+    /// Key material (32 random bytes, 0600) the file store's key is derived from with
+    /// PBKDF2-HMAC-SHA256; kept apart from the store itself.
+    #[serde(default = "default_key_file")]
+    pub fallback_key_file: PathBuf,
+    #[serde(default = "default_iterations")]
+    pub pbkdf2_iterations: u32,
+    /// How to reach the TPM: `device:/dev/tpmrm0` (the kernel resource manager), `tabrmd`,
+    /// or `swtpm:host=…,port=…`.
+    #[serde(default = "default_tcti")]
+    pub tcti: String,
+    /// Where the TPM-sealed secret blobs are kept.
+    #[serde(default = "default_sealed")]
+    pub sealed_storage: PathBuf,
+}
+
+impl Default for TpmSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            fallback_encrypted_storage: default_fallback(),
+            fallback_key_file: default_key_file(),
+            pbkdf2_iterations: DEFAULT_PBKDF2_ITERATIONS,
+            tcti: default_tcti(),
+            sealed_storage: default_sealed(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagementSection {
+    /// UIDs allowed to read status through the management interface.
+    #[serde(default)]
+    pub allowed_uids: Vec<u32>,
+    /// UIDs allowed to act (rotate, invalidate, degraded mode); they may read too.
+    #[serde(default)]
+    pub admin_uids: Vec<u32>,
+    #[serde(default = "default_mgmt_socket")]
+    pub socket: PathBuf,
+    /// Optional second factor: requests must carry this file's content (0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for ManagementSection {
+    fn default() -> Self {
+        Self {
+            allowed_uids: Vec::new(),
+            admin_uids: Vec::new(),
+            socket: default_mgmt_socket(),
+            token_file: None,
+        }
+    }
+}
+
+fn default_mgmt_socket() -> PathBuf {
+    DEFAULT_MGMT_SOCKET.into()
+}
+
+fn default_rotation() -> u64 {
+    DEFAULT_ROTATION_INTERVAL_SECS
+}
+fn default_grace() -> u64 {
+    DEFAULT_GRACE_PERIOD_SECS
+}
+fn default_state_dir() -> PathBuf {
+    DEFAULT_STATE_DIR.into()
+}
+fn default_log_dir() -> PathBuf {
+    DEFAULT_LOG_DIR.into()
+}
+fn default_fallback() -> PathBuf {
+    Path::new(DEFAULT_STATE_DIR).join("secret.enc")
+}
+
+impl AgentConfig {
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.agent
+            .audit_log
+            .clone()
+            .unwrap_or_else(|| self.agent.log_dir.join("audit.log"))
+    }
+
+    /// Reads, parses and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| {
+            // toml's message plus the key path it points at, on one line.
+            let message = e.message().to_string();
+            let key = e
+                .span()
+                .map(|span| {
+                    // The whole line the error points into: it starts with the key.
+                    let start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+                    let end = text[span.start..]
+                        .find('\n')
+                        .map_or(text.len(), |i| span.start + i);
+                    text[start..end].trim().to_string()
+                })
+                .unwrap_or_default();
+            ConfigError::Parse {
+                path: "<config>".into(),
+                message: if key.is_empty() {
+                    message
+                } else {
+                    format!("{message} (at `{key}`)")
+                },
+            }
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Cross-field checks.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        for (key, url) in [
+            ("server.url", &self.server.url),
+            ("server.public_url", &self.server.public_url),
+        ] {
+            if !url.starts_with("https://") {
+                return Err(invalid(key, "must be an https:// URL"));
+            }
+        }
+        if !self.server.license_public_key.starts_with("ed25519:") {
+            return Err(invalid(
+                "server.license_public_key",
+                "must be `ed25519:<base64>`",
+            ));
+        }
+        if self.agent.rotation_interval < MIN_ROTATION_INTERVAL_SECS {
+            return Err(invalid(
+                "agent.rotation_interval",
+                "must be at least 1 second",
+            ));
+        }
+        if self.agent.grace_period < self.agent.rotation_interval {
+            return Err(invalid(
+                "agent.grace_period",
+                "must be at least agent.rotation_interval",
+            ));
+        }
+        let positive = [
+            ("agent.poll_interval", self.agent.poll_interval),
+            ("ipc.max_connections", self.ipc.max_connections as u64),
+            ("ipc.idle_timeout", self.ipc.idle_timeout),
+            ("ipc.replay_window", self.ipc.replay_window),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if let Some(url) = &self.alerts.webhook_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(
+                    "alerts.webhook_url",
+                    "must be an http:// or https:// URL",
+                ));
+            }
+        }
+        if self.alerts.webhook_retries > 10 {
+            return Err(invalid("alerts.webhook_retries", "must be at most 10"));
+        }
+        if self.tpm.pbkdf2_iterations < 10_000 {
+            return Err(invalid("tpm.pbkdf2_iterations", "must be at least 10000"));
+        }
+        if self.tpm.fallback_key_file == self.tpm.fallback_encrypted_storage {
+            return Err(invalid(
+                "tpm.fallback_key_file",
+                "must not be the store itself",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> String {
+        r#"
+[server]
+url = "https://licenses.example.com:8444"
+public_url = "https://licenses.example.com:8443"
+cert_pin = "sha256:2xIQ3lut/L8NGd7F/8syU3WXxlTuAQUnaStYs3gYVPY="
+client_cert = "/etc/license-agent/client.pem"
+client_key = "/etc/license-agent/client.key"
+ca_cert = "/etc/license-agent/ca.pem"
+license_public_key = "ed25519:5mbwf7fXeAluHs6hVQhV6ddRy19ASl7fyPAaNGF5u1g="
+
+[agent]
+id = "6ba7b810-9dad-11d1-80b4-00c04fd430c8"
+client_id = "550e8400-e29b-41d4-a716-446655440000"
+rotation_interval = 86400
+grace_period = 604800
+
+[tpm]
+enabled = false
+fallback_encrypted_storage = "/var/lib/license-agent/secret.enc"
+
+[management]
+allowed_uids = [1000, 1001]
+"#
+        .to_string()
+    }
+
+    #[test]
+    fn parses_the_seed_keys() {
+        let c = AgentConfig::parse(&sample()).unwrap();
+        assert_eq!(c.agent.rotation_interval, 86_400);
+        assert_eq!(c.management.allowed_uids, vec![1000, 1001]);
+        let again = AgentConfig::parse(&c.to_toml()).unwrap();
+        assert_eq!(again.agent.id, c.agent.id);
+    }
+
+    #[test]
+    fn shipped_example_parses() {
+        let example = include_str!("../../../packaging/agent-config.example.toml");
+        let c = AgentConfig::parse(example).unwrap();
+        assert_eq!(c.agent.grace_period, DEFAULT_GRACE_PERIOD_SECS);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (sample().replace("[tpm]", "[tpm]\nbogus = 1"), "bogus"),
+            (sample().replace("sha256:2x", "md5:2x"), "cert_pin"),
+            (
+                sample().replace("rotation_interval = 86400", "rotation_interval = \"daily\""),
+                "rotation_interval",
+            ),
+            (
+                sample().replace("grace_period = 604800", "grace_period = 10"),
+                "agent.grace_period",
+            ),
+            (
+                sample().replace("https://licenses.example.com:8444", "http://x"),
+                "server.url",
+            ),
+            (sample().replace("id = \"6ba7", "id = \"zz"), "id"),
+            (
+                format!("{}\n[ipc]\nidle_timeout = 0\n", sample()),
+                "ipc.idle_timeout",
+            ),
+            (format!("{}\n[ipc]\nsocket = 5\n", sample()), "socket"),
+            (
+                sample().replace("enabled = false", "enabled = false\npbkdf2_iterations = 5"),
+                "tpm.pbkdf2_iterations",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = AgentConfig::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+}

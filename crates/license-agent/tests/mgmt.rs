@@ -1,0 +1,324 @@
+//! The management interface end to end: a real agent, the real `license-agent-cli`, roles by
+//! uid (other users through `setpriv`), the token second factor, every request audited, and
+//! admin actions refused when they cannot be audited.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::{bin, wait_until, Agent, Server};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+const READER: u32 = 65534; // nobody
+const STRANGER: u32 = 4242;
+
+/// A directory everyone can traverse, for sockets other uids must reach.
+fn public_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    dir
+}
+
+fn cli(socket: &Path, uid: u32, args: &[&str]) -> Output {
+    let mut cmd = if uid == 0 {
+        Command::new(bin("license-agent-cli"))
+    } else {
+        let mut c = Command::new("setpriv");
+        c.args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+        ])
+        .arg(bin("license-agent-cli"));
+        c
+    };
+    cmd.arg("--socket").arg(socket).args(args).output().unwrap()
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "not JSON: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn audit_events(agent: &Agent, event: &str) -> Vec<Value> {
+    let out = Command::new(bin("license-agent-cli"))
+        .args(["audit", "show", "--json", "--event", event, "--log"])
+        .arg(agent.dir.join("log/audit.log"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn managed_agent(
+    server: &Server,
+    root: &Path,
+    socket: &Path,
+    extra: impl FnOnce(&mut toml::Table),
+) -> Agent {
+    let socket = socket.display().to_string();
+    Agent::enroll(server, root, "pos1", 3600, move |t| {
+        let m = t["management"].as_table_mut().unwrap();
+        m.insert("socket".into(), toml::Value::String(socket));
+        m.insert(
+            "allowed_uids".into(),
+            toml::Value::Array(vec![toml::Value::Integer(READER.into())]),
+        );
+        m.insert(
+            "admin_uids".into(),
+            toml::Value::Array(vec![toml::Value::Integer(0)]),
+        );
+        extra(t);
+    })
+}
+
+#[test]
+fn roles_commands_and_their_audit() {
+    let root = tempfile::tempdir().unwrap();
+    let public = public_dir();
+    let socket = public.path().join("mgmt.sock");
+    let server = Server::start(root.path(), 3600, 3600);
+    let mut agent = managed_agent(&server, root.path(), &socket, |_| {});
+    let license = server.issue_license(&agent.machine_id, "pos.sale", &[]);
+    agent.start(&[]);
+    wait_until("a token", WAIT, || agent.token(&license).is_some());
+
+    // Read role: status (human and JSON), metrics.
+    let status = cli(&socket, READER, &["status"]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(String::from_utf8_lossy(&status.stdout).contains(&agent.machine_id));
+    let view = json(&cli(&socket, READER, &["--json", "status"]));
+    assert_eq!(view["machine_id"], agent.machine_id.as_str());
+    assert_eq!(view["store"], "file");
+    assert_eq!(view["secrets"][0]["state"], "active");
+    let metrics = cli(&socket, READER, &["metrics"]);
+    assert!(String::from_utf8_lossy(&metrics.stdout).contains("license_agent_validations_total"));
+
+    // Read role may not act; a stranger may not even read.
+    let refused = cli(&socket, READER, &["rotate"]);
+    assert_eq!(
+        refused.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not_authorized"));
+    assert_eq!(cli(&socket, STRANGER, &["status"]).status.code(), Some(3));
+
+    // Admin role: rotate, invalidate, validate, degraded switch.
+    let before = agent.newest_version();
+    let rotated = json(&cli(&socket, 0, &["--json", "rotate"]));
+    assert_eq!(rotated["version"].as_u64(), Some(before + 1));
+    let token_file = root.path().join("token.txt");
+    wait_until("the re-issued token", WAIT, || {
+        agent
+            .token(&license)
+            .is_some_and(|t| agent.validate(&t).valid)
+    });
+    std::fs::write(&token_file, agent.token(&license).unwrap()).unwrap();
+    let valid = cli(&socket, 0, &["validate", token_file.to_str().unwrap()]);
+    assert_eq!(
+        valid.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&valid.stdout)
+    );
+    let invalidated = cli(&socket, 0, &["invalidate", &(before + 1).to_string()]);
+    assert!(
+        invalidated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&invalidated.stderr)
+    );
+    let invalid = cli(
+        &socket,
+        0,
+        &["--json", "validate", token_file.to_str().unwrap()],
+    );
+    assert_eq!(invalid.status.code(), Some(1));
+    assert_eq!(json(&invalid)["reason"], "secret_invalidated");
+    let forced = json(&cli(&socket, 0, &["--json", "degraded", "on"]));
+    assert!(
+        forced["degraded"].as_str().unwrap().starts_with("forced"),
+        "{forced}"
+    );
+    assert_eq!(
+        json(&cli(&socket, READER, &["--json", "status"]))["degraded_mode"],
+        "forced"
+    );
+    cli(&socket, 0, &["degraded", "auto"]);
+    assert_eq!(
+        json(&cli(&socket, READER, &["--json", "status"]))["degraded_mode"],
+        "inactive"
+    );
+
+    // Everything above is in the audit log, refusals included, with the peer's uid.
+    let rotates = audit_events(&agent, "mgmt.rotate");
+    assert!(rotates
+        .iter()
+        .any(|e| e["outcome"] == "refused" && e["actor"]["uid"] == READER));
+    assert!(rotates
+        .iter()
+        .any(|e| e["outcome"] == "success" && e["actor"]["uid"] == 0));
+    assert!(audit_events(&agent, "mgmt.status")
+        .iter()
+        .any(|e| e["outcome"] == "refused" && e["actor"]["uid"] == STRANGER));
+    assert!(
+        !audit_events(&agent, "mgmt.invalidate").is_empty()
+            && !audit_events(&agent, "mgmt.degraded").is_empty()
+    );
+    let verify = Command::new(bin("license-agent-cli"))
+        .args(["audit", "verify", "--log"])
+        .arg(agent.dir.join("log/audit.log"))
+        .output()
+        .unwrap();
+    assert_eq!(verify.status.code(), Some(0));
+}
+
+#[test]
+fn token_second_factor_and_degraded_mode_forbidden_by_config() {
+    let root = tempfile::tempdir().unwrap();
+    let public = public_dir();
+    let socket = public.path().join("mgmt.sock");
+    let server = Server::start(root.path(), 3600, 3600);
+    let secret = root.path().join("mgmt.token");
+    std::fs::write(&secret, "s3cond-factor\n").unwrap();
+    let secret_path = secret.display().to_string();
+    let mut agent = managed_agent(&server, root.path(), &socket, move |t| {
+        t["management"]
+            .as_table_mut()
+            .unwrap()
+            .insert("token_file".into(), toml::Value::String(secret_path));
+        t["agent"]["degraded_mode"] = toml::Value::String("deny".into());
+    });
+    agent.start(&[]);
+    let without = cli(&socket, 0, &["status"]);
+    assert_eq!(without.status.code(), Some(3));
+    let wrong = root.path().join("wrong.token");
+    std::fs::write(&wrong, "guess").unwrap();
+    assert_eq!(
+        cli(
+            &socket,
+            0,
+            &["--token-file", wrong.to_str().unwrap(), "status"]
+        )
+        .status
+        .code(),
+        Some(3)
+    );
+    let with = cli(
+        &socket,
+        0,
+        &["--token-file", secret.to_str().unwrap(), "status"],
+    );
+    assert!(
+        with.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
+    let on = cli(
+        &socket,
+        0,
+        &["--token-file", secret.to_str().unwrap(), "degraded", "on"],
+    );
+    assert_eq!(on.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&on.stderr).contains("forbids degraded mode"));
+    assert!(!audit_events(&agent, "mgmt.status").is_empty());
+}
+
+#[test]
+fn admin_actions_are_refused_while_they_cannot_be_audited() {
+    let root = tempfile::tempdir().unwrap();
+    let public = public_dir();
+    let socket = public.path().join("mgmt.sock");
+    let server = Server::start(root.path(), 3600, 3600);
+    let disk = root.path().join("auditfs");
+    std::fs::create_dir(&disk).unwrap();
+    assert!(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&disk)
+        .status()
+        .unwrap()
+        .success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(disk.clone());
+    let log = disk.join("audit.log").display().to_string();
+    let mut agent = managed_agent(&server, root.path(), &socket, move |t| {
+        t["agent"]
+            .as_table_mut()
+            .unwrap()
+            .insert("audit_log".into(), toml::Value::String(log));
+    });
+    agent.start(&[]);
+    assert!(cli(&socket, 0, &["rotate"]).status.success());
+
+    let filler = disk.join("filler");
+    let _ = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", filler.display()))
+        .args(["bs=4k", "count=1000"])
+        .output();
+    // Once records stop fitting (page slack), the action is refused, not done unaudited.
+    let before = agent.newest_version();
+    let mut refused = None;
+    for _ in 0..200 {
+        let out = cli(&socket, 0, &["rotate"]);
+        if out.status.code() == Some(3) {
+            refused = Some(out);
+            break;
+        }
+    }
+    let refused = refused.expect("the audit disk never filled");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("audit_unavailable"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let after_refusal = agent.newest_version();
+    assert_eq!(cli(&socket, 0, &["rotate"]).status.code(), Some(3));
+    assert_eq!(
+        agent.newest_version(),
+        after_refusal,
+        "no rotation happened unaudited"
+    );
+    assert!(after_refusal >= before);
+
+    std::fs::remove_file(&filler).unwrap();
+    wait_until("admin actions accepted again", WAIT, || {
+        cli(&socket, 0, &["rotate"]).status.success()
+    });
+    let verify = Command::new(bin("license-agent-cli"))
+        .args(["audit", "verify", "--log"])
+        .arg(disk.join("audit.log"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        verify.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}

@@ -1,0 +1,294 @@
+//! The local socket protocol between POS applications and the agent (DESIGN.md §3.2).
+//!
+//! Each message is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON; a
+//! connection carries any number of request/response pairs. Frames over [`MAX_FRAME_LEN`] are
+//! refused. Requests:
+//!
+//! ```json
+//! {"op": "validate_license", "license_token": "<base64>", "nonce": "<32 hex chars>"}
+//! ```
+//!
+//! Answers: `{"valid": true, "expires_at": "<RFC 3339>"|null, "features": [...], "metadata": {...}, "nonce": "..."}`
+//! or `{"valid": false, "reason": "<code>", "nonce": "..."}` with a stable [`Reason`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::rotation::Nonce;
+
+/// Largest frame payload, in bytes.
+pub const MAX_FRAME_LEN: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    #[error("frame of {0} bytes is over the {MAX_FRAME_LEN}-byte limit")]
+    TooLarge(usize),
+    #[error("empty frame")]
+    Empty,
+}
+
+/// The payload length announced by a frame header.
+pub fn frame_len(header: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    match len {
+        0 => Err(FrameError::Empty),
+        n if n > MAX_FRAME_LEN => Err(FrameError::TooLarge(n)),
+        n => Ok(n),
+    }
+}
+
+/// A frame: length header and payload.
+pub fn encode_frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Stable reason codes of a refused validation or request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Reason {
+    /// The token is not a token (bad base64, wrong magic or format, bad claims).
+    Malformed,
+    /// The token does not decrypt under its secret or its signature does not verify.
+    BadSignature,
+    /// The machine holds no secret of the token's version (never had it, or it is gone).
+    UnknownSecretVersion,
+    /// The token's secret version was invalidated by an administrator or the server.
+    SecretInvalidated,
+    /// The license (or its secret's grace) has expired.
+    Expired,
+    /// The license is not valid yet.
+    NotYetValid,
+    /// The token is for another machine.
+    WrongMachine,
+    /// The license was revoked by the server.
+    Revoked,
+    /// The request's nonce was seen before.
+    ReplayedNonce,
+    /// Rotation is overdue and degraded mode is forbidden: validations fail closed.
+    DegradedModeDisabled,
+    /// The request is not valid JSON or misses a field.
+    BadRequest,
+    /// The `op` is not one this agent knows.
+    UnknownOp,
+    /// The frame was larger than the limit.
+    FrameTooLarge,
+    /// The peer's uid/gid is not allowed on this socket.
+    NotAuthorized,
+    /// The agent could not answer (e.g. the audit record could not be written).
+    Internal,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Malformed => "malformed",
+            Reason::BadSignature => "bad_signature",
+            Reason::UnknownSecretVersion => "unknown_secret_version",
+            Reason::SecretInvalidated => "secret_invalidated",
+            Reason::Expired => "expired",
+            Reason::NotYetValid => "not_yet_valid",
+            Reason::WrongMachine => "wrong_machine",
+            Reason::Revoked => "revoked",
+            Reason::ReplayedNonce => "replayed_nonce",
+            Reason::DegradedModeDisabled => "degraded_mode_disabled",
+            Reason::BadRequest => "bad_request",
+            Reason::UnknownOp => "unknown_op",
+            Reason::FrameTooLarge => "frame_too_large",
+            Reason::NotAuthorized => "not_authorized",
+            Reason::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A request, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    ValidateLicense { license_token: String, nonce: Nonce },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ValidateFields {
+    #[allow(dead_code)]
+    op: String,
+    license_token: String,
+    nonce: Nonce,
+}
+
+/// Why a frame is not a request; each has its reason code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    #[error("not a JSON object: {0}")]
+    NotJson(String),
+    #[error("unknown op {0:?}")]
+    UnknownOp(String),
+    #[error("{0}")]
+    BadField(String),
+}
+
+impl RequestError {
+    pub fn reason(&self) -> Reason {
+        match self {
+            RequestError::UnknownOp(_) => Reason::UnknownOp,
+            RequestError::NotJson(_) | RequestError::BadField(_) => Reason::BadRequest,
+        }
+    }
+}
+
+/// Parses one frame's payload. The nonce is returned whenever it can be read, so that even a
+/// refusal echoes it.
+pub fn parse_request(payload: &[u8]) -> Result<Request, (RequestError, Option<String>)> {
+    let value: serde_json::Value = serde_json::from_slice(payload)
+        .map_err(|e| (RequestError::NotJson(e.to_string()), None))?;
+    let nonce = value
+        .get("nonce")
+        .and_then(|n| n.as_str())
+        .map(str::to_string);
+    let Some(op) = value.get("op").and_then(|o| o.as_str()) else {
+        return Err((
+            RequestError::BadField("missing string field `op`".into()),
+            nonce,
+        ));
+    };
+    match op {
+        "validate_license" => {
+            let fields: ValidateFields = serde_json::from_value(value.clone())
+                .map_err(|e| (RequestError::BadField(e.to_string()), nonce.clone()))?;
+            Ok(Request::ValidateLicense {
+                license_token: fields.license_token,
+                nonce: fields.nonce,
+            })
+        }
+        other => Err((
+            RequestError::UnknownOp(other.chars().take(64).collect()),
+            nonce,
+        )),
+    }
+}
+
+/// The answer to a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Response {
+    Valid(ValidAnswer),
+    Invalid(InvalidAnswer),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidAnswer {
+    /// Always `true`.
+    pub valid: bool,
+    /// RFC 3339, or `null` for a license that does not expire.
+    pub expires_at: Option<String>,
+    pub features: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub nonce: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvalidAnswer {
+    /// Always `false`.
+    pub valid: bool,
+    pub reason: Reason,
+    /// The request's nonce when it could be read.
+    #[serde(default)]
+    pub nonce: Option<String>,
+}
+
+impl Response {
+    pub fn invalid(reason: Reason, nonce: Option<String>) -> Self {
+        Response::Invalid(InvalidAnswer {
+            valid: false,
+            reason,
+            nonce,
+        })
+    }
+
+    pub fn nonce(&self) -> Option<&str> {
+        match self {
+            Response::Valid(v) => Some(&v.nonce),
+            Response::Invalid(i) => i.nonce.as_deref(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames() {
+        assert_eq!(encode_frame(b"{}"), [0, 0, 0, 2, b'{', b'}']);
+        assert_eq!(frame_len([0, 0, 0, 2]), Ok(2));
+        assert_eq!(frame_len([0, 0, 0, 0]), Err(FrameError::Empty));
+        assert_eq!(frame_len([0, 1, 0, 1]), Err(FrameError::TooLarge(65537)));
+        assert_eq!(frame_len([0, 1, 0, 0]), Ok(MAX_FRAME_LEN));
+    }
+
+    #[test]
+    fn requests_and_their_errors() {
+        let ok = br#"{"op":"validate_license","license_token":"AAAA","nonce":"00112233445566778899aabbccddeeff"}"#;
+        assert!(matches!(
+            parse_request(ok),
+            Ok(Request::ValidateLicense { .. })
+        ));
+        let cases: [(&[u8], Reason, bool); 6] = [
+            (b"not json", Reason::BadRequest, false),
+            (br#"{"op":"format_disk","nonce":"x"}"#, Reason::UnknownOp, true),
+            (br#"{"license_token":"A"}"#, Reason::BadRequest, false),
+            (br#"{"op":"validate_license","license_token":5,"nonce":"00112233445566778899aabbccddeeff"}"#, Reason::BadRequest, true),
+            (br#"{"op":"validate_license","license_token":"A","nonce":"short"}"#, Reason::BadRequest, true),
+            (br#"{"op":"validate_license","license_token":"A","nonce":"00112233445566778899aabbccddeeff","x":1}"#, Reason::BadRequest, true),
+        ];
+        for (payload, reason, has_nonce) in cases {
+            let (err, nonce) = parse_request(payload).unwrap_err();
+            assert_eq!(err.reason(), reason, "{}", String::from_utf8_lossy(payload));
+            assert_eq!(nonce.is_some(), has_nonce);
+        }
+    }
+
+    #[test]
+    fn answers_have_the_documented_shape() {
+        let valid = Response::Valid(ValidAnswer {
+            valid: true,
+            expires_at: None,
+            features: vec!["a".into()],
+            metadata: BTreeMap::new(),
+            nonce: "n".into(),
+        });
+        let json = serde_json::to_value(&valid).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"valid": true, "expires_at": null, "features": ["a"], "metadata": {}, "nonce": "n"})
+        );
+        let invalid = Response::invalid(Reason::ReplayedNonce, Some("n".into()));
+        let json = serde_json::to_value(&invalid).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"valid": false, "reason": "replayed_nonce", "nonce": "n"})
+        );
+        assert_eq!(serde_json::from_value::<Response>(json).unwrap(), invalid);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_payloads_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = parse_request(&bytes);
+        }
+    }
+}

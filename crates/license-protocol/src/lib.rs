@@ -1,0 +1,38 @@
+//! Wire types shared by `license-server` and `license-agent`.
+//!
+//! This crate does no I/O. Everything that crosses the network between the agent and the
+//! server is defined here once, and every value read from the wire is parsed into a typed
+//! value (or refused) at the boundary, so that neither side ever handles an unchecked string.
+//!
+//! - [`identity`]: the machine identity carried in a certificate's CN, `client_id:machine_id`.
+//! - [`pin`]: server pins, `sha256:<base64 of SHA-256 of the SubjectPublicKeyInfo>`.
+//! - [`enroll`]: `POST /api/public/bootstrap` request and response.
+//! - [`agent_api`]: messages of the mTLS agent API.
+//! - [`error`]: the JSON error body every endpoint answers with.
+//! - [`secret`]: machine secrets and their ECIES delivery to the machine's key.
+//! - [`rotation`]: rotate-secret request and response, with their signatures.
+//! - [`token`]: license tokens, signed and encrypted (format v1).
+//! - [`ipc`]: the local socket protocol between POS applications and the agent.
+//! - [`mgmt`]: the management socket between `license-agent-cli` and the agent.
+//!
+//! ```
+//! use license_protocol::identity::MachineIdentity;
+//!
+//! let id: MachineIdentity = "550e8400-e29b-41d4-a716-446655440000:6ba7b810-9dad-11d1-80b4-00c04fd430c8"
+//!     .parse()
+//!     .unwrap();
+//! assert_eq!(id.machine_id.to_string(), "6ba7b810-9dad-11d1-80b4-00c04fd430c8");
+//! assert!("not-a-cn".parse::<MachineIdentity>().is_err());
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod agent_api;
+pub mod enroll;
+pub mod error;
+pub mod identity;
+pub mod ipc;
+pub mod mgmt;
+pub mod pin;
+pub mod rotation;
+pub mod secret;
+pub mod token;

@@ -1,0 +1,169 @@
+//! The management socket between `license-agent-cli` and the agent (seed §2.3 option A,
+//! §3.3; DESIGN.md §3.3).
+//!
+//! Same framing as the validation socket ([`crate::ipc`]): 4-byte big-endian length, UTF-8
+//! JSON. Roles come from the peer's uid (SO_PEERCRED): `[management] allowed_uids` may read
+//! (`status`, `metrics`, `validate`), `admin_uids` may also act (`rotate`, `invalidate`,
+//! `degraded`). When the agent has a `token_file`, every request must carry its content in
+//! `token` (second factor). Every request is audited, refused ones too; an action whose audit
+//! record cannot be written is refused.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A management request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum MgmtRequest {
+    /// Read: the agent's state.
+    Status {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    /// Read: the metrics file's content.
+    Metrics {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    /// Read: validate a token as a POS application would (audited like one).
+    Validate {
+        license_token: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    /// Act: rotate now; answers once the round is over.
+    Rotate {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    /// Act: invalidate a secret version on this machine (its tokens answer `secret_invalidated`).
+    Invalidate {
+        version: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    /// Act: `on` forces degraded mode (serve offline, do not contact the server); `off`
+    /// forbids it (an overdue rotation with the server unreachable fails validations closed);
+    /// `auto` returns to the configured behaviour.
+    Degraded {
+        mode: DegradedSwitch,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DegradedSwitch {
+    On,
+    Off,
+    Auto,
+}
+
+impl MgmtRequest {
+    /// The op's name, as audited (`mgmt.<name>`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            MgmtRequest::Status { .. } => "status",
+            MgmtRequest::Metrics { .. } => "metrics",
+            MgmtRequest::Validate { .. } => "validate",
+            MgmtRequest::Rotate { .. } => "rotate",
+            MgmtRequest::Invalidate { .. } => "invalidate",
+            MgmtRequest::Degraded { .. } => "degraded",
+        }
+    }
+
+    /// Whether the op needs the admin role.
+    pub fn is_admin(&self) -> bool {
+        matches!(
+            self,
+            MgmtRequest::Rotate { .. }
+                | MgmtRequest::Invalidate { .. }
+                | MgmtRequest::Degraded { .. }
+        )
+    }
+
+    pub fn token(&self) -> Option<&str> {
+        match self {
+            MgmtRequest::Status { token }
+            | MgmtRequest::Metrics { token }
+            | MgmtRequest::Validate { token, .. }
+            | MgmtRequest::Rotate { token }
+            | MgmtRequest::Invalidate { token, .. }
+            | MgmtRequest::Degraded { token, .. } => token.as_deref(),
+        }
+    }
+}
+
+/// The answer: `{"ok": true, "result": {...}}` or `{"ok": false, "error": "<code>", "message": "..."}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MgmtResponse {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// `not_authorized` (uid/role/token), `bad_request`, `refused` (e.g. degraded mode forbidden
+    /// by config), `audit_unavailable`, `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl MgmtResponse {
+    pub fn ok(result: serde_json::Value) -> Self {
+        Self {
+            ok: true,
+            result: Some(result),
+            error: None,
+            message: None,
+        }
+    }
+
+    pub fn err(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            result: None,
+            error: Some(code.to_string()),
+            message: Some(message.into()),
+        }
+    }
+}
+
+/// One secret version in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretView {
+    pub version: u64,
+    /// `active` or `grace`.
+    pub state: String,
+    pub valid_from: String,
+    pub valid_until: String,
+    pub grace_until: String,
+}
+
+/// `status` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub machine_id: String,
+    pub client_id: String,
+    pub secrets: Vec<SecretView>,
+    pub invalidated_versions: Vec<u64>,
+    /// `tpm` or `file`.
+    pub store: String,
+    pub tpm_enabled: bool,
+    pub tpm_available: bool,
+    pub licenses: usize,
+    pub revoked_licenses: usize,
+    /// `active` or `inactive`; `forced` when switched on by an administrator.
+    pub degraded_mode: String,
+    /// `allow` or `deny`, after any administrator override.
+    pub degraded_policy: String,
+    pub degraded_since: Option<String>,
+    pub last_server_contact: Option<String>,
+    pub last_rotation: Option<String>,
+    pub next_rotation: Option<String>,
+    pub consecutive_failures: u32,
+    /// How far the system clock is behind the highest time seen (0 normally).
+    pub clock_rollback_secs: i64,
+    pub extra: BTreeMap<String, String>,
+}

@@ -1,0 +1,298 @@
+//! License tokens, format version 1 (DESIGN.md §2).
+//!
+//! A token is issued by the server for one machine, **signed** by the server's license key
+//! (Ed25519, pinned by the agent at enrollment) and **encrypted** under that machine's secret
+//! of one version. Holding the secret lets you read a token, not forge one.
+//!
+//! ```text
+//! token   = header (40 bytes) || body
+//! header  = "LSA" || 0x01 || machine_id (16) || secret_version (u64 BE) || nonce (12)
+//! key     = HKDF-SHA256(salt = "lsa/token/v1", ikm = secret, info = machine_id || secret_version)
+//! nonce   = HKDF-SHA256(salt = "lsa/token-nonce/v1", ikm = key, info = SHA-256(claims))[..12]
+//! body    = AES-256-GCM(key, nonce, plaintext = signature (64) || claims, aad = header)
+//! signature = Ed25519("lsa/license/v1" || header || claims)
+//! claims  = UTF-8 JSON, see [`LicenseClaims`]
+//! ```
+//!
+//! The nonce is synthetic (derived from the claims, as in SIV): the same license under the same
+//! secret version is always the same token, so tokens do not churn between fetches, and two
+//! different claim sets never share a nonce under one key.
+//!
+//! On the wire (IPC, HTTP) a token is standard base64 of those bytes. The machine id is in
+//! clear in the header so that a token for another machine is recognised as such
+//! (`wrong_machine`) rather than as a forgery.
+
+use std::collections::BTreeMap;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use ed25519_dalek::Signer as _;
+use hkdf::Hkdf;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use zeroize::Zeroizing;
+
+use crate::identity::{ClientId, MachineId};
+use crate::secret::Secret;
+
+const MAGIC: &[u8; 3] = b"LSA";
+pub const FORMAT_V1: u8 = 1;
+pub const HEADER_LEN: usize = 3 + 1 + 16 + 8 + 12;
+const SIGNATURE_LEN: usize = 64;
+const TAG_LEN: usize = 16;
+/// Largest token accepted (bytes, before base64).
+pub const MAX_TOKEN_LEN: usize = 32 * 1024;
+
+/// What a license grants. Times are Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LicenseClaims {
+    pub license_id: uuid::Uuid,
+    pub client_id: ClientId,
+    pub machine_id: MachineId,
+    pub features: Vec<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    pub issued_at: i64,
+    pub not_before: i64,
+    /// `None`: does not expire.
+    pub expires_at: Option<i64>,
+}
+
+/// Why a token could not be opened. The variants map one to one to IPC reason codes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenError {
+    #[error("token is malformed")]
+    Malformed,
+    #[error("token is for another machine")]
+    WrongMachine,
+    #[error("no secret of version {0} on this machine")]
+    UnknownSecretVersion(u64),
+    #[error("token does not decrypt or its signature does not verify")]
+    BadSignature,
+}
+
+/// The clear header of a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenHeader {
+    pub machine_id: MachineId,
+    pub secret_version: u64,
+}
+
+/// Decodes base64 and reads the header, without any key.
+pub fn decode(token_b64: &str) -> Result<(TokenHeader, Vec<u8>), TokenError> {
+    if token_b64.len() > MAX_TOKEN_LEN * 4 / 3 + 4 {
+        return Err(TokenError::Malformed);
+    }
+    let bytes = STANDARD
+        .decode(token_b64.trim())
+        .map_err(|_| TokenError::Malformed)?;
+    if bytes.len() < HEADER_LEN + SIGNATURE_LEN + TAG_LEN + 2
+        || &bytes[..3] != MAGIC
+        || bytes[3] != FORMAT_V1
+    {
+        return Err(TokenError::Malformed);
+    }
+    let machine_id =
+        MachineId(uuid::Uuid::from_slice(&bytes[4..20]).map_err(|_| TokenError::Malformed)?);
+    let secret_version = u64::from_be_bytes(
+        bytes[20..28]
+            .try_into()
+            .map_err(|_| TokenError::Malformed)?,
+    );
+    Ok((
+        TokenHeader {
+            machine_id,
+            secret_version,
+        },
+        bytes,
+    ))
+}
+
+fn token_key(secret: &Secret, machine_id: &MachineId, version: u64) -> Zeroizing<[u8; 32]> {
+    let hk = Hkdf::<Sha256>::new(Some(b"lsa/token/v1"), secret.expose());
+    let mut info = machine_id.0.as_bytes().to_vec();
+    info.extend_from_slice(&version.to_be_bytes());
+    let mut key = Zeroizing::new([0u8; 32]);
+    hk.expand(&info, key.as_mut())
+        .expect("32 bytes is a valid HKDF-SHA256 length");
+    key
+}
+
+fn signed_message(header: &[u8], claims: &[u8]) -> Vec<u8> {
+    [b"lsa/license/v1".as_slice(), header, claims].concat()
+}
+
+/// Server side: a token for `claims.machine_id` under `secret` of `version`, base64.
+pub fn seal(
+    claims: &LicenseClaims,
+    secret: &Secret,
+    version: u64,
+    signing_key: &ed25519_dalek::SigningKey,
+) -> String {
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    header.extend_from_slice(MAGIC);
+    header.push(FORMAT_V1);
+    header.extend_from_slice(claims.machine_id.0.as_bytes());
+    header.extend_from_slice(&version.to_be_bytes());
+    let claims_json = serde_json::to_vec(claims).expect("claims serialize");
+    let key = token_key(secret, &claims.machine_id, version);
+    let mut nonce = [0u8; 12];
+    Hkdf::<Sha256>::new(Some(b"lsa/token-nonce/v1"), key.as_ref())
+        .expand(&Sha256::digest(&claims_json), &mut nonce)
+        .expect("12 bytes is a valid HKDF-SHA256 length");
+    header.extend_from_slice(&nonce);
+    let signature = signing_key.sign(&signed_message(&header, &claims_json));
+    let plaintext = [signature.to_bytes().as_slice(), &claims_json].concat();
+    let body = Aes256Gcm::new_from_slice(key.as_ref())
+        .expect("32-byte key")
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: &plaintext,
+                aad: &header,
+            },
+        )
+        .expect("AES-GCM encryption cannot fail");
+    STANDARD.encode([header, body].concat())
+}
+
+/// Agent side: decrypts with the secret of the header's version and checks the signature.
+/// Dates, revocation and replay are the caller's checks.
+pub fn open(
+    token_b64: &str,
+    own_machine: &MachineId,
+    secret_of: impl FnOnce(u64) -> Option<Secret>,
+    verifying_key: &ed25519_dalek::VerifyingKey,
+) -> Result<LicenseClaims, TokenError> {
+    let (header, bytes) = decode(token_b64)?;
+    if header.machine_id != *own_machine {
+        return Err(TokenError::WrongMachine);
+    }
+    let secret = secret_of(header.secret_version)
+        .ok_or(TokenError::UnknownSecretVersion(header.secret_version))?;
+    let key = token_key(&secret, own_machine, header.secret_version);
+    let (head, body) = bytes.split_at(HEADER_LEN);
+    let plaintext = Zeroizing::new(
+        Aes256Gcm::new_from_slice(key.as_ref())
+            .expect("32-byte key")
+            .decrypt(
+                Nonce::from_slice(&head[28..40]),
+                Payload {
+                    msg: body,
+                    aad: head,
+                },
+            )
+            .map_err(|_| TokenError::BadSignature)?,
+    );
+    let (sig, claims_json) = plaintext.split_at(SIGNATURE_LEN);
+    let sig =
+        ed25519_dalek::Signature::from_bytes(sig.try_into().map_err(|_| TokenError::Malformed)?);
+    verifying_key
+        .verify_strict(&signed_message(head, claims_json), &sig)
+        .map_err(|_| TokenError::BadSignature)?;
+    let claims: LicenseClaims =
+        serde_json::from_slice(claims_json).map_err(|_| TokenError::Malformed)?;
+    if claims.machine_id != *own_machine {
+        return Err(TokenError::BadSignature);
+    }
+    Ok(claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(machine_id: MachineId) -> LicenseClaims {
+        LicenseClaims {
+            license_id: uuid::Uuid::new_v4(),
+            client_id: ClientId::new_random(),
+            machine_id,
+            features: vec!["pos.sale".into(), "pos.refund".into()],
+            metadata: BTreeMap::from([("tier".into(), "gold".into())]),
+            issued_at: 10,
+            not_before: 10,
+            expires_at: Some(100),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_every_refusal() {
+        let server = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+        let vk = server.verifying_key();
+        let machine = MachineId::new_random();
+        let secret = Secret::generate();
+        let c = claims(machine);
+        let token = seal(&c, &secret, 3, &server);
+        let found = |v: u64| (v == 3).then(|| secret.clone());
+        assert_eq!(open(&token, &machine, found, &vk).unwrap(), c);
+        // Stable: the same license under the same version is the same token…
+        assert_eq!(seal(&c, &secret, 3, &server), token);
+        // …and anything else changes the nonce.
+        let mut other_claims = c.clone();
+        other_claims.features.push("x".into());
+        let other = STANDARD
+            .decode(seal(&other_claims, &secret, 3, &server))
+            .unwrap();
+        assert_ne!(other[28..40], STANDARD.decode(&token).unwrap()[28..40]);
+        assert_ne!(seal(&c, &secret, 4, &server), token);
+
+        assert_eq!(open("!!", &machine, found, &vk), Err(TokenError::Malformed));
+        assert_eq!(
+            open(&STANDARD.encode(b"LSA"), &machine, found, &vk),
+            Err(TokenError::Malformed)
+        );
+        assert_eq!(
+            open(&token, &MachineId::new_random(), found, &vk),
+            Err(TokenError::WrongMachine)
+        );
+        assert_eq!(
+            open(&token, &machine, |_| None, &vk),
+            Err(TokenError::UnknownSecretVersion(3))
+        );
+        // The right version number but another secret: someone holding a secret cannot forge.
+        assert_eq!(
+            open(&token, &machine, |_| Some(Secret::generate()), &vk),
+            Err(TokenError::BadSignature)
+        );
+        // A forgery by a secret holder: well encrypted, but not signed by the server.
+        let forger = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+        let forged = seal(&c, &secret, 3, &forger);
+        assert_eq!(
+            open(&forged, &machine, found, &vk),
+            Err(TokenError::BadSignature)
+        );
+        // A flipped bit anywhere after the header.
+        let mut bytes = STANDARD.decode(&token).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert_eq!(
+            open(&STANDARD.encode(&bytes), &machine, found, &vk),
+            Err(TokenError::BadSignature)
+        );
+        // A header moved to another version (even one the machine holds) fails authentication.
+        let mut bytes = STANDARD.decode(&token).unwrap();
+        bytes[27] = 4;
+        let other = Secret::generate();
+        assert_eq!(
+            open(
+                &STANDARD.encode(&bytes),
+                &machine,
+                |_| Some(other.clone()),
+                &vk
+            ),
+            Err(TokenError::BadSignature)
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_tokens_never_panic(s in ".{0,200}") {
+            let vk = ed25519_dalek::SigningKey::from_bytes(&[1u8; 32]).verifying_key();
+            let _ = open(&s, &MachineId::new_random(), |_| Some(Secret::from_bytes([0; 32])), &vk);
+        }
+    }
+}

@@ -1,0 +1,47 @@
+-- Secret lifecycle and licenses (DESIGN.md §2, seed §3.2/§4.1), SQLite dialect.
+-- Times are Unix seconds (INTEGER); ids are canonical UUID text.
+
+-- Set by `admin machine rotate` (and by invalidating the active version); cleared by the
+-- machine's next acknowledged rotation. The agent sees it in secret-status.
+ALTER TABLE machines ADD COLUMN rotation_requested_at INTEGER;
+
+-- One row per (machine, version). `secret_enc` is nonce || AES-256-GCM(master key, secret,
+-- aad = machine_id (16 UUID bytes) || version (u64 BE)); the plaintext is never stored.
+CREATE TABLE secrets (
+    machine_id     TEXT NOT NULL REFERENCES machines(id) ON DELETE CASCADE,
+    version        INTEGER NOT NULL CHECK (version > 0),
+    state          TEXT NOT NULL CHECK (state IN ('pending', 'active', 'grace', 'invalidated')),
+    secret_enc     BLOB NOT NULL,
+    valid_from     INTEGER NOT NULL,
+    valid_until    INTEGER NOT NULL,
+    grace_until    INTEGER NOT NULL,
+    created_at     INTEGER NOT NULL,
+    acked_at       INTEGER,
+    invalidated_at INTEGER,
+    PRIMARY KEY (machine_id, version)
+);
+-- At most one version waiting for its acknowledgement, and one active version, per machine.
+CREATE UNIQUE INDEX secrets_one_pending_per_machine ON secrets(machine_id) WHERE state = 'pending';
+CREATE UNIQUE INDEX secrets_one_active_per_machine ON secrets(machine_id) WHERE state = 'active';
+
+CREATE TABLE licenses (
+    id          TEXT PRIMARY KEY,
+    client_id   TEXT NOT NULL REFERENCES clients(id) ON DELETE CASCADE,
+    machine_id  TEXT NOT NULL REFERENCES machines(id) ON DELETE CASCADE,
+    features    TEXT NOT NULL,                     -- JSON array of strings
+    metadata    TEXT NOT NULL,                     -- JSON object, string values
+    issued_at   INTEGER NOT NULL,
+    not_before  INTEGER NOT NULL,
+    expires_at  INTEGER,                           -- NULL: does not expire
+    revoked_at  INTEGER
+);
+CREATE INDEX licenses_machine ON licenses(machine_id);
+
+-- Nonces of rotate-secret requests seen within the clock-skew window: a replay is refused.
+-- Purged per machine at its next rotation (the primary key serves that lookup).
+CREATE TABLE rotation_nonces (
+    machine_id  TEXT NOT NULL,
+    nonce       TEXT NOT NULL,                     -- 32 lowercase hex characters
+    seen_at     INTEGER NOT NULL,
+    PRIMARY KEY (machine_id, nonce)
+);

@@ -1,0 +1,286 @@
+//! Command line of `license-server`: `init`, `serve`, `admin …`, `openapi`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use license_server::clock::Timestamp;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "license-server",
+    version,
+    about = "License Secret Agent server: per-machine PKI, enrollment, admin API"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a data directory: CA, TLS certificate, license signing key, master key, database.
+    Init(InitArgs),
+    /// Run the public, agent (mTLS) and admin listeners.
+    Serve(ServeArgs),
+    /// Administer clients, install tokens, machines, certificates and licenses (works on the
+    /// database directly, so the server need not be running).
+    Admin(AdminArgs),
+    /// Print the OpenAPI document of every route.
+    Openapi,
+}
+
+/// Listener and URL overrides shared by `init` (written to server.toml) and `serve`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ListenArgs {
+    /// Public listener (bootstrap, install.sh, downloads) [default: 0.0.0.0:8443].
+    #[arg(long, value_name = "ADDR")]
+    pub public_listen: Option<SocketAddr>,
+    /// Agent listener, TLS 1.3 with client certificates [default: 0.0.0.0:8444].
+    #[arg(long, value_name = "ADDR")]
+    pub agent_listen: Option<SocketAddr>,
+    /// Admin listener [default: 127.0.0.1:8445].
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Public URL as machines see it [default: https://PUBLIC_HOST:PORT].
+    #[arg(long, value_name = "URL")]
+    pub public_url: Option<String>,
+    /// Agent API URL as machines see it [default: https://PUBLIC_HOST:PORT].
+    #[arg(long, value_name = "URL")]
+    pub agent_url: Option<String>,
+    /// Database: sqlite://PATH or postgres://… [default: DATA_DIR/license.db].
+    #[arg(long, value_name = "URL", env = "LICENSE_SERVER_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// DNS name in the server certificate (repeatable); the first is the public host.
+    #[arg(long = "dns-name", value_name = "NAME")]
+    pub dns_names: Vec<String>,
+    /// IP address in the server certificate (repeatable) [default: 127.0.0.1 when no name].
+    #[arg(long = "ip", value_name = "IP")]
+    pub ips: Vec<IpAddr>,
+    #[command(flatten)]
+    pub listen: ListenArgs,
+    /// Lifetime of machine certificates, in days.
+    #[arg(long, value_name = "DAYS")]
+    pub certificate_validity_days: Option<u32>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub listen: ListenArgs,
+    /// Bootstrap requests allowed per client IP and minute.
+    #[arg(long, value_name = "N")]
+    pub bootstrap_rate_per_minute: Option<u32>,
+    /// Lifetime of a new secret version, issue to valid_until [server.toml: 172800].
+    #[arg(long, value_name = "SECS")]
+    pub secret_validity_secs: Option<u64>,
+    /// Grace after valid_until during which tokens still validate [server.toml: 604800].
+    #[arg(long, value_name = "SECS")]
+    pub secret_grace_secs: Option<u64>,
+    /// Print the ready line as JSON (addresses and URLs) for scripts and tests.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    #[arg(
+        long,
+        value_name = "DIR",
+        global = true,
+        env = "LICENSE_SERVER_DATA_DIR"
+    )]
+    pub data_dir: Option<PathBuf>,
+    /// Database override [default: from DATA_DIR/server.toml].
+    #[arg(
+        long,
+        value_name = "URL",
+        global = true,
+        env = "LICENSE_SERVER_DATABASE_URL"
+    )]
+    pub database_url: Option<String>,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Clients (the vendor's customers).
+    #[command(subcommand)]
+    Client(ClientCommand),
+    /// One-time install tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Enrolled machines.
+    #[command(subcommand)]
+    Machine(MachineCommand),
+    /// Machine certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Licenses: issue, list, revoke, print a token.
+    #[command(subcommand)]
+    License(LicenseCommand),
+    /// Bearer tokens for the admin HTTP API.
+    #[command(subcommand, name = "api-token")]
+    ApiToken(ApiTokenCommand),
+    /// The server-side audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    Create {
+        #[arg(long)]
+        name: String,
+    },
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Mint a token; it is printed once and stored hashed.
+    Create {
+        #[arg(long = "client", value_name = "CLIENT_ID")]
+        client: String,
+        /// Lifetime, e.g. 24h, 30m, 2d [default: 24h].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+    },
+    List {
+        #[arg(long = "client", value_name = "CLIENT_ID")]
+        client: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MachineCommand {
+    List {
+        #[arg(long = "client", value_name = "CLIENT_ID")]
+        client: Option<String>,
+    },
+    Show {
+        id: String,
+    },
+    /// Block this machine only; effective at its next request.
+    Revoke {
+        id: String,
+    },
+    Restore {
+        id: String,
+    },
+    /// Forget the machine, its certificates, secrets and licenses.
+    Delete {
+        id: String,
+    },
+    /// Ask the machine to rotate its secret now (it sees the request in its secret status).
+    Rotate {
+        id: String,
+    },
+    /// The machine's secret versions: states and dates (never the secrets).
+    Secrets {
+        id: String,
+    },
+    /// Invalidate one secret version: tokens under it stop validating.
+    #[command(name = "invalidate-secret")]
+    InvalidateSecret {
+        id: String,
+        version: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LicenseCommand {
+    /// Issue a license for one machine; prints it, with its token once the machine holds a secret.
+    Issue {
+        #[arg(long = "machine", value_name = "MACHINE_ID")]
+        machine: String,
+        /// Features granted, comma separated: pos.sale,pos.refund
+        #[arg(long, value_delimiter = ',', required = true, value_name = "A,B")]
+        features: Vec<String>,
+        /// Expiry, RFC 3339 [default: never].
+        #[arg(long, value_name = "RFC3339", value_parser = parse_time, conflicts_with = "expires_in")]
+        expires: Option<Timestamp>,
+        /// Expiry relative to now: 30d, 12h.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        expires_in: Option<std::time::Duration>,
+        /// Start of validity, RFC 3339 [default: now].
+        #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
+        not_before: Option<Timestamp>,
+        /// A metadata entry (repeatable).
+        #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        metadata: Vec<(String, String)>,
+    },
+    List {
+        #[arg(long = "machine", value_name = "MACHINE_ID")]
+        machine: Option<String>,
+    },
+    /// Revoke a license: online validation answers `revoked`, the agent learns it at its next fetch.
+    Revoke { id: String },
+    /// Print the license's token under its machine's current secret version.
+    Token { id: String },
+}
+
+fn parse_time(s: &str) -> Result<Timestamp, String> {
+    Timestamp::parse_rfc3339(s)
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    Stats,
+    List {
+        #[arg(long = "machine", value_name = "MACHINE_ID")]
+        machine: Option<String>,
+        #[arg(long = "client", value_name = "CLIENT_ID")]
+        client: Option<String>,
+    },
+    Revoke {
+        serial: String,
+    },
+    Restore {
+        serial: String,
+    },
+    /// Delete revoked, superseded and expired certificates.
+    Purge,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiTokenCommand {
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "readonly")]
+        role: crate::RoleArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    List {
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: i64,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+}

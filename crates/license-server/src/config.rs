@@ -1,0 +1,260 @@
+//! `server.toml` in the data directory: where the server listens and how it presents itself.
+//!
+//! `license-server init` writes it from its flags; `serve` reads it, and its own flags override
+//! single keys. Unknown keys are refused, naming the key.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Default address of the public listener (bootstrap, install.sh, downloads).
+pub const DEFAULT_PUBLIC_LISTEN: &str = "0.0.0.0:8443";
+/// Default address of the agent listener (mTLS).
+pub const DEFAULT_AGENT_LISTEN: &str = "0.0.0.0:8444";
+/// Default address of the admin listener: loopback only.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8445";
+/// Machine certificates live a year; renewal is per machine.
+pub const DEFAULT_CERTIFICATE_VALIDITY_DAYS: u32 = 365;
+/// Install tokens live 24 h (seed 004).
+pub const DEFAULT_INSTALL_TOKEN_TTL_SECS: u64 = 24 * 3600;
+/// Bootstrap requests allowed per client IP and minute.
+pub const DEFAULT_BOOTSTRAP_RATE_PER_MINUTE: u32 = 30;
+/// A new secret version is valid 2 days from its issue (`valid_until = valid_from + this`).
+pub const DEFAULT_SECRET_VALIDITY_SECS: u64 = 2 * 86_400;
+/// Tokens under a secret keep validating 7 days past its `valid_until` (`grace_until`).
+pub const DEFAULT_SECRET_GRACE_SECS: u64 = 7 * 86_400;
+/// Upper bound of both secret durations: one year.
+pub const MAX_SECRET_DURATION_SECS: u64 = 365 * 86_400;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn default_public() -> SocketAddr {
+    DEFAULT_PUBLIC_LISTEN.parse().expect("constant address")
+}
+fn default_agent() -> SocketAddr {
+    DEFAULT_AGENT_LISTEN.parse().expect("constant address")
+}
+fn default_admin() -> SocketAddr {
+    DEFAULT_ADMIN_LISTEN.parse().expect("constant address")
+}
+fn default_validity() -> u32 {
+    DEFAULT_CERTIFICATE_VALIDITY_DAYS
+}
+fn default_ttl() -> u64 {
+    DEFAULT_INSTALL_TOKEN_TTL_SECS
+}
+fn default_rate() -> u32 {
+    DEFAULT_BOOTSTRAP_RATE_PER_MINUTE
+}
+fn default_secret_validity() -> u64 {
+    DEFAULT_SECRET_VALIDITY_SECS
+}
+fn default_secret_grace() -> u64 {
+    DEFAULT_SECRET_GRACE_SECS
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_public")]
+    pub public_listen: SocketAddr,
+    #[serde(default = "default_agent")]
+    pub agent_listen: SocketAddr,
+    #[serde(default = "default_admin")]
+    pub admin_listen: SocketAddr,
+    /// Host name machines use to reach this server (first name in the TLS certificate).
+    pub public_host: String,
+    /// URL of the public listener as machines see it; derived from `public_host` and the bound
+    /// port when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
+    /// URL of the agent listener as machines see it; derived likewise when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_url: Option<String>,
+    /// `sqlite://…` or `postgres://…`; the SQLite file in the data directory when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    #[serde(default = "default_validity")]
+    pub certificate_validity_days: u32,
+    #[serde(default = "default_ttl")]
+    pub install_token_ttl_secs: u64,
+    #[serde(default = "default_rate")]
+    pub bootstrap_rate_per_minute: u32,
+    /// Lifetime of a secret version from its issue to `valid_until`, in seconds.
+    #[serde(default = "default_secret_validity")]
+    pub secret_validity_secs: u64,
+    /// Grace after `valid_until` during which tokens under the version still validate.
+    #[serde(default = "default_secret_grace")]
+    pub secret_grace_secs: u64,
+}
+
+impl ServerConfig {
+    pub fn new(public_host: String) -> Self {
+        Self {
+            public_listen: default_public(),
+            agent_listen: default_agent(),
+            admin_listen: default_admin(),
+            public_host,
+            public_url: None,
+            agent_url: None,
+            database_url: None,
+            certificate_validity_days: DEFAULT_CERTIFICATE_VALIDITY_DAYS,
+            install_token_ttl_secs: DEFAULT_INSTALL_TOKEN_TTL_SECS,
+            bootstrap_rate_per_minute: DEFAULT_BOOTSTRAP_RATE_PER_MINUTE,
+            secret_validity_secs: DEFAULT_SECRET_VALIDITY_SECS,
+            secret_grace_secs: DEFAULT_SECRET_GRACE_SECS,
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.message().to_string(),
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Cross-field checks, naming the key at fault.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.certificate_validity_days == 0 || self.certificate_validity_days > 3650 {
+            return Err(ConfigError::Invalid {
+                key: "certificate_validity_days",
+                message: "must be between 1 and 3650".into(),
+            });
+        }
+        if self.install_token_ttl_secs < 60 || self.install_token_ttl_secs > 30 * 86_400 {
+            return Err(ConfigError::Invalid {
+                key: "install_token_ttl_secs",
+                message: "must be between 60 and 2592000 (30 days)".into(),
+            });
+        }
+        if self.bootstrap_rate_per_minute == 0 {
+            return Err(ConfigError::Invalid {
+                key: "bootstrap_rate_per_minute",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.secret_validity_secs == 0 || self.secret_validity_secs > MAX_SECRET_DURATION_SECS {
+            return Err(ConfigError::Invalid {
+                key: "secret_validity_secs",
+                message: format!("must be between 1 and {MAX_SECRET_DURATION_SECS} (365 days)"),
+            });
+        }
+        if self.secret_grace_secs > MAX_SECRET_DURATION_SECS {
+            return Err(ConfigError::Invalid {
+                key: "secret_grace_secs",
+                message: format!("must be between 0 and {MAX_SECRET_DURATION_SECS} (365 days)"),
+            });
+        }
+        for (key, url) in [
+            ("public_url", &self.public_url),
+            ("agent_url", &self.agent_url),
+        ] {
+            if let Some(url) = url {
+                if !url.starts_with("https://") || url.ends_with('/') {
+                    return Err(ConfigError::Invalid {
+                        key,
+                        message: "must be https://host[:port] without a trailing /".into(),
+                    });
+                }
+            }
+        }
+        if self.public_host.is_empty()
+            || self.public_host.contains(['/', ' ', ':'])
+                && self.public_host.parse::<std::net::IpAddr>().is_err()
+        {
+            return Err(ConfigError::Invalid {
+                key: "public_host",
+                message: "must be a host name or IP address".into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+}
+
+/// `https://host:port`, with IPv6 literals bracketed.
+pub fn https_url(host: &str, port: u16) -> String {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(_)) => format!("https://[{host}]:{port}"),
+        _ => format!("https://{host}:{port}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let err = toml::from_str::<ServerConfig>("public_host = \"x\"\nbogus = 1\n").unwrap_err();
+        assert!(err.message().contains("bogus"), "{err}");
+        let mut c = ServerConfig::new("localhost".into());
+        c.certificate_validity_days = 0;
+        assert!(c
+            .check()
+            .unwrap_err()
+            .to_string()
+            .starts_with("certificate_validity_days"));
+        let mut c = ServerConfig::new("localhost".into());
+        c.agent_url = Some("http://x".into());
+        assert!(c.check().unwrap_err().to_string().starts_with("agent_url"));
+        let mut c = ServerConfig::new("localhost".into());
+        c.secret_validity_secs = 0;
+        assert!(c
+            .check()
+            .unwrap_err()
+            .to_string()
+            .starts_with("secret_validity_secs"));
+        let mut c = ServerConfig::new("localhost".into());
+        c.secret_grace_secs = MAX_SECRET_DURATION_SECS + 1;
+        assert!(c
+            .check()
+            .unwrap_err()
+            .to_string()
+            .starts_with("secret_grace_secs"));
+        // Old configuration files without the secret keys get the defaults.
+        let old: ServerConfig = toml::from_str("public_host = \"x\"\n").unwrap();
+        assert_eq!(old.secret_validity_secs, DEFAULT_SECRET_VALIDITY_SECS);
+        assert_eq!(old.secret_grace_secs, DEFAULT_SECRET_GRACE_SECS);
+    }
+
+    #[test]
+    fn shipped_example_parses() {
+        let example = include_str!("../../../packaging/server.example.toml");
+        let c: ServerConfig = toml::from_str(example).unwrap();
+        c.check().unwrap();
+        assert_eq!(c.public_host, "licenses.example.com");
+        assert_eq!(c.secret_validity_secs, DEFAULT_SECRET_VALIDITY_SECS);
+        assert_eq!(c.secret_grace_secs, DEFAULT_SECRET_GRACE_SECS);
+    }
+
+    #[test]
+    fn round_trips() {
+        let c = ServerConfig::new("localhost".into());
+        let back: ServerConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back.public_listen, c.public_listen);
+        assert_eq!(https_url("::1", 1), "https://[::1]:1");
+    }
+}

@@ -1,0 +1,285 @@
+//! The server's data directory: configuration, key material and (by default) the SQLite file.
+//!
+//! ```text
+//! DATA_DIR/
+//!   server.toml            configuration (ServerConfig)
+//!   ca.pem     ca.key      internal CA (key 0600)
+//!   server.pem server.key  TLS certificate of all three listeners (key 0600)
+//!   license-signing.key    Ed25519 PKCS#8 key that signs license tokens (0600)
+//!   master.key             32 random bytes encrypting secrets at rest (0600)
+//!   license.db             SQLite database (default storage)
+//!   downloads/             agent binaries served under /downloads/
+//! ```
+//!
+//! Replicas on one PostgreSQL database each get a copy of this directory (same CA, same TLS
+//! key, so the agents' pin matches every replica).
+
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use ed25519_dalek::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
+use ed25519_dalek::SigningKey;
+use license_protocol::pin::CertPin;
+use rand::RngCore as _;
+use zeroize::Zeroizing;
+
+use crate::config::{ConfigError, ServerConfig};
+use crate::pki::{CertificateAuthority, PkiError};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataDirError {
+    #[error("{0} is already initialized (found {1}); refusing to overwrite key material")]
+    AlreadyInitialized(String, &'static str),
+    #[error("{0} is not initialized: run `license-server init --data-dir {0}` first")]
+    NotInitialized(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    BadKey { path: String, message: String },
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// Paths inside a data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn config(&self) -> PathBuf {
+        self.root.join("server.toml")
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.root.join("ca.pem")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.root.join("ca.key")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.root.join("server.pem")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.root.join("server.key")
+    }
+    pub fn signing_key(&self) -> PathBuf {
+        self.root.join("license-signing.key")
+    }
+    pub fn master_key(&self) -> PathBuf {
+        self.root.join("master.key")
+    }
+    pub fn downloads(&self) -> PathBuf {
+        self.root.join("downloads")
+    }
+    pub fn default_database_url(&self) -> String {
+        format!("sqlite://{}", self.root.join("license.db").display())
+    }
+
+    fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
+        move |source| DataDirError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    fn read(&self, path: &Path) -> Result<Zeroizing<String>, DataDirError> {
+        if !self.config().exists() {
+            return Err(DataDirError::NotInitialized(
+                self.root.display().to_string(),
+            ));
+        }
+        std::fs::read_to_string(path)
+            .map(Zeroizing::new)
+            .map_err(Self::io_err(path))
+    }
+
+    /// Writes a new file that must not exist yet, with the given mode.
+    fn write_new(&self, path: &Path, contents: &[u8], mode: u32) -> Result<(), DataDirError> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .map_err(Self::io_err(path))?;
+        f.write_all(contents)
+            .and_then(|()| f.sync_all())
+            .map_err(Self::io_err(path))
+    }
+
+    pub fn load_config(&self) -> Result<ServerConfig, DataDirError> {
+        if !self.config().exists() {
+            return Err(DataDirError::NotInitialized(
+                self.root.display().to_string(),
+            ));
+        }
+        Ok(ServerConfig::load(&self.config())?)
+    }
+
+    /// Creates the CA, the TLS certificate, the license signing key, the master key and the
+    /// configuration. Refuses to touch a directory that already holds key material.
+    pub fn init(
+        &self,
+        config: &ServerConfig,
+        dns_names: &[String],
+        ips: &[IpAddr],
+    ) -> Result<InitReport, DataDirError> {
+        for (path, name) in [(self.config(), "server.toml"), (self.ca_key(), "ca.key")] {
+            if path.exists() {
+                return Err(DataDirError::AlreadyInitialized(
+                    self.root.display().to_string(),
+                    name,
+                ));
+            }
+        }
+        std::fs::create_dir_all(&self.root).map_err(Self::io_err(&self.root))?;
+        std::fs::create_dir_all(self.downloads()).map_err(Self::io_err(&self.root))?;
+
+        let ca =
+            CertificateAuthority::generate(&format!("License Secret Agent CA {}", short_random()))?;
+        let (server_cert, server_key) = ca.issue_server_certificate(dns_names, ips)?;
+        let signing = SigningKey::generate(&mut rand::rngs::OsRng);
+        let signing_pem =
+            signing
+                .to_pkcs8_pem(Default::default())
+                .map_err(|e| DataDirError::BadKey {
+                    path: self.signing_key().display().to_string(),
+                    message: e.to_string(),
+                })?;
+        let mut master = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(master.as_mut());
+
+        self.write_new(&self.ca_key(), ca.key_pem().as_bytes(), 0o600)?;
+        self.write_new(&self.ca_cert(), ca.cert_pem().as_bytes(), 0o644)?;
+        self.write_new(
+            &self.server_key(),
+            server_key.serialize_pem().as_bytes(),
+            0o600,
+        )?;
+        self.write_new(&self.server_cert(), server_cert.pem.as_bytes(), 0o644)?;
+        self.write_new(&self.signing_key(), signing_pem.as_bytes(), 0o600)?;
+        self.write_new(&self.master_key(), master.as_ref(), 0o600)?;
+        // Written last: its presence marks a complete initialization.
+        self.write_new(&self.config(), config.to_toml().as_bytes(), 0o644)?;
+
+        Ok(InitReport {
+            server_pin: CertPin::of_certificate_der(&server_cert.der).map_err(|e| {
+                DataDirError::BadKey {
+                    path: self.server_cert().display().to_string(),
+                    message: e.to_string(),
+                }
+            })?,
+            license_public_key: license_public_key_string(&signing),
+        })
+    }
+
+    /// Loads everything `serve` and `admin` need.
+    pub fn load_keys(&self) -> Result<ServerKeys, DataDirError> {
+        let ca =
+            CertificateAuthority::load(&self.read(&self.ca_cert())?, &self.read(&self.ca_key())?)?;
+        let server_cert_pem = self.read(&self.server_cert())?.to_string();
+        let server_key_pem = self.read(&self.server_key())?;
+        let cert_der = pem_first_der(&server_cert_pem).ok_or_else(|| DataDirError::BadKey {
+            path: self.server_cert().display().to_string(),
+            message: "no PEM certificate".into(),
+        })?;
+        let server_pin =
+            CertPin::of_certificate_der(&cert_der).map_err(|e| DataDirError::BadKey {
+                path: self.server_cert().display().to_string(),
+                message: e.to_string(),
+            })?;
+        let signing_path = self.signing_key();
+        let signing = SigningKey::from_pkcs8_pem(&self.read(&signing_path)?).map_err(|e| {
+            DataDirError::BadKey {
+                path: signing_path.display().to_string(),
+                message: e.to_string(),
+            }
+        })?;
+        let master_path = self.master_key();
+        let master_bytes =
+            Zeroizing::new(std::fs::read(&master_path).map_err(Self::io_err(&master_path))?);
+        let master: [u8; 32] =
+            master_bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| DataDirError::BadKey {
+                    path: master_path.display().to_string(),
+                    message: "must be exactly 32 bytes".into(),
+                })?;
+        Ok(ServerKeys {
+            ca,
+            server_cert_pem,
+            server_key_pem,
+            server_pin,
+            license_public_key: license_public_key_string(&signing),
+            license_signing_key: signing,
+            master_key: Zeroizing::new(master),
+        })
+    }
+}
+
+/// What `init` prints: the values an operator hands to installers.
+#[derive(Debug, Clone)]
+pub struct InitReport {
+    pub server_pin: CertPin,
+    pub license_public_key: String,
+}
+
+/// Key material of a running server. Debug prints none of it.
+pub struct ServerKeys {
+    pub ca: CertificateAuthority,
+    pub server_cert_pem: String,
+    pub server_key_pem: Zeroizing<String>,
+    pub server_pin: CertPin,
+    pub license_public_key: String,
+    /// Signs license tokens (secret-lifecycle issue); loaded now so a bad key fails at start.
+    pub license_signing_key: SigningKey,
+    /// Encrypts machine secrets at rest (secret-lifecycle issue).
+    pub master_key: Zeroizing<[u8; 32]>,
+}
+
+impl std::fmt::Debug for ServerKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerKeys")
+            .field("server_pin", &self.server_pin)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `ed25519:<base64 of the 32-byte public key>`, the form the agent pins.
+pub fn license_public_key_string(key: &SigningKey) -> String {
+    format!(
+        "ed25519:{}",
+        STANDARD.encode(key.verifying_key().to_bytes())
+    )
+}
+
+fn short_random() -> String {
+    let mut b = [0u8; 4];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// DER of the first certificate in a PEM string.
+pub fn pem_first_der(pem: &str) -> Option<Vec<u8>> {
+    rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()?
+        .ok()
+        .map(|c| c.to_vec())
+}

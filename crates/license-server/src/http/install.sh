@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# License Secret Agent installer for Linux, served by license-server at /install.sh.
+#
+#   curl -fsSL -k --pinnedpubkey '@CURL_PIN@' @PUBLIC_URL@/install.sh | sudo bash -s -- TOKEN
+#
+# `-k` skips the public CA check because the server's certificate comes from its own CA;
+# `--pinnedpubkey` makes curl refuse any server whose key is not the pinned one, which is a
+# stronger check. Every later request (binary download, enrollment) is pinned the same way.
+#
+# Environment:
+#   LICENSE_AGENT_PREFIX       install under this directory instead of / (tests, images);
+#                              users and systemd are then left alone.
+#   LICENSE_AGENT_HARDWARE_ID  override the detected hardware id.
+set -euo pipefail
+
+SERVER_URL='@PUBLIC_URL@'
+SERVER_PIN='@SERVER_PIN@'
+CURL_PIN='@CURL_PIN@'
+PREFIX="${LICENSE_AGENT_PREFIX:-}"
+
+say() { printf '==> %s\n' "$*"; }
+die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
+
+TOKEN="${1:-}"
+[ -n "$TOKEN" ] || { echo "usage: install.sh TOKEN" >&2; exit 2; }
+[ "$(uname -s)" = Linux ] || die "only Linux is supported"
+case "$(uname -m)" in
+  x86_64|amd64) ARCH=amd64 ;;
+  aarch64|arm64) ARCH=arm64 ;;
+  armv7l|armhf) ARCH=armv7 ;;
+  *) die "unsupported architecture $(uname -m)" ;;
+esac
+if [ -z "$PREFIX" ] && [ "$(id -u)" -ne 0 ]; then
+  die "run as root (… | sudo bash -s -- TOKEN) or set LICENSE_AGENT_PREFIX"
+fi
+command -v curl >/dev/null || die "curl is required"
+
+BIN_DIR="$PREFIX/usr/bin"
+ETC_DIR="$PREFIX/etc/license-agent"
+STATE_DIR="$PREFIX/var/lib/license-agent"
+LOG_DIR="$PREFIX/var/log/license-agent"
+UNIT_DIR="$PREFIX/etc/systemd/system"
+mkdir -p "$BIN_DIR" "$ETC_DIR" "$STATE_DIR" "$LOG_DIR" "$UNIT_DIR"
+chmod 0700 "$ETC_DIR" "$STATE_DIR"
+
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+say "downloading license-agent for $ARCH from $SERVER_URL"
+curl -fsS --proto '=https' -k --pinnedpubkey "$CURL_PIN" \
+  -o "$tmp/license-agent" "$SERVER_URL/downloads/stable/license-agent-linux-$ARCH" \
+  || die "download failed (is the agent binary published under downloads/stable/ on the server?)"
+install -m 0755 "$tmp/license-agent" "$BIN_DIR/license-agent"
+
+if [ -z "$PREFIX" ] && ! ldconfig -p 2>/dev/null | grep -q libtss2-esys; then
+  say "installing the TPM software stack libraries"
+  if command -v apt-get >/dev/null; then
+    apt-get install -y -qq libtss2-esys-3.0.2-0 libtss2-tctildr0 >/dev/null || die "cannot install libtss2 (the agent needs it)"
+  else
+    die "the agent needs the tpm2-tss libraries (libtss2-esys, libtss2-tctildr); install them first"
+  fi
+fi
+TPM_ARGS=""
+if [ -z "$PREFIX" ] && [ -e /dev/tpmrm0 ]; then
+  TPM_ARGS="--tpm device:/dev/tpmrm0"
+  say "a TPM is present: the machine key will be made and kept inside it"
+fi
+
+say "enrolling this machine (key generated locally, server pinned)"
+set -- enroll --server "$SERVER_URL" --server-pin "$SERVER_PIN" --token "$TOKEN" \
+  --config "$ETC_DIR/config.toml" --state-dir "$STATE_DIR" --log-dir "$LOG_DIR" $TPM_ARGS
+if [ -n "${LICENSE_AGENT_HARDWARE_ID:-}" ]; then
+  set -- "$@" --hardware-id "$LICENSE_AGENT_HARDWARE_ID"
+fi
+"$BIN_DIR/license-agent" "$@"
+
+say "installing systemd unit"
+cat > "$UNIT_DIR/license-agent.service" <<UNIT
+[Unit]
+Description=License Secret Agent
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=notify
+User=license-agent
+Group=license-agent
+SupplementaryGroups=tss
+ExecStart=/usr/bin/license-agent run --config /etc/license-agent/config.toml
+ExecReload=/bin/kill -HUP \$MAINPID
+Restart=on-failure
+RestartSec=5s
+WatchdogSec=30s
+TimeoutStopSec=20s
+# The TSS library's own error lines for expected failures (e.g. a tampered blob) stay out of the journal.
+Environment=TSS2_LOG=all+NONE
+LimitCORE=0
+NoNewPrivileges=true
+PrivateTmp=true
+ProtectSystem=strict
+ProtectHome=true
+ReadWritePaths=/var/lib/license-agent /var/log/license-agent /run/license-agent
+RuntimeDirectory=license-agent
+RuntimeDirectoryMode=0755
+DevicePolicy=closed
+DeviceAllow=/dev/tpmrm0 rw
+ProtectKernelTunables=true
+ProtectKernelModules=true
+ProtectKernelLogs=true
+ProtectControlGroups=true
+ProtectClock=true
+ProtectHostname=true
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+RestrictNamespaces=true
+RestrictRealtime=true
+RestrictSUIDSGID=true
+LockPersonality=true
+MemoryDenyWriteExecute=true
+SystemCallArchitectures=native
+UMask=0077
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+
+if [ -z "$PREFIX" ]; then
+  id license-agent >/dev/null 2>&1 || useradd -r -s /usr/sbin/nologin -d /var/lib/license-agent license-agent
+  chown -R license-agent:license-agent "$STATE_DIR" "$LOG_DIR" "$ETC_DIR"
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    systemctl enable license-agent.service
+    if "$BIN_DIR/license-agent" help run >/dev/null 2>&1; then
+      systemctl restart license-agent.service
+    else
+      say "this agent version has no daemon yet; the unit is enabled and starts once it does"
+    fi
+  fi
+fi
+say "done: $("$BIN_DIR/license-agent" check-config --config "$ETC_DIR/config.toml")"

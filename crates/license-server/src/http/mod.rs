@@ -1,0 +1,206 @@
+//! The server's three HTTPS listeners and their routers.
+//!
+//! - public (internet-facing, server-authenticated TLS): `public`
+//! - agent (TLS 1.3, mandatory client certificate, CN = `client_id:machine_id`): `agent`
+//! - admin (loopback by default, bearer tokens with roles): `admin`
+//!
+//! [`run`] takes already-bound listeners and a shutdown future, so tests bind port 0.
+
+pub mod admin;
+pub mod agent;
+pub mod error;
+pub mod listener;
+pub mod public;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::{middleware, Extension, Router};
+use tokio::net::TcpListener;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::config::ServerConfig;
+use crate::service::SharedState;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    #[error("cannot listen on {addr} ({which}): {source}")]
+    Bind {
+        which: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+/// The serialized OpenAPI document, served at `/api/openapi.json`.
+#[derive(Debug, Clone)]
+pub struct OpenApiDocument(pub Arc<String>);
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "License Secret Agent server", description = "Per-machine PKI, enrollment, agent API (mTLS) and admin API. \
+        The public routes are served on the public listener, /api/v1 on the agent listener (TLS 1.3, client certificate), \
+        /api/admin on the admin listener (bearer token)."),
+    modifiers(&BearerScheme),
+    tags((name = "public", description = "Public listener"), (name = "agent", description = "Agent listener, mTLS"),
+         (name = "admin", description = "Admin listener, bearer token"))
+)]
+struct ApiDoc;
+
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// The three routers (state not yet attached) and the OpenAPI document covering all of them.
+fn routers() -> ([Router<SharedState>; 3], utoipa::openapi::OpenApi) {
+    let (public, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(public::router())
+        .split_for_parts();
+    let (agent, agent_doc) = agent::router().split_for_parts();
+    let (admin, admin_doc) = admin::router().split_for_parts();
+    doc.merge(agent_doc);
+    doc.merge(admin_doc);
+    ([public, agent, admin], doc)
+}
+
+/// The OpenAPI document, as served (also printed by `license-server openapi`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routers().1
+}
+
+/// The three bound listeners.
+#[derive(Debug)]
+pub struct Listeners {
+    pub public: TcpListener,
+    pub agent: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &ServerConfig) -> Result<Self, ServeError> {
+        async fn one(which: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    which,
+                    addr,
+                    source,
+                })
+        }
+        Ok(Self {
+            public: one("public", config.public_listen).await?,
+            agent: one("agent", config.agent_listen).await?,
+            admin: one("admin", config.admin_listen).await?,
+        })
+    }
+
+    /// Bound addresses, in order public, agent, admin.
+    pub fn local_addrs(&self) -> std::io::Result<[SocketAddr; 3]> {
+        Ok([
+            self.public.local_addr()?,
+            self.agent.local_addr()?,
+            self.admin.local_addr()?,
+        ])
+    }
+}
+
+/// Serves the three listeners until `shutdown` completes, then drains in-flight requests.
+pub async fn run(
+    listeners: Listeners,
+    state: SharedState,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let public_tls = tls::public_config(&state.keys)?;
+    let agent_tls = tls::agent_config(&state.keys)?;
+    let admin_tls = tls::admin_config(&state.keys)?;
+
+    let ([public, agent, admin], doc) = routers();
+    let doc = OpenApiDocument(Arc::new(doc.to_json().unwrap_or_else(|_| "{}".into())));
+    let limiter = public::bootstrap_limiter(state.settings.bootstrap_rate_per_minute);
+
+    let public = public
+        .layer(middleware::from_fn(public::rate_limit))
+        .layer(DefaultBodyLimit::max(public::MAX_PUBLIC_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            public::MAX_PUBLIC_BODY_BYTES,
+            error::refuse_oversized,
+        ))
+        .layer(Extension(limiter.clone()))
+        .layer(Extension(doc))
+        .with_state(state.clone());
+    let agent = agent
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            agent::authenticate,
+        ))
+        .layer(DefaultBodyLimit::max(agent::MAX_AGENT_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            agent::MAX_AGENT_BODY_BYTES,
+            error::refuse_oversized,
+        ))
+        .with_state(state.clone());
+    let admin = admin
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            admin::authenticate,
+        ))
+        .layer(DefaultBodyLimit::max(public::MAX_PUBLIC_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            public::MAX_PUBLIC_BODY_BYTES,
+            error::refuse_oversized,
+        ))
+        .with_state(state.clone());
+
+    // Keeps the limiter's memory bounded under address churn.
+    let sweeper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            limiter.retain_recent();
+        }
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let servers = async {
+        tokio::join!(
+            listener::serve(
+                listeners.public,
+                public_tls,
+                public,
+                stopped(stop_rx.clone()),
+            ),
+            listener::serve(listeners.agent, agent_tls, agent, stopped(stop_rx.clone())),
+            listener::serve(listeners.admin, admin_tls, admin, stopped(stop_rx)),
+        );
+    };
+    tokio::pin!(servers);
+    tokio::select! {
+        () = shutdown => {
+            let _ = stop_tx.send(true);
+            servers.await;
+        }
+        () = &mut servers => {}
+    }
+    sweeper.abort();
+    state.store.close().await;
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! Public listener: bootstrap enrollment, machine recovery, `install.sh`, agent downloads, health, OpenAPI.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use license_protocol::enroll::{
+    BootstrapRequest, BootstrapResponse, RecoverRequest, RecoverResponse,
+};
+use license_protocol::error::ApiError;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::{ApiFailure, ApiJson};
+use super::listener::ConnInfo;
+use crate::service::{enroll, recover, SharedState};
+
+/// Largest request body the public listener reads.
+pub const MAX_PUBLIC_BODY_BYTES: usize = 64 * 1024;
+
+const INSTALL_SH: &str = include_str!("install.sh");
+
+/// Per-IP limiter on bootstrap and recovery requests (one quota for both).
+pub type BootstrapLimiter = Arc<DefaultKeyedRateLimiter<IpAddr>>;
+
+pub fn bootstrap_limiter(per_minute: u32) -> BootstrapLimiter {
+    let per_minute = NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN);
+    Arc::new(RateLimiter::keyed(Quota::per_minute(per_minute)))
+}
+
+/// Paths that present a credential to the public listener, limited per IP.
+const RATE_LIMITED_PATHS: [&str; 2] = ["/api/public/bootstrap", "/api/public/recover"];
+
+/// Refuses a bootstrap or recovery request beyond the caller's IP quota with 429.
+pub async fn rate_limit(
+    Extension(limiter): Extension<BootstrapLimiter>,
+    Extension(conn): Extension<ConnInfo>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    if RATE_LIMITED_PATHS.contains(&req.uri().path())
+        && limiter.check_key(&conn.remote.ip()).is_err()
+    {
+        let mut response = ApiFailure::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many enrollment attempts from this address; retry in a minute",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
+        return response;
+    }
+    next.run(req).await
+}
+
+pub fn router() -> OpenApiRouter<SharedState> {
+    OpenApiRouter::new()
+        .routes(routes!(bootstrap))
+        .routes(routes!(recover))
+        .routes(routes!(install_sh))
+        .routes(routes!(download))
+        .routes(routes!(healthz))
+        .routes(routes!(openapi_json))
+}
+
+/// Enroll a machine with a one-time install token.
+#[utoipa::path(post, path = "/api/public/bootstrap", tag = "public",
+    request_body = BootstrapRequest,
+    responses(
+        (status = 200, body = BootstrapResponse),
+        (status = 400, description = "malformed request or CSR", body = ApiError),
+        (status = 401, description = "unknown token", body = ApiError),
+        (status = 403, description = "machine revoked", body = ApiError),
+        (status = 409, description = "concurrent enrollment of the same machine", body = ApiError),
+        (status = 410, description = "token used or expired", body = ApiError),
+        (status = 413, description = "body too large", body = ApiError),
+        (status = 429, description = "rate limited", body = ApiError),
+    ))]
+async fn bootstrap(
+    State(state): State<SharedState>,
+    Extension(conn): Extension<ConnInfo>,
+    ApiJson(req): ApiJson<BootstrapRequest>,
+) -> Result<Json<BootstrapResponse>, ApiFailure> {
+    let response = enroll::bootstrap(&state, req, conn.remote.ip()).await?;
+    tracing::info!(machine_id = %response.machine_id, client_id = %response.client_id, serial = %response.serial, "machine enrolled");
+    Ok(Json(response))
+}
+
+/// A machine whose key is gone (TPM cleared) gets a certificate for a new key with its
+/// single-use recovery token, and the next token.
+#[utoipa::path(post, path = "/api/public/recover", tag = "public",
+    request_body = RecoverRequest,
+    responses(
+        (status = 200, body = RecoverResponse),
+        (status = 400, description = "malformed request or CSR", body = ApiError),
+        (status = 401, description = "`recovery_refused`: unknown machine, wrong or spent token", body = ApiError),
+        (status = 403, description = "machine revoked", body = ApiError),
+        (status = 409, description = "concurrent enrollment or renewal of the same machine", body = ApiError),
+        (status = 413, description = "body too large", body = ApiError),
+        (status = 429, description = "rate limited", body = ApiError),
+    ))]
+async fn recover(
+    State(state): State<SharedState>,
+    Extension(conn): Extension<ConnInfo>,
+    ApiJson(req): ApiJson<RecoverRequest>,
+) -> Result<Json<RecoverResponse>, ApiFailure> {
+    let response = recover::recover(&state, req, conn.remote.ip()).await?;
+    tracing::info!(machine_id = %response.machine_id, client_id = %response.client_id, serial = %response.serial, "machine recovered");
+    Ok(Json(response))
+}
+
+/// The Linux installer: `curl -fsSL -k --pinnedpubkey PIN URL/install.sh | sudo bash -s -- TOKEN`.
+#[utoipa::path(get, path = "/install.sh", tag = "public",
+    responses((status = 200, description = "shell script", content_type = "text/x-shellscript", body = String)))]
+async fn install_sh(State(state): State<SharedState>) -> impl IntoResponse {
+    let script = INSTALL_SH
+        .replace("@PUBLIC_URL@", &state.settings.public_url)
+        .replace("@SERVER_PIN@", &state.keys.server_pin.to_string())
+        .replace("@CURL_PIN@", &state.keys.server_pin.curl_form());
+    (
+        [(header::CONTENT_TYPE, "text/x-shellscript; charset=utf-8")],
+        script,
+    )
+}
+
+fn safe_component(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Agent binaries, from `DATA_DIR/downloads/<channel>/<file>`.
+#[utoipa::path(get, path = "/downloads/{channel}/{file}", tag = "public",
+    params(("channel" = String, Path, description = "release channel, e.g. stable"),
+           ("file" = String, Path, description = "e.g. license-agent-linux-amd64")),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
+              (status = 404, body = ApiError)))]
+async fn download(
+    State(state): State<SharedState>,
+    Path((channel, file)): Path<(String, String)>,
+) -> Result<Response, ApiFailure> {
+    let not_found = || {
+        ApiFailure::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no download {channel}/{file}"),
+        )
+    };
+    if !safe_component(&channel) || !safe_component(&file) {
+        return Err(not_found());
+    }
+    let path = state.settings.downloads_dir.join(&channel).join(&file);
+    let bytes = tokio::fs::read(&path).await.map_err(|_| not_found())?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Health {
+    status: &'static str,
+    database: &'static str,
+}
+
+/// Liveness and database reachability.
+#[utoipa::path(get, path = "/healthz", tag = "public",
+    responses((status = 200, body = Health), (status = 503, body = Health)))]
+async fn healthz(State(state): State<SharedState>) -> (StatusCode, Json<Health>) {
+    match sqlx::query("SELECT 1").execute(state.store.pool()).await {
+        Ok(_) => (
+            StatusCode::OK,
+            Json(Health {
+                status: "ok",
+                database: "ok",
+            }),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                status: "degraded",
+                database: "unreachable",
+            }),
+        ),
+    }
+}
+
+/// The OpenAPI document of all three listeners.
+#[utoipa::path(get, path = "/api/openapi.json", tag = "public",
+    responses((status = 200, content_type = "application/json", body = Object)))]
+async fn openapi_json(Extension(doc): Extension<super::OpenApiDocument>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        doc.0.as_ref().clone(),
+    )
+}

@@ -1,0 +1,496 @@
+//! `license-server`: entry point. Parses the command line, runs one command, and maps the
+//! outcome to a documented exit code.
+//!
+//! Exit codes: 0 success; 1 runtime failure (I/O, database, TLS); 2 bad usage, flags or
+//! configuration; 3 not found; 4 refused (conflict, already initialized).
+
+mod cli;
+mod output;
+
+use std::os::unix::fs::MetadataExt as _;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser as _;
+use license_server::clock::Timestamp;
+use license_server::config::{https_url, ServerConfig};
+use license_server::datadir::{DataDir, DataDirError};
+use license_server::http::{self, Listeners};
+use license_server::service::admin::{Admin, AdminError};
+use license_server::service::licenses::LicenseRequest;
+use license_server::service::{AppState, Settings};
+use license_server::store::{Role, Store};
+use serde_json::json;
+
+use cli::{
+    AdminArgs, AdminCommand, ApiTokenCommand, AuditCommand, CertCommand, Cli, ClientCommand,
+    Command, InitArgs, LicenseCommand, ListenArgs, MachineCommand, ServeArgs, TokenCommand,
+};
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum RoleArg {
+    Readonly,
+    Admin,
+}
+
+/// Why the program stopped, with its exit code.
+#[derive(Debug, thiserror::Error)]
+enum MainError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Runtime(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl MainError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            MainError::Runtime(_) => 1,
+            MainError::Usage(_) => 2,
+            MainError::NotFound(_) => 3,
+            MainError::Refused(_) => 4,
+        }
+    }
+}
+
+impl From<DataDirError> for MainError {
+    fn from(e: DataDirError) -> Self {
+        match e {
+            DataDirError::AlreadyInitialized(..) => MainError::Refused(e.to_string()),
+            DataDirError::NotInitialized(_) | DataDirError::Config(_) => {
+                MainError::Usage(e.to_string())
+            }
+            _ => MainError::Runtime(e.to_string()),
+        }
+    }
+}
+
+impl From<AdminError> for MainError {
+    fn from(e: AdminError) -> Self {
+        match e {
+            AdminError::NotFound { .. } => MainError::NotFound(e.to_string()),
+            AdminError::InvalidInput { .. } => MainError::Usage(e.to_string()),
+            AdminError::Conflict(_) => MainError::Refused(e.to_string()),
+            _ => MainError::Runtime(e.to_string()),
+        }
+    }
+}
+
+fn runtime(e: impl std::fmt::Display) -> MainError {
+    MainError::Runtime(e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LICENSE_SERVER_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("license-server: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("license-server: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), MainError> {
+    match cli.command {
+        Command::Init(args) => init(args).await,
+        Command::Serve(args) => serve(args).await,
+        Command::Admin(args) => admin(args).await,
+        Command::Openapi => {
+            println!("{}", http::openapi().to_pretty_json().map_err(runtime)?);
+            Ok(())
+        }
+    }
+}
+
+fn apply_listen(config: &mut ServerConfig, listen: &ListenArgs) {
+    let ListenArgs {
+        public_listen,
+        agent_listen,
+        admin_listen,
+        public_url,
+        agent_url,
+        database_url,
+    } = listen.clone();
+    if let Some(a) = public_listen {
+        config.public_listen = a;
+    }
+    if let Some(a) = agent_listen {
+        config.agent_listen = a;
+    }
+    if let Some(a) = admin_listen {
+        config.admin_listen = a;
+    }
+    config.public_url = public_url.or(config.public_url.take());
+    config.agent_url = agent_url.or(config.agent_url.take());
+    config.database_url = database_url.or(config.database_url.take());
+}
+
+fn database_url(dir: &DataDir, config: &ServerConfig) -> String {
+    config
+        .database_url
+        .clone()
+        .unwrap_or_else(|| dir.default_database_url())
+}
+
+async fn open_store(url: &str) -> Result<Store, MainError> {
+    Store::open(url)
+        .await
+        .map_err(|e| MainError::Runtime(format!("database {}: {e}", redact_url(url))))
+}
+
+/// A database URL without its password, for messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+async fn init(args: InitArgs) -> Result<(), MainError> {
+    let dir = DataDir::new(&args.data_dir);
+    let mut ips = args.ips.clone();
+    if args.dns_names.is_empty() && ips.is_empty() {
+        ips.push(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let public_host = args
+        .dns_names
+        .first()
+        .cloned()
+        .unwrap_or_else(|| ips[0].to_string());
+    let mut config = ServerConfig::new(public_host);
+    apply_listen(&mut config, &args.listen);
+    if let Some(days) = args.certificate_validity_days {
+        config.certificate_validity_days = days;
+    }
+    config
+        .check()
+        .map_err(|e| MainError::Usage(e.to_string()))?;
+    let report = dir.init(&config, &args.dns_names, &ips)?;
+    let url = database_url(&dir, &config);
+    open_store(&url).await?.close().await;
+    if args.json {
+        output::json(&json!({
+            "data_dir": dir.root(),
+            "ca_cert": dir.ca_cert(),
+            "server_pin": report.server_pin.to_string(),
+            "license_public_key": report.license_public_key,
+            "database": redact_url(&url),
+        }));
+    } else {
+        println!("Initialized {}", dir.root().display());
+        println!("  CA certificate      {}", dir.ca_cert().display());
+        println!("  server pin          {}", report.server_pin);
+        println!("  license public key  {}", report.license_public_key);
+        println!("  database            {}", redact_url(&url));
+        println!(
+            "Next: license-server serve --data-dir {}",
+            dir.root().display()
+        );
+    }
+    Ok(())
+}
+
+async fn load_state(
+    dir: &DataDir,
+    config: &ServerConfig,
+    urls: Option<(String, String)>,
+) -> Result<Arc<AppState>, MainError> {
+    let keys = dir.load_keys()?;
+    let store = open_store(&database_url(dir, config)).await?;
+    let (public_url, agent_url) = urls.unwrap_or_else(|| {
+        (
+            config
+                .public_url
+                .clone()
+                .unwrap_or_else(|| https_url(&config.public_host, config.public_listen.port())),
+            config
+                .agent_url
+                .clone()
+                .unwrap_or_else(|| https_url(&config.public_host, config.agent_listen.port())),
+        )
+    });
+    Ok(Arc::new(AppState {
+        store,
+        keys,
+        settings: Settings {
+            public_url,
+            agent_url,
+            certificate_validity_days: config.certificate_validity_days,
+            install_token_ttl_secs: config.install_token_ttl_secs,
+            bootstrap_rate_per_minute: config.bootstrap_rate_per_minute,
+            downloads_dir: dir.downloads(),
+            secret_validity_secs: secs(config.secret_validity_secs),
+            secret_grace_secs: secs(config.secret_grace_secs),
+        },
+    }))
+}
+
+/// Seconds as stored: the configuration checks bound them far below `i64::MAX`.
+fn secs(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+async fn serve(args: ServeArgs) -> Result<(), MainError> {
+    let dir = DataDir::new(&args.data_dir);
+    let mut config = dir.load_config()?;
+    apply_listen(&mut config, &args.listen);
+    if let Some(rate) = args.bootstrap_rate_per_minute {
+        config.bootstrap_rate_per_minute = rate;
+    }
+    if let Some(secs) = args.secret_validity_secs {
+        config.secret_validity_secs = secs;
+    }
+    if let Some(secs) = args.secret_grace_secs {
+        config.secret_grace_secs = secs;
+    }
+    config
+        .check()
+        .map_err(|e| MainError::Usage(e.to_string()))?;
+    let listeners = Listeners::bind(&config).await.map_err(runtime)?;
+    let [public, agent, admin] = listeners.local_addrs().map_err(runtime)?;
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| https_url(&config.public_host, public.port()));
+    let agent_url = config
+        .agent_url
+        .clone()
+        .unwrap_or_else(|| https_url(&config.public_host, agent.port()));
+    let state = load_state(&dir, &config, Some((public_url.clone(), agent_url.clone()))).await?;
+    if args.json {
+        output::json_line(&json!({
+            "event": "ready", "public": public, "agent": agent, "admin": admin,
+            "public_url": public_url, "agent_url": agent_url, "server_pin": state.keys.server_pin.to_string(),
+        }));
+    } else {
+        println!("license-server ready");
+        println!("  public  {public}  ({public_url})");
+        println!("  agent   {agent}  ({agent_url}, TLS 1.3 + client certificate)");
+        println!("  admin   {admin}");
+        println!("  pin     {}", state.keys.server_pin);
+    }
+    tracing::info!(%public, %agent, %admin, "listening");
+    http::run(listeners, state, shutdown_signal())
+        .await
+        .map_err(runtime)?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// The uid running the CLI, for the audit actor.
+fn current_uid() -> u32 {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX)
+}
+
+async fn admin(args: AdminArgs) -> Result<(), MainError> {
+    let Some(data_dir) = args.data_dir.as_deref() else {
+        return Err(MainError::Usage(
+            "--data-dir is required (or set LICENSE_SERVER_DATA_DIR)".into(),
+        ));
+    };
+    let dir = DataDir::new(data_dir);
+    let mut config = dir.load_config()?;
+    if let Some(url) = &args.database_url {
+        config.database_url = Some(url.clone());
+    }
+    let state = load_state(&dir, &config, None).await?;
+    let admin = Admin::new(&state, format!("cli:uid={}", current_uid()));
+    let json = args.json;
+    let result = admin_command(&admin, args.command, json).await;
+    state.store.close().await;
+    result
+}
+
+async fn admin_command(
+    admin: &Admin<'_>,
+    command: AdminCommand,
+    json: bool,
+) -> Result<(), MainError> {
+    use output::print;
+    match command {
+        AdminCommand::Client(ClientCommand::Create { name }) => {
+            print(json, &admin.create_client(&name).await?)
+        }
+        AdminCommand::Client(ClientCommand::List) => print(json, &admin.list_clients().await?),
+        AdminCommand::Token(TokenCommand::Create { client, ttl }) => {
+            let created = admin
+                .create_install_token(&client, ttl.map(|d| d.as_secs()))
+                .await?;
+            if json {
+                output::json(&created);
+            } else {
+                println!(
+                    "Install token for client {} (shown once, expires {}):",
+                    created.record.client_id, created.record.expires_at
+                );
+                println!("  {}", created.token);
+                println!("Install on the machine, as root:");
+                println!("  {}", created.install_command);
+            }
+        }
+        AdminCommand::Token(TokenCommand::List { client }) => {
+            print(json, &admin.list_install_tokens(client.as_deref()).await?)
+        }
+        AdminCommand::Machine(MachineCommand::List { client }) => {
+            print(json, &admin.list_machines(client.as_deref()).await?)
+        }
+        AdminCommand::Machine(MachineCommand::Show { id }) => {
+            print(json, &admin.get_machine(&id).await?)
+        }
+        AdminCommand::Machine(MachineCommand::Revoke { id }) => {
+            print(json, &admin.revoke_machine(&id).await?)
+        }
+        AdminCommand::Machine(MachineCommand::Restore { id }) => {
+            print(json, &admin.restore_machine(&id).await?)
+        }
+        AdminCommand::Machine(MachineCommand::Delete { id }) => {
+            admin.delete_machine(&id).await?;
+            print(json, &output::Done(format!("machine {id} deleted")));
+        }
+        AdminCommand::Machine(MachineCommand::Rotate { id }) => {
+            print(json, &admin.request_rotation(&id).await?)
+        }
+        AdminCommand::Machine(MachineCommand::Secrets { id }) => {
+            print(json, &admin.list_secrets(&id).await?)
+        }
+        AdminCommand::Machine(MachineCommand::InvalidateSecret { id, version }) => {
+            print(json, &admin.invalidate_secret(&id, version).await?)
+        }
+        AdminCommand::License(command) => license_command(admin, command, json).await?,
+        AdminCommand::Cert(CertCommand::Stats) => print(json, &admin.certificate_stats().await?),
+        AdminCommand::Cert(CertCommand::List { machine, client }) => print(
+            json,
+            &admin
+                .list_certificates(machine.as_deref(), client.as_deref())
+                .await?,
+        ),
+        AdminCommand::Cert(CertCommand::Revoke { serial }) => {
+            print(json, &admin.revoke_certificate(&serial).await?)
+        }
+        AdminCommand::Cert(CertCommand::Restore { serial }) => {
+            print(json, &admin.restore_certificate(&serial).await?)
+        }
+        AdminCommand::Cert(CertCommand::Purge) => print(json, &admin.purge_certificates().await?),
+        AdminCommand::ApiToken(ApiTokenCommand::Create { name, role }) => {
+            let role = match role {
+                RoleArg::Readonly => Role::Readonly,
+                RoleArg::Admin => Role::Admin,
+            };
+            let created = admin.create_admin_token(&name, role).await?;
+            if json {
+                output::json(&created);
+            } else {
+                println!(
+                    "Admin API token {:?} ({}), shown once:",
+                    created.record.name,
+                    created.record.role.as_str()
+                );
+                println!("  {}", created.token);
+            }
+        }
+        AdminCommand::Audit(AuditCommand::List { since, limit }) => {
+            print(json, &admin.audit_events(since, limit).await?)
+        }
+    }
+    Ok(())
+}
+
+async fn license_command(
+    admin: &Admin<'_>,
+    command: LicenseCommand,
+    json: bool,
+) -> Result<(), MainError> {
+    use output::print;
+    match command {
+        LicenseCommand::Issue {
+            machine,
+            features,
+            expires,
+            expires_in,
+            not_before,
+            metadata,
+        } => {
+            let expires_at = match (expires, expires_in) {
+                (Some(at), _) => Some(at),
+                (None, Some(d)) => {
+                    Some(Timestamp::now().plus_secs(i64::try_from(d.as_secs()).unwrap_or(i64::MAX)))
+                }
+                (None, None) => None,
+            };
+            let issued = admin
+                .issue_license(&LicenseRequest {
+                    machine_id: machine,
+                    features,
+                    metadata: metadata.into_iter().collect(),
+                    not_before,
+                    expires_at,
+                })
+                .await?;
+            if json {
+                output::json(&issued);
+            } else {
+                print(false, &issued.license);
+                match &issued.token {
+                    Some(t) => output::token(t),
+                    None => println!(
+                        "No token yet: the machine has no acknowledged secret; it fetches its tokens after its first rotation."
+                    ),
+                }
+            }
+        }
+        LicenseCommand::List { machine } => {
+            print(json, &admin.list_licenses(machine.as_deref()).await?)
+        }
+        LicenseCommand::Revoke { id } => print(json, &admin.revoke_license(&id).await?),
+        LicenseCommand::Token { id } => {
+            let token = admin.license_token(&id).await?;
+            if json {
+                output::json(&token);
+            } else {
+                output::token(&token);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! How `license-server admin` prints results: aligned tables for people, JSON with `--json`.
+
+use license_protocol::agent_api::LicenseToken;
+use license_server::clock::Timestamp;
+use license_server::service::admin::PurgeReport;
+use license_server::store::{
+    AuditEvent, CertificateRecord, CertificateStats, ClientRecord, InstallTokenRecord,
+    LicenseRecord, MachineRecord, SecretRecord,
+};
+use serde::Serialize;
+
+pub fn json<T: Serialize + ?Sized>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_else(|_| "null".into())
+    );
+}
+
+pub fn json_line<T: Serialize + ?Sized>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+    );
+}
+
+/// A value that can be shown as table rows.
+pub trait Render: Serialize {
+    fn headers() -> &'static [&'static str];
+    fn row(&self) -> Vec<String>;
+}
+
+/// Prints one value or a list, as JSON or as a table.
+pub fn print<T: Printable + ?Sized>(as_json: bool, value: &T) {
+    if as_json {
+        json(value);
+    } else {
+        value.print_table();
+    }
+}
+
+pub trait Printable: Serialize {
+    fn print_table(&self);
+}
+
+impl<T: Render> Printable for T {
+    fn print_table(&self) {
+        table(T::headers(), vec![self.row()]);
+    }
+}
+
+impl<T: Render> Printable for Vec<T> {
+    fn print_table(&self) {
+        if self.is_empty() {
+            println!("(none)");
+        } else {
+            table(T::headers(), self.iter().map(Render::row).collect());
+        }
+    }
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row);
+    }
+}
+
+fn opt(t: Option<Timestamp>) -> String {
+    t.map_or_else(|| "-".into(), |t| t.rfc3339())
+}
+
+/// A one-line confirmation.
+#[derive(Serialize)]
+pub struct Done(pub String);
+
+impl Render for Done {
+    fn headers() -> &'static [&'static str] {
+        &["RESULT"]
+    }
+    fn row(&self) -> Vec<String> {
+        vec![self.0.clone()]
+    }
+}
+
+impl Render for ClientRecord {
+    fn headers() -> &'static [&'static str] {
+        &["ID", "NAME", "CREATED"]
+    }
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.id.clone(),
+            self.name.clone(),
+            self.created_at.rfc3339(),
+        ]
+    }
+}
+
+impl Render for InstallTokenRecord {
+    fn headers() -> &'static [&'static str] {
+        &["ID", "CLIENT", "EXPIRES", "USED", "MACHINE"]
+    }
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.id.clone(),
+            self.client_id.clone(),
+            self.expires_at.rfc3339(),
+            opt(self.used_at),
+            self.used_by_machine.clone().unwrap_or_else(|| "-".into()),
+        ]
+    }
+}
+
+impl Render for MachineRecord {
+    fn headers() -> &'static [&'static str] {
+        &[
+            "ID",
+            "CLIENT",
+            "HOSTNAME",
+            "ARCH",
+            "STATUS",
+            "CERTIFICATE",
+            "CERT EXPIRES",
+            "ROTATION",
+        ]
+    }
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.id.clone(),
+            self.client_id.clone(),
+            self.hostname.clone(),
+            self.arch.clone(),
+            if self.revoked_at.is_some() {
+                "revoked".into()
+            } else {
+                "enrolled".into()
+            },
+            self.certificate_serial
+                .clone()
+                .unwrap_or_else(|| "-".into()),
+            opt(self.certificate_expires_at),
+            if self.rotation_requested_at.is_some() {
+                "requested".into()
+            } else {
+                "-".into()
+            },
+        ]
+    }
+}
+
+impl Render for SecretRecord {
+    fn headers() -> &'static [&'static str] {
+        &[
+            "VERSION",
+            "STATE",
+            "VALID FROM",
+            "VALID UNTIL",
+            "GRACE UNTIL",
+            "ACKED",
+            "INVALIDATED",
+        ]
+    }
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.version.to_string(),
+            self.effective_state.clone(),
+            self.valid_from.rfc3339(),
+            self.valid_until.rfc3339(),
+            self.grace_until.rfc3339(),
+            opt(self.acked_at),
+            opt(self.invalidated_at),
+        ]
+    }
+}
+
+impl Render for LicenseRecord {
+    fn headers() -> &'static [&'static str] {
+        &[
+            "ID",
+            "MACHINE",
+            "STATE",
+            "FEATURES",
+            "NOT BEFORE",
+            "EXPIRES",
+            "METADATA",
+        ]
+    }
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.id.clone(),
+            self.machine_id.clone(),
+            self.state.clone(),
+            self.features.join(","),
+            self.not_before.rfc3339(),
+            self.expires_at
+                .map_or_else(|| "never".into(), Timestamp::rfc3339),
+            self.metadata
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ]
+    }
+}
+
+/// A license token, on its own line so it can be copied.
+pub fn token(t: &LicenseToken) {
+    println!(
+        "Token of license {} under secret version {}:",
+        t.license_id, t.secret_version
+    );
+    println!("  {}", t.token);
+}
+
+impl Render for CertificateRecord {
+    fn headers() -> &'static [&'static str] {
+        &["SERIAL", "MACHINE", "STATE", "KEY", "ISSUED", "EXPIRES"]
+    }
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.serial.clone(),
+            self.machine_id.clone(),
+            self.effective_state.clone(),
+            self.key_origin.clone(),
+            self.issued_at.rfc3339(),
+            self.expires_at.rfc3339(),
+        ]
+    }
+}
+
+impl Render for CertificateStats {
+    fn headers() -> &'static [&'static str] {
+        &[
+            "TOTAL",
+            "ACTIVE",
+            "EXPIRING<30D",
+            "EXPIRED",
+            "REVOKED",
+            "SUPERSEDED",
+        ]
+    }
+    fn row(&self) -> Vec<String> {
+        [
+            self.total,
+            self.active,
+            self.expiring_soon,
+            self.expired,
+            self.revoked,
+            self.superseded,
+        ]
+        .iter()
+        .map(i64::to_string)
+        .collect()
+    }
+}
+
+impl Render for PurgeReport {
+    fn headers() -> &'static [&'static str] {
+        &["PURGED"]
+    }
+    fn row(&self) -> Vec<String> {
+        vec![self.purged.to_string()]
+    }
+}
+
+impl Render for AuditEvent {
+    fn headers() -> &'static [&'static str] {
+        &[
+            "SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "OUTCOME", "DETAILS",
+        ]
+    }
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.seq.to_string(),
+            self.at.rfc3339(),
+            self.actor.clone(),
+            self.action.clone(),
+            self.target.clone().unwrap_or_else(|| "-".into()),
+            self.outcome.clone(),
+            self.details.to_string(),
+        ]
+    }
+}

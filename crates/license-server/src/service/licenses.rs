@@ -1,0 +1,435 @@
+//! Licenses: issued by an administrator for one machine, delivered to the machine as tokens
+//! (format v1 of `license_protocol::token`: signed by the license key, encrypted under the
+//! machine's newest acknowledged secret), revoked by an administrator, and validated online
+//! for a machine (`POST /api/v1/validate-license`, seed §2.4).
+//!
+//! Tokens are not stored: they are sealed on demand under the current secret version, so after
+//! every rotation the machine fetches the same licenses re-issued under its new version.
+
+use std::collections::BTreeMap;
+
+use license_protocol::agent_api::{LicenseToken, MachineLicenses, ValidateLicenseResponse};
+use license_protocol::identity::{ClientId, MachineId, MachineIdentity};
+use license_protocol::ipc::Reason;
+use license_protocol::secret::Secret;
+use license_protocol::token::{self, LicenseClaims, TokenError};
+use serde::Serialize;
+use serde_json::json;
+
+use super::admin::{parse_id, Admin, AdminError};
+use super::secrets::{current_secret, open_at_rest};
+use super::AppState;
+use crate::clock::Timestamp;
+use crate::store::{self, LicenseRecord, NewLicense, SecretState, StoreError};
+
+/// Most features one license may grant.
+pub const MAX_FEATURES: usize = 64;
+/// Most metadata entries one license may carry.
+pub const MAX_METADATA_ENTRIES: usize = 64;
+/// Longest feature name or metadata key, bytes.
+pub const MAX_NAME_LEN: usize = 64;
+/// Longest metadata value, bytes.
+pub const MAX_METADATA_VALUE_LEN: usize = 1024;
+
+/// What an administrator asks for when issuing a license.
+#[derive(Debug, Clone)]
+pub struct LicenseRequest {
+    pub machine_id: String,
+    pub features: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+    /// Default: now.
+    pub not_before: Option<Timestamp>,
+    /// `None`: does not expire.
+    pub expires_at: Option<Timestamp>,
+}
+
+/// A license just issued, with its token when the machine already holds a secret.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct IssuedLicense {
+    #[serde(flatten)]
+    pub license: LicenseRecord,
+    /// The token under the machine's current secret version; `null` until the machine's
+    /// first acknowledged rotation (it fetches its tokens itself then).
+    pub token: Option<LicenseToken>,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> AdminError {
+    AdminError::InvalidInput {
+        field,
+        message: message.into(),
+    }
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+}
+
+fn check_request(req: &LicenseRequest, now: Timestamp) -> Result<(), AdminError> {
+    if req.features.is_empty() || req.features.len() > MAX_FEATURES {
+        return Err(invalid(
+            "features",
+            format!("give between 1 and {MAX_FEATURES} features"),
+        ));
+    }
+    for (i, f) in req.features.iter().enumerate() {
+        if !is_name(f) {
+            return Err(invalid(
+                "features",
+                format!("{f:?} must be 1-{MAX_NAME_LEN} characters from [A-Za-z0-9._:-]"),
+            ));
+        }
+        if req.features[..i].contains(f) {
+            return Err(invalid("features", format!("{f:?} is listed twice")));
+        }
+    }
+    if req.metadata.len() > MAX_METADATA_ENTRIES {
+        return Err(invalid(
+            "metadata",
+            format!("at most {MAX_METADATA_ENTRIES} entries"),
+        ));
+    }
+    for (k, v) in &req.metadata {
+        if !is_name(k) {
+            return Err(invalid(
+                "metadata",
+                format!("key {k:?} must be 1-{MAX_NAME_LEN} characters from [A-Za-z0-9._:-]"),
+            ));
+        }
+        if v.len() > MAX_METADATA_VALUE_LEN || v.chars().any(char::is_control) {
+            return Err(invalid(
+                "metadata",
+                format!("value of {k:?} must be at most {MAX_METADATA_VALUE_LEN} bytes without control characters"),
+            ));
+        }
+    }
+    if let Some(expires_at) = req.expires_at {
+        if expires_at <= now {
+            return Err(invalid("expires_at", "is in the past"));
+        }
+        if expires_at <= req.not_before.unwrap_or(now) {
+            return Err(invalid("expires_at", "must be after not_before"));
+        }
+    }
+    Ok(())
+}
+
+/// The signed claims of a stored license.
+pub fn claims_of(license: &LicenseRecord) -> Result<LicenseClaims, StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("license {}: {what}", license.id));
+    Ok(LicenseClaims {
+        license_id: license.id.parse().map_err(|_| corrupt("id"))?,
+        client_id: license
+            .client_id
+            .parse::<ClientId>()
+            .map_err(|_| corrupt("client_id"))?,
+        machine_id: license
+            .machine_id
+            .parse::<MachineId>()
+            .map_err(|_| corrupt("machine_id"))?,
+        features: license.features.clone(),
+        metadata: license.metadata.clone(),
+        issued_at: license.issued_at.0,
+        not_before: license.not_before.0,
+        expires_at: license.expires_at.map(|t| t.0),
+    })
+}
+
+/// A token for `license` under `secret` of `version`.
+pub fn seal_token(
+    state: &AppState,
+    license: &LicenseRecord,
+    version: u64,
+    secret: &Secret,
+) -> Result<LicenseToken, StoreError> {
+    let claims = claims_of(license)?;
+    Ok(LicenseToken {
+        license_id: claims.license_id,
+        secret_version: version,
+        token: token::seal(&claims, secret, version, &state.keys.license_signing_key),
+        expires_at: claims.expires_at,
+    })
+}
+
+/// The token of one license under its machine's current secret, if it has one.
+async fn current_token(
+    state: &AppState,
+    license: &LicenseRecord,
+) -> Result<Option<LicenseToken>, StoreError> {
+    let now = Timestamp::now();
+    let machine: MachineId = license
+        .machine_id
+        .parse()
+        .map_err(|_| StoreError::Corrupt(format!("license {}: machine_id", license.id)))?;
+    let rows = store::machine_secrets(state.store.pool(), &license.machine_id, now).await?;
+    current_secret(state, &machine, &rows, now)?
+        .map(|(version, secret)| seal_token(state, license, version, &secret))
+        .transpose()
+}
+
+/// `GET /api/v1/licenses`: tokens of every current (not revoked, not expired) license of the
+/// machine under its newest acknowledged secret, and the ids of its revoked licenses.
+pub async fn machine_licenses(
+    state: &AppState,
+    identity: &MachineIdentity,
+) -> Result<MachineLicenses, StoreError> {
+    let machine_id = identity.machine_id.to_string();
+    let now = Timestamp::now();
+    let rows = store::machine_secrets(state.store.pool(), &machine_id, now).await?;
+    let licenses = store::list_licenses(state.store.pool(), Some(&machine_id), now).await?;
+    let revoked = licenses
+        .iter()
+        .filter(|l| l.revoked_at.is_some())
+        .map(|l| {
+            l.id.parse()
+                .map_err(|_| StoreError::Corrupt(format!("license {}: id", l.id)))
+        })
+        .collect::<Result<Vec<uuid::Uuid>, _>>()?;
+    let Some((version, secret)) = current_secret(state, &identity.machine_id, &rows, now)? else {
+        return Ok(MachineLicenses {
+            secret_version: None,
+            tokens: Vec::new(),
+            revoked,
+        });
+    };
+    let tokens = licenses
+        .iter()
+        .filter(|l| l.is_current())
+        .map(|l| seal_token(state, l, version, &secret))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(MachineLicenses {
+        secret_version: Some(version),
+        tokens,
+        revoked,
+    })
+}
+
+fn refused(reason: Reason, license_id: Option<uuid::Uuid>) -> ValidateLicenseResponse {
+    ValidateLicenseResponse {
+        valid: false,
+        reason: Some(reason.as_str().to_string()),
+        license_id,
+        features: Vec::new(),
+        expires_at: None,
+    }
+}
+
+/// The one mapping of token errors to reason codes.
+fn token_reason(e: &TokenError) -> Reason {
+    match e {
+        TokenError::WrongMachine => Reason::WrongMachine,
+        TokenError::UnknownSecretVersion(_) => Reason::UnknownSecretVersion,
+        TokenError::BadSignature => Reason::BadSignature,
+        _ => Reason::Malformed,
+    }
+}
+
+/// `POST /api/v1/validate-license`: the server's own verdict on a token presented by the
+/// machine it was issued for. Checks, in order: format, machine, secret version known,
+/// decryption and signature, secret not invalidated nor past its grace, license not revoked,
+/// not expired, already valid.
+pub async fn validate(
+    state: &AppState,
+    identity: &MachineIdentity,
+    token_b64: &str,
+) -> Result<ValidateLicenseResponse, StoreError> {
+    let machine = identity.machine_id;
+    let now = Timestamp::now();
+    let header = match token::decode(token_b64) {
+        Ok((header, _)) => header,
+        Err(e) => return Ok(refused(token_reason(&e), None)),
+    };
+    if header.machine_id != machine {
+        return Ok(refused(Reason::WrongMachine, None));
+    }
+    let rows = store::machine_secrets(state.store.pool(), &machine.to_string(), now).await?;
+    let Some(row) = rows
+        .iter()
+        .find(|r| r.record.version == header.secret_version)
+    else {
+        return Ok(refused(Reason::UnknownSecretVersion, None));
+    };
+    let secret = open_at_rest(state, &machine, row)?;
+    let verifying_key = state.keys.license_signing_key.verifying_key();
+    let claims = match token::open(token_b64, &machine, |_| Some(secret), &verifying_key) {
+        Ok(claims) => claims,
+        Err(e) => return Ok(refused(token_reason(&e), None)),
+    };
+    let id = Some(claims.license_id);
+    match row.record.state {
+        SecretState::Invalidated => return Ok(refused(Reason::SecretInvalidated, id)),
+        // No token is issued under a pending version; one that claims so is not ours to honour.
+        SecretState::Pending => return Ok(refused(Reason::UnknownSecretVersion, id)),
+        SecretState::Active | SecretState::Grace if now > row.record.grace_until => {
+            return Ok(refused(Reason::Expired, id))
+        }
+        SecretState::Active | SecretState::Grace => {}
+    }
+    let license =
+        store::get_license(state.store.pool(), &claims.license_id.to_string(), now).await?;
+    // A license deleted with its machine is as good as revoked.
+    if license.is_none_or(|l| l.revoked_at.is_some()) {
+        return Ok(refused(Reason::Revoked, id));
+    }
+    if claims.expires_at.is_some_and(|e| e <= now.0) {
+        return Ok(refused(Reason::Expired, id));
+    }
+    if claims.not_before > now.0 {
+        return Ok(refused(Reason::NotYetValid, id));
+    }
+    Ok(ValidateLicenseResponse {
+        valid: true,
+        reason: None,
+        license_id: id,
+        features: claims.features,
+        expires_at: claims.expires_at,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Administration
+// ---------------------------------------------------------------------------------------------
+
+impl Admin<'_> {
+    pub async fn issue_license(&self, req: &LicenseRequest) -> Result<IssuedLicense, AdminError> {
+        let now = Timestamp::now();
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut tx = self.begin().await?;
+        let result = async {
+            let _: MachineId = parse_id("machine_id", &req.machine_id)?;
+            check_request(req, now)?;
+            let machine = self.get_machine(&req.machine_id).await?;
+            if machine.revoked_at.is_some() {
+                return Err(AdminError::Conflict(format!(
+                    "machine {} is revoked; restore it before issuing it a license",
+                    machine.id
+                )));
+            }
+            store::insert_license(
+                &mut tx,
+                &NewLicense {
+                    id: &id,
+                    client_id: &machine.client_id,
+                    machine_id: &machine.id,
+                    features: &req.features,
+                    metadata: &req.metadata,
+                    issued_at: now,
+                    not_before: req.not_before.unwrap_or(now),
+                    expires_at: req.expires_at,
+                },
+            )
+            .await?;
+            Ok(())
+        }
+        .await;
+        let target = result.is_ok().then_some(id.as_str());
+        let details = json!({
+            "machine_id": req.machine_id, "features": req.features, "metadata": req.metadata,
+            "not_before": req.not_before.map(|t| t.0), "expires_at": req.expires_at.map(|t| t.0),
+        });
+        self.finish(tx, "license.issue", target, details, result)
+            .await?;
+        let license = self.get_license(&id).await?;
+        let token = current_token(self.state, &license).await?;
+        Ok(IssuedLicense { license, token })
+    }
+
+    pub async fn list_licenses(
+        &self,
+        machine_id: Option<&str>,
+    ) -> Result<Vec<LicenseRecord>, AdminError> {
+        Ok(store::list_licenses(self.store().pool(), machine_id, Timestamp::now()).await?)
+    }
+
+    pub async fn get_license(&self, id: &str) -> Result<LicenseRecord, AdminError> {
+        let _: uuid::Uuid = parse_id("license_id", id)?;
+        store::get_license(self.store().pool(), id, Timestamp::now())
+            .await?
+            .ok_or_else(|| AdminError::NotFound {
+                what: "license",
+                id: id.to_string(),
+            })
+    }
+
+    /// Revokes a license: the machine sees it in its next license fetch, and online
+    /// validation answers `revoked` from now on.
+    pub async fn revoke_license(&self, id: &str) -> Result<LicenseRecord, AdminError> {
+        let mut tx = self.begin().await?;
+        let result = async {
+            let license = self.get_license(id).await?;
+            if !store::revoke_license(&mut tx, id, Timestamp::now()).await? {
+                return Err(AdminError::Conflict(format!(
+                    "license {id} is already revoked"
+                )));
+            }
+            Ok(license.machine_id)
+        }
+        .await;
+        let details = json!({"machine_id": result.as_ref().ok()});
+        self.finish(tx, "license.revoke", Some(id), details, result)
+            .await?;
+        self.get_license(id).await
+    }
+
+    /// The license's token under its machine's current secret version.
+    pub async fn license_token(&self, id: &str) -> Result<LicenseToken, AdminError> {
+        let license = self.get_license(id).await?;
+        if license.revoked_at.is_some() {
+            return Err(AdminError::Conflict(format!("license {id} is revoked")));
+        }
+        current_token(self.state, &license)
+            .await?
+            .ok_or_else(|| {
+                AdminError::Conflict(format!(
+                    "machine {} holds no acknowledged secret yet: no token can be issued before its first rotation",
+                    license.machine_id
+                ))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> LicenseRequest {
+        LicenseRequest {
+            machine_id: MachineId::new_random().to_string(),
+            features: vec!["pos.sale".into(), "pos.refund".into()],
+            metadata: BTreeMap::from([("tier".into(), "gold".into())]),
+            not_before: None,
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn license_requests_are_checked() {
+        let now = Timestamp(1_000);
+        assert!(check_request(&request(), now).is_ok());
+        let field = |r: &LicenseRequest| match check_request(r, now) {
+            Err(AdminError::InvalidInput { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        let mut r = request();
+        r.features.clear();
+        assert_eq!(field(&r), "features");
+        let mut r = request();
+        r.features.push("pos.sale".into());
+        assert_eq!(field(&r), "features");
+        let mut r = request();
+        r.features.push("has space".into());
+        assert_eq!(field(&r), "features");
+        let mut r = request();
+        r.metadata.insert("k".into(), "line\nbreak".into());
+        assert_eq!(field(&r), "metadata");
+        let mut r = request();
+        r.expires_at = Some(Timestamp(999));
+        assert_eq!(field(&r), "expires_at");
+        let mut r = request();
+        r.not_before = Some(Timestamp(5_000));
+        r.expires_at = Some(Timestamp(4_000));
+        assert_eq!(field(&r), "expires_at");
+    }
+}

@@ -1,0 +1,67 @@
+//! What the server does, independent of how it is asked: enrollment and recovery (public listener),
+//! certificate renewal, secret rotation and license validation (agent listener), and
+//! administration (admin API and CLI), licenses included.
+//!
+//! Every mutation commits in the same transaction as its audit row, so an action that cannot
+//! be audited does not happen; refused actions are audited too.
+
+pub mod admin;
+pub mod enroll;
+pub mod licenses;
+pub mod recover;
+pub mod secrets;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rand::RngCore as _;
+use sha2::{Digest as _, Sha256};
+
+use crate::datadir::ServerKeys;
+use crate::store::Store;
+
+/// Shared state of a running server (or of one `admin` CLI invocation).
+#[derive(Debug)]
+pub struct AppState {
+    pub store: Store,
+    pub keys: ServerKeys,
+    pub settings: Settings,
+}
+
+pub type SharedState = Arc<AppState>;
+
+/// Values derived from the configuration and the bound listeners.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Public listener URL as machines see it.
+    pub public_url: String,
+    /// Agent listener URL as machines see it.
+    pub agent_url: String,
+    pub certificate_validity_days: u32,
+    pub install_token_ttl_secs: u64,
+    pub bootstrap_rate_per_minute: u32,
+    pub downloads_dir: PathBuf,
+    /// `valid_until - valid_from` of a new secret version, seconds.
+    pub secret_validity_secs: i64,
+    /// `grace_until - valid_until` of a new secret version, seconds.
+    pub secret_grace_secs: i64,
+}
+
+/// A new random credential with a readable prefix (so leaked ones are easy to grep for) and
+/// its SHA-256, the only form stored.
+pub fn new_credential(prefix: &str) -> (zeroize::Zeroizing<String>, String) {
+    use base64::Engine as _;
+    let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+    rand::rngs::OsRng.fill_bytes(bytes.as_mut());
+    let token = zeroize::Zeroizing::new(format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes.as_ref())
+    ));
+    let hash = credential_hash(&token);
+    (token, hash)
+}
+
+/// SHA-256 hex of a credential: tokens have 256 bits of entropy, so a plain hash suffices.
+pub fn credential_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Sets up and runs the whole test suite: the README's test command, and what .ci/run calls.
+#
+# On a fresh Debian/Ubuntu machine it installs what the tests need (as root, with apt-get):
+# a C toolchain, curl (install.sh tests), sqlite3, python3 and setpriv (the agent tests read
+# the server database and run a client as another user), the TPM stack (libtss2-dev to build,
+# swtpm and swtpm-tools for the TPM tests, tpm2-tools), and PostgreSQL (server and psql). Tests that use
+# PostgreSQL create their own database on 127.0.0.1:5432 and drop it afterwards; when no
+# PostgreSQL answers there, this script installs and starts one and lets loopback connect
+# as `postgres` without a password (trust), as on the project's CI machines.
+# Override the server with LSA_TEST_POSTGRES=postgres://user@host:port.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n==> %s\n' "$*"; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+packages=()
+command -v cc >/dev/null || packages+=(build-essential)
+command -v curl >/dev/null || packages+=(curl)
+command -v psql >/dev/null || packages+=(postgresql-client)
+command -v sqlite3 >/dev/null || packages+=(sqlite3)
+command -v setpriv >/dev/null || packages+=(util-linux)
+[ -x /usr/bin/python3 ] || packages+=(python3)
+# TPM: headers to build against the system TSS, swtpm for the TPM tests, tpm2-tools for debugging.
+pkg-config --exists tss2-esys tss2-tctildr 2>/dev/null || packages+=(libtss2-dev)
+command -v swtpm >/dev/null || packages+=(swtpm)
+command -v swtpm_setup >/dev/null || packages+=(swtpm-tools)
+command -v tpm2_startup >/dev/null || packages+=(tpm2-tools)
+command -v pkg-config >/dev/null || packages+=(pkg-config)
+# promtool (from Debian's prometheus) checks the agent's metrics file.
+command -v promtool >/dev/null || packages+=(prometheus)
+postgres_ready() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
+installed_postgres=false
+if [ -z "${LSA_TEST_POSTGRES:-}" ] && ! { command -v pg_isready >/dev/null && postgres_ready; }; then
+  if ! ls -d /etc/postgresql/*/main >/dev/null 2>&1; then
+    packages+=(postgresql)
+    installed_postgres=true
+  fi
+fi
+if [ "${#packages[@]}" -gt 0 ]; then
+  say "installing ${packages[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+fi
+
+if [ -z "${LSA_TEST_POSTGRES:-}" ] && ! postgres_ready; then
+  version="$(ls /etc/postgresql | sort -V | tail -n 1)"
+  if $installed_postgres; then
+    say "allowing loopback connections as postgres without a password (test machine)"
+    hba="/etc/postgresql/$version/main/pg_hba.conf"
+    as_root sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
+  fi
+  say "starting PostgreSQL $version"
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  for _ in $(seq 1 30); do postgres_ready && break; sleep 1; done
+  postgres_ready || { echo "PostgreSQL does not answer on 127.0.0.1:5432" >&2; exit 1; }
+fi
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+say "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+say "cargo doc (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+say "cargo build --bins (the integration tests run license-agent, another package's binary)"
+cargo build --workspace --bins --locked
+say "cargo test (unit and integration: real server, agent, TLS, SQLite and PostgreSQL)"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
+say "the secret-lifecycle end-to-end suite again, every agent on its own swtpm (TPM backend)"
+LSA_TEST_TPM=1 cargo test --locked -p license-agent --test lifecycle 2>&1 | tee -a "$log" || status=$?
+# One closing line with the totals over every test binary and doc-test run.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
