@@ -362,7 +362,13 @@ pub async fn run(
 
     tokio::pin!(shutdown);
     'rounds: loop {
-        let wait = manager.tick().await;
+        // A round waiting on a hung server must not hold up a stop (systemd would escalate to
+        // SIGKILL). Dropping it at an await point leaves memory as durable as after a failed
+        // request: the keyring is only ever replaced together with the store.
+        let wait = tokio::select! {
+            wait = manager.tick() => wait,
+            () = &mut shutdown => break 'rounds,
+        };
         let _ = sd_notify::notify(
             false,
             &[sd_notify::NotifyState::Status(&manager.status_line())],

@@ -210,15 +210,23 @@ fn load(path: &std::path::Path) -> Result<AgentConfig, MainError> {
     AgentConfig::load(path).map_err(|e| MainError::Usage(e.to_string()))
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or SIGINT, registered now: a signal that arrives while the daemon is still starting
+/// (before the future is first polled) must drain and exit cleanly, not kill the process with
+/// the default action and leave TPM objects and state behind.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, MainError> {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    let register =
+        |kind| signal(kind).map_err(|e| MainError::Runtime(format!("signal handler: {e}")));
+    let (mut term, mut int) = (
+        register(SignalKind::terminate())?,
+        register(SignalKind::interrupt())?,
+    );
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {
@@ -284,7 +292,7 @@ async fn run(cli: Cli) -> Result<(), MainError> {
         }
         Command::Run { config } => {
             let parsed = load(&config)?;
-            daemon::run(parsed, config.clone(), shutdown_signal())
+            daemon::run(parsed, config.clone(), shutdown_signal()?)
                 .await
                 .map_err(|e| MainError::Runtime(e.to_string()))?;
         }

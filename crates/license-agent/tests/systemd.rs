@@ -89,3 +89,30 @@ fn sighup_applies_a_valid_config_and_rejects_a_broken_one() {
     agent.signal("HUP");
     wait_until("access restored", WAIT, || agent.validate(&token).valid);
 }
+
+#[test]
+fn sigterm_while_a_round_hangs_on_the_server_drains_and_exits_0() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(root.path(), 3600, 3600);
+    // A server that accepts connections and never answers: the first round hangs in the TLS
+    // handshake until the request timeout (30 s), while the agent already serves its socket.
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "https://127.0.0.1:{}",
+        black_hole.local_addr().unwrap().port()
+    );
+    let mut agent = Agent::enroll(&server, root.path(), "pos1", 3600, |config| {
+        config["server"]["url"] = toml::Value::String(url.clone());
+    });
+    agent.start(&[]);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The signal is handled (not the default action, which kills the process) and does not
+    // wait for the hung round.
+    let status = agent.stop();
+    assert_eq!(status.code(), Some(0), "{status:?}\n{}", agent.log());
+    let audit = std::fs::read_to_string(agent.dir.join("log/audit.log")).unwrap();
+    let last = audit.lines().last().unwrap_or_default();
+    assert!(last.contains("\"agent.stop\""), "last audit entry: {last}");
+    drop(black_hole);
+}

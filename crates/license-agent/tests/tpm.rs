@@ -381,17 +381,52 @@ fn costs() {
     );
 }
 
+/// Fills every free transient-object slot of `swtpm` the way a process killed mid-operation
+/// does: tpm2-tools, on a TPM without a resource manager, leaves the primary it creates loaded.
+fn fill_object_slots(swtpm: &Swtpm, scratch: &Path) -> usize {
+    let mut filled = 0;
+    loop {
+        let out = std::process::Command::new("tpm2_createprimary")
+            .args(["-T", &swtpm.tcti(), "-C", "o", "-c"])
+            .arg(scratch.join(format!("leftover{filled}.ctx")))
+            .output()
+            .expect("tpm2_createprimary (Debian package tpm2-tools) must be installed");
+        if !out.status.success() {
+            return filled;
+        }
+        filled += 1;
+        assert!(filled < 64, "swtpm never ran out of object slots");
+    }
+}
+
 #[test]
-fn an_exclusive_open_works_like_a_plain_one_on_a_clean_tpm() {
-    // What it flushes (objects a kill -9'd agent left on a TPM without a resource manager) is
-    // exercised by the lifecycle suite's crash-point test on the TPM backend.
+fn leftover_objects_are_flushed_only_by_the_holder_of_the_tpm_lock() {
     let fx = Fixture::new();
     let swtpm = Swtpm::start(&fx.tpm_state("tpm"));
-    let tpm = Tpm::open_exclusive(&swtpm.tcti(), fx.agent()).unwrap();
-    let blob = tpm.seal(b"exclusive").unwrap();
-    drop(tpm);
+    let blob = open(&swtpm, fx.agent()).seal(b"leftovers").unwrap();
+
+    // Nothing holds the lock: a one-shot open cleans up what a dead process left and works.
+    assert!(fill_object_slots(&swtpm, fx.dir.path()) >= 2);
+    let one_shot = open(&swtpm, fx.agent());
+    assert_eq!(one_shot.unseal(&blob).unwrap().as_slice(), b"leftovers");
+
+    // The daemon's open waits while a one-shot command holds the lock, then takes it.
+    let (tcti, state) = (swtpm.tcti(), fx.agent().to_owned());
+    let daemon = std::thread::spawn(move || Tpm::open_exclusive(&tcti, &state));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!daemon.is_finished(), "open_exclusive waits for the lock");
+    drop(one_shot);
+    let daemon = daemon.join().unwrap().unwrap();
+
+    // While the daemon holds it, a one-shot command must not flush (the daemon's objects look
+    // like leftovers): with the slots full it fails rather than pull them from under the daemon.
+    fill_object_slots(&swtpm, fx.dir.path());
+    let err = Tpm::open(&swtpm.tcti(), fx.agent()).unwrap_err();
+    assert!(matches!(err, TpmError::Esys(_)), "{err}");
+    // Once the daemon is gone the next open cleans up again.
+    drop(daemon);
     assert_eq!(
         open(&swtpm, fx.agent()).unseal(&blob).unwrap().as_slice(),
-        b"exclusive"
+        b"leftovers"
     );
 }

@@ -82,6 +82,9 @@ pub enum Reason {
     NotAuthorized,
     /// The agent could not answer (e.g. the audit record could not be written).
     Internal,
+    /// A code this version does not know, sent by a newer agent: still a refusal. Never sent.
+    #[serde(other)]
+    Unrecognized,
 }
 
 impl Reason {
@@ -102,6 +105,7 @@ impl Reason {
             Reason::FrameTooLarge => "frame_too_large",
             Reason::NotAuthorized => "not_authorized",
             Reason::Internal => "internal",
+            Reason::Unrecognized => "unrecognized",
         }
     }
 }
@@ -283,6 +287,12 @@ mod tests {
             serde_json::json!({"valid": false, "reason": "replayed_nonce", "nonce": "n"})
         );
         assert_eq!(serde_json::from_value::<Response>(json).unwrap(), invalid);
+        // A newer agent's code is still a refusal to an older client, not a parse error.
+        let newer = serde_json::json!({"valid": false, "reason": "quota_exceeded", "nonce": "n"});
+        assert_eq!(
+            serde_json::from_value::<Response>(newer).unwrap(),
+            Response::invalid(Reason::Unrecognized, Some("n".into()))
+        );
     }
 
     proptest::proptest! {

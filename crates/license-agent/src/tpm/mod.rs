@@ -18,7 +18,12 @@
 //! All TPM calls are blocking and serialized on one connection behind a mutex; call them from
 //! `spawn_blocking` in async code. The owner hierarchy must have an empty authorization value (the
 //! default). The FFI lives in [`esys`], the only file with `unsafe`.
-// The daemon wires this in next; until then only tests/tpm.rs (which includes this file) uses it.
+//!
+//! Without a resource manager (`swtpm:` socket, `/dev/tpm0`) transient objects outlive the process
+//! that loaded them, so a process killed mid-operation leaves them taking the TPM's few slots. An
+//! advisory lock on `state_dir/tpm.lock` says who may clean up: its holder is the only agent process
+//! using the TPM, so whatever is loaded was left behind and is flushed. The daemon holds it for its
+//! life ([`Tpm::open_exclusive`]); a one-shot command takes it when it is free ([`Tpm::open`]).
 
 mod esys;
 
@@ -35,6 +40,10 @@ use esys::{Esys, EsysError, ObjectBlob, ObjectKind};
 
 /// File in the state directory recording the primary key's Name (hex), written on first use.
 pub const PRIMARY_NAME_FILE: &str = "tpm-primary.name";
+/// Lock file in the state directory held by the process allowed to flush leftover objects.
+pub const LOCK_FILE: &str = "tpm.lock";
+/// How long the daemon waits for a one-shot command to release [`LOCK_FILE`].
+const EXCLUSIVE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Most bytes [`Tpm::seal`] accepts (the TPM's `MAX_SYM_DATA`).
 pub const MAX_SEAL_LEN: usize = esys::MAX_SEALED_LEN;
 /// First byte of every blob this module returns.
@@ -63,7 +72,11 @@ pub enum TpmError {
     /// [`Tpm::seal`] was given more than [`MAX_SEAL_LEN`] bytes, or none.
     #[error("cannot seal {0} bytes: between 1 and {MAX_SEAL_LEN} bytes can be sealed")]
     SealSize(usize),
-    /// Reading or writing the recorded primary Name.
+    /// Another process kept [`LOCK_FILE`] longer than the daemon waits for it (a second daemon
+    /// on the same state directory, or a hung command).
+    #[error("TPM lock {0} is held by another process")]
+    Busy(PathBuf),
+    /// Reading or writing the recorded primary Name or the lock file.
     #[error("TPM state file {path}: {source}")]
     State {
         path: PathBuf,
@@ -95,6 +108,9 @@ pub struct Tpm {
     /// Name of the primary as recorded in the state directory (and checked on every re-creation).
     primary_name: Vec<u8>,
     esys: Mutex<Esys>,
+    /// [`LOCK_FILE`], when this process holds it; declared after `esys` so our objects are
+    /// flushed before the lock is released.
+    _lock: Option<fs::File>,
 }
 
 impl std::fmt::Debug for Tpm {
@@ -142,24 +158,43 @@ impl Tpm {
     /// Opens the TPM through a TCTI string (`device:/dev/tpmrm0`, `swtpm:host=127.0.0.1,port=P`,
     /// `tabrmd`, …), then creates the primary storage key from its fixed template and checks its
     /// Name against `state_dir/tpm-primary.name`: written on first use; a different Name (TPM
-    /// cleared or replaced) is [`TpmError::PrimaryMismatch`].
+    /// cleared or replaced) is [`TpmError::PrimaryMismatch`]. For one-shot commands: takes
+    /// [`LOCK_FILE`] (and so cleans up leftovers) only if no daemon holds it.
     pub fn open(tcti: &str, state_dir: &Path) -> Result<Arc<Tpm>, TpmError> {
-        Self::open_with(tcti, state_dir, false)
+        let lock = try_lock(&state_dir.join(LOCK_FILE)).ok().flatten();
+        Self::open_with(tcti, state_dir, lock)
     }
 
-    /// Like [`Tpm::open`], for the one long-lived user of the TPM (the daemon): on a TPM
-    /// reached without a resource manager it first flushes objects a crashed predecessor left
-    /// loaded. One-shot commands must not, as the running daemon's objects look the same.
+    /// Like [`Tpm::open`], for the one long-lived user of the TPM (the daemon): waits for
+    /// [`LOCK_FILE`] (up to 30 s, the time for a one-shot command to finish) and holds it for the
+    /// life of the returned [`Tpm`].
     pub fn open_exclusive(tcti: &str, state_dir: &Path) -> Result<Arc<Tpm>, TpmError> {
-        Self::open_with(tcti, state_dir, true)
+        let path = state_dir.join(LOCK_FILE);
+        let deadline = std::time::Instant::now() + EXCLUSIVE_WAIT;
+        let lock = loop {
+            match try_lock(&path) {
+                Ok(Some(lock)) => break lock,
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Ok(None) => return Err(TpmError::Busy(path)),
+                Err(source) => return Err(TpmError::State { path, source }),
+            }
+        };
+        Self::open_with(tcti, state_dir, Some(lock))
     }
 
-    fn open_with(tcti: &str, state_dir: &Path, exclusive: bool) -> Result<Arc<Tpm>, TpmError> {
+    fn open_with(
+        tcti: &str,
+        state_dir: &Path,
+        lock: Option<fs::File>,
+    ) -> Result<Arc<Tpm>, TpmError> {
         let mut esys =
             Esys::open(tcti).map_err(|e| TpmError::Unavailable(format!("TCTI {tcti:?}: {e}")))?;
-        // Without a resource manager, objects a crashed predecessor left loaded stay in the TPM.
+        // Without a resource manager, objects a crashed predecessor left loaded stay in the TPM;
+        // holding the lock means no other agent process has any loaded.
         let managed = tcti.contains("tpmrm") || tcti.starts_with("tabrmd");
-        if exclusive && !managed {
+        if lock.is_some() && !managed {
             match esys.flush_leftovers() {
                 Ok(0) => {}
                 Ok(n) => tracing::warn!(
@@ -196,6 +231,7 @@ impl Tpm {
             tcti: tcti.to_owned(),
             primary_name: name,
             esys: Mutex::new(esys),
+            _lock: lock,
         }))
     }
 
@@ -376,4 +412,22 @@ fn write_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
     }
     fs::rename(&tmp, path)?;
     fs::File::open(dir)?.sync_all()
+}
+
+/// Takes the advisory lock on `path` (created 0600 if missing) without waiting: `None` when
+/// another process holds it.
+fn try_lock(path: &Path) -> io::Result<Option<fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
 }
