@@ -4,7 +4,8 @@
 # On a fresh Debian/Ubuntu machine it installs what the tests need (as root, with apt-get):
 # a C toolchain, curl (install.sh tests), sqlite3, python3 and setpriv (the agent tests read
 # the server database and run a client as another user), the TPM stack (libtss2-dev to build,
-# swtpm and swtpm-tools for the TPM tests, tpm2-tools), and PostgreSQL (server and psql). Tests that use
+# swtpm and swtpm-tools for the TPM tests, tpm2-tools), promtool, strace and systemd-analyze (the
+# unit's syscall filter), and PostgreSQL (server and psql). Tests that use
 # PostgreSQL create their own database on 127.0.0.1:5432 and drop it afterwards; when no
 # PostgreSQL answers there, this script installs and starts one and lets loopback connect
 # as `postgres` without a password (trust), as on the project's CI machines.
@@ -30,6 +31,10 @@ command -v tpm2_startup >/dev/null || packages+=(tpm2-tools)
 command -v pkg-config >/dev/null || packages+=(pkg-config)
 # promtool (from Debian's prometheus) checks the agent's metrics file.
 command -v promtool >/dev/null || packages+=(prometheus)
+# The systemd unit's syscall filter is checked against the agent's syscalls seen by strace.
+command -v strace >/dev/null || packages+=(strace)
+command -v systemd-analyze >/dev/null || packages+=(systemd)
+command -v pgrep >/dev/null || packages+=(procps)
 postgres_ready() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
 installed_postgres=false
 if [ -z "${LSA_TEST_POSTGRES:-}" ] && ! { command -v pg_isready >/dev/null && postgres_ready; }; then

@@ -1,6 +1,7 @@
 //! systemd integration with a real notify socket: READY, STATUS, WATCHDOG at half of
-//! `WATCHDOG_USEC`, STOPPING and exit 0 on SIGTERM; SIGHUP reloads the config, rejecting a
-//! broken one and keeping the running configuration.
+//! `WATCHDOG_USEC`, STOPPING and exit 0 on SIGTERM (also while a round hangs on the server);
+//! SIGHUP reloads the config, rejecting a broken one and keeping the running configuration; the
+//! unit's syscall filter admits every syscall the agent makes (strace + systemd-analyze).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -115,4 +116,127 @@ fn sigterm_while_a_round_hangs_on_the_server_drains_and_exits_0() {
     let last = audit.lines().last().unwrap_or_default();
     assert!(last.contains("\"agent.stop\""), "last audit entry: {last}");
     drop(black_hole);
+}
+
+/// Syscall names of a systemd filter item (`@group` expanded recursively by systemd-analyze).
+fn syscall_set(item: &str, into: &mut std::collections::BTreeSet<String>) {
+    if !item.starts_with('@') {
+        into.insert(item.to_string());
+        return;
+    }
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["syscall-filter", item])
+        .output()
+        .expect("systemd-analyze (Debian package systemd) must be installed");
+    assert!(
+        out.status.success(),
+        "systemd-analyze syscall-filter {item}"
+    );
+    for line in String::from_utf8_lossy(&out.stdout).lines().skip(1) {
+        let line = line.trim();
+        if !line.is_empty() && !line.starts_with('#') {
+            syscall_set(line, into);
+        }
+    }
+}
+
+#[test]
+fn the_units_syscall_filter_admits_every_syscall_the_agent_makes() {
+    use std::collections::BTreeSet;
+    // The unit install.sh writes; this test understands allow-lists only.
+    let unit = include_str!("../../license-server/src/http/install.sh");
+    let mut allowed = BTreeSet::new();
+    for item in unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("SystemCallFilter="))
+        .flat_map(str::split_whitespace)
+    {
+        assert!(!item.starts_with('~'), "deny-lists are not checked: {item}");
+        syscall_set(item, &mut allowed);
+    }
+    assert!(allowed.len() > 100, "the unit has a syscall filter");
+
+    // A day of the agent's life on a TPM, under strace: start, rotation, validations, the
+    // management socket, metrics, a reload and a stop.
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(root.path(), 3600, 3600);
+    let swtpm = common::tpm_support::Swtpm::start(&root.path().join("tpm"));
+    let uid = toml::Value::Integer(i64::from(common::current_uid()));
+    let mut agent = Agent::enroll_with(
+        &server,
+        root.path(),
+        "pos1",
+        3600,
+        &["--tpm", &swtpm.tcti()],
+        |t| {
+            t["management"]["admin_uids"] = toml::Value::Array(vec![uid]);
+        },
+    );
+    let license = server.issue_license(&agent.machine_id, "pos.sale", &[]);
+    let trace = root.path().join("strace.txt");
+    let trace_arg = trace.display().to_string();
+    agent.start_under(&["strace", "-f", "-qq", "-c", "-o", &trace_arg], &[]);
+    let pgrep = std::process::Command::new("pgrep")
+        .args(["-P", &agent.pid().to_string()])
+        .output()
+        .unwrap();
+    let pid = String::from_utf8_lossy(&pgrep.stdout).trim().to_string();
+    assert!(!pid.is_empty(), "the agent runs under strace");
+    let kill = |signal: &str| {
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+
+    let mut token = None;
+    wait_until("a token", WAIT, || {
+        token = agent.token(&license);
+        token.is_some()
+    });
+    let token = token.unwrap();
+    assert!(agent.validate(&token).valid);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(common::bin("license-agent-cli"))
+            .arg("--socket")
+            .arg(agent.dir.join("mgmt.sock"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    cli(&["rotate"]);
+    cli(&["status"]);
+    cli(&["metrics"]);
+    assert!(agent.validate(&token).valid);
+    kill("-HUP");
+    wait_until("the reload", WAIT, || {
+        agent.log().contains("config reloaded")
+    });
+    kill("-TERM");
+    let status = agent.wait();
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+
+    // `strace -c`: one row per syscall, its name last.
+    let summary = std::fs::read_to_string(&trace).unwrap();
+    let used: BTreeSet<String> = summary
+        .lines()
+        .filter(|l| !l.starts_with('%') && !l.starts_with('-'))
+        .filter_map(|l| l.split_whitespace().last())
+        .filter(|name| *name != "total")
+        .map(str::to_string)
+        .collect();
+    for expected in ["prctl", "connect", "accept4", "flock", "rename"] {
+        assert!(used.contains(expected), "{expected} not traced: {used:?}");
+    }
+    let refused: Vec<_> = used.difference(&allowed).collect();
+    assert!(
+        refused.is_empty(),
+        "syscalls the unit's filter refuses: {refused:?}"
+    );
 }

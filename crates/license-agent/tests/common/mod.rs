@@ -335,12 +335,26 @@ impl Agent {
 
     /// Starts `license-agent run` and waits for its ready line.
     pub fn start(&mut self, env: &[(&str, &str)]) {
+        self.start_under(&[], env);
+    }
+
+    /// Like [`Agent::start`], with the agent run by `wrapper` (e.g. `strace -f …`); the child
+    /// is then the wrapper.
+    pub fn start_under(&mut self, wrapper: &[&str], env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("agent.stderr"))
             .unwrap();
-        let mut child = Command::new(bin("license-agent"))
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("license-agent"));
+                c
+            }
+            None => Command::new(bin("license-agent")),
+        };
+        let mut child = command
             .args(["run", "--config"])
             .arg(&self.config)
             .env("LICENSE_AGENT_LOG", "info")
@@ -432,6 +446,16 @@ impl Agent {
             .status()
             .unwrap()
             .success());
+    }
+
+    /// The child's pid: the wrapper's when started by [`Agent::start_under`].
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// Waits for the child to exit (after a signal sent some other way).
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.take().expect("agent running").wait().unwrap()
     }
 
     pub fn is_running(&mut self) -> bool {

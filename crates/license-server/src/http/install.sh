@@ -117,6 +117,9 @@ RestrictSUIDSGID=true
 LockPersonality=true
 MemoryDenyWriteExecute=true
 SystemCallArchitectures=native
+# Checked by crates/license-agent/tests/systemd.rs against every syscall the agent makes.
+SystemCallFilter=@system-service
+SystemCallErrorNumber=EPERM
 UMask=0077
 
 [Install]
