@@ -228,6 +228,12 @@ pub async fn run(
         .map(|tpm| TpmStore::new(tpm, &config.tpm.sealed_storage, machine_id));
     let store: Box<dyn SecretStore> = Box::new(FallbackStore::new(tpm_store, file_store));
     let store_kind = store.kind();
+    // Secrets live in pages locked in RAM; say so now if this process may not lock memory.
+    if !license_protocol::secret::Secret::from_bytes([0; 32]).is_locked() {
+        tracing::warn!(
+            "cannot lock memory in RAM (RLIMIT_MEMLOCK): secrets may be written to swap"
+        );
+    }
     let mut keyring = Keyring::default();
     for s in store.load()? {
         keyring.insert(s.version, s.dates, s.secret);

@@ -13,7 +13,7 @@
 //!
 //! (integers big-endian, `machine_id` its 16 UUID bytes, times Unix seconds). The recipient's
 //! ECDH goes through [`EcdhKey`], so the private key can live in a file today and in the TPM
-//! later. Secrets are zeroized on drop and never printed.
+//! later. Secrets are kept in locked memory, zeroized on drop and never printed.
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -21,6 +21,9 @@ use hkdf::Hkdf;
 use p256::elliptic_curve::sec1::ToEncodedPoint as _;
 use rand::RngCore as _;
 use sha2::Sha256;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use zeroize::Zeroizing;
 
 use crate::identity::MachineId;
@@ -44,31 +47,86 @@ pub enum SecretError {
     KeyAgreement(String),
 }
 
-/// 32 secret bytes. Zeroized on drop; Debug shows nothing.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Zeroizing<[u8; SECRET_LEN]>);
+/// 32 secret bytes. They live in one place for the value's whole life, a heap page of their
+/// own that is locked in RAM (`mlock`: never written to swap) while they are there, and are
+/// zeroized before the page is unlocked and freed. Clones share that page. Debug shows nothing.
+#[derive(Clone)]
+pub struct Secret(Arc<LockedPage>);
+
+/// A page-aligned, page-sized allocation, so locking it locks nothing else and unlocking it
+/// unlocks nothing another secret still needs.
+#[repr(C, align(4096))]
+struct Page([u8; SECRET_LEN]);
+
+struct LockedPage {
+    /// Declared first so the page is unlocked (after `Drop::drop` zeroized it) before it is
+    /// freed. `None` when the lock was refused (RLIMIT_MEMLOCK): the secret still works.
+    lock: Option<region::LockGuard>,
+    page: Box<Page>,
+}
+
+impl Drop for LockedPage {
+    fn drop(&mut self) {
+        use zeroize::Zeroize as _;
+        self.page.0.zeroize();
+    }
+}
+
+/// Set once a secret's page could not be locked in this process (see [`memory_lock_refused`]).
+static LOCK_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// Whether some secret of this process could not be locked in RAM (RLIMIT_MEMLOCK reached, or
+/// no right to lock memory): its bytes may reach swap. For the agent to report.
+pub fn memory_lock_refused() -> bool {
+    LOCK_REFUSED.load(Ordering::Relaxed)
+}
 
 impl Secret {
     pub fn generate() -> Self {
-        let mut bytes = Zeroizing::new([0u8; SECRET_LEN]);
-        rand::rngs::OsRng.fill_bytes(bytes.as_mut());
-        Self(bytes)
+        Self::filled(|bytes| rand::rngs::OsRng.fill_bytes(bytes))
     }
 
-    pub fn from_bytes(bytes: [u8; SECRET_LEN]) -> Self {
-        Self(Zeroizing::new(bytes))
+    pub fn from_bytes(mut bytes: [u8; SECRET_LEN]) -> Self {
+        use zeroize::Zeroize as _;
+        let secret = Self::filled(|page| page.copy_from_slice(&bytes));
+        bytes.zeroize();
+        secret
     }
 
+    /// A new page, locked, then filled: the bytes are never in an unlocked page.
+    fn filled(fill: impl FnOnce(&mut [u8; SECRET_LEN])) -> Self {
+        let mut page = Box::new(Page([0; SECRET_LEN]));
+        let lock = region::lock(page.0.as_ptr(), std::mem::size_of::<Page>()).ok();
+        if lock.is_none() {
+            LOCK_REFUSED.store(true, Ordering::Relaxed);
+        }
+        fill(&mut page.0);
+        Self(Arc::new(LockedPage { lock, page }))
+    }
+
+    /// Copies `bytes` straight into the locked page (no copy on the stack).
     pub fn try_from_slice(bytes: &[u8]) -> Option<Self> {
-        let array: [u8; SECRET_LEN] = bytes.try_into().ok()?;
-        Some(Self::from_bytes(array))
+        (bytes.len() == SECRET_LEN).then(|| Self::filled(|page| page.copy_from_slice(bytes)))
     }
 
     /// The raw bytes, for the few places that must encrypt or derive from them.
     pub fn expose(&self) -> &[u8; SECRET_LEN] {
-        &self.0
+        &self.0.page.0
+    }
+
+    /// Whether the bytes are locked in RAM (false when the process may not lock more memory).
+    pub fn is_locked(&self) -> bool {
+        self.0.lock.is_some()
     }
 }
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Eq for Secret {}
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

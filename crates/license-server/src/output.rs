@@ -176,7 +176,11 @@ impl Render for SecretRecord {
     fn row(&self) -> Vec<String> {
         vec![
             self.version.to_string(),
-            self.effective_state.clone(),
+            if self.destroyed {
+                format!("{} (destroyed)", self.effective_state)
+            } else {
+                self.effective_state.clone()
+            },
             self.valid_from.rfc3339(),
             self.valid_until.rfc3339(),
             self.grace_until.rfc3339(),

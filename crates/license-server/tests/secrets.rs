@@ -743,10 +743,9 @@ async fn force_rotation_is_seen_until_the_next_ack(db: Db) {
 }
 on_both_databases!(force_rotation_is_seen_until_the_next_ack);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn secret_enters_grace_after_valid_until_then_expires() {
+async fn secret_enters_grace_then_expires_and_is_destroyed(db: Db) {
     let server = TestServer::start_with(
-        Db::Sqlite,
+        db,
         &["--secret-validity-secs", "2", "--secret-grace-secs", "2"],
     );
     let client = server.new_client("Acme Retail");
@@ -775,10 +774,46 @@ async fn secret_enters_grace_after_valid_until_then_expires() {
     assert!(fetched.tokens.is_empty());
     let secrets = server.admin_json(&["machine", "secrets", &m.id()]);
     assert_eq!(secrets[0]["effective_state"], "expired");
-    // A rotation brings the machine back.
-    m.rotate_and_ack(1).await;
+
+    // Past its grace the secret is gone (DESIGN.md §2): a server's sweep (here the one a
+    // replica runs as it starts) destroys it and says so in the audit trail.
+    let replica = server.replica();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let secrets = server.admin_json(&["machine", "secrets", &m.id()]);
+        if secrets[0]["destroyed"] == true {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not destroyed: {secrets}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(audit(&server)
+        .iter()
+        .any(|e| e["action"] == "secret.destroyed"
+            && e["actor"] == "server"
+            && e["target"] == m.id().as_str()
+            && e["details"]["versions"] == json!([1])));
+    assert_eq!(reason(&m.validate(&token).await), "expired");
+    replica.stop();
+
+    // A rotation brings the machine back; its own expired version goes at the next one.
+    let v2 = m.rotate_and_ack(1).await;
+    assert_eq!(m.licenses().await.tokens.len(), 1);
+    wait_past(v2.dates.grace_until).await;
+    m.rotate_and_ack(2).await;
+    let secrets = server.admin_json(&["machine", "secrets", &m.id()]);
+    assert_eq!(secrets[1]["version"], 2);
+    assert_eq!(
+        secrets[1]["destroyed"], true,
+        "destroyed by the rotation: {secrets}"
+    );
+    assert_eq!(secrets[2]["destroyed"], false);
     assert_eq!(m.licenses().await.tokens.len(), 1);
 }
+on_both_databases!(secret_enters_grace_then_expires_and_is_destroyed);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_license_and_secret_routes() {

@@ -95,6 +95,8 @@ TimeoutStopSec=20s
 # The TSS library's own error lines for expected failures (e.g. a tampered blob) stay out of the journal.
 Environment=TSS2_LOG=all+NONE
 LimitCORE=0
+# Each secret sits in a page of its own locked in RAM.
+LimitMEMLOCK=8M
 NoNewPrivileges=true
 PrivateTmp=true
 ProtectSystem=strict

@@ -167,12 +167,17 @@ pub async fn run(
         ))
         .with_state(state.clone());
 
-    // Keeps the limiter's memory bounded under address churn.
+    // Keeps the limiter's memory bounded under address churn, and destroys secrets past their
+    // grace (at start, then every minute; idempotent across replicas).
+    let sweep_state = state.clone();
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
         loop {
             tick.tick().await;
             limiter.retain_recent();
+            if let Err(e) = crate::service::secrets::sweep_expired(&sweep_state).await {
+                tracing::warn!(error = %e, "could not destroy expired secrets; retrying in a minute");
+            }
         }
     });
 

@@ -251,6 +251,14 @@ pub async fn validate(
     else {
         return Ok(refused(Reason::UnknownSecretVersion, None));
     };
+    // Destroyed at the end of its grace (an invalidated one too): the token cannot be opened.
+    if row.record.destroyed {
+        let reason = match row.record.state {
+            SecretState::Invalidated => Reason::SecretInvalidated,
+            _ => Reason::Expired,
+        };
+        return Ok(refused(reason, None));
+    }
     let secret = open_at_rest(state, &machine, row)?;
     let verifying_key = state.keys.license_signing_key.verifying_key();
     let claims = match token::open(token_b64, &machine, |_| Some(secret), &verifying_key) {

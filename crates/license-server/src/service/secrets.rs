@@ -162,6 +162,44 @@ async fn audit_refusal(
         .await
 }
 
+/// Destroys the secrets past their grace (of one machine, or of all) and audits it, inside the
+/// caller's transaction. DESIGN.md §2: a version past `grace_until` is gone.
+async fn destroy_expired(
+    conn: &mut AnyConnection,
+    machine_id: Option<&str>,
+    now: Timestamp,
+) -> Result<usize, StoreError> {
+    let destroyed = store::destroy_expired_secrets(conn, machine_id, now).await?;
+    let mut by_machine = std::collections::BTreeMap::<&str, Vec<u64>>::new();
+    for (machine, version) in &destroyed {
+        by_machine.entry(machine).or_default().push(*version);
+    }
+    for (machine, versions) in &by_machine {
+        tracing::info!(machine_id = %machine, ?versions, "secrets past their grace destroyed");
+        store::insert_audit(
+            conn,
+            &NewAuditEvent {
+                at: now,
+                actor: "server",
+                action: "secret.destroyed",
+                target: Some(machine),
+                outcome: "success",
+                details: json!({"versions": versions}),
+            },
+        )
+        .await?;
+    }
+    Ok(destroyed.len())
+}
+
+/// Destroys every machine's secrets past their grace (the server's periodic sweep).
+pub async fn sweep_expired(state: &AppState) -> Result<usize, StoreError> {
+    let mut tx = state.store.begin_write().await?;
+    let destroyed = destroy_expired(&mut tx, None, Timestamp::now()).await?;
+    tx.commit().await?;
+    Ok(destroyed)
+}
+
 /// `POST /api/v1/rotate-secret` for an authenticated machine whose certificate carries
 /// `spki_der`.
 pub async fn rotate(
@@ -201,6 +239,7 @@ pub async fn rotate(
         now.plus_secs(-2 * MAX_CLOCK_SKEW_SECS),
     )
     .await?;
+    destroy_expired(&mut tx, Some(&machine_id), now).await?;
 
     let outcome = rotate_in(state, &mut tx, &identity.machine_id, req, now).await;
     let (result, outcome_name, details) = match outcome {

@@ -80,13 +80,17 @@ pub struct SecretRecord {
     pub created_at: Timestamp,
     pub acked_at: Option<Timestamp>,
     pub invalidated_at: Option<Timestamp>,
+    /// The secret itself was destroyed, its grace being over; the row stays as history.
+    pub destroyed: bool,
 }
 
 impl SecretRecord {
     /// A token under this version may validate now: acknowledged, not invalidated, not past
     /// its grace.
     pub fn usable(&self, now: Timestamp) -> bool {
-        matches!(self.state, SecretState::Active | SecretState::Grace) && now <= self.grace_until
+        matches!(self.state, SecretState::Active | SecretState::Grace)
+            && now <= self.grace_until
+            && !self.destroyed
     }
 }
 
@@ -117,6 +121,7 @@ fn secret_row(row: &AnyRow, now: Timestamp) -> Result<SealedSecretRow> {
         SecretState::Active | SecretState::Grace => "grace",
     };
     let version: i64 = row.try_get("version")?;
+    let secret_enc: Vec<u8> = row.try_get("secret_enc")?;
     Ok(SealedSecretRow {
         record: SecretRecord {
             machine_id: row.try_get("machine_id")?,
@@ -130,8 +135,9 @@ fn secret_row(row: &AnyRow, now: Timestamp) -> Result<SealedSecretRow> {
             created_at: ts(row, "created_at")?,
             acked_at: opt_ts(row, "acked_at")?,
             invalidated_at: opt_ts(row, "invalidated_at")?,
+            destroyed: secret_enc.is_empty(),
         },
-        secret_enc: row.try_get("secret_enc")?,
+        secret_enc,
     })
 }
 
@@ -182,6 +188,33 @@ pub async fn insert_pending_secret(conn: &mut AnyConnection, s: &NewSecret<'_>) 
     .await
     .map_err(StoreError::classify)?;
     Ok(())
+}
+
+/// Destroys the ciphertext of every acknowledged or invalidated version past its grace (of one
+/// machine, or of all): no token under it validates any more, so the server no longer needs
+/// it. The row stays, with an empty `secret_enc`. Returns the (machine, version) destroyed.
+pub async fn destroy_expired_secrets(
+    conn: &mut AnyConnection,
+    machine_id: Option<&str>,
+    now: Timestamp,
+) -> Result<Vec<(String, u64)>> {
+    let sql = "UPDATE secrets SET secret_enc = $1 WHERE grace_until < $2 AND state <> 'pending' \
+               AND length(secret_enc) > 0 AND ($3 IS NULL OR machine_id = $3) \
+               RETURNING machine_id, version";
+    let rows = sqlx::query(sql)
+        .bind(Vec::<u8>::new())
+        .bind(now.0)
+        .bind(machine_id)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let version: i64 = r.try_get("version")?;
+            let version = u64::try_from(version)
+                .map_err(|_| StoreError::Corrupt(format!("secret version {version}")))?;
+            Ok((r.try_get("machine_id")?, version))
+        })
+        .collect()
 }
 
 /// Moves the machine's active version (if any) to grace; returns its version.
