@@ -143,18 +143,24 @@ fn syscall_set(item: &str, into: &mut std::collections::BTreeSet<String>) {
 #[test]
 fn the_units_syscall_filter_admits_every_syscall_the_agent_makes() {
     use std::collections::BTreeSet;
-    // The unit install.sh writes; this test understands allow-lists only.
+    // The unit install.sh writes: allow-lists, then deny-lists (a line starting with `~`).
     let unit = include_str!("../../license-server/src/http/install.sh");
-    let mut allowed = BTreeSet::new();
-    for item in unit
+    let (mut allowed, mut denied) = (BTreeSet::new(), BTreeSet::new());
+    for line in unit
         .lines()
         .filter_map(|l| l.strip_prefix("SystemCallFilter="))
-        .flat_map(str::split_whitespace)
     {
-        assert!(!item.starts_with('~'), "deny-lists are not checked: {item}");
-        syscall_set(item, &mut allowed);
+        let (set, items) = match line.strip_prefix('~') {
+            Some(items) => (&mut denied, items),
+            None => (&mut allowed, line),
+        };
+        for item in items.split_whitespace() {
+            syscall_set(item, set);
+        }
     }
     assert!(allowed.len() > 100, "the unit has a syscall filter");
+    assert!(denied.contains("chown") && denied.contains("ioprio_set"));
+    let allowed: BTreeSet<String> = allowed.difference(&denied).cloned().collect();
 
     // A day of the agent's life on a TPM, under strace: start, rotation, validations, the
     // management socket, metrics, a reload and a stop.
@@ -239,4 +245,46 @@ fn the_units_syscall_filter_admits_every_syscall_the_agent_makes() {
         refused.is_empty(),
         "syscalls the unit's filter refuses: {refused:?}"
     );
+}
+
+/// The unit install.sh writes, as systemd would read it.
+fn agent_unit() -> String {
+    let script = include_str!("../../license-server/src/http/install.sh");
+    let start = script
+        .find("<<UNIT\n")
+        .expect("install.sh writes the unit from a here-document");
+    let body = &script[start + "<<UNIT\n".len()..];
+    let end = body.find("\nUNIT\n").expect("end of the unit");
+    // The unquoted here-document turns `\$` into `$`.
+    body[..end + 1].replace("\\$", "$")
+}
+
+#[test]
+fn the_unit_is_rated_low_exposure_by_systemd_analyze_security() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("license-agent.service");
+    std::fs::write(&path, agent_unit()).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian package systemd) must be installed");
+    let report = String::from_utf8_lossy(&out.stdout);
+    let level: f64 = report
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for license-agent.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no exposure level in:\n{report}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    // What is left is what the agent needs: the network (its server), the TPM device, the
+    // `tss` group, and the real users behind SO_PEERCRED (no PrivateUsers).
+    assert!(level <= 2.0, "exposure {level}:\n{report}");
 }

@@ -98,6 +98,12 @@ LimitCORE=0
 # Each secret sits in a page of its own locked in RAM.
 LimitMEMLOCK=8M
 NoNewPrivileges=true
+CapabilityBoundingSet=
+AmbientCapabilities=
+PrivateMounts=true
+ProtectProc=invisible
+ProcSubset=pid
+RemoveIPC=true
 PrivateTmp=true
 ProtectSystem=strict
 ProtectHome=true
@@ -121,6 +127,7 @@ MemoryDenyWriteExecute=true
 SystemCallArchitectures=native
 # Checked by crates/license-agent/tests/systemd.rs against every syscall the agent makes.
 SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
 SystemCallErrorNumber=EPERM
 UMask=0077
 
