@@ -5,7 +5,7 @@
 # a C toolchain, curl (install.sh tests), sqlite3, python3 and setpriv (the agent tests read
 # the server database and run a client as another user), the TPM stack (libtss2-dev to build,
 # swtpm and swtpm-tools for the TPM tests, tpm2-tools), promtool, strace and systemd-analyze (the
-# unit's syscall filter), and PostgreSQL (server and psql). Tests that use
+# unit's syscall filter and exposure), apparmor_parser, and PostgreSQL (server and psql). Tests that use
 # PostgreSQL create their own database on 127.0.0.1:5432 and drop it afterwards; when no
 # PostgreSQL answers there, this script installs and starts one and lets loopback connect
 # as `postgres` without a password (trust), as on the project's CI machines.
@@ -35,6 +35,8 @@ command -v promtool >/dev/null || packages+=(prometheus)
 command -v strace >/dev/null || packages+=(strace)
 command -v systemd-analyze >/dev/null || packages+=(systemd)
 command -v pgrep >/dev/null || packages+=(procps)
+# AppArmor's parser checks the profile install.sh writes.
+[ -x /usr/sbin/apparmor_parser ] || [ -x /sbin/apparmor_parser ] || packages+=(apparmor)
 postgres_ready() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
 installed_postgres=false
 if [ -z "${LSA_TEST_POSTGRES:-}" ] && ! { command -v pg_isready >/dev/null && postgres_ready; }; then

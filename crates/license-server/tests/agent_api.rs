@@ -693,6 +693,36 @@ async fn install_sh_installs_under_a_prefix() {
             && unit.contains("ExecReload=/bin/kill -HUP $MAINPID")
     );
 
+    // The AppArmor profile it writes passes AppArmor's own parser (as far as a machine without
+    // AppArmor in its kernel can check) and lets the agent write wherever the unit does.
+    let profile_path = prefix.join("etc/apparmor.d/usr.bin.license-agent");
+    let profile = std::fs::read_to_string(&profile_path).unwrap();
+    let parser = ["/usr/sbin/apparmor_parser", "/sbin/apparmor_parser"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("apparmor_parser");
+    let parsed = Command::new(parser)
+        .args(["--skip-kernel-load", "--skip-cache"])
+        .arg(&profile_path)
+        .output()
+        .expect("apparmor_parser (Debian package apparmor) must be installed");
+    assert!(
+        parsed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    let writable = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ReadWritePaths="))
+        .unwrap();
+    for dir in writable.split_whitespace() {
+        assert!(
+            profile.contains(&format!("{dir}/** rw")),
+            "{dir} in {profile}"
+        );
+    }
+    assert!(profile.contains("deny ptrace,") && profile.contains("/dev/tpmrm0 rw,"));
+
     let machines = server.admin_json(&["machine", "list"]);
     assert_eq!(machines[0]["hardware_id"], "INSTALL-HW-1");
     let status = Command::new(&bin)

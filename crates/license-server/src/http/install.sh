@@ -107,7 +107,8 @@ RemoveIPC=true
 PrivateTmp=true
 ProtectSystem=strict
 ProtectHome=true
-ReadWritePaths=/var/lib/license-agent /var/log/license-agent /run/license-agent
+# /etc/license-agent too: recovery and renewal rewrite the key, certificate and recovery token.
+ReadWritePaths=/etc/license-agent /var/lib/license-agent /var/log/license-agent /run/license-agent
 RuntimeDirectory=license-agent
 RuntimeDirectoryMode=0755
 DevicePolicy=closed
@@ -135,17 +136,70 @@ UMask=0077
 WantedBy=multi-user.target
 UNIT
 
+# AppArmor profile, loaded in complain mode: violations are logged (audit/kernel log) without
+# blocking, so a path the profile missed cannot stop validations on a till. After a quiet
+# period, `aa-enforce /etc/apparmor.d/usr.bin.license-agent` enforces it.
+APPARMOR_DIR="$PREFIX/etc/apparmor.d"
+mkdir -p "$APPARMOR_DIR"
+cat > "$APPARMOR_DIR/usr.bin.license-agent" <<'PROFILE'
+# License Secret Agent (written by install.sh; docs/OPERATIONS.md)
+abi <abi/3.0>,
+include <tunables/global>
+
+profile license-agent /usr/bin/license-agent flags=(complain) {
+  include <abstractions/base>
+  include <abstractions/nameservice>
+
+  /usr/bin/license-agent mr,
+
+  # Config, key, certificate and recovery token (rewritten atomically: temp file + rename).
+  /etc/license-agent/ r,
+  /etc/license-agent/** rwk,
+  # State, sealed secrets, tokens, metrics, the TPM lock; audit log; sockets.
+  /var/lib/license-agent/ r,
+  /var/lib/license-agent/** rwk,
+  /var/log/license-agent/ r,
+  /var/log/license-agent/** rwk,
+  /run/license-agent/ r,
+  /run/license-agent/** rw,
+  # systemd notify, journald.
+  /run/systemd/notify w,
+
+  # The TPM, through the kernel resource manager (or directly).
+  /dev/tpmrm0 rw,
+  /dev/tpm0 rw,
+
+  # Thread and cgroup CPU limits read by the runtime.
+  @{PROC}/@{pid}/maps r,
+  @{PROC}/@{pid}/cgroup r,
+  @{PROC}/@{pid}/mountinfo r,
+  /sys/fs/cgroup/** r,
+
+  network inet stream,
+  network inet6 stream,
+  network unix stream,
+  network unix dgram,
+
+  signal (receive) set=(term, hup, int, kill),
+
+  # The secrets are in this process's memory: nobody reads it.
+  deny ptrace,
+  deny @{PROC}/*/mem rw,
+  deny capability,
+}
+PROFILE
+if [ -z "$PREFIX" ] && [ "$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null)" = Y ] \
+  && command -v apparmor_parser >/dev/null; then
+  apparmor_parser -r "$APPARMOR_DIR/usr.bin.license-agent" && say "AppArmor profile loaded (complain mode)"
+fi
+
 if [ -z "$PREFIX" ]; then
   id license-agent >/dev/null 2>&1 || useradd -r -s /usr/sbin/nologin -d /var/lib/license-agent license-agent
   chown -R license-agent:license-agent "$STATE_DIR" "$LOG_DIR" "$ETC_DIR"
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
     systemctl enable license-agent.service
-    if "$BIN_DIR/license-agent" help run >/dev/null 2>&1; then
-      systemctl restart license-agent.service
-    else
-      say "this agent version has no daemon yet; the unit is enabled and starts once it does"
-    fi
+    systemctl restart license-agent.service
   fi
 fi
 say "done: $("$BIN_DIR/license-agent" check-config --config "$ETC_DIR/config.toml")"
