@@ -15,15 +15,14 @@
 //! ECDH goes through [`EcdhKey`], so the private key can live in a file today and in the TPM
 //! later. Secrets are kept in locked memory, zeroized on drop and never printed.
 
+use std::sync::Arc;
+
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use hkdf::Hkdf;
 use p256::elliptic_curve::sec1::ToEncodedPoint as _;
 use rand::RngCore as _;
 use sha2::Sha256;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
 use zeroize::Zeroizing;
 
 use crate::identity::MachineId;
@@ -72,15 +71,6 @@ impl Drop for LockedPage {
     }
 }
 
-/// Set once a secret's page could not be locked in this process (see [`memory_lock_refused`]).
-static LOCK_REFUSED: AtomicBool = AtomicBool::new(false);
-
-/// Whether some secret of this process could not be locked in RAM (RLIMIT_MEMLOCK reached, or
-/// no right to lock memory): its bytes may reach swap. For the agent to report.
-pub fn memory_lock_refused() -> bool {
-    LOCK_REFUSED.load(Ordering::Relaxed)
-}
-
 impl Secret {
     pub fn generate() -> Self {
         Self::filled(|bytes| rand::rngs::OsRng.fill_bytes(bytes))
@@ -97,9 +87,6 @@ impl Secret {
     fn filled(fill: impl FnOnce(&mut [u8; SECRET_LEN])) -> Self {
         let mut page = Box::new(Page([0; SECRET_LEN]));
         let lock = region::lock(page.0.as_ptr(), std::mem::size_of::<Page>()).ok();
-        if lock.is_none() {
-            LOCK_REFUSED.store(true, Ordering::Relaxed);
-        }
         fill(&mut page.0);
         Self(Arc::new(LockedPage { lock, page }))
     }
