@@ -144,7 +144,7 @@ fn syscall_set(item: &str, into: &mut std::collections::BTreeSet<String>) {
 fn the_units_syscall_filter_admits_every_syscall_the_agent_makes() {
     use std::collections::BTreeSet;
     // The unit install.sh writes: allow-lists, then deny-lists (a line starting with `~`).
-    let unit = include_str!("../../license-server/src/http/install.sh");
+    let unit = agent_unit();
     let (mut allowed, mut denied) = (BTreeSet::new(), BTreeSet::new());
     for line in unit
         .lines()
