@@ -249,7 +249,7 @@ fn the_units_syscall_filter_admits_every_syscall_the_agent_makes() {
 
 /// The unit install.sh writes, as systemd would read it.
 fn agent_unit() -> String {
-    let script = include_str!("../../license-server/src/http/install.sh");
+    let script = include_str!("../../../packaging/install.sh");
     let start = script
         .find("<<UNIT\n")
         .expect("install.sh writes the unit from a here-document");

@@ -24,7 +24,8 @@ use crate::service::{enroll, recover, SharedState};
 /// Largest request body the public listener reads.
 pub const MAX_PUBLIC_BODY_BYTES: usize = 64 * 1024;
 
-const INSTALL_SH: &str = include_str!("install.sh");
+/// The installer lives with the packaging it installs (`packaging/install.sh`).
+const INSTALL_SH: &str = include_str!("../../../../packaging/install.sh");
 
 /// Per-IP limiter on bootstrap and recovery requests (one quota for both).
 pub type BootstrapLimiter = Arc<DefaultKeyedRateLimiter<IpAddr>>;
