@@ -6,11 +6,12 @@ use crate::identity::{ClientId, MachineId};
 
 /// `GET /api/v1/secret-status`: what the server knows of the calling machine's secrets.
 /// The agent polls it to learn of forced rotations and invalidated versions.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SecretStatus {
-    #[schema(value_type = String, format = Uuid)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Uuid))]
     pub client_id: ClientId,
-    #[schema(value_type = String, format = Uuid)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Uuid))]
     pub machine_id: MachineId,
     /// The newest acknowledged secret version, `None` until the machine's first rotation.
     pub current_version: Option<u64>,
@@ -36,18 +37,20 @@ pub struct SecretStatus {
 
 /// `GET /api/v1/licenses`: the calling machine's license tokens under its newest acknowledged
 /// secret version (re-issued after every rotation), and the ids of its revoked licenses.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MachineLicenses {
     /// Version the tokens are encrypted under; `None` before the first rotation (no tokens).
     pub secret_version: Option<u64>,
     pub tokens: Vec<LicenseToken>,
-    #[schema(value_type = Vec<String>)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
     pub revoked: Vec<uuid::Uuid>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LicenseToken {
-    #[schema(value_type = String, format = Uuid)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Uuid))]
     pub license_id: uuid::Uuid,
     pub secret_version: u64,
     /// The token, base64 (format in PROTOCOL.md).
@@ -57,20 +60,22 @@ pub struct LicenseToken {
 }
 
 /// `POST /api/v1/validate-license`: online validation of a token by the server (seed §2.4).
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ValidateLicenseRequest {
     pub license_token: String,
 }
 
 /// The server's verdict; `reason` uses the IPC reason codes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ValidateLicenseResponse {
     pub valid: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>, format = Uuid)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = Uuid))]
     pub license_id: Option<uuid::Uuid>,
     #[serde(default)]
     pub features: Vec<String>,
@@ -80,7 +85,8 @@ pub struct ValidateLicenseResponse {
 }
 
 /// `POST /api/v1/renew-certificate` request.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RenewCertificateRequest {
     /// PEM CSR; may be for the same key or a new one.
@@ -89,7 +95,8 @@ pub struct RenewCertificateRequest {
 
 /// `POST /api/v1/renew-certificate` response. The certificate the request was made with is
 /// superseded as soon as this is answered.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RenewCertificateResponse {
     pub certificate: String,
     pub serial: String,

@@ -137,7 +137,8 @@ impl fmt::Debug for InstallToken {
 }
 
 /// CPU architecture of the machine, which picks the agent binary to download.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(try_from = "String", into = "String")]
 pub enum Arch {
     Amd64,
@@ -191,17 +192,18 @@ impl fmt::Display for Arch {
 }
 
 /// `POST /api/public/bootstrap` request.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BootstrapRequest {
     /// The one-time install token.
-    #[schema(value_type = String)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub token: InstallToken,
-    #[schema(value_type = String, max_length = 253)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, max_length = 253))]
     pub hostname: Hostname,
-    #[schema(value_type = String, max_length = 128)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, max_length = 128))]
     pub hardware_id: HardwareId,
-    #[schema(value_type = String, example = "amd64")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "amd64"))]
     pub arch: Arch,
     /// PEM CSR for a key the machine generated itself (preferred). Without it the server
     /// generates the key pair and returns `private_key` once (seed mode).
@@ -210,12 +212,13 @@ pub struct BootstrapRequest {
 }
 
 /// `POST /api/public/bootstrap` response.
-#[derive(Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BootstrapResponse {
-    #[schema(value_type = String, format = Uuid)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Uuid))]
     pub client_id: ClientId,
-    #[schema(value_type = String, format = Uuid)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Uuid))]
     pub machine_id: MachineId,
     /// PEM certificate, `CN = client_id:machine_id`.
     pub certificate: String,
@@ -233,7 +236,7 @@ pub struct BootstrapResponse {
     /// RFC 3339 expiry of `certificate`.
     pub expires_at: String,
     /// Pin of the server's TLS key, `sha256:<base64>`.
-    #[schema(value_type = String)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub server_pin: CertPin,
     /// The license signing public key the agent pins: `ed25519:<base64 of 32 bytes>`.
     pub license_public_key: String,
@@ -246,10 +249,11 @@ pub struct BootstrapResponse {
 
 /// `POST /api/public/recover`: a machine whose key is gone (TPM cleared) proves who it is with
 /// its recovery token and sends a CSR for a new key.
-#[derive(Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RecoverRequest {
-    #[schema(value_type = String, format = Uuid)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Uuid))]
     pub machine_id: MachineId,
     pub recovery_token: String,
     /// PEM CSR for the machine's new key.
@@ -266,12 +270,13 @@ impl fmt::Debug for RecoverRequest {
 
 /// `POST /api/public/recover` response: the new certificate and the next recovery token (the
 /// one presented is spent).
-#[derive(Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RecoverResponse {
-    #[schema(value_type = String, format = Uuid)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Uuid))]
     pub client_id: ClientId,
-    #[schema(value_type = String, format = Uuid)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Uuid))]
     pub machine_id: MachineId,
     pub certificate: String,
     pub serial: String,

@@ -32,9 +32,10 @@ pub enum SignatureError {
 }
 
 /// A 16-byte random nonce, written as 32 lowercase hex characters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(try_from = "String", into = "String")]
-#[schema(value_type = String, example = "00112233445566778899aabbccddeeff")]
+#[cfg_attr(feature = "openapi", schema(value_type = String, example = "00112233445566778899aabbccddeeff"))]
 pub struct Nonce(pub [u8; 16]);
 
 impl Nonce {
@@ -70,12 +71,13 @@ impl std::fmt::Display for Nonce {
 }
 
 /// `POST /api/v1/rotate-secret` request.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RotateSecretRequest {
     /// The newest version the agent holds durably (0 before the first).
     pub current_secret_version: u64,
-    #[schema(value_type = String, format = Uuid)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Uuid))]
     pub agent_id: MachineId,
     /// Unix seconds.
     pub timestamp: i64,
@@ -138,7 +140,8 @@ impl RotateSecretRequest {
 }
 
 /// `POST /api/v1/rotate-secret` response.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RotateSecretResponse {
     /// base64 of the ECIES blob (see [`crate::secret`]).
@@ -221,7 +224,8 @@ impl RotateSecretResponse {
 }
 
 /// `POST /api/v1/rotate-secret/ack`: the agent holds `secret_version` durably.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AckRequest {
     pub secret_version: u64,
