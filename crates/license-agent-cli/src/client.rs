@@ -1,6 +1,6 @@
 //! The management socket's client side: one request, one answer, over a Unix socket.
 //!
-//! Framing is the validation socket's ([`license_protocol::ipc`]): a 4-byte big-endian length
+//! Framing is the validation socket's ([`license_ipc::ipc`]): a 4-byte big-endian length
 //! then UTF-8 JSON. The caller chooses how long to wait for the answer, because `rotate` only
 //! answers once a whole rotation round is over.
 
@@ -9,8 +9,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use license_protocol::ipc::{encode_frame, frame_len, FrameError};
-use license_protocol::mgmt::{MgmtRequest, MgmtResponse};
+use license_ipc::ipc::{encode_frame, frame_len, FrameError};
+use license_ipc::mgmt::{MgmtRequest, MgmtResponse};
 
 /// Why no answer could be had from the agent.
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,7 @@
 //!
 //! Two kinds of commands:
 //! - `status`, `rotate`, `invalidate`, `degraded`, `metrics`, `validate` talk to the running
-//!   agent over its management socket ([`license_protocol::mgmt`], see [`client`] and
+//!   agent over its management socket ([`license_ipc::mgmt`], see [`client`] and
 //!   [`mgmt`]); the agent decides by the caller's uid (and the optional token second factor)
 //!   what it may do, and audits every request.
 //! - `audit verify`, `audit show` read the audit log files directly ([`audit`]), so an auditor

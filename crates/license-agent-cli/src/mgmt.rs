@@ -9,7 +9,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use license_protocol::mgmt::{DegradedSwitch, MgmtRequest, MgmtResponse, StatusView};
+use license_ipc::mgmt::{DegradedSwitch, MgmtRequest, MgmtResponse, StatusView};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -330,7 +330,7 @@ fn write_validation(out: &mut impl Write, v: &ValidationView) -> io::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use license_protocol::mgmt::SecretView;
+    use license_ipc::mgmt::SecretView;
 
     fn status() -> StatusView {
         StatusView {

@@ -11,8 +11,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use license_protocol::ipc::{encode_frame, frame_len};
-use license_protocol::mgmt::{MgmtRequest, MgmtResponse};
+use license_ipc::ipc::{encode_frame, frame_len};
+use license_ipc::mgmt::{MgmtRequest, MgmtResponse};
 use serde_json::{json, Value};
 
 /// What the fake agent does with a request.
@@ -262,9 +262,9 @@ fn degraded_sends_the_mode_and_shows_the_new_state() {
             panic!("{request:?}");
         };
         let (mode, policy) = match mode {
-            license_protocol::mgmt::DegradedSwitch::On => ("forced", "allow"),
-            license_protocol::mgmt::DegradedSwitch::Off => ("inactive", "deny"),
-            license_protocol::mgmt::DegradedSwitch::Auto => ("inactive", "allow"),
+            license_ipc::mgmt::DegradedSwitch::On => ("forced", "allow"),
+            license_ipc::mgmt::DegradedSwitch::Off => ("inactive", "deny"),
+            license_ipc::mgmt::DegradedSwitch::Auto => ("inactive", "allow"),
         };
         Reply::Answer(MgmtResponse::ok(
             json!({"degraded_mode": mode, "degraded_policy": policy}),

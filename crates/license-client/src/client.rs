@@ -11,8 +11,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use license_protocol::ipc::{self, Reason, Response};
-use license_protocol::rotation::Nonce;
+use license_ipc::ipc::{self, Reason, Response};
+use license_ipc::Nonce;
 
 use crate::ClientError;
 

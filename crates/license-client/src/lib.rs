@@ -16,7 +16,7 @@
 //! ```
 //! use license_client::{Client, ClientError};
 //! # use std::io::{Read, Write};
-//! # use license_protocol::ipc::{self, Request, Response, ValidAnswer};
+//! # use license_ipc::ipc::{self, Request, Response, ValidAnswer};
 //! #
 //! # let dir = tempfile::tempdir()?;
 //! # let socket = dir.path().join("agent.sock");
@@ -65,4 +65,4 @@ pub mod ffi;
 
 pub use client::{Client, ClientConfig, Validation, DEFAULT_SOCKET_PATH, DEFAULT_TIMEOUT};
 pub use error::ClientError;
-pub use license_protocol::ipc::{Reason, MAX_FRAME_LEN};
+pub use license_ipc::ipc::{Reason, MAX_FRAME_LEN};

@@ -15,6 +15,9 @@
 //! - [`ipc`]: the local socket protocol between POS applications and the agent.
 //! - [`mgmt`]: the management socket between `license-agent-cli` and the agent.
 //!
+//! [`ipc`], [`mgmt`] and [`rotation::Nonce`] are defined in the `license-ipc` crate, so that a
+//! client of the agent's sockets does not link this crate's cryptography, and re-exported here.
+//!
 //! ```
 //! use license_protocol::identity::MachineIdentity;
 //!
@@ -30,8 +33,11 @@ pub mod agent_api;
 pub mod enroll;
 pub mod error;
 pub mod identity;
-pub mod ipc;
-pub mod mgmt;
+/// The validation socket's wire types, defined in `license-ipc` (which clients take without the
+/// cryptography of this crate) and re-exported here under their old path.
+pub use license_ipc::ipc;
+/// The management socket's wire types, defined in `license-ipc` and re-exported here.
+pub use license_ipc::mgmt;
 pub mod pin;
 pub mod rotation;
 pub mod secret;

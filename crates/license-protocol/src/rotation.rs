@@ -31,44 +31,8 @@ pub enum SignatureError {
     UnsupportedKey,
 }
 
-/// A 16-byte random nonce, written as 32 lowercase hex characters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(try_from = "String", into = "String")]
-#[cfg_attr(feature = "openapi", schema(value_type = String, example = "00112233445566778899aabbccddeeff"))]
-pub struct Nonce(pub [u8; 16]);
-
-impl Nonce {
-    pub fn random() -> Self {
-        use rand::RngCore as _;
-        let mut b = [0u8; 16];
-        rand::rngs::OsRng.fill_bytes(&mut b);
-        Self(b)
-    }
-}
-
-impl TryFrom<String> for Nonce {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        let bytes = hex::decode(&s).map_err(|_| "nonce must be 32 hex characters".to_string())?;
-        let array: [u8; 16] = bytes
-            .try_into()
-            .map_err(|_| "nonce must be 32 hex characters".to_string())?;
-        Ok(Self(array))
-    }
-}
-
-impl From<Nonce> for String {
-    fn from(n: Nonce) -> String {
-        hex::encode(n.0)
-    }
-}
-
-impl std::fmt::Display for Nonce {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&hex::encode(self.0))
-    }
-}
+/// The request nonce, defined with the local socket's wire types (they carry it too).
+pub use license_ipc::Nonce;
 
 /// `POST /api/v1/rotate-secret` request.
 #[derive(Debug, Clone, Serialize, Deserialize)]

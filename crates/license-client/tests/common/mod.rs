@@ -1,5 +1,5 @@
 //! A fake license agent for the client tests: the real framing and request parser of
-//! `license_protocol::ipc` on a Unix socket in a temp dir, with verdicts chosen by token so that
+//! `license_ipc::ipc` on a Unix socket in a temp dir, with verdicts chosen by token so that
 //! one agent can also misbehave on demand.
 //!
 //! Tokens: `good` (valid, features `pos,loyalty`, expiry, metadata), `perpetual` (valid, no
@@ -21,8 +21,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
-use license_protocol::ipc::{self, Reason, Request, Response, ValidAnswer, MAX_FRAME_LEN};
-use license_protocol::rotation::Nonce;
+use license_ipc::ipc::{self, Reason, Request, Response, ValidAnswer, MAX_FRAME_LEN};
+use license_ipc::Nonce;
 
 #[derive(Default)]
 struct Shared {

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::rotation::Nonce;
+use crate::Nonce;
 
 /// Largest frame payload, in bytes.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
