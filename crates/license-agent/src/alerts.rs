@@ -1,4 +1,4 @@
-//! Alerts (seed §7.2): rotation failed more than 3 times, degraded mode for more than 24 h,
+//! Alerts (seed §7.2): rotation failed 3 times in a row, degraded mode for more than 24 h,
 //! TPM unavailable (or cleared), secret expired without replacement, unauthorized access
 //! attempt.
 //!
@@ -15,6 +15,7 @@ use license_audit::{Event, Outcome};
 use tokio::sync::mpsc;
 
 use crate::audit::Audit;
+use crate::platform::clock::{rfc3339, system_now};
 
 /// Deliveries waiting for the webhook, at most.
 const QUEUE: usize = 64;
@@ -76,8 +77,8 @@ impl Alerts {
         &self.audit
     }
 
-    /// Raises one alert; returns at once.
-    pub fn raise(&self, kind: AlertKind, message: &str, details: serde_json::Value) {
+    /// Raises one alert; returns once its audit record is written (never waits on the webhook).
+    pub async fn raise(&self, kind: AlertKind, message: &str, details: serde_json::Value) {
         tracing::error!(alert = kind.as_str(), details = %details, "ALERT: {message}");
         let mut event = Event::new(format!("alert.{}", kind.as_str()), Outcome::Error)
             .detail("message", message);
@@ -86,15 +87,13 @@ impl Alerts {
                 event = event.detail(k.clone(), v.clone());
             }
         }
-        self.audit.note(event);
+        self.audit.note(event).await;
         if let Some(webhook) = &self.webhook {
             let payload = serde_json::json!({
                 "alert": kind.as_str(),
                 "message": message,
                 "machine_id": self.machine_id,
-                "time": crate::validator::rfc3339(
-                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-                ),
+                "time": rfc3339(system_now()),
                 "details": details,
             });
             if webhook.try_send(payload).is_err() {

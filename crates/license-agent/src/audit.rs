@@ -4,12 +4,16 @@
 //! Validations use [`Audit::durable`]: the answer is sent only once its record is on disk
 //! (the log batches concurrent records into one fsync, so throughput holds), and a record that
 //! cannot be written turns the answer into `internal`. Background events use [`Audit::note`],
-//! which logs a failure instead: there is no caller to refuse.
+//! which logs a failure instead: there is no caller to refuse. Both wait for the fsync on the
+//! blocking pool ([`crate::platform::blocking`]), never on an async worker; the one
+//! synchronous form, [`Audit::note_blocking`], is for code that already runs there.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use license_audit::{Actor, Anchor, AuditError, AuditLog, Event, LogOptions, Outcome};
+
+use crate::platform::blocking;
 
 #[derive(Debug, Clone)]
 pub struct Audit {
@@ -24,16 +28,20 @@ impl Audit {
     }
 
     /// Appends and waits until the record is durable; the error says why it is not.
-    pub async fn durable(&self, event: Event) -> Result<(), String> {
+    pub async fn durable(&self, event: Event) -> Result<(), AuditError> {
         let log = self.log.clone();
-        match tokio::task::spawn_blocking(move || log.append(event)).await {
-            Ok(result) => result.map(|_| ()).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+        blocking::run(move || log.append(event)).await.map(|_| ())
+    }
+
+    /// Appends a background event and waits for it; a failure is logged (nothing to refuse).
+    pub async fn note(&self, event: Event) {
+        if let Err(e) = self.durable(event).await {
+            tracing::error!(error = %e, "cannot write the audit log");
         }
     }
 
-    /// Appends from synchronous code; a failure is logged (nothing to refuse).
-    pub fn note(&self, event: Event) {
+    /// [`Audit::note`] for code already running on a blocking thread (or before the runtime).
+    pub fn note_blocking(&self, event: Event) {
         if let Err(e) = self.log.append(event) {
             tracing::error!(error = %e, "cannot write the audit log");
         }

@@ -1,26 +1,36 @@
-//! `license-agent run`: loads keys, state and secrets, opens the validation socket, tells
-//! systemd it is ready, and runs the rotation manager until asked to stop.
+//! `license-agent run`: opens the audit log, the TPM (recovering through the server if it was
+//! cleared), the machine key, the state and the secret store; starts the validation and
+//! management sockets; tells systemd it is ready; then runs the engine's rounds until asked to
+//! stop, handling management requests and SIGHUP reloads between them.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use license_audit::Outcome;
 use license_protocol::rotation::parse_license_public_key;
+use tokio::sync::watch;
 
+use crate::access::{Access, SharedAccess};
 use crate::alerts::{AlertKind, Alerts};
 use crate::audit::{agent_event, Audit};
-use crate::clock::GuardedClock;
 use crate::config::AgentConfig;
-use crate::enroll::agent_client;
-use crate::ipc::{self, IpcSettings};
-use crate::rotation::{RotationManager, RotationSettings};
-use crate::secrets::fallback::FallbackStore;
-use crate::secrets::file::FileStore;
-use crate::secrets::tpm::TpmStore;
-use crate::secrets::{SecretStore, StoreError};
-use crate::state::{LoadOutcome, StateFile};
-use crate::validator::{Keyring, Validator};
-use license_audit::Outcome;
+use crate::engine::control::{self, ControlReceiver};
+use crate::engine::server::AgentServer;
+use crate::engine::state::{AgentState, LoadOutcome, StateFile};
+use crate::engine::{Engine, EngineParts, EngineSettings, Machine, Vault};
+use crate::net::agent_client;
+use crate::platform::clock::GuardedClock;
+use crate::platform::tpm::{Tpm, TpmError};
+use crate::sockets::listener::{Limits, Listener};
+use crate::sockets::management::{self, ManagementSocket};
+use crate::sockets::validation::ValidationSocket;
+use crate::stores::fallback::FallbackStore;
+use crate::stores::file::FileStore;
+use crate::stores::tpm::TpmStore;
+use crate::stores::{SecretStore, StoreError};
+use crate::validation::{Keyring, Validator};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -29,17 +39,27 @@ pub enum DaemonError {
     Key { key: &'static str, message: String },
     #[error("secret store: {0}")]
     Store(#[from] StoreError),
-    #[error("validation socket {path}: {source}")]
-    Socket {
+    #[error("{path}: {source}")]
+    Io {
         path: String,
         source: std::io::Error,
     },
     #[error("server client: {0}")]
-    Client(String),
+    Client(#[from] crate::net::ConnectError),
     #[error("TPM recovery failed: {0}")]
-    Recovery(String),
-    #[error("audit log {0}")]
-    Audit(String),
+    Recovery(#[from] crate::enroll::recovery::RecoveryError),
+    #[error("audit log {path}: {source}")]
+    Audit {
+        path: String,
+        source: license_audit::AuditError,
+    },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
+    move |source| DaemonError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// `WATCHDOG_USEC` as sd_watchdog_enabled(3) reads it: the interval, unless `WATCHDOG_PID`
@@ -56,38 +76,36 @@ fn watchdog_usec() -> Option<u64> {
     }
 }
 
-/// SIGHUP: re-reads the config. A config that does not load is rejected and the running one
-/// kept; otherwise who may use the sockets, the rotation and poll intervals and the degraded
-/// policy change at once, and changes that need a restart (paths, server, TPM) are named.
-fn reload(
-    path: &std::path::Path,
-    current: &mut AgentConfig,
-    access: &crate::access::SharedAccess,
-    manager: &mut RotationManager,
-    audit: &Audit,
-) {
-    let new = match AgentConfig::load(path) {
-        Ok(new) => new,
-        Err(e) => {
-            tracing::error!(error = %e, "config reload rejected; keeping the running configuration");
-            audit.note(
-                agent_event("agent.reload", Outcome::Refused).detail("reason", e.to_string()),
-            );
-            return;
+/// systemd's watchdog: pinged at half the interval while the validator's locks can be taken,
+/// so a wedged agent gets restarted.
+fn start_watchdog(validator: Arc<Validator>) {
+    let Some(usec) = watchdog_usec() else { return };
+    let period = Duration::from_micros(usec / 2).max(Duration::from_millis(50));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            let validator = validator.clone();
+            let alive = tokio::task::spawn_blocking(move || validator.responsive())
+                .await
+                .unwrap_or(false);
+            if alive {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            }
         }
-    };
+    });
+}
+
+/// The sections of the config that changed and only take effect at the next restart.
+fn restart_needed(current: &AgentConfig, new: &AgentConfig) -> Vec<&'static str> {
+    fn toml_of(section: &impl serde::Serialize) -> String {
+        toml::to_string(section).unwrap_or_default()
+    }
     let mut restart = Vec::new();
-    let same = |a: String, b: String| a == b;
-    if !same(
-        toml::to_string(&current.server).unwrap_or_default(),
-        toml::to_string(&new.server).unwrap_or_default(),
-    ) {
+    if toml_of(&current.server) != toml_of(&new.server) {
         restart.push("server");
     }
-    if !same(
-        toml::to_string(&current.tpm).unwrap_or_default(),
-        toml::to_string(&new.tpm).unwrap_or_default(),
-    ) {
+    if toml_of(&current.tpm) != toml_of(&new.tpm) {
         restart.push("tpm");
     }
     if current.ipc.socket != new.ipc.socket
@@ -103,131 +121,238 @@ fn reload(
     {
         restart.push("paths");
     }
-    *access.write().unwrap_or_else(|e| e.into_inner()) = crate::access::Access::from_config(&new);
-    manager.reconfigure(&new);
+    restart
+}
+
+/// SIGHUP: re-reads the config. A config that does not load is rejected and the running one
+/// kept; otherwise who may use the sockets, the rotation and poll intervals and the degraded
+/// policy change at once, and changes that need a restart (paths, server, TPM) are named.
+async fn reload<S: AgentServer>(
+    path: &Path,
+    current: &mut AgentConfig,
+    access: &SharedAccess,
+    engine: &mut Engine<S>,
+    audit: &Audit,
+) {
+    let new = match AgentConfig::load(path) {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!(error = %e, "config reload rejected; keeping the running configuration");
+            audit
+                .note(agent_event("agent.reload", Outcome::Refused).detail("reason", e.to_string()))
+                .await;
+            return;
+        }
+    };
+    let restart = restart_needed(current, &new);
+    Access::replace(access, &new);
+    engine.reconfigure(&new);
     if !restart.is_empty() {
         tracing::warn!(sections = ?restart, "config reloaded; these changes take effect at the next restart");
     }
     tracing::info!("config reloaded");
-    audit.note(agent_event("agent.reload", Outcome::Success).detail(
-        "restart_needed",
-        restart.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-    ));
+    audit
+        .note(agent_event("agent.reload", Outcome::Success).detail("restart_needed", restart))
+        .await;
     *current = new;
+}
+
+/// The TPM when configured and answering (re-keyed through the server if it was cleared);
+/// otherwise `None`, with an alert, and the file store serves.
+async fn open_tpm(config: &AgentConfig, alerts: &Alerts) -> Result<Option<Arc<Tpm>>, DaemonError> {
+    if !config.tpm.enabled {
+        return Ok(None);
+    }
+    let audit = alerts.audit();
+    let opened = match Tpm::open_exclusive(&config.tpm.tcti, &config.agent.state_dir) {
+        Err(TpmError::PrimaryMismatch) => {
+            alerts
+                .raise(
+                    AlertKind::TpmCleared,
+                    "the TPM was cleared or replaced (its primary key changed): recovering through the server",
+                    serde_json::json!({}),
+                )
+                .await;
+            match crate::enroll::recovery::recover(config).await {
+                Ok((tpm, serial)) => {
+                    audit
+                        .note(
+                            agent_event("machine.recover", Outcome::Success)
+                                .detail("serial", serial.clone()),
+                        )
+                        .await;
+                    tracing::error!(%serial, "ALERT: recovered through the server: new machine key in the TPM, new certificate; a new secret follows at the next rotation");
+                    Ok(tpm)
+                }
+                Err(e) => {
+                    audit
+                        .note(
+                            agent_event("machine.recover", Outcome::Error)
+                                .detail("reason", e.to_string()),
+                        )
+                        .await;
+                    return Err(e.into());
+                }
+            }
+        }
+        other => other,
+    };
+    match opened {
+        Ok(tpm) => {
+            tracing::info!(tcti = %config.tpm.tcti, primary = %hex::encode(tpm.primary_name()), "TPM ready");
+            Ok(Some(tpm))
+        }
+        Err(e) => {
+            alerts
+                .raise(
+                    AlertKind::TpmUnavailable,
+                    "TPM unavailable; using the encrypted file store",
+                    serde_json::json!({"reason": e.to_string(), "tcti": config.tpm.tcti}),
+                )
+                .await;
+            Ok(None)
+        }
+    }
+}
+
+/// `state.json`, recovered or rebuilt when it is corrupt (said in the log, never silently).
+fn load_state(config: &AgentConfig) -> (StateFile, AgentState) {
+    let file = StateFile::new(&config.agent.state_dir);
+    let (state, outcome) = file.load();
+    match &outcome {
+        LoadOutcome::RecoveredFromBackup { corrupt_kept_at } => {
+            tracing::error!(state = %file.path().display(), kept = %corrupt_kept_at.display(), "state.json was corrupt; recovered from state.json.bak")
+        }
+        LoadOutcome::Rebuilt { corrupt_kept_at } => {
+            tracing::error!(state = %file.path().display(), kept = ?corrupt_kept_at, "state.json and its backup were unusable; rebuilt from the secret store")
+        }
+        LoadOutcome::Fresh | LoadOutcome::Loaded => {}
+    }
+    (file, state)
+}
+
+/// The secret store: the TPM's when there is one, the encrypted file otherwise.
+fn open_store(
+    config: &AgentConfig,
+    tpm: Option<Arc<Tpm>>,
+) -> Result<Arc<dyn SecretStore>, DaemonError> {
+    let machine_id = config.agent.id;
+    let file = FileStore::open(
+        &config.tpm.fallback_encrypted_storage,
+        &config.tpm.fallback_key_file,
+        config.tpm.pbkdf2_iterations,
+        machine_id,
+    )?;
+    let tpm = tpm.map(|tpm| TpmStore::new(tpm, &config.tpm.sealed_storage, machine_id));
+    Ok(Arc::new(FallbackStore::new(tpm, file)))
+}
+
+/// The validation socket and the management socket, serving until `stop`.
+struct Sockets {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    control: ControlReceiver,
+}
+
+fn start_sockets(
+    config: &AgentConfig,
+    validator: &Arc<Validator>,
+    alerts: &Alerts,
+    access: &SharedAccess,
+    stop: &watch::Receiver<bool>,
+) -> Result<Sockets, DaemonError> {
+    let idle_timeout = Duration::from_secs(config.ipc.idle_timeout);
+    let validation = Listener::bind(&config.ipc.socket).map_err(io_error(&config.ipc.socket))?;
+    let validation_task = tokio::spawn(validation.serve(
+        Arc::new(ValidationSocket {
+            validator: validator.clone(),
+            audit: alerts.audit().clone(),
+            alerts: alerts.clone(),
+            audit_validations: !config.agent.danger_unaudited_validations,
+            access: access.clone(),
+        }),
+        Limits {
+            max_connections: config.ipc.max_connections,
+            idle_timeout,
+        },
+        stop.clone(),
+    ));
+    let token = match &config.management.token_file {
+        Some(path) => Some(zeroize::Zeroizing::new(
+            std::fs::read_to_string(path).map_err(io_error(path))?,
+        )),
+        None => None,
+    };
+    let (control, control_rx) = control::channel();
+    let mgmt =
+        Listener::bind(&config.management.socket).map_err(io_error(&config.management.socket))?;
+    let mgmt_task = tokio::spawn(mgmt.serve(
+        Arc::new(ManagementSocket {
+            access: access.clone(),
+            token,
+            metrics_file: config.agent.metrics_file.clone(),
+            audit: alerts.audit().clone(),
+            alerts: alerts.clone(),
+            validator: validator.clone(),
+            control,
+        }),
+        Limits {
+            max_connections: management::MAX_CONNECTIONS,
+            idle_timeout,
+        },
+        stop.clone(),
+    ));
+    Ok(Sockets {
+        tasks: vec![validation_task, mgmt_task],
+        control: control_rx,
+    })
 }
 
 /// Runs the agent until `shutdown` completes.
 pub async fn run(
     config: AgentConfig,
-    config_path: std::path::PathBuf,
+    config_path: PathBuf,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     // Before any key or secret is read.
-    if let Err(e) = crate::hardening::make_non_dumpable() {
+    if let Err(e) = crate::platform::hardening::make_non_dumpable() {
         tracing::error!(error = %e, "cannot make the process non-dumpable");
     }
     let machine_id = config.agent.id;
     // Nothing is answered that cannot be audited: no log, no start.
     let audit_path = config.audit_log_path();
-    let audit = Audit::open(&audit_path)
-        .map_err(|e| DaemonError::Audit(format!("{}: {e}", audit_path.display())))?;
-    audit.note(
-        agent_event("agent.start", Outcome::Success).detail("version", env!("CARGO_PKG_VERSION")),
-    );
+    let audit = Audit::open(&audit_path).map_err(|source| DaemonError::Audit {
+        path: audit_path.display().to_string(),
+        source,
+    })?;
+    audit
+        .note(
+            agent_event("agent.start", Outcome::Success)
+                .detail("version", env!("CARGO_PKG_VERSION")),
+        )
+        .await;
     let alerts = Alerts::new(
         audit.clone(),
         machine_id.to_string(),
         config.alerts.webhook_url.clone(),
         config.alerts.webhook_retries,
     );
-    // The TPM, when configured and answering; otherwise the file store, with an alert.
-    let tpm = if config.tpm.enabled {
-        let opened = match crate::tpm::Tpm::open_exclusive(
-            &config.tpm.tcti,
-            &config.agent.state_dir,
-        ) {
-            Err(crate::tpm::TpmError::PrimaryMismatch) => {
-                alerts.raise(
-                    AlertKind::TpmCleared,
-                    "the TPM was cleared or replaced (its primary key changed): recovering through the server",
-                    serde_json::json!({}),
-                );
-                match crate::recovery::recover(&config).await {
-                    Ok((tpm, serial)) => {
-                        audit.note(
-                            agent_event("machine.recover", Outcome::Success)
-                                .detail("serial", serial.clone()),
-                        );
-                        tracing::error!(%serial, "ALERT: recovered through the server: new machine key in the TPM, new certificate; a new secret follows at the next rotation");
-                        Ok(tpm)
-                    }
-                    Err(e) => {
-                        audit.note(
-                            agent_event("machine.recover", Outcome::Error)
-                                .detail("reason", e.to_string()),
-                        );
-                        return Err(DaemonError::Recovery(e.to_string()));
-                    }
-                }
-            }
-            other => other,
-        };
-        match opened {
-            Ok(tpm) => {
-                tracing::info!(tcti = %config.tpm.tcti, primary = %hex::encode(tpm.primary_name()), "TPM ready");
-                Some(tpm)
-            }
-            Err(e) => {
-                alerts.raise(
-                    AlertKind::TpmUnavailable,
-                    "TPM unavailable; using the encrypted file store",
-                    serde_json::json!({"reason": e.to_string(), "tcti": config.tpm.tcti}),
-                );
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let machine_key = crate::keys::load(&config, tpm.clone()).map_err(|e| DaemonError::Key {
-        key: "server.client_key",
-        message: e.to_string(),
-    })?;
-    let key_kind = machine_key.kind();
+    let tpm = open_tpm(&config, &alerts).await?;
+    let machine_key =
+        crate::platform::keys::load(&config, tpm.clone()).map_err(|e| DaemonError::Key {
+            key: "server.client_key",
+            message: e.to_string(),
+        })?;
     let license_key =
         parse_license_public_key(&config.server.license_public_key).ok_or(DaemonError::Key {
             key: "server.license_public_key",
             message: "not an ed25519:<base64> key".into(),
         })?;
-
-    let state_file = StateFile::new(&config.agent.state_dir);
-    let (state, outcome) = state_file.load();
-    match &outcome {
-        LoadOutcome::RecoveredFromBackup { corrupt_kept_at } => {
-            tracing::error!(state = %state_file.path().display(), kept = %corrupt_kept_at.display(), "state.json was corrupt; recovered from state.json.bak")
-        }
-        LoadOutcome::Rebuilt { corrupt_kept_at } => {
-            tracing::error!(state = %state_file.path().display(), kept = ?corrupt_kept_at, "state.json and its backup were unusable; rebuilt from the secret store")
-        }
-        LoadOutcome::Fresh | LoadOutcome::Loaded => {}
-    }
+    let (state_file, state) = load_state(&config);
     let (clock, rollback) = GuardedClock::new(state.clock_high_water);
     if let Some(secs) = rollback {
         tracing::error!(secs, "ALERT: the system clock is behind the last time seen; expiry decisions keep the later time");
     }
-    let clock = Arc::new(clock);
-
-    let file_store = FileStore::open(
-        &config.tpm.fallback_encrypted_storage,
-        &config.tpm.fallback_key_file,
-        config.tpm.pbkdf2_iterations,
-        machine_id,
-    )?;
-    let tpm_store = tpm
-        .clone()
-        .map(|tpm| TpmStore::new(tpm, &config.tpm.sealed_storage, machine_id));
-    let store: Box<dyn SecretStore> = Box::new(FallbackStore::new(tpm_store, file_store));
-    let store_kind = store.kind();
+    let store = open_store(&config, tpm.clone())?;
     // Secrets live in pages locked in RAM; say so now if this process may not lock memory.
     if !license_protocol::secret::Secret::from_bytes([0; 32]).is_locked() {
         tracing::warn!(
@@ -238,11 +363,10 @@ pub async fn run(
     for s in store.load()? {
         keyring.insert(s.version, s.dates, s.secret);
     }
-
     let validator = Arc::new(Validator::new(
         machine_id,
         license_key,
-        clock,
+        Arc::new(clock),
         config.ipc.replay_window,
         config.agent.degraded_mode,
     ));
@@ -250,134 +374,56 @@ pub async fn run(
     validator.set_invalidated(state.invalidated_versions.clone());
     validator.set_revoked(state.revoked_licenses.iter().copied());
 
-    let listener = ipc::bind(&config.ipc.socket).map_err(|source| DaemonError::Socket {
-        path: config.ipc.socket.display().to_string(),
-        source,
-    })?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let access = crate::access::Access::shared(&config);
-    let settings = IpcSettings {
-        stop: stop_rx.clone(),
-        audit: audit.clone(),
-        alerts: alerts.clone(),
-        audit_validations: !config.agent.danger_unaudited_validations,
-        access: access.clone(),
-        max_connections: config.ipc.max_connections,
-        idle_timeout: Duration::from_secs(config.ipc.idle_timeout),
-    };
-    let ipc_task = tokio::spawn(ipc::serve(
-        listener,
-        validator.clone(),
-        settings,
-        stopped(stop_rx.clone()),
-    ));
-
-    let validator_for_mgmt = validator.clone();
-    let client = agent_client(&config, machine_key.clone())
-        .map_err(|e| DaemonError::Client(e.to_string()))?;
-    let mut manager = RotationManager::new(
-        machine_id,
-        machine_key,
+    let server = agent_client(&config, machine_key.clone())?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let access = Access::shared(&config);
+    let sockets = start_sockets(&config, &validator, &alerts, &access, &stop_rx)?;
+    let store_kind = store.kind();
+    let machine = Machine {
+        id: machine_id,
+        client_id: config.agent.client_id,
+        key: machine_key.clone(),
         license_key,
-        client,
-        store,
-        state_file,
-        state,
-        validator,
-        RotationSettings {
-            rotation_interval: config.agent.rotation_interval,
-            poll_interval: config
-                .agent
-                .poll_interval
-                .min(config.agent.rotation_interval.max(1)),
-            tokens_dir: config.agent.state_dir.join("tokens"),
-            metrics_file: config.agent.metrics_file.clone(),
-            degraded_policy: config.agent.degraded_mode,
-            client_id: config.agent.client_id,
-        },
-        tpm,
-        alerts.clone(),
-    );
-    // The management socket (license-agent-cli); its actions reach the manager by `control`.
-    let token = match &config.management.token_file {
-        Some(path) => Some(zeroize::Zeroizing::new(
-            std::fs::read_to_string(path).map_err(|source| DaemonError::Socket {
-                path: path.display().to_string(),
-                source,
-            })?,
-        )),
-        None => None,
     };
-    let mgmt_listener =
-        ipc::bind(&config.management.socket).map_err(|source| DaemonError::Socket {
-            path: config.management.socket.display().to_string(),
-            source,
-        })?;
-    let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(8);
-    let mgmt_settings = std::sync::Arc::new(crate::mgmt::MgmtSettings {
-        access: access.clone(),
-        token,
-        metrics_file: config.agent.metrics_file.clone(),
-        idle_timeout: Duration::from_secs(config.ipc.idle_timeout),
-        audit: audit.clone(),
-        alerts: alerts.clone(),
-        validator: validator_for_mgmt,
-        control: control_tx,
+    let mut engine = Engine::new(EngineParts {
+        server,
+        machine,
+        vault: Vault {
+            store,
+            state_file,
+            state,
+        },
+        validator: validator.clone(),
+        settings: EngineSettings::from_config(&config),
+        tpm,
+        alerts,
     });
-    let mgmt_task = tokio::spawn(crate::mgmt::serve(
-        mgmt_listener,
-        mgmt_settings,
-        stopped(stop_rx.clone()),
-    ));
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    // systemd's watchdog (WATCHDOG_USEC): pinged at half the interval while the validator's
-    // locks can be taken, so a wedged agent gets restarted.
-    if let Some(watchdog_usec) = watchdog_usec() {
-        let validator = manager.validator.clone();
-        let period = Duration::from_micros(watchdog_usec / 2).max(Duration::from_millis(50));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            loop {
-                tick.tick().await;
-                let validator = validator.clone();
-                let alive = tokio::task::spawn_blocking(move || validator.responsive())
-                    .await
-                    .unwrap_or(false);
-                if alive {
-                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-                }
-            }
-        });
-    }
+    start_watchdog(validator);
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|source| DaemonError::Socket {
-            path: "SIGHUP".into(),
-            source,
-        })?;
-    let mut config = config;
+        .map_err(io_error(Path::new("SIGHUP")))?;
     tracing::info!(socket = %config.ipc.socket.display(), machine = %machine_id, store = store_kind,
-        machine_key = key_kind, "license-agent ready");
+        machine_key = machine_key.kind(), "license-agent ready");
     println!(
         "license-agent ready: socket {}",
         config.ipc.socket.display()
     );
 
+    let mut config = config;
+    let mut control = sockets.control;
     tokio::pin!(shutdown);
     'rounds: loop {
         // A round waiting on a hung server must not hold up a stop (systemd would escalate to
         // SIGKILL). Dropping it at an await point leaves memory as durable as after a failed
         // request: the keyring is only ever replaced together with the store.
         let wait = tokio::select! {
-            wait = manager.tick() => wait,
+            wait = engine.tick() => wait,
             () = &mut shutdown => break 'rounds,
         };
         let _ = sd_notify::notify(
             false,
-            &[sd_notify::NotifyState::Status(&manager.status_line())],
+            &[sd_notify::NotifyState::Status(&engine.status_line())],
         );
         let sleep = tokio::time::sleep(wait);
         tokio::pin!(sleep);
@@ -385,10 +431,10 @@ pub async fn run(
             tokio::select! {
                 () = &mut shutdown => break 'rounds,
                 () = &mut sleep => break,
-                Some(request) = control_rx.recv() => manager.control(request).await,
+                Some(request) = control.recv() => engine.control(request).await,
                 _ = hangup.recv() => {
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
-                    reload(&config_path, &mut config, &access, &mut manager, &audit);
+                    reload(&config_path, &mut config, &access, &mut engine, &audit).await;
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
                 }
             }
@@ -396,12 +442,13 @@ pub async fn run(
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
-    let _ = ipc_task.await;
-    let _ = mgmt_task.await;
-    let _ = std::fs::remove_file(&config.management.socket);
-    audit.note(agent_event("agent.stop", Outcome::Success));
+    for task in sockets.tasks {
+        let _ = task.await;
+    }
+    audit
+        .note(agent_event("agent.stop", Outcome::Success))
+        .await;
     // Last: the anchor now names the log's true end.
-    manager.persist_state();
-    let _ = std::fs::remove_file(&config.ipc.socket);
+    engine.persist().await;
     Ok(())
 }

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::files::{write_atomic, PUBLIC};
+use crate::platform::files::{write_atomic, PUBLIC};
 
 /// One snapshot of everything exported.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -2,12 +2,9 @@
 //! primary-key check, tamper and cross-TPM refusal, the machine key (ECDSA, ECDH, secret
 //! delivery), the TPM clock, and handle hygiene over many calls.
 //!
-//! Why here: the agent is a binary crate, so the module is compiled into this test by path.
 //! swtpm must be installed; without it these tests fail (they do not skip).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../src/tpm/mod.rs"]
-mod tpm;
 mod tpm_support;
 
 use std::path::{Path, PathBuf};
@@ -20,7 +17,7 @@ use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
 use sha2::{Digest as _, Sha256};
 use tempfile::TempDir;
 
-use tpm::{Tpm, TpmError, MAX_SEAL_LEN, PRIMARY_NAME_FILE};
+use license_agent::platform::tpm::{self, Tpm, TpmError, MAX_SEAL_LEN, PRIMARY_NAME_FILE};
 use tpm_support::Swtpm;
 
 /// A test's directories: `tpm/` (swtpm state) and `agent/` (the agent's state_dir).

@@ -12,6 +12,7 @@
 //! - [`secret`]: machine secrets and their ECIES delivery to the machine's key.
 //! - [`rotation`]: rotate-secret request and response, with their signatures.
 //! - [`token`]: license tokens, signed and encrypted (format v1).
+//! - [`verdict`]: the one verdict on a token and its reason codes (agent and server).
 //! - [`ipc`]: the local socket protocol between POS applications and the agent.
 //! - [`mgmt`]: the management socket between `license-agent-cli` and the agent.
 //!
@@ -42,3 +43,4 @@ pub mod pin;
 pub mod rotation;
 pub mod secret;
 pub mod token;
+pub mod verdict;

@@ -7,7 +7,7 @@ use license_protocol::agent_api::{
     MachineLicenses, RenewCertificateRequest, RenewCertificateResponse, SecretStatus,
 };
 use license_protocol::enroll::{BootstrapRequest, BootstrapResponse};
-use license_protocol::error::ApiError;
+use license_protocol::error::{ApiError, ErrorCode};
 use license_protocol::rotation::{AckRequest, RotateSecretRequest, RotateSecretResponse};
 use serde::de::DeserializeOwned;
 
@@ -20,10 +20,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum ClientError {
     #[error("cannot reach the server: {0}")]
     Transport(String),
-    #[error("server refused ({status} {code}): {message}")]
+    /// An HTTP error status; `code` is the server's stable code, `None` when the body was not
+    /// the server's JSON error (a proxy's page, say).
+    #[error("server refused ({status} {}): {message}", code.map_or("http_error", ErrorCode::as_str))]
     Refused {
         status: u16,
-        code: String,
+        code: Option<ErrorCode>,
         message: String,
     },
     #[error("unexpected answer from the server: {0}")]
@@ -87,12 +89,12 @@ impl ServerClient {
         match serde_json::from_slice::<ApiError>(&body) {
             Ok(err) => Err(ClientError::Refused {
                 status: status.as_u16(),
-                code: err.error,
+                code: Some(err.error),
                 message: err.message,
             }),
             Err(_) => Err(ClientError::Refused {
                 status: status.as_u16(),
-                code: "http_error".into(),
+                code: None,
                 message: status.canonical_reason().unwrap_or("error").into(),
             }),
         }

@@ -14,7 +14,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::keys::{MachineCertResolver, MachineKey};
+use crate::platform::keys::{MachineCertResolver, MachineKey};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::files::{write_atomic, PRIVATE};
+use crate::platform::files::{write_atomic, PRIVATE};
 
 const FORMAT: u32 = 1;
 
@@ -54,6 +54,10 @@ pub struct AgentState {
     /// --anchor-hash …` detects entries removed from the log's end.
     #[serde(default)]
     pub audit_anchor: Option<(u64, String)>,
+    /// Highest secret version destroyed at the end of its grace: tokens under it answer
+    /// `expired` (as online validation does), not `unknown_secret_version`.
+    #[serde(default)]
+    pub retired_through: u64,
 }
 
 /// How a load went, for the log and the audit.

@@ -16,6 +16,9 @@ use rustls::{SignatureAlgorithm, SignatureScheme};
 use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
 
+use super::blocking::in_place;
+use super::tpm::{Tpm, TpmMachineKey};
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyError {
@@ -101,7 +104,7 @@ pub fn tpm_key_file(blob: &[u8]) -> Zeroizing<String> {
 /// (then `tpm` is used, or the TPM named by `[tpm] tcti` is opened).
 pub fn load(
     config: &crate::config::AgentConfig,
-    tpm: Option<Arc<crate::tpm::Tpm>>,
+    tpm: Option<Arc<Tpm>>,
 ) -> Result<Arc<dyn MachineKey>, KeyError> {
     let path = &config.server.client_key;
     let err = |message: String| KeyError::File {
@@ -121,7 +124,7 @@ pub fn load(
         .map_err(|_| err("bad TPM key blob".into()))?;
     let tpm = match tpm {
         Some(tpm) => tpm,
-        None => crate::tpm::Tpm::open(&config.tpm.tcti, &config.agent.state_dir).map_err(|e| {
+        None => Tpm::open(&config.tpm.tcti, &config.agent.state_dir).map_err(|e| {
             err(format!(
                 "the machine key is in the TPM, which is unavailable: {e}"
             ))
@@ -133,22 +136,23 @@ pub fn load(
     ))
 }
 
-impl MachineKey for crate::tpm::TpmMachineKey {
+impl MachineKey for TpmMachineKey {
     fn kind(&self) -> &'static str {
         "tpm"
     }
 
     fn public_key(&self) -> p256::PublicKey {
-        crate::tpm::TpmMachineKey::public_key(self)
+        TpmMachineKey::public_key(self)
     }
 
+    // TPM commands block for milliseconds; callers such as the TLS handshake cannot await.
     fn sign_digest(&self, digest: &[u8; 32]) -> Result<p256::ecdsa::Signature, KeyError> {
-        crate::tpm::TpmMachineKey::sign_digest(self, digest)
+        in_place(|| TpmMachineKey::sign_digest(self, digest))
             .map_err(|e| KeyError::Operation(e.to_string()))
     }
 
     fn ecdh(&self, peer: &p256::PublicKey) -> Result<Zeroizing<[u8; 32]>, KeyError> {
-        crate::tpm::TpmMachineKey::ecdh(self, peer).map_err(|e| KeyError::Operation(e.to_string()))
+        in_place(|| TpmMachineKey::ecdh(self, peer)).map_err(|e| KeyError::Operation(e.to_string()))
     }
 }
 

@@ -1,9 +1,14 @@
-//! `license-agent enroll`: first contact with the server (seed 004, DESIGN.md §2).
+//! Joining the fleet: `license-agent enroll`, the first contact with the server (seed 004,
+//! DESIGN.md §2); the machine's identity ([`hardware`]); and re-keying after the TPM was
+//! cleared ([`recovery`]).
 //!
 //! The key pair is generated here and never leaves the machine: the server gets a CSR. The
 //! server is authenticated by the pin given to the installer; its answer is checked before
 //! anything is written (certificate CN, key, chain, pin). Files land in the config file's
 //! directory (key 0600), the config last, so a half-finished enrollment leaves no config.
+
+pub mod hardware;
+pub mod recovery;
 
 use std::path::{Path, PathBuf};
 
@@ -12,7 +17,7 @@ use license_protocol::identity::MachineIdentity;
 use license_protocol::pin::CertPin;
 use std::sync::Arc;
 
-use crate::keys::{self, FileMachineKey, KeyError, MachineKey};
+use crate::platform::keys::{self, FileMachineKey, KeyError, MachineKey};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
@@ -20,10 +25,10 @@ use crate::config::{
     AgentConfig, AgentSection, DegradedPolicy, IpcSection, ManagementSection, ServerSection,
     TpmSection,
 };
-use crate::files::{ensure_dir, write_atomic, PRIVATE, PUBLIC};
-use crate::hardware::{self, HardwareError};
 use crate::net::client::{ClientError, ServerClient};
 use crate::net::tls::{self, TlsError};
+use crate::platform::files::{ensure_dir, write_atomic, PRIVATE, PUBLIC};
+use hardware::HardwareError;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -136,115 +141,74 @@ fn check_answer(
     Ok(())
 }
 
-pub async fn enroll(mut opts: EnrollOptions) -> Result<EnrollReport, EnrollError> {
-    // The daemon runs from another directory: every path written to the config is absolute.
-    for path in [
-        &mut opts.config_path,
-        &mut opts.state_dir,
-        &mut opts.log_dir,
-    ] {
-        *path = std::path::absolute(&*path).map_err(|source| EnrollError::Write {
-            path: path.display().to_string(),
-            source,
-        })?;
+/// A key pair made on this machine: the key, and what its key file holds.
+struct LocalKey {
+    key: Arc<dyn MachineKey>,
+    file: Zeroizing<String>,
+}
+
+/// The key as the operator asked: in the TPM, in a file, or none (the server makes it).
+fn local_key(opts: &EnrollOptions) -> Result<Option<LocalKey>, EnrollError> {
+    if opts.server_generated_key {
+        return Ok(None);
     }
-    if opts.config_path.exists() && !opts.force {
-        return Err(EnrollError::AlreadyEnrolled(
-            opts.config_path.display().to_string(),
-        ));
-    }
-    let hostname = hardware::hostname(opts.hostname.clone())?;
-    let hardware_id = hardware::hardware_id(opts.hardware_id.clone())?;
-    let arch = license_protocol::enroll::Arch::current().ok_or_else(|| {
-        EnrollError::BadAnswer(format!(
-            "unsupported architecture {}",
-            std::env::consts::ARCH
-        ))
+    let Some(tcti) = &opts.tpm_tcti else {
+        let key = FileMachineKey::generate();
+        let file = key.to_pem();
+        return Ok(Some(LocalKey {
+            key: Arc::new(key),
+            file,
+        }));
+    };
+    ensure_dir(&opts.state_dir, 0o700).map_err(|source| EnrollError::Write {
+        path: opts.state_dir.display().to_string(),
+        source,
     })?;
+    let tpm_error = |e: crate::platform::tpm::TpmError| EnrollError::Tpm(e.to_string());
+    let tpm = crate::platform::tpm::Tpm::open(tcti, &opts.state_dir).map_err(tpm_error)?;
+    let blob = tpm.create_machine_key().map_err(tpm_error)?;
+    let key = tpm.machine_key(&blob).map_err(tpm_error)?;
+    Ok(Some(LocalKey {
+        key: Arc::new(key),
+        file: keys::tpm_key_file(&blob),
+    }))
+}
 
-    // The key is made here (in the TPM when asked) and never leaves the machine.
-    let local_key: Option<(Arc<dyn MachineKey>, Zeroizing<String>)> =
-        match (&opts.tpm_tcti, opts.server_generated_key) {
-            (_, true) => None,
-            (Some(tcti), false) => {
-                ensure_dir(&opts.state_dir, 0o700).map_err(|source| EnrollError::Write {
-                    path: opts.state_dir.display().to_string(),
-                    source,
-                })?;
-                let tpm = crate::tpm::Tpm::open(tcti, &opts.state_dir)
-                    .map_err(|e| EnrollError::Tpm(e.to_string()))?;
-                let blob = tpm
-                    .create_machine_key()
-                    .map_err(|e| EnrollError::Tpm(e.to_string()))?;
-                let key = tpm
-                    .machine_key(&blob)
-                    .map_err(|e| EnrollError::Tpm(e.to_string()))?;
-                Some((Arc::new(key), keys::tpm_key_file(&blob)))
-            }
-            (None, false) => {
-                let key = FileMachineKey::generate();
-                let pem = key.to_pem();
-                Some((Arc::new(key), pem))
-            }
-        };
-    let csr = local_key
-        .as_ref()
-        .map(|(key, _)| keys::csr_pem(key.clone()))
-        .transpose()?;
+/// The machine key after the server answered: ours, or the one it generated (seed mode).
+fn machine_key(
+    local: Option<&LocalKey>,
+    answer: &BootstrapResponse,
+) -> Result<LocalKey, EnrollError> {
+    if let Some(local) = local {
+        return Ok(LocalKey {
+            key: local.key.clone(),
+            file: local.file.clone(),
+        });
+    }
+    let pem = answer.private_key.as_ref().ok_or_else(|| {
+        EnrollError::BadAnswer("no private_key in server-generated-key mode".into())
+    })?;
+    let key = FileMachineKey::from_pem(pem)
+        .ok_or_else(|| EnrollError::BadAnswer("private_key is not a P-256 PKCS#8 key".into()))?;
+    let file = key.to_pem();
+    Ok(LocalKey {
+        key: Arc::new(key),
+        file,
+    })
+}
 
-    let client = ServerClient::new(&opts.server, tls::pin_only(opts.pin)?)?;
-    let request = BootstrapRequest {
-        token: opts.token,
-        hostname,
-        hardware_id,
-        arch,
-        csr,
-    };
-    let answer = client.bootstrap(&request).await?;
-
-    let (key, key_file): (Arc<dyn MachineKey>, Zeroizing<String>) =
-        match (&local_key, &answer.private_key) {
-            (Some((key, file)), _) => (key.clone(), file.clone()),
-            (None, Some(pem)) => {
-                let key = FileMachineKey::from_pem(pem).ok_or_else(|| {
-                    EnrollError::BadAnswer("private_key is not a P-256 PKCS#8 key".into())
-                })?;
-                let file = key.to_pem();
-                (Arc::new(key), file)
-            }
-            (None, None) => {
-                return Err(EnrollError::BadAnswer(
-                    "no private_key in server-generated-key mode".into(),
-                ))
-            }
-        };
-    let key_der = {
-        use p256::pkcs8::EncodePublicKey as _;
-        key.public_key()
-            .to_public_key_der()
-            .map_err(|e| EnrollError::BadAnswer(e.to_string()))?
-    };
-    check_answer(&answer, &opts.pin, Some(key_der.as_bytes()))?;
-
-    let dir = opts
-        .config_path
+/// The directory of the config file, where the key, certificates and tokens go.
+fn config_dir(config_path: &Path) -> PathBuf {
+    config_path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let write = |path: &Path, bytes: &[u8], mode: u32| {
-        write_atomic(path, bytes, mode).map_err(|source| EnrollError::Write {
-            path: path.display().to_string(),
-            source,
-        })
-    };
-    for d in [&dir, &opts.state_dir, &opts.log_dir] {
-        ensure_dir(d, 0o700).map_err(|source| EnrollError::Write {
-            path: d.display().to_string(),
-            source,
-        })?;
-    }
-    let config = AgentConfig {
+        .to_path_buf()
+}
+
+/// The config an enrolled machine starts with.
+fn agent_config(opts: &EnrollOptions, answer: &BootstrapResponse, dir: &Path) -> AgentConfig {
+    AgentConfig {
         server: ServerSection {
             url: answer.api_url.clone(),
             public_url: opts.server.trim_end_matches('/').to_string(),
@@ -297,62 +261,108 @@ pub async fn enroll(mut opts: EnrollOptions) -> Result<EnrollReport, EnrollError
             allowed_uids: opts.allowed_uids.clone(),
             ..IpcSection::default()
         },
+    }
+}
+
+fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), EnrollError> {
+    write_atomic(path, bytes, mode).map_err(|source| EnrollError::Write {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Writes the key, the certificates, the recovery token, and the config last.
+fn write_files(
+    config_path: &Path,
+    config: &AgentConfig,
+    answer: &BootstrapResponse,
+    key_file: &str,
+) -> Result<(), EnrollError> {
+    let s = &config.server;
+    write(&s.client_key, key_file.as_bytes(), PRIVATE)?;
+    write(&s.client_cert, answer.certificate.as_bytes(), PUBLIC)?;
+    write(&s.ca_cert, answer.ca_cert.as_bytes(), PUBLIC)?;
+    if let (Some(path), Some(token)) = (&s.recovery_token_file, &answer.recovery_token) {
+        write(path, token.as_bytes(), PRIVATE)?;
+    }
+    write(config_path, config.to_toml().as_bytes(), PRIVATE)
+}
+
+/// Enrolls this machine: key, bootstrap, checked answer, files (the config last).
+pub async fn enroll(mut opts: EnrollOptions) -> Result<EnrollReport, EnrollError> {
+    // The daemon runs from another directory: every path written to the config is absolute.
+    for path in [
+        &mut opts.config_path,
+        &mut opts.state_dir,
+        &mut opts.log_dir,
+    ] {
+        *path = std::path::absolute(&*path).map_err(|source| EnrollError::Write {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+    if opts.config_path.exists() && !opts.force {
+        return Err(EnrollError::AlreadyEnrolled(
+            opts.config_path.display().to_string(),
+        ));
+    }
+    let arch = license_protocol::enroll::Arch::current().ok_or_else(|| {
+        EnrollError::BadAnswer(format!(
+            "unsupported architecture {}",
+            std::env::consts::ARCH
+        ))
+    })?;
+    let hostname = hardware::hostname(opts.hostname.clone())?;
+    let hardware_id = hardware::hardware_id(opts.hardware_id.clone())?;
+    // The key is made here (in the TPM when asked) and never leaves the machine.
+    let local = local_key(&opts)?;
+    let request = BootstrapRequest {
+        token: opts.token.clone(),
+        hostname,
+        hardware_id,
+        arch,
+        csr: local
+            .as_ref()
+            .map(|local| keys::csr_pem(local.key.clone()))
+            .transpose()?,
     };
+    let client = ServerClient::new(&opts.server, tls::pin_only(opts.pin)?)?;
+    let answer = client.bootstrap(&request).await?;
+
+    let key = machine_key(local.as_ref(), &answer)?;
+    let key_der = {
+        use p256::pkcs8::EncodePublicKey as _;
+        key.key
+            .public_key()
+            .to_public_key_der()
+            .map_err(|e| EnrollError::BadAnswer(e.to_string()))?
+    };
+    check_answer(&answer, &opts.pin, Some(key_der.as_bytes()))?;
+
+    let dir = config_dir(&opts.config_path);
+    for d in [&dir, &opts.state_dir, &opts.log_dir] {
+        ensure_dir(d, 0o700).map_err(|source| EnrollError::Write {
+            path: d.display().to_string(),
+            source,
+        })?;
+    }
+    let config = agent_config(&opts, &answer, &dir);
     config
         .check()
         .map_err(|e| EnrollError::BadAnswer(e.to_string()))?;
-    write(&config.server.client_key, key_file.as_bytes(), PRIVATE)?;
-    write(
-        &config.server.client_cert,
-        answer.certificate.as_bytes(),
-        PUBLIC,
-    )?;
-    write(&config.server.ca_cert, answer.ca_cert.as_bytes(), PUBLIC)?;
-    if let (Some(path), Some(token)) = (&config.server.recovery_token_file, &answer.recovery_token)
-    {
-        write(path, token.as_bytes(), PRIVATE)?;
-    }
-    write(&opts.config_path, config.to_toml().as_bytes(), PRIVATE)?;
+    write_files(&opts.config_path, &config, &answer, &key.file)?;
 
     Ok(EnrollReport {
         client_id: answer.client_id.to_string(),
         machine_id: answer.machine_id.to_string(),
         serial: answer.serial.clone(),
         certificate_expires_at: answer.expires_at.clone(),
-        key_origin: match &local_key {
-            Some((key, _)) if key.kind() == "tpm" => "tpm",
+        key_origin: match &local {
+            Some(local) if local.key.kind() == "tpm" => "tpm",
             Some(_) => "local",
             None => "server",
         },
         config: opts.config_path,
         api_url: answer.api_url,
     })
-}
-
-/// An mTLS client for the agent API, the handshake signed by `key`.
-pub fn agent_client(
-    config: &AgentConfig,
-    key: Arc<dyn MachineKey>,
-) -> Result<ServerClient, EnrollError> {
-    let s = &config.server;
-    let tls = tls::mutual(s.cert_pin, &s.ca_cert, &s.client_cert, key)?;
-    Ok(ServerClient::new(&s.url, tls)?)
-}
-
-/// `license-agent renew-cert`: a new certificate for the same key; the old one is superseded
-/// by the server as soon as it answers, so the new one is written before returning.
-pub async fn renew(
-    config: &AgentConfig,
-) -> Result<license_protocol::agent_api::RenewCertificateResponse, EnrollError> {
-    let s = &config.server;
-    let key = keys::load(config, None)?;
-    let csr = keys::csr_pem(key.clone())?;
-    let renewed = agent_client(config, key)?.renew_certificate(csr).await?;
-    write_atomic(&s.client_cert, renewed.certificate.as_bytes(), PUBLIC).map_err(|source| {
-        EnrollError::Write {
-            path: s.client_cert.display().to_string(),
-            source,
-        }
-    })?;
-    Ok(renewed)
 }

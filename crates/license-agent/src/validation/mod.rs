@@ -1,87 +1,37 @@
-//! License validation: the agent's hot path (DESIGN.md §2, §3.2).
+//! Where a validation is answered: the agent's hot path (DESIGN.md §2, §3.2).
 //!
-//! Checks, in order: replayed nonce; degraded mode forbidden; token header (malformed, wrong
-//! machine); secret version (invalidated, unknown or past its grace); decryption and server
-//! signature (cached by token hash after the first success, so a POS validating the same
-//! token again does not pay for them); revocation; validity dates against the guarded clock.
-//! Secrets sit in memory in zeroizing buffers behind a lock; nothing here touches disk or the
-//! network.
+//! Checks, in order: replayed nonce ([`replay`]); degraded mode forbidden; then the one verdict
+//! shared with the server (`license_protocol::verdict`): token format, machine, secret version
+//! held ([`keyring`]; invalidated or past its grace), decryption and server signature,
+//! revocation ([`revocations`]), the license's dates against the guarded clock. A token that
+//! validated once is remembered by its SHA-256, so a POS validating the same token again skips
+//! decoding and decryption: only the checks that can change run again. Secrets sit in memory
+//! in locked, zeroizing pages behind a lock; nothing here touches disk or the network.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+pub mod keyring;
+pub mod replay;
+pub mod revocations;
+
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use license_protocol::identity::MachineId;
 use license_protocol::ipc::{Reason, Response, ValidAnswer};
 use license_protocol::rotation::Nonce;
-use license_protocol::secret::{Secret, SecretDates};
-use license_protocol::token::{self, LicenseClaims, TokenError};
+use license_protocol::token::LicenseClaims;
+use license_protocol::verdict::{self, Refusal, SecretStanding, SecretState};
 use sha2::{Digest as _, Sha256};
 
-use crate::clock::GuardedClock;
+pub use keyring::Keyring;
+use replay::ReplayWindow;
+use revocations::Revocations;
+
 use crate::config::DegradedPolicy;
+use crate::platform::clock::{rfc3339, GuardedClock};
 
 /// Verified tokens remembered at most (the cache is cleared, not grown, past this).
 const MAX_CACHED_TOKENS: usize = 10_000;
-/// Nonces remembered at most; past this the oldest are forgotten first.
-const MAX_REMEMBERED_NONCES: usize = 1_000_000;
-
-/// The secret versions held in memory.
-#[derive(Debug, Default, Clone)]
-pub struct Keyring {
-    versions: BTreeMap<u64, (SecretDates, Secret)>,
-}
-
-impl Keyring {
-    pub fn insert(&mut self, version: u64, dates: SecretDates, secret: Secret) {
-        self.versions.insert(version, (dates, secret));
-    }
-
-    pub fn remove(&mut self, version: u64) -> bool {
-        self.versions.remove(&version).is_some()
-    }
-
-    pub fn newest(&self) -> Option<(u64, SecretDates)> {
-        self.versions.iter().next_back().map(|(v, (d, _))| (*v, *d))
-    }
-
-    pub fn versions(&self) -> impl Iterator<Item = (u64, SecretDates)> + '_ {
-        self.versions.iter().map(|(v, (d, _))| (*v, *d))
-    }
-
-    pub fn entries(&self) -> impl Iterator<Item = (u64, &SecretDates, &Secret)> {
-        self.versions.iter().map(|(v, (d, s))| (*v, d, s))
-    }
-
-    fn get(&self, version: u64) -> Option<&(SecretDates, Secret)> {
-        self.versions.get(&version)
-    }
-}
-
-/// Nonces seen within the replay window.
-#[derive(Debug, Default)]
-struct ReplayWindow {
-    seen: HashSet<[u8; 16]>,
-    order: VecDeque<(i64, [u8; 16])>,
-}
-
-impl ReplayWindow {
-    /// Records a nonce; false when it was seen within the window.
-    fn record(&mut self, nonce: [u8; 16], now: i64, window: i64) -> bool {
-        while let Some(&(at, old)) = self.order.front() {
-            if at + window > now && self.order.len() < MAX_REMEMBERED_NONCES {
-                break;
-            }
-            self.order.pop_front();
-            self.seen.remove(&old);
-        }
-        if !self.seen.insert(nonce) {
-            return false;
-        }
-        self.order.push_back((now, nonce));
-        true
-    }
-}
 
 /// A verified token: the secret version it is under and its claims.
 type Verified = (u64, Arc<LicenseClaims>);
@@ -101,25 +51,15 @@ pub struct Validator {
     pub clock: Arc<GuardedClock>,
     keyring: RwLock<Keyring>,
     invalidated: RwLock<BTreeSet<u64>>,
-    revoked: RwLock<HashSet<uuid::Uuid>>,
+    revocations: RwLock<Revocations>,
     /// Verified tokens by SHA-256: the secret version they are under and their claims.
     cache: Mutex<HashMap<[u8; 32], Verified>>,
     replay: Mutex<ReplayWindow>,
     replay_window_secs: i64,
     degraded: AtomicBool,
-    degraded_policy: std::sync::atomic::AtomicBool,
+    /// Whether degraded mode is forbidden (validations fail closed while degraded).
+    deny_degraded: AtomicBool,
     pub counters: Counters,
-}
-
-/// Unix seconds as RFC 3339 (the number itself if out of range).
-pub fn rfc3339(t: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| t.to_string())
 }
 
 impl Validator {
@@ -136,12 +76,12 @@ impl Validator {
             clock,
             keyring: RwLock::default(),
             invalidated: RwLock::default(),
-            revoked: RwLock::default(),
+            revocations: RwLock::default(),
             cache: Mutex::default(),
             replay: Mutex::default(),
             replay_window_secs: i64::try_from(replay_window_secs).unwrap_or(i64::MAX),
             degraded: AtomicBool::new(false),
-            degraded_policy: AtomicBool::new(degraded_policy == DegradedPolicy::Deny),
+            deny_degraded: AtomicBool::new(degraded_policy == DegradedPolicy::Deny),
             counters: Counters::default(),
         }
     }
@@ -169,11 +109,11 @@ impl Validator {
     }
 
     pub fn set_revoked(&self, ids: impl IntoIterator<Item = uuid::Uuid>) {
-        let ids: HashSet<_> = ids.into_iter().collect();
-        let mut revoked = self.revoked.write().unwrap_or_else(|e| e.into_inner());
-        if *revoked != ids {
-            *revoked = ids;
-            drop(revoked);
+        let new = Revocations::new(ids);
+        let mut revocations = self.revocations.write().unwrap_or_else(|e| e.into_inner());
+        if *revocations != new {
+            *revocations = new;
+            drop(revocations);
             self.drop_cache();
         }
     }
@@ -186,20 +126,20 @@ impl Validator {
     pub fn responsive(&self) -> bool {
         let _keyring = self.keyring.read().unwrap_or_else(|e| e.into_inner());
         let _invalidated = self.invalidated.read().unwrap_or_else(|e| e.into_inner());
-        let _revoked = self.revoked.read().unwrap_or_else(|e| e.into_inner());
+        let _revoked = self.revocations.read().unwrap_or_else(|e| e.into_inner());
         drop(self.cache.lock().unwrap_or_else(|e| e.into_inner()));
         drop(self.replay.lock().unwrap_or_else(|e| e.into_inner()));
         true
     }
 
-    /// Runtime override of the degraded-mode policy (management `degraded off|auto`).
+    /// The degraded-mode policy in force (config, or an administrator's override).
     pub fn set_degraded_policy(&self, policy: DegradedPolicy) {
-        self.degraded_policy
+        self.deny_degraded
             .store(policy == DegradedPolicy::Deny, Ordering::Release);
     }
 
     pub fn degraded_policy(&self) -> DegradedPolicy {
-        if self.degraded_policy.load(Ordering::Acquire) {
+        if self.deny_degraded.load(Ordering::Acquire) {
             DegradedPolicy::Deny
         } else {
             DegradedPolicy::Allow
@@ -224,23 +164,34 @@ impl Validator {
         answer
     }
 
-    fn check(&self, license_token: &str, nonce: Nonce) -> Response {
-        let now = self.clock.now();
-        let echo = Some(nonce.to_string());
-        let refuse = |reason| Response::invalid(reason, echo.clone());
-        if !self
-            .replay
-            .lock()
+    /// What this machine knows of a secret version now.
+    fn standing(&self, version: u64, now: i64) -> SecretStanding {
+        let invalidated = self
+            .invalidated
+            .read()
             .unwrap_or_else(|e| e.into_inner())
-            .record(nonce.0, now, self.replay_window_secs)
-        {
-            return refuse(Reason::ReplayedNonce);
+            .contains(&version);
+        let keyring = self.keyring.read().unwrap_or_else(|e| e.into_inner());
+        match keyring.get(version) {
+            Some((dates, secret)) => SecretStanding::Held(
+                secret.clone(),
+                SecretState::of(invalidated, dates.grace_until, now),
+            ),
+            None if invalidated => SecretStanding::Gone(SecretState::Invalidated),
+            None if keyring.retired(version) => SecretStanding::Gone(SecretState::PastGrace),
+            None => SecretStanding::Unknown,
         }
-        if self.degraded_policy.load(Ordering::Acquire) && self.is_degraded() {
-            return refuse(Reason::DegradedModeDisabled);
-        }
-        // A token verified before skips decoding and decryption: only the checks that can
-        // change (secret version still held, not invalidated) run again.
+    }
+
+    fn is_revoked(&self, license: &uuid::Uuid) -> bool {
+        self.revocations
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_revoked(license)
+    }
+
+    /// The verdict, from the cache of verified tokens when the token was seen before.
+    fn verdict(&self, license_token: &str, now: i64) -> Result<Arc<LicenseClaims>, Refusal> {
         let key: [u8; 32] = Sha256::digest(license_token.as_bytes()).into();
         let cached = self
             .cache
@@ -248,84 +199,52 @@ impl Validator {
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
             .cloned();
-        let version = match &cached {
-            Some((version, _)) => *version,
-            None => {
-                let header = match token::decode(license_token) {
-                    Ok((header, _)) => header,
-                    Err(_) => return refuse(Reason::Malformed),
-                };
-                if header.machine_id != self.machine_id {
-                    return refuse(Reason::WrongMachine);
-                }
-                header.secret_version
-            }
-        };
-        if self
-            .invalidated
-            .read()
+        if let Some((version, claims)) = cached {
+            let (_, state) = self.standing(version, now).settle()?;
+            verdict::judge(&claims, state, |id| self.is_revoked(id), now)?;
+            return Ok(claims);
+        }
+        let verified = verdict::verdict(
+            license_token,
+            &self.machine_id,
+            &self.license_key,
+            now,
+            |version| self.standing(version, now),
+            |id| self.is_revoked(id),
+        )?;
+        let claims = Arc::new(verified.claims);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= MAX_CACHED_TOKENS {
+            cache.clear();
+        }
+        cache.insert(key, (verified.version, claims.clone()));
+        Ok(claims)
+    }
+
+    fn check(&self, license_token: &str, nonce: Nonce) -> Response {
+        let now = self.clock.now();
+        let echo = Some(nonce.to_string());
+        if !self
+            .replay
+            .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(&version)
+            .record(nonce.0, now, self.replay_window_secs)
         {
-            return refuse(Reason::SecretInvalidated);
+            return Response::invalid(Reason::ReplayedNonce, echo);
         }
-        let secret = {
-            let keyring = self.keyring.read().unwrap_or_else(|e| e.into_inner());
-            match keyring.get(version) {
-                Some((dates, _)) if now > dates.grace_until => {
-                    return refuse(Reason::UnknownSecretVersion)
-                }
-                // The secret itself is only needed to open a token not seen before.
-                Some((_, secret)) => cached.is_none().then(|| secret.clone()),
-                None => return refuse(Reason::UnknownSecretVersion),
-            }
-        };
-        let claims = match (cached, secret) {
-            (Some((_, claims)), _) => claims,
-            (None, secret) => match token::open(
-                license_token,
-                &self.machine_id,
-                |_| secret,
-                &self.license_key,
-            ) {
-                Ok(claims) => {
-                    let claims = Arc::new(claims);
-                    let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-                    if cache.len() >= MAX_CACHED_TOKENS {
-                        cache.clear();
-                    }
-                    cache.insert(key, (version, claims.clone()));
-                    claims
-                }
-                Err(TokenError::Malformed) => return refuse(Reason::Malformed),
-                Err(TokenError::WrongMachine) => return refuse(Reason::WrongMachine),
-                Err(TokenError::UnknownSecretVersion(_)) => {
-                    return refuse(Reason::UnknownSecretVersion)
-                }
-                Err(_) => return refuse(Reason::BadSignature),
-            },
-        };
-        if self
-            .revoked
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&claims.license_id)
-        {
-            return refuse(Reason::Revoked);
+        if self.deny_degraded.load(Ordering::Acquire) && self.is_degraded() {
+            return Response::invalid(Reason::DegradedModeDisabled, echo);
         }
-        if claims.not_before > now {
-            return refuse(Reason::NotYetValid);
+        match self.verdict(license_token, now) {
+            Ok(claims) => Response::Valid(ValidAnswer {
+                valid: true,
+                expires_at: claims.expires_at.map(rfc3339),
+                features: claims.features.clone(),
+                metadata: claims.metadata.clone(),
+                nonce: nonce.to_string(),
+            }),
+            Err(refusal) => Response::invalid(refusal.reason, echo),
         }
-        if claims.expires_at.is_some_and(|t| t <= now) {
-            return refuse(Reason::Expired);
-        }
-        Response::Valid(ValidAnswer {
-            valid: true,
-            expires_at: claims.expires_at.map(rfc3339),
-            features: claims.features.clone(),
-            metadata: claims.metadata.clone(),
-            nonce: nonce.to_string(),
-        })
     }
 }
 
@@ -333,6 +252,9 @@ impl Validator {
 mod tests {
     use super::*;
     use license_protocol::identity::ClientId;
+    use license_protocol::secret::{Secret, SecretDates};
+    use license_protocol::token;
+    use std::collections::BTreeMap;
 
     struct Fixture {
         server: ed25519_dalek::SigningKey,
@@ -459,10 +381,27 @@ mod tests {
     }
 
     #[test]
-    fn replay_window_forgets_old_nonces() {
-        let mut w = ReplayWindow::default();
-        assert!(w.record([1; 16], 100, 10));
-        assert!(!w.record([1; 16], 105, 10));
-        assert!(w.record([1; 16], 111, 10));
+    fn a_secret_past_its_grace_answers_expired_held_or_destroyed() {
+        let f = fixture(DegradedPolicy::Allow);
+        let (good, _) = token(&f, None, 0);
+        let now = f.v.clock.now();
+        let mut ring = Keyring::default();
+        let past = SecretDates {
+            valid_from: now - 100,
+            valid_until: now - 50,
+            grace_until: now - 1,
+        };
+        ring.insert(1, past, f.secret.clone());
+        f.v.set_keyring(ring.clone());
+        assert_eq!(
+            reason(f.v.validate(&good, Nonce::random())),
+            Some(Reason::Expired)
+        );
+        ring.retire(1);
+        f.v.set_keyring(ring);
+        assert_eq!(
+            reason(f.v.validate(&good, Nonce::random())),
+            Some(Reason::Expired)
+        );
     }
 }

@@ -22,8 +22,8 @@ use license_protocol::secret::{Secret, SecretDates};
 use serde::{Deserialize, Serialize};
 
 use super::{SecretStore, StoreError, StoredSecret};
-use crate::files::{write_atomic, PRIVATE};
-use crate::tpm::{Tpm, TpmError};
+use crate::platform::files::{write_atomic, PRIVATE};
+use crate::platform::tpm::{Tpm, TpmError};
 
 const FORMAT: u32 = 1;
 const PAYLOAD_LEN: usize = 16 + 8 * 4 + 32;

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::{SecretStore, StoreError, StoredSecret};
-use crate::files::{write_atomic, PRIVATE};
+use crate::platform::files::{write_atomic, PRIVATE};
 
 const FORMAT: u32 = 1;
 const KDF: &str = "pbkdf2-hmac-sha256";

@@ -12,7 +12,8 @@ pub struct GuardedClock {
     high_water: AtomicI64,
 }
 
-fn system_now() -> i64 {
+/// The system clock in Unix seconds (unguarded: for expiry decisions use [`GuardedClock`]).
+pub fn system_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -52,6 +53,17 @@ impl GuardedClock {
     pub fn rollback_secs(&self) -> i64 {
         (self.high_water() - system_now()).max(0)
     }
+}
+
+/// Unix seconds as RFC 3339 (the number itself if out of range).
+pub fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| t.to_string())
 }
 
 #[cfg(test)]

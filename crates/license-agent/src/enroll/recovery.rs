@@ -13,11 +13,11 @@ use std::sync::Arc;
 use license_protocol::enroll::RecoverRequest;
 
 use crate::config::AgentConfig;
-use crate::files::{write_atomic, PRIVATE, PUBLIC};
-use crate::keys::{self, MachineKey};
 use crate::net::client::ServerClient;
 use crate::net::tls;
-use crate::tpm::{Tpm, PRIMARY_NAME_FILE};
+use crate::platform::files::{write_atomic, PRIVATE, PUBLIC};
+use crate::platform::keys::{self, MachineKey};
+use crate::platform::tpm::{Tpm, PRIMARY_NAME_FILE};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

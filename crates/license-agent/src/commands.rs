@@ -1,0 +1,241 @@
+//! The `license-agent` commands behind the command line: what each does and prints (human
+//! text, or JSON with `--json`), and the exit code each failure maps to.
+//!
+//! Exit codes: 0 success; 1 runtime failure (network, I/O); 2 bad usage or configuration;
+//! 3 refused by the server (token used/expired/unknown, machine revoked, …); 4 already enrolled.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+
+use license_protocol::enroll::{FieldError, InstallToken};
+
+use crate::config::{AgentConfig, ConfigError};
+use crate::daemon::{self, DaemonError};
+use crate::engine::renewal::{self, RenewalError};
+use crate::engine::state::StateFile;
+use crate::enroll::{self, EnrollError, EnrollOptions};
+use crate::net::client::ClientError;
+use crate::net::{agent_client, ConnectError};
+use crate::platform::clock::rfc3339;
+use crate::platform::keys::{self, KeyError};
+
+/// Why a command failed; [`CommandError::exit_code`] says how the process exits.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{key}: {path}: {source}")]
+    MissingFile {
+        key: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    /// The install token given is not one (the message names the field).
+    #[error(transparent)]
+    Token(#[from] FieldError),
+    #[error(transparent)]
+    Enroll(#[from] EnrollError),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Server(#[from] ClientError),
+    #[error(transparent)]
+    Renewal(#[from] RenewalError),
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+impl CommandError {
+    pub fn exit_code(&self) -> u8 {
+        const RUNTIME: u8 = 1;
+        const USAGE: u8 = 2;
+        const REFUSED: u8 = 3;
+        const ALREADY_ENROLLED: u8 = 4;
+        match self {
+            CommandError::Config(_) | CommandError::MissingFile { .. } | CommandError::Token(_) => {
+                USAGE
+            }
+            CommandError::Enroll(EnrollError::AlreadyEnrolled(_)) => ALREADY_ENROLLED,
+            CommandError::Enroll(EnrollError::Hardware(_)) => USAGE,
+            CommandError::Enroll(
+                EnrollError::Server(ClientError::Refused { .. }) | EnrollError::BadAnswer(_),
+            )
+            | CommandError::Server(ClientError::Refused { .. })
+            | CommandError::Renewal(RenewalError::Server(ClientError::Refused { .. })) => REFUSED,
+            _ => RUNTIME,
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<AgentConfig, CommandError> {
+    Ok(AgentConfig::load(path)?)
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_else(|_| "null".into())
+    );
+}
+
+/// `enroll`: the token is parsed here so a bad one is a usage error, not a server refusal.
+pub async fn enroll(
+    token: String,
+    opts: impl FnOnce(InstallToken) -> EnrollOptions,
+    json: bool,
+) -> Result<(), CommandError> {
+    let opts = opts(InstallToken::try_from(token)?);
+    if !json {
+        eprintln!("Enrolling with {} (pinned {})…", opts.server, opts.pin);
+    }
+    let report = enroll::enroll(opts).await?;
+    if json {
+        print_json(&report);
+    } else {
+        println!(
+            "Enrolled machine {} (client {})",
+            report.machine_id, report.client_id
+        );
+        println!(
+            "  certificate  serial {} (key generated {}), expires {}",
+            report.serial, report.key_origin, report.certificate_expires_at
+        );
+        println!("  agent API    {}", report.api_url);
+        println!("  config       {}", report.config.display());
+    }
+    Ok(())
+}
+
+/// SIGTERM or SIGINT, registered now: a signal that arrives while the daemon is still starting
+/// (before the future is first polled) must drain and exit cleanly, not kill the process with
+/// the default action and leave TPM objects and state behind.
+fn shutdown_signal() -> Result<impl Future<Output = ()>, CommandError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(CommandError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(CommandError::Signal)?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+/// `run`: the daemon, until SIGTERM or SIGINT.
+pub async fn run(config_path: PathBuf) -> Result<(), CommandError> {
+    let config = load(&config_path)?;
+    daemon::run(config, config_path, shutdown_signal()?).await?;
+    Ok(())
+}
+
+/// `status`: what `state.json` says (no daemon needed).
+pub fn status(config_path: &Path, json: bool) -> Result<(), CommandError> {
+    let config = load(config_path)?;
+    let (state, _) = StateFile::new(&config.agent.state_dir).load_readonly();
+    if json {
+        print_json(&serde_json::json!({
+            "machine_id": config.agent.id,
+            "store": state.store,
+            "tpm_enabled": config.tpm.enabled,
+            "tpm_available": state.tpm_available,
+            "secrets": state.secrets,
+            "invalidated_versions": state.invalidated_versions,
+            "last_rotation": state.last_rotation,
+            "next_rotation_due": state.next_rotation_due,
+            "last_server_contact": state.last_server_contact,
+            "consecutive_failures": state.consecutive_failures,
+            "degraded_since": state.degraded_since,
+        }));
+        return Ok(());
+    }
+    let t = |v: Option<i64>| v.map_or_else(|| "-".to_string(), rfc3339);
+    println!("machine          {}", config.agent.id);
+    println!(
+        "secret store     {}{}",
+        if state.store.is_empty() {
+            "-"
+        } else {
+            &state.store
+        },
+        if config.tpm.enabled && !state.tpm_available {
+            " (TPM configured but unavailable: fallback)"
+        } else {
+            ""
+        }
+    );
+    for s in &state.secrets {
+        println!(
+            "secret v{:<6}  valid {} .. {}, grace until {}",
+            s.version,
+            t(Some(s.valid_from)),
+            t(Some(s.valid_until)),
+            t(Some(s.grace_until))
+        );
+    }
+    println!("last rotation    {}", t(state.last_rotation));
+    println!("next rotation    {}", t(state.next_rotation_due));
+    println!("server contact   {}", t(state.last_server_contact));
+    println!("degraded since   {}", t(state.degraded_since));
+    Ok(())
+}
+
+/// `check-config`: parses the config and checks the files it names exist.
+pub fn check_config(config_path: &Path) -> Result<(), CommandError> {
+    let config = load(config_path)?;
+    for (key, path) in [
+        ("server.client_cert", &config.server.client_cert),
+        ("server.client_key", &config.server.client_key),
+        ("server.ca_cert", &config.server.ca_cert),
+    ] {
+        std::fs::metadata(path).map_err(|source| CommandError::MissingFile {
+            key,
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+    println!(
+        "config OK: machine {} of client {}",
+        config.agent.id, config.agent.client_id
+    );
+    Ok(())
+}
+
+/// `server-status`: what the server knows of this machine's secrets (over mTLS).
+pub async fn server_status(config_path: &Path, json: bool) -> Result<(), CommandError> {
+    let config = load(config_path)?;
+    let key = keys::load(&config, None)?;
+    let status = agent_client(&config, key)?.secret_status().await?;
+    if json {
+        print_json(&status);
+        return Ok(());
+    }
+    println!("machine      {}", status.machine_id);
+    println!("client       {}", status.client_id);
+    println!(
+        "secret       {} (version {})",
+        status.state,
+        status.current_version.map_or("-".into(), |v| v.to_string())
+    );
+    println!("certificate  expires {}", status.certificate_expires_at);
+    Ok(())
+}
+
+/// `renew-cert`: a new certificate for the same key.
+pub async fn renew_cert(config_path: &Path, json: bool) -> Result<(), CommandError> {
+    let config = load(config_path)?;
+    let renewed = renewal::renew(&config).await?;
+    if json {
+        print_json(&renewed);
+    } else {
+        println!(
+            "Certificate renewed: serial {}, expires {}",
+            renewed.serial, renewed.expires_at
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,436 @@
+//! The rotation engine (seed §2.1 "Rotation Manager", DESIGN.md §4): keeps this machine's
+//! secrets fresh, its license tokens current and its state on disk.
+//!
+//! Every round ([`Engine::tick`]): follow the TPM clock, destroy secrets past their grace or
+//! invalidated, alert on a secret expired without replacement, then talk to the server
+//! ([`round`]) and settle what the outcome means: back online, or a failure with exponential
+//! backoff, alerts, and degraded mode when the server is unreachable and a rotation overdue
+//! (ACTIVE and GRACE secrets keep serving until their grace ends, or validations fail closed
+//! if the policy forbids it). The engine heals by itself when the server answers again.
+//!
+//! What to do is decided in [`decide`] (pure, tested with a made-up clock); this module and
+//! [`round`] carry it out. Management reaches the engine through its [`control`] channel.
+//! Blocking work (TPM commands, fsyncs) runs on the blocking pool.
+//!
+//! - [`decide`]: pure decisions (what is due, backoff, degraded or not, what to purge)
+//! - [`round`]: the rotation and license fetch against an [`server::AgentServer`]
+//! - [`control`]: management requests, handled between rounds
+//! - [`status`]: the status view, systemd's status line, the metrics file
+//! - [`licenses`]: token files for POS applications
+//! - [`renewal`]: a new certificate for the machine key
+//! - [`state`]: `state.json`, what the agent knows besides the secrets
+
+pub mod control;
+pub mod decide;
+pub mod licenses;
+pub mod renewal;
+pub mod round;
+pub mod server;
+pub mod state;
+pub mod status;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use license_audit::Outcome;
+use license_protocol::identity::{ClientId, MachineId};
+
+use crate::alerts::{AlertKind, Alerts};
+use crate::audit::{agent_event, Audit};
+use crate::config::{AgentConfig, DegradedPolicy};
+use crate::platform::blocking;
+use crate::platform::keys::MachineKey;
+use crate::platform::tpm::Tpm;
+use crate::stores::{SecretStore, StoreError, StoredSecret};
+use crate::validation::{Keyring, Validator};
+use decide::{Doom, Link, Override};
+use round::RotationError;
+use server::AgentServer;
+use state::{AgentState, StateFile};
+
+/// Who this machine is to the server, and the keys it proves it with.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    pub id: MachineId,
+    pub client_id: ClientId,
+    /// Signs rotate requests and opens delivered secrets.
+    pub key: Arc<dyn MachineKey>,
+    /// The server's pinned license key: signs rotate answers and tokens.
+    pub license_key: ed25519_dalek::VerifyingKey,
+}
+
+/// What the engine keeps on disk: the secrets (in their store) and `state.json`.
+#[derive(Debug)]
+pub struct Vault {
+    pub store: Arc<dyn SecretStore>,
+    pub state_file: StateFile,
+    pub state: AgentState,
+}
+
+/// Settings of the engine, from the config (reloadable ones are replaced on SIGHUP).
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub rotation_interval: u64,
+    pub poll_interval: u64,
+    /// The configured degraded-mode policy (`degraded auto` returns to it).
+    pub degraded_policy: DegradedPolicy,
+    pub metrics_file: PathBuf,
+    pub tokens_dir: PathBuf,
+}
+
+impl EngineSettings {
+    pub fn from_config(config: &AgentConfig) -> Self {
+        Self {
+            rotation_interval: config.agent.rotation_interval,
+            // Polling less often than rotating would make rotations late.
+            poll_interval: config
+                .agent
+                .poll_interval
+                .min(config.agent.rotation_interval.max(1)),
+            degraded_policy: config.agent.degraded_mode,
+            metrics_file: config.agent.metrics_file.clone(),
+            tokens_dir: config.agent.state_dir.join("tokens"),
+        }
+    }
+}
+
+/// How the engine is doing: the states it moves between and what it counts.
+#[derive(Debug, Default)]
+struct Health {
+    link: Link,
+    overridden: Override,
+    /// The version last reported expired without a replacement (alert once per version).
+    expired_alerted: Option<u64>,
+    rotations_total: u64,
+    rotations_failed: u64,
+}
+
+/// Everything the engine is made of.
+#[derive(Debug)]
+pub struct EngineParts<S> {
+    pub server: S,
+    pub machine: Machine,
+    pub vault: Vault,
+    pub validator: Arc<Validator>,
+    pub settings: EngineSettings,
+    /// The TPM, whose clock backs the rollback guard.
+    pub tpm: Option<Arc<Tpm>>,
+    pub alerts: Alerts,
+}
+
+/// The engine: owns the store, the state file and the server connection.
+pub struct Engine<S> {
+    server: S,
+    machine: Machine,
+    vault: Vault,
+    validator: Arc<Validator>,
+    settings: EngineSettings,
+    tpm: Option<Arc<Tpm>>,
+    alerts: Alerts,
+    health: Health,
+}
+
+impl<S> std::fmt::Debug for Engine<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("machine_id", &self.machine.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The keyring as the set a store saves.
+fn stored(keyring: &Keyring) -> Vec<StoredSecret> {
+    keyring
+        .entries()
+        .map(|(version, dates, secret)| StoredSecret {
+            version,
+            dates: *dates,
+            secret: secret.clone(),
+        })
+        .collect()
+}
+
+impl<S: AgentServer> Engine<S> {
+    pub fn new(parts: EngineParts<S>) -> Self {
+        let link = Link::from_persisted(parts.vault.state.degraded_since);
+        let mut keyring = parts.validator.keyring();
+        keyring.set_retired_through(parts.vault.state.retired_through);
+        parts.validator.set_keyring(keyring);
+        parts.validator.set_degraded(Override::Auto.degraded(link));
+        Self {
+            server: parts.server,
+            machine: parts.machine,
+            vault: parts.vault,
+            validator: parts.validator,
+            settings: parts.settings,
+            tpm: parts.tpm,
+            alerts: parts.alerts,
+            health: Health {
+                link,
+                ..Health::default()
+            },
+        }
+    }
+
+    fn audit(&self) -> &Audit {
+        self.alerts.audit()
+    }
+
+    fn link(&self) -> Link {
+        self.health.link
+    }
+
+    /// The validator everything here feeds (the watchdog checks it is responsive).
+    pub fn validator(&self) -> &Arc<Validator> {
+        &self.validator
+    }
+
+    /// Applies what a reloaded config may change while running.
+    pub fn reconfigure(&mut self, config: &AgentConfig) {
+        let tokens_dir = self.settings.tokens_dir.clone();
+        let metrics_file = self.settings.metrics_file.clone();
+        // Paths change at the next restart only.
+        self.settings = EngineSettings {
+            tokens_dir,
+            metrics_file,
+            ..EngineSettings::from_config(config)
+        };
+        self.set_override(self.health.overridden);
+    }
+
+    /// An administrator's degraded-mode switch.
+    fn set_override(&mut self, chosen: Override) {
+        self.health.overridden = chosen;
+        self.validator
+            .set_degraded_policy(chosen.policy(self.settings.degraded_policy));
+        self.validator.set_degraded(chosen.degraded(self.link()));
+    }
+
+    /// Feeds the TPM clock to the rollback guard (a TPM that stops answering moves the
+    /// secrets to the file store, with an alert).
+    async fn follow_tpm_clock(&mut self) {
+        let Some(tpm) = self.tpm.clone() else { return };
+        let reading = match blocking::run(move || tpm.read_clock()).await {
+            Ok(reading) => reading,
+            Err(e) => {
+                if self.vault.store.kind() == "tpm" {
+                    self.alerts
+                        .raise(
+                            AlertKind::TpmUnavailable,
+                            "the TPM stopped answering; secrets move to the encrypted file store",
+                            serde_json::json!({"reason": e.to_string()}),
+                        )
+                        .await;
+                    let store = self.vault.store.clone();
+                    let current = stored(&self.validator.keyring());
+                    blocking::run(move || store.tpm_lost(&current)).await;
+                }
+                return;
+            }
+        };
+        let clock = &self.validator.clock;
+        if let Some(floor) = decide::tpm_time_floor(
+            self.vault.state.tpm_clock,
+            reading.reset_count,
+            reading.clock_ms,
+        ) {
+            if floor > clock.now() {
+                tracing::warn!(
+                    floor,
+                    "the TPM clock is ahead of the system clock: expiry decisions follow the TPM"
+                );
+            }
+            clock.advance_to(floor);
+        }
+        self.vault.state.tpm_clock = Some((reading.reset_count, reading.clock_ms, clock.now()));
+    }
+
+    /// Alerts once per version when the newest secret has left ACTIVE with nothing newer.
+    async fn check_expiry(&mut self) {
+        let expired = decide::expired_without_replacement(
+            self.validator.keyring().newest(),
+            self.vault.state.last_rotation.is_some(),
+            self.validator.clock.now(),
+        );
+        if let Some(version) = expired {
+            if self.health.expired_alerted != Some(version) {
+                self.health.expired_alerted = Some(version);
+                self.alerts
+                    .raise(
+                        AlertKind::SecretExpired,
+                        "the newest secret expired without a replacement",
+                        serde_json::json!({"version": version}),
+                    )
+                    .await;
+            }
+        }
+    }
+
+    /// Saves state.json (with the audit anchor and the clock mark) and the metrics file.
+    pub async fn persist(&mut self) {
+        self.persist_state().await;
+        self.write_metrics().await;
+    }
+
+    async fn persist_state(&mut self) {
+        let head = self.audit().head();
+        let keyring = self.validator.keyring();
+        let link = self.link();
+        let state = &mut self.vault.state;
+        state.audit_anchor = Some((head.seq, head.hash));
+        state.store = self.vault.store.kind().to_string();
+        state.tpm_available = state.store == "tpm";
+        state.clock_high_water = self.validator.clock.high_water();
+        state.degraded_since = link.degraded_since();
+        state.retired_through = keyring.retired_through();
+        state.secrets = keyring
+            .versions()
+            .map(|(version, d)| state::SecretMeta {
+                version,
+                valid_from: d.valid_from,
+                valid_until: d.valid_until,
+                grace_until: d.grace_until,
+            })
+            .collect();
+        let (file, snapshot) = (self.vault.state_file.clone(), state.clone());
+        if let Err(e) = blocking::run(move || file.save(&snapshot)).await {
+            tracing::error!(error = %e, "cannot write state.json");
+        }
+    }
+
+    /// Replaces the in-memory and stored sets together (store first: durable before used).
+    async fn commit_keyring(&mut self, keyring: Keyring) -> Result<(), StoreError> {
+        let (store, secrets) = (self.vault.store.clone(), stored(&keyring));
+        blocking::run(move || store.save(&secrets)).await?;
+        self.validator.set_keyring(keyring);
+        Ok(())
+    }
+
+    /// Zeroizes and forgets versions past their grace and versions the server invalidated.
+    async fn purge(&mut self) {
+        let mut keyring = self.validator.keyring();
+        let doomed = decide::doomed(
+            keyring.versions(),
+            &self.vault.state.invalidated_versions,
+            self.validator.clock.now(),
+        );
+        if doomed.is_empty() {
+            return;
+        }
+        for (version, doom) in &doomed {
+            match doom {
+                Doom::PastGrace => keyring.retire(*version),
+                Doom::Invalidated => {
+                    keyring.remove(*version);
+                }
+            }
+        }
+        let versions: Vec<u64> = doomed.iter().map(|(v, _)| *v).collect();
+        match self.commit_keyring(keyring).await {
+            Ok(()) => {
+                tracing::info!(?versions, "secrets destroyed (past grace or invalidated)");
+                self.audit()
+                    .note(
+                        agent_event("secret.destroyed", Outcome::Success)
+                            .detail("versions", versions),
+                    )
+                    .await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot rewrite the secret store while destroying secrets")
+            }
+        }
+    }
+
+    /// Invalidates a version on this machine (management); losing the newest secret makes
+    /// the next round rotate.
+    async fn invalidate(&mut self, version: u64) {
+        let newest = self.validator.keyring().newest().map(|(v, _)| v);
+        self.vault.state.invalidated_versions.insert(version);
+        self.validator
+            .set_invalidated(self.vault.state.invalidated_versions.clone());
+        self.purge().await;
+        if newest == Some(version) {
+            self.vault.state.next_rotation_due = Some(self.validator.clock.now());
+        }
+    }
+
+    /// One round of work; returns how long to wait before the next.
+    pub async fn tick(&mut self) -> Duration {
+        self.follow_tpm_clock().await;
+        self.purge().await;
+        self.check_expiry().await;
+        let poll = Duration::from_secs(self.settings.poll_interval);
+        if self.health.overridden == Override::ForcedOn {
+            self.validator.set_degraded(true);
+            self.persist().await;
+            return poll;
+        }
+        let wait = match self.talk_to_server().await {
+            Ok(()) => {
+                self.back_online().await;
+                poll
+            }
+            Err(e) => self.round_failed(e).await,
+        };
+        self.persist().await;
+        wait
+    }
+
+    async fn back_online(&mut self) {
+        if let Link::Degraded { .. } = self.link() {
+            tracing::info!("server reachable again: degraded mode ended");
+            self.audit()
+                .note(agent_event("agent.degraded_mode", Outcome::Success).detail("active", false))
+                .await;
+        }
+        self.health.link = Link::Online;
+        self.vault.state.consecutive_failures = 0;
+        self.validator
+            .set_degraded(self.health.overridden.degraded(Link::Online));
+    }
+
+    async fn round_failed(&mut self, e: RotationError) -> Duration {
+        let now = self.validator.clock.now();
+        self.health.rotations_failed += 1;
+        self.audit()
+            .note(agent_event("secret.rotate", Outcome::Error).detail("reason", e.to_string()))
+            .await;
+        self.vault.state.consecutive_failures += 1;
+        let failures = self.vault.state.consecutive_failures;
+        let overdue = self.vault.state.next_rotation_due.is_none_or(|t| now >= t);
+        let after = decide::after_failure(self.link(), failures, e.unreachable(), overdue, now);
+        if after.alert_failures {
+            self.alerts
+                .raise(
+                    AlertKind::RotationFailed,
+                    &format!("secret rotation failed {failures} times in a row"),
+                    serde_json::json!({"failures": failures, "error": e.to_string()}),
+                )
+                .await;
+        } else {
+            tracing::warn!(failures, error = %e, "rotation round failed; backing off");
+        }
+        if after.entered_degraded {
+            self.audit()
+                .note(agent_event("agent.degraded_mode", Outcome::Success).detail("active", true))
+                .await;
+        }
+        if after.alert_degraded {
+            if let Link::Degraded { since, .. } = after.link {
+                self.alerts
+                    .raise(
+                        AlertKind::DegradedTooLong,
+                        "degraded mode for more than 24 h",
+                        serde_json::json!({"since": since}),
+                    )
+                    .await;
+            }
+        }
+        self.health.link = after.link;
+        self.validator
+            .set_degraded(self.health.overridden.degraded(after.link));
+        decide::backoff(failures, self.settings.poll_interval)
+    }
+}

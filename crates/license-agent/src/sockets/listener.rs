@@ -1,0 +1,222 @@
+//! One listener for both local sockets: bind (replacing a stale socket file), accept with a
+//! connection limit, the peer's credentials from the kernel (SO_PEERCRED), length-prefixed
+//! frames read within an idle timeout, and a drain at shutdown. What a connection *means* is
+//! the [`Handler`]'s business ([`super::validation`], [`super::management`]).
+//!
+//! Misbehaving peers never disturb other connections: connections beyond the limit are closed
+//! at accept, a peer silent (or trickling) past the idle timeout is closed, a frame announced
+//! over 64 KiB is reported to the handler as [`Frame::TooLarge`] (the stream cannot be
+//! resynchronised after it), an empty one as [`Frame::Empty`].
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use license_protocol::ipc::{encode_frame, frame_len, FrameError};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{watch, Semaphore};
+
+pub use crate::access::Peer;
+
+/// Time in-flight requests get to finish at shutdown.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pause after a failed accept (e.g. out of descriptors) before the next.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+/// How many connections a socket serves at once and how long a peer may stay silent.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+}
+
+/// One frame read from a connection, or why there is none.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    Payload(Vec<u8>),
+    /// End of stream, the peer idle (or too slow) past the timeout, or the agent stopping.
+    Closed,
+    /// The header announced more than the limit; the stream cannot be resynchronised.
+    TooLarge,
+    /// A zero-length frame.
+    Empty,
+}
+
+/// An accepted connection: framed reads within the idle timeout, framed JSON writes.
+#[derive(Debug)]
+pub struct Connection {
+    stream: UnixStream,
+    idle: Duration,
+    stop: watch::Receiver<bool>,
+}
+
+impl Connection {
+    /// Reads the next frame; [`Frame::Closed`] as soon as the agent is stopping (between
+    /// requests: a request in hand is answered first).
+    pub async fn read_frame(&mut self) -> std::io::Result<Frame> {
+        let stop = self.stop.clone();
+        tokio::select! {
+            frame = read_frame(&mut self.stream, self.idle) => frame,
+            () = stopped(stop) => Ok(Frame::Closed),
+        }
+    }
+
+    /// Writes one JSON frame.
+    pub async fn send(&mut self, value: &impl serde::Serialize) -> std::io::Result<()> {
+        let json = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+        self.stream.write_all(&encode_frame(&json)).await
+    }
+}
+
+/// Completes once the agent is stopping.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopping| *stopping).await;
+}
+
+async fn read_frame(stream: &mut UnixStream, idle: Duration) -> std::io::Result<Frame> {
+    let mut header = [0u8; 4];
+    if !read_within(stream, &mut header, idle).await? {
+        return Ok(Frame::Closed);
+    }
+    let len = match frame_len(header) {
+        Ok(len) => len,
+        Err(FrameError::TooLarge(_)) => return Ok(Frame::TooLarge),
+        Err(_) => return Ok(Frame::Empty),
+    };
+    let mut payload = vec![0u8; len];
+    Ok(if read_within(stream, &mut payload, idle).await? {
+        Frame::Payload(payload)
+    } else {
+        Frame::Closed
+    })
+}
+
+/// Fills `buf` within `idle`; false on end of stream or timeout.
+async fn read_within(
+    stream: &mut UnixStream,
+    buf: &mut [u8],
+    idle: Duration,
+) -> std::io::Result<bool> {
+    match tokio::time::timeout(idle, stream.read_exact(buf)).await {
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Ok(false),
+    }
+}
+
+/// What one socket does with its connections.
+pub trait Handler: Send + Sync + 'static {
+    /// The socket's name in logs.
+    const NAME: &'static str;
+    /// Serves one connection until it ends.
+    fn connection(
+        self: Arc<Self>,
+        conn: Connection,
+        peer: Peer,
+    ) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+/// A bound local socket.
+#[derive(Debug)]
+pub struct Listener {
+    inner: UnixListener,
+    path: PathBuf,
+}
+
+impl Listener {
+    /// Binds `path`, replacing a stale socket file. The file is 0666 because access is decided
+    /// per connection from the peer's credentials, not by file permissions.
+    pub fn bind(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("{} is served by another process", path.display()),
+                ))
+            }
+            Err(_) if path.exists() => std::fs::remove_file(path)?,
+            Err(_) => {}
+        }
+        let inner = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        Ok(Self {
+            inner,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Serves connections with `handler` until `stop` turns true, then drains: every
+    /// connection finishes the request in hand (within [`DRAIN_TIMEOUT`]) and the socket file
+    /// is removed.
+    pub async fn serve<H: Handler>(
+        self,
+        handler: Arc<H>,
+        limits: Limits,
+        stop: watch::Receiver<bool>,
+    ) {
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        loop {
+            let stream = tokio::select! {
+                () = stopped(stop.clone()) => break,
+                accepted = self.inner.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, socket = H::NAME, "accept failed");
+                        tokio::time::sleep(ACCEPT_RETRY).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(
+                    socket = H::NAME,
+                    "connection limit reached; closing a new connection"
+                );
+                continue;
+            };
+            let peer = match stream.peer_cred() {
+                Ok(cred) => Peer {
+                    uid: cred.uid(),
+                    gid: cred.gid(),
+                    pid: cred.pid(),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, socket = H::NAME, "no peer credentials; closing");
+                    continue;
+                }
+            };
+            let conn = Connection {
+                stream,
+                idle: limits.idle_timeout,
+                stop: stop.clone(),
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                if let Err(e) = handler.connection(conn, peer).await {
+                    tracing::debug!(error = %e, socket = H::NAME, "connection ended");
+                }
+            });
+        }
+        drop(self.inner);
+        let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+        if tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                socket = H::NAME,
+                "drain timeout: closing the remaining connections"
+            );
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
