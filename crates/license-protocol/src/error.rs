@@ -1,13 +1,210 @@
 //! The JSON error body of every server endpoint: a stable machine code and a human sentence.
+//!
+//! The codes are one enum, [`ErrorCode`], so the server cannot send a misspelt one and a client
+//! matches on variants instead of strings. On the wire a code is its snake_case name, exactly
+//! as before the enum existed; a code this build does not know reads as
+//! [`ErrorCode::Unrecognized`], so an older agent still understands a newer server's answer.
 
 use serde::{Deserialize, Serialize};
 
+/// Stable code of a refused request. A code is never renamed or reused for another meaning
+/// (docs/PROTOCOL.md lists which route answers which, with its HTTP status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    // --- any route -------------------------------------------------------------------------
+    /// Not JSON, a field missing, malformed or unknown (the message names it).
+    InvalidRequest,
+    /// The body is not declared as `application/json`.
+    UnsupportedMediaType,
+    /// The body is larger than the listener reads.
+    BodyTooLarge,
+    /// Something failed inside the server; the details are in its log, never in the answer.
+    InternalError,
+
+    // --- enrollment and recovery (public listener) -------------------------------------------
+    /// No such install token.
+    TokenUnknown,
+    /// The install token was already consumed.
+    TokenAlreadyUsed,
+    /// The install token is past its expiry.
+    TokenExpired,
+    /// The CSR does not parse, is too large, or its signature does not verify.
+    InvalidCsr,
+    /// Another enrollment, renewal or recovery of the same machine is in progress; retry.
+    ConcurrentEnrollment,
+    /// Unknown machine, wrong or spent recovery token: one answer for all of them.
+    RecoveryRefused,
+    /// Too many bootstrap or recovery attempts from one address.
+    RateLimited,
+    /// The machine is revoked (enrollment, recovery, or any agent request).
+    MachineRevoked,
+
+    // --- agent listener: the presented certificate ----------------------------------------
+    /// No client certificate was presented.
+    CertificateRequired,
+    /// The certificate's CN is not `client_id:machine_id`, or not the certificate's machine.
+    BadCertificateCn,
+    /// The certificate's serial is not known to the server.
+    UnknownCertificate,
+    /// The certificate was revoked by an administrator.
+    CertificateRevoked,
+    /// The certificate was replaced by a newer one (renewal, re-enrollment, recovery).
+    CertificateSuperseded,
+    /// The certificate is past its expiry.
+    CertificateExpired,
+
+    // --- agent listener: secret rotation ----------------------------------------------------
+    /// `agent_id` is not the machine of the presented certificate.
+    AgentIdMismatch,
+    /// The request's timestamp is too far from the server's clock.
+    StaleRequest,
+    /// The request's signature is malformed or does not verify.
+    BadSignature,
+    /// The certificate's key is not one secrets can be delivered to (P-256).
+    UnsupportedKey,
+    /// The request's nonce was already used.
+    ReplayedRequest,
+    /// A secret version the server never issued.
+    UnknownVersion,
+    /// A secret version that can no longer be acknowledged.
+    VersionNotPending,
+
+    // --- admin listener ---------------------------------------------------------------------
+    /// Missing, unknown or revoked admin token.
+    Unauthorized,
+    /// The admin token's role does not allow this request.
+    Forbidden,
+    /// The named object (or download) does not exist.
+    NotFound,
+    /// The request contradicts the current state (duplicate, already revoked, …).
+    Conflict,
+
+    /// A code this build does not know (sent by a newer server). Never sent by the server.
+    #[serde(other)]
+    Unrecognized,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::BodyTooLarge => "body_too_large",
+            ErrorCode::InternalError => "internal_error",
+            ErrorCode::TokenUnknown => "token_unknown",
+            ErrorCode::TokenAlreadyUsed => "token_already_used",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::InvalidCsr => "invalid_csr",
+            ErrorCode::ConcurrentEnrollment => "concurrent_enrollment",
+            ErrorCode::RecoveryRefused => "recovery_refused",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::MachineRevoked => "machine_revoked",
+            ErrorCode::CertificateRequired => "certificate_required",
+            ErrorCode::BadCertificateCn => "bad_certificate_cn",
+            ErrorCode::UnknownCertificate => "unknown_certificate",
+            ErrorCode::CertificateRevoked => "certificate_revoked",
+            ErrorCode::CertificateSuperseded => "certificate_superseded",
+            ErrorCode::CertificateExpired => "certificate_expired",
+            ErrorCode::AgentIdMismatch => "agent_id_mismatch",
+            ErrorCode::StaleRequest => "stale_request",
+            ErrorCode::BadSignature => "bad_signature",
+            ErrorCode::UnsupportedKey => "unsupported_key",
+            ErrorCode::ReplayedRequest => "replayed_request",
+            ErrorCode::UnknownVersion => "unknown_version",
+            ErrorCode::VersionNotPending => "version_not_pending",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Unrecognized => "unrecognized",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// `{"error": "<code>", "message": "<sentence>"}`. Codes are stable; messages may change and
 /// never contain secrets.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApiError {
     /// Stable code, e.g. `token_already_used`, `invalid_csr`, `machine_revoked`.
-    pub error: String,
+    pub error: ErrorCode,
     /// One human-readable sentence naming the problem.
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every code but `Unrecognized`, which the server never sends.
+    const SENT: [ErrorCode; 29] = [
+        ErrorCode::InvalidRequest,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::BodyTooLarge,
+        ErrorCode::InternalError,
+        ErrorCode::TokenUnknown,
+        ErrorCode::TokenAlreadyUsed,
+        ErrorCode::TokenExpired,
+        ErrorCode::InvalidCsr,
+        ErrorCode::ConcurrentEnrollment,
+        ErrorCode::RecoveryRefused,
+        ErrorCode::RateLimited,
+        ErrorCode::MachineRevoked,
+        ErrorCode::CertificateRequired,
+        ErrorCode::BadCertificateCn,
+        ErrorCode::UnknownCertificate,
+        ErrorCode::CertificateRevoked,
+        ErrorCode::CertificateSuperseded,
+        ErrorCode::CertificateExpired,
+        ErrorCode::AgentIdMismatch,
+        ErrorCode::StaleRequest,
+        ErrorCode::BadSignature,
+        ErrorCode::UnsupportedKey,
+        ErrorCode::ReplayedRequest,
+        ErrorCode::UnknownVersion,
+        ErrorCode::VersionNotPending,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::Conflict,
+    ];
+
+    #[test]
+    fn wire_form_is_as_str_and_round_trips() {
+        for code in SENT {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert_eq!(code.to_string(), code.as_str());
+            assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
+        }
+    }
+
+    #[test]
+    fn body_is_unchanged_on_the_wire() {
+        let body = ApiError {
+            error: ErrorCode::TokenAlreadyUsed,
+            message: "install token has already been used".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&body).unwrap(),
+            r#"{"error":"token_already_used","message":"install token has already been used"}"#
+        );
+    }
+
+    #[test]
+    fn newer_codes_read_as_unrecognized() {
+        let body: ApiError =
+            serde_json::from_str(r#"{"error":"some_future_code","message":"x"}"#).unwrap();
+        assert_eq!(body.error, ErrorCode::Unrecognized);
+    }
 }
