@@ -19,7 +19,8 @@ use license_server::http::{self, Listeners};
 use license_server::service::admin::{Admin, AdminError};
 use license_server::service::licenses::LicenseRequest;
 use license_server::service::{AppState, Settings};
-use license_server::store::{Role, Store};
+use license_server::store::admin_tokens::Role;
+use license_server::store::Store;
 use serde_json::json;
 
 use cli::{

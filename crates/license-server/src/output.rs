@@ -3,10 +3,13 @@
 use license_protocol::agent_api::LicenseToken;
 use license_server::clock::Timestamp;
 use license_server::service::admin::PurgeReport;
-use license_server::store::{
-    AuditEvent, CertificateRecord, CertificateStats, ClientRecord, InstallTokenRecord,
-    LicenseRecord, MachineRecord, SecretRecord,
-};
+use license_server::store::audit::AuditEvent;
+use license_server::store::certificates::{CertificateRecord, CertificateStats};
+use license_server::store::clients::ClientRecord;
+use license_server::store::install_tokens::InstallTokenRecord;
+use license_server::store::licenses::LicenseRecord;
+use license_server::store::machines::MachineRecord;
+use license_server::store::secrets::SecretRecord;
 use serde::Serialize;
 
 pub fn json<T: Serialize + ?Sized>(value: &T) {

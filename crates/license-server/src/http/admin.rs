@@ -6,7 +6,7 @@ use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use license_protocol::error::ApiError;
+use license_protocol::error::{ApiError, ErrorCode};
 use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -20,10 +20,14 @@ use crate::clock::Timestamp;
 use crate::service::admin::{Admin, AdminError, CreatedInstallToken, PurgeReport};
 use crate::service::licenses::{IssuedLicense, LicenseRequest};
 use crate::service::{credential_hash, SharedState};
-use crate::store::{
-    AdminTokenRecord, AuditEvent, CertificateRecord, CertificateStats, ClientRecord,
-    InstallTokenRecord, LicenseRecord, MachineRecord, Role, SecretRecord,
-};
+use crate::store::admin_tokens::{self, AdminTokenRecord, Role};
+use crate::store::audit::AuditEvent;
+use crate::store::certificates::{CertificateRecord, CertificateStats};
+use crate::store::clients::ClientRecord;
+use crate::store::install_tokens::InstallTokenRecord;
+use crate::store::licenses::LicenseRecord;
+use crate::store::machines::MachineRecord;
+use crate::store::secrets::SecretRecord;
 
 /// The authenticated caller of an admin request.
 #[derive(Debug, Clone)]
@@ -47,32 +51,21 @@ pub async fn authenticate(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let Some(token) = token else {
-        return ApiFailure::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing `Authorization: Bearer <token>`",
-        )
-        .into_response();
+        let message = "missing `Authorization: Bearer <token>`";
+        return ApiFailure::refused(ErrorCode::Unauthorized, message).into_response();
     };
-    let record = match state
-        .store
-        .admin_token(&credential_hash(token.trim()))
-        .await
+    let record = match admin_tokens::find(state.store.pool(), &credential_hash(token.trim())).await
     {
         Ok(Some(record)) => record,
         Ok(None) => {
-            return ApiFailure::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "unknown or revoked admin token",
-            )
-            .into_response()
+            let message = "unknown or revoked admin token";
+            return ApiFailure::refused(ErrorCode::Unauthorized, message).into_response();
         }
         Err(e) => return ApiFailure::from(e).into_response(),
     };
     if record.role == Role::Readonly && req.method() != Method::GET {
-        return ApiFailure::new(StatusCode::FORBIDDEN, "forbidden", "this token is readonly")
-            .into_response();
+        let message = "this token is readonly";
+        return ApiFailure::refused(ErrorCode::Forbidden, message).into_response();
     }
     req.extensions_mut().insert(AdminPrincipal(record));
     next.run(req).await

@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -16,7 +15,7 @@ use license_protocol::agent_api::{
     MachineLicenses, RenewCertificateRequest, RenewCertificateResponse, SecretStatus,
     ValidateLicenseRequest, ValidateLicenseResponse,
 };
-use license_protocol::error::ApiError;
+use license_protocol::error::{ApiError, ErrorCode};
 use license_protocol::identity::MachineIdentity;
 use license_protocol::rotation::{AckRequest, RotateSecretRequest, RotateSecretResponse};
 use utoipa_axum::router::OpenApiRouter;
@@ -26,7 +25,7 @@ use super::error::{ApiFailure, ApiJson};
 use super::listener::{ConnInfo, PeerCertificate};
 use crate::clock::Timestamp;
 use crate::service::{enroll, licenses, secrets, SharedState};
-use crate::store::CertState;
+use crate::store::certificates::{self, CertState};
 
 /// Largest request body the agent listener reads.
 pub const MAX_AGENT_BODY_BYTES: usize = 64 * 1024;
@@ -51,8 +50,8 @@ pub fn router() -> OpenApiRouter<SharedState> {
         .routes(routes!(renew_certificate))
 }
 
-fn refuse(code: &'static str, message: &str) -> Response {
-    ApiFailure::new(StatusCode::FORBIDDEN, code, message).into_response()
+fn refuse(code: ErrorCode, message: &str) -> Response {
+    ApiFailure::refused(code, message).into_response()
 }
 
 /// Middleware: turns the connection's certificate into an [`AuthenticatedMachine`] or 403.
@@ -63,27 +62,25 @@ pub async fn authenticate(
     next: Next,
 ) -> Response {
     let Some(peer) = conn.peer else {
-        return ApiFailure::new(
-            StatusCode::UNAUTHORIZED,
-            "certificate_required",
+        return refuse(
+            ErrorCode::CertificateRequired,
             "a client certificate is required",
-        )
-        .into_response();
+        );
     };
     let identity = match &peer.identity {
         Ok(identity) => *identity,
         Err(e) => {
             return refuse(
-                "bad_certificate_cn",
+                ErrorCode::BadCertificateCn,
                 &format!("certificate CN refused: {e}"),
             )
         }
     };
-    let auth = match state.store.certificate_auth(&peer.serial).await {
+    let auth = match certificates::auth(state.store.pool(), &peer.serial).await {
         Ok(Some(auth)) => auth,
         Ok(None) => {
             return refuse(
-                "unknown_certificate",
+                ErrorCode::UnknownCertificate,
                 "certificate is not known to this server",
             )
         }
@@ -93,25 +90,30 @@ pub async fn authenticate(
         || auth.client_id != identity.client_id.to_string()
     {
         return refuse(
-            "bad_certificate_cn",
+            ErrorCode::BadCertificateCn,
             "certificate CN does not match the certificate's machine",
         );
     }
     if auth.machine_revoked {
-        return refuse("machine_revoked", "this machine is revoked");
+        return refuse(ErrorCode::MachineRevoked, "this machine is revoked");
     }
     match auth.state {
         CertState::Active => {}
-        CertState::Revoked => return refuse("certificate_revoked", "this certificate is revoked"),
+        CertState::Revoked => {
+            return refuse(ErrorCode::CertificateRevoked, "this certificate is revoked")
+        }
         CertState::Superseded => {
             return refuse(
-                "certificate_superseded",
+                ErrorCode::CertificateSuperseded,
                 "this certificate was replaced by a newer one",
             )
         }
     }
     if auth.expires_at <= Timestamp::now() {
-        return refuse("certificate_expired", "this certificate has expired");
+        return refuse(
+            ErrorCode::CertificateExpired,
+            "this certificate has expired",
+        );
     }
     req.extensions_mut().insert(AuthenticatedMachine {
         identity,

@@ -1,4 +1,5 @@
-//! The one place where internal errors become HTTP statuses and stable JSON error codes.
+//! The one place where internal errors become HTTP statuses and stable JSON error codes: each
+//! service error names its [`ErrorCode`], and [`status_of`] gives every code its status.
 //! Internal details (database messages) are logged, never sent.
 
 use axum::extract::rejection::JsonRejection;
@@ -6,23 +7,56 @@ use axum::extract::FromRequest;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use license_protocol::error::ApiError;
+use license_protocol::error::{ApiError, ErrorCode};
 
 use crate::service::admin::AdminError;
 use crate::service::enroll::EnrollError;
 use crate::service::recover::RecoverError;
 use crate::service::secrets::RotationError;
+use crate::store::StoreError;
+
+/// The HTTP status of each code. `invalid_request` is 400 here; a JSON body that parses but
+/// does not fit its type is 422 (axum's status, kept by [`ApiJson`]).
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::InvalidRequest | ErrorCode::InvalidCsr => StatusCode::BAD_REQUEST,
+        ErrorCode::StaleRequest | ErrorCode::UnsupportedKey => StatusCode::BAD_REQUEST,
+        ErrorCode::TokenUnknown | ErrorCode::RecoveryRefused => StatusCode::UNAUTHORIZED,
+        ErrorCode::CertificateRequired | ErrorCode::BadSignature => StatusCode::UNAUTHORIZED,
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::MachineRevoked | ErrorCode::AgentIdMismatch | ErrorCode::Forbidden => {
+            StatusCode::FORBIDDEN
+        }
+        ErrorCode::BadCertificateCn
+        | ErrorCode::UnknownCertificate
+        | ErrorCode::CertificateRevoked
+        | ErrorCode::CertificateSuperseded
+        | ErrorCode::CertificateExpired => StatusCode::FORBIDDEN,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::ConcurrentEnrollment | ErrorCode::Conflict => StatusCode::CONFLICT,
+        ErrorCode::ReplayedRequest | ErrorCode::UnknownVersion => StatusCode::CONFLICT,
+        ErrorCode::VersionNotPending => StatusCode::CONFLICT,
+        ErrorCode::TokenAlreadyUsed | ErrorCode::TokenExpired => StatusCode::GONE,
+        ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        // Unrecognized is never sent; should it ever be, it is the server's fault.
+        ErrorCode::InternalError | ErrorCode::Unrecognized => StatusCode::INTERNAL_SERVER_ERROR,
+        // ErrorCode is non_exhaustive: a code added to the protocol before the server maps it.
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
 
 /// An error answer: status, stable code, one sentence.
 #[derive(Debug)]
 pub struct ApiFailure {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl ApiFailure {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -30,13 +64,22 @@ impl ApiFailure {
         }
     }
 
-    fn internal(e: &dyn std::fmt::Display) -> Self {
-        tracing::error!(error = %e, "internal error");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            "internal error; see the server log",
-        )
+    /// A refusal with its code's status ([`status_of`]).
+    pub fn refused(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::new(status_of(code), code, message)
+    }
+
+    /// A service error: its code and sentence, unless it is internal, in which case the
+    /// details go to the log and the caller learns only that it failed.
+    fn from_service(code: ErrorCode, e: &dyn std::fmt::Display) -> Self {
+        if code == ErrorCode::InternalError {
+            tracing::error!(error = %e, "internal error");
+            return Self::refused(
+                ErrorCode::InternalError,
+                "internal error; see the server log",
+            );
+        }
+        Self::refused(code, e.to_string())
     }
 }
 
@@ -45,7 +88,7 @@ impl IntoResponse for ApiFailure {
         (
             self.status,
             Json(ApiError {
-                error: self.code.to_string(),
+                error: self.code,
                 message: self.message,
             }),
         )
@@ -53,63 +96,33 @@ impl IntoResponse for ApiFailure {
     }
 }
 
+impl From<StoreError> for ApiFailure {
+    fn from(e: StoreError) -> Self {
+        Self::from_service(ErrorCode::InternalError, &e)
+    }
+}
+
 impl From<EnrollError> for ApiFailure {
     fn from(e: EnrollError) -> Self {
-        let status = match &e {
-            EnrollError::TokenUnknown => StatusCode::UNAUTHORIZED,
-            EnrollError::TokenAlreadyUsed | EnrollError::TokenExpired => StatusCode::GONE,
-            EnrollError::MachineRevoked => StatusCode::FORBIDDEN,
-            EnrollError::Csr(_) => StatusCode::BAD_REQUEST,
-            EnrollError::Concurrent => StatusCode::CONFLICT,
-            EnrollError::Pki(_) | EnrollError::Store(_) => return Self::internal(&e),
-        };
-        Self::new(status, e.code(), e.to_string())
+        Self::from_service(e.code(), &e)
     }
 }
 
 impl From<RecoverError> for ApiFailure {
     fn from(e: RecoverError) -> Self {
-        let status = match &e {
-            RecoverError::Refused(_) => StatusCode::UNAUTHORIZED,
-            RecoverError::MachineRevoked => StatusCode::FORBIDDEN,
-            RecoverError::Csr(_) => StatusCode::BAD_REQUEST,
-            RecoverError::Concurrent => StatusCode::CONFLICT,
-            RecoverError::Pki(_) | RecoverError::Store(_) => return Self::internal(&e),
-        };
-        Self::new(status, e.code(), e.to_string())
-    }
-}
-
-impl From<crate::store::StoreError> for ApiFailure {
-    fn from(e: crate::store::StoreError) -> Self {
-        Self::internal(&e)
+        Self::from_service(e.code(), &e)
     }
 }
 
 impl From<AdminError> for ApiFailure {
     fn from(e: AdminError) -> Self {
-        let status = match &e {
-            AdminError::NotFound { .. } => StatusCode::NOT_FOUND,
-            AdminError::InvalidInput { .. } => StatusCode::BAD_REQUEST,
-            AdminError::Conflict(_) => StatusCode::CONFLICT,
-            AdminError::Store(_) => return Self::internal(&e),
-        };
-        Self::new(status, e.code(), e.to_string())
+        Self::from_service(e.code(), &e)
     }
 }
 
 impl From<RotationError> for ApiFailure {
     fn from(e: RotationError) -> Self {
-        let status = match &e {
-            RotationError::AgentIdMismatch => StatusCode::FORBIDDEN,
-            RotationError::StaleRequest | RotationError::UnsupportedKey => StatusCode::BAD_REQUEST,
-            RotationError::BadSignature => StatusCode::UNAUTHORIZED,
-            RotationError::Replayed
-            | RotationError::UnknownVersion(_)
-            | RotationError::NotPending(..) => StatusCode::CONFLICT,
-            RotationError::Store(_) => return Self::internal(&e),
-        };
-        Self::new(status, e.code(), e.to_string())
+        Self::from_service(e.code(), &e)
     }
 }
 
@@ -134,12 +147,8 @@ pub async fn refuse_oversized(
             if len <= DRAIN_BEFORE_413_BYTES as u64 {
                 let _ = axum::body::to_bytes(req.into_body(), DRAIN_BEFORE_413_BYTES).await;
             }
-            ApiFailure::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("request body is larger than {limit} bytes"),
-            )
-            .into_response()
+            let message = format!("request body is larger than {limit} bytes");
+            ApiFailure::refused(ErrorCode::BodyTooLarge, message).into_response()
         }
         _ => next.run(req).await,
     }
@@ -163,9 +172,9 @@ where
             Err(rejection) => {
                 let status = rejection.status();
                 let code = match status {
-                    StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-                    _ => "invalid_request",
+                    StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::BodyTooLarge,
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+                    _ => ErrorCode::InvalidRequest,
                 };
                 // body_text() carries serde's message, which names the field and position.
                 Err(ApiFailure::new(status, code, rejection.body_text()))

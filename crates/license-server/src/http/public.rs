@@ -13,7 +13,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use license_protocol::enroll::{
     BootstrapRequest, BootstrapResponse, RecoverRequest, RecoverResponse,
 };
-use license_protocol::error::ApiError;
+use license_protocol::error::{ApiError, ErrorCode};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -48,12 +48,8 @@ pub async fn rate_limit(
     if RATE_LIMITED_PATHS.contains(&req.uri().path())
         && limiter.check_key(&conn.remote.ip()).is_err()
     {
-        let mut response = ApiFailure::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many enrollment attempts from this address; retry in a minute",
-        )
-        .into_response();
+        let message = "too many enrollment attempts from this address; retry in a minute";
+        let mut response = ApiFailure::refused(ErrorCode::RateLimited, message).into_response();
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
@@ -150,13 +146,8 @@ async fn download(
     State(state): State<SharedState>,
     Path((channel, file)): Path<(String, String)>,
 ) -> Result<Response, ApiFailure> {
-    let not_found = || {
-        ApiFailure::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no download {channel}/{file}"),
-        )
-    };
+    let not_found =
+        || ApiFailure::refused(ErrorCode::NotFound, format!("no download {channel}/{file}"));
     if !safe_component(&channel) || !safe_component(&file) {
         return Err(not_found());
     }

@@ -7,13 +7,18 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use sqlx::AnyConnection;
 
+use license_protocol::error::ErrorCode;
+use license_protocol::identity::{ClientId, MachineId};
+
 use super::{new_credential, AppState};
 use crate::clock::Timestamp;
-use crate::store::{
-    insert_audit, AdminTokenRecord, AuditEvent, CertificateRecord, CertificateStats, ClientRecord,
-    InstallTokenRecord, MachineRecord, NewAuditEvent, Role, Store, StoreError, WriteTx,
-};
-use license_protocol::identity::{ClientId, MachineId};
+use crate::store::admin_tokens::{self, AdminTokenRecord, Role};
+use crate::store::audit::{self, AuditEvent, NewAuditEvent};
+use crate::store::certificates::{self, CertificateRecord, CertificateStats};
+use crate::store::clients::{self, ClientRecord};
+use crate::store::install_tokens::{self, InstallTokenRecord};
+use crate::store::machines::{self, MachineRecord};
+use crate::store::{Store, StoreError, WriteTx};
 
 /// Longest client name accepted.
 pub const MAX_CLIENT_NAME_LEN: usize = 200;
@@ -35,12 +40,20 @@ pub enum AdminError {
 }
 
 impl AdminError {
-    pub fn code(&self) -> &'static str {
+    /// Stable code for the JSON error body and the audit trail.
+    pub fn code(&self) -> ErrorCode {
         match self {
-            AdminError::NotFound { .. } => "not_found",
-            AdminError::InvalidInput { .. } => "invalid_request",
-            AdminError::Conflict(_) => "conflict",
-            AdminError::Store(_) => "internal_error",
+            AdminError::NotFound { .. } => ErrorCode::NotFound,
+            AdminError::InvalidInput { .. } => ErrorCode::InvalidRequest,
+            AdminError::Conflict(_) => ErrorCode::Conflict,
+            AdminError::Store(_) => ErrorCode::InternalError,
+        }
+    }
+
+    pub(super) fn machine_not_found(id: &str) -> Self {
+        AdminError::NotFound {
+            what: "machine",
+            id: id.to_string(),
         }
     }
 }
@@ -133,34 +146,19 @@ impl<'a> Admin<'a> {
         details: Value,
         result: Result<T>,
     ) -> Result<T> {
-        let at = Timestamp::now();
         match result {
             Ok(value) => {
-                let event = NewAuditEvent {
-                    at,
-                    actor: &self.actor,
-                    action,
-                    target,
-                    outcome: "success",
-                    details,
-                };
-                insert_audit(&mut tx, &event).await?;
+                let event =
+                    NewAuditEvent::success(Timestamp::now(), &self.actor, action, target, details);
+                audit::insert(&mut *tx, &event).await?;
                 tx.commit().await?;
                 Ok(value)
             }
             Err(e) => {
                 tx.rollback().await?;
-                let mut details = details;
-                details["reason"] = json!(e.code());
-                let event = NewAuditEvent {
-                    at,
-                    actor: &self.actor,
-                    action,
-                    target,
-                    outcome: "refused",
-                    details,
-                };
-                self.store().audit(&event).await?;
+                let event =
+                    NewAuditEvent::refused(&self.actor, action, target, details, e.code().as_str());
+                audit::insert(self.store().pool(), &event).await?;
                 Err(e)
             }
         }
@@ -180,7 +178,7 @@ impl<'a> Admin<'a> {
     }
 
     pub async fn list_clients(&self) -> Result<Vec<ClientRecord>> {
-        Ok(self.store().list_clients().await?)
+        Ok(clients::list(self.store().pool()).await?)
     }
 
     // --- install tokens ----------------------------------------------------------------------
@@ -217,7 +215,10 @@ impl<'a> Admin<'a> {
                 message: "must be between 1 minute and 30 days".into(),
             });
         }
-        if self.store().get_client(client_id).await?.is_none() {
+        if clients::get(self.store().pool(), client_id)
+            .await?
+            .is_none()
+        {
             return Err(AdminError::NotFound {
                 what: "client",
                 id: client_id.to_string(),
@@ -227,9 +228,8 @@ impl<'a> Admin<'a> {
         let now = Timestamp::now();
         let id = uuid::Uuid::new_v4().to_string();
         let ttl = i64::try_from(ttl).unwrap_or(i64::MAX);
-        let record =
-            Store::create_install_token(conn, &id, &hash, client_id, now, now.plus_secs(ttl))
-                .await?;
+        let expires_at = now.plus_secs(ttl);
+        let record = install_tokens::create(conn, &id, &hash, client_id, now, expires_at).await?;
         let keys = &self.state.keys;
         let install_command = format!(
             "curl -fsSL -k --pinnedpubkey '{}' {}/install.sh | sudo bash -s -- {}",
@@ -248,24 +248,20 @@ impl<'a> Admin<'a> {
         &self,
         client_id: Option<&str>,
     ) -> Result<Vec<InstallTokenRecord>> {
-        Ok(self.store().list_install_tokens(client_id).await?)
+        Ok(install_tokens::list(self.store().pool(), client_id).await?)
     }
 
     // --- machines ----------------------------------------------------------------------------
 
     pub async fn list_machines(&self, client_id: Option<&str>) -> Result<Vec<MachineRecord>> {
-        Ok(self.store().list_machines(client_id).await?)
+        Ok(machines::list(self.store().pool(), client_id).await?)
     }
 
     pub async fn get_machine(&self, id: &str) -> Result<MachineRecord> {
         let _: MachineId = parse_id("machine_id", id)?;
-        self.store()
-            .get_machine(id)
+        machines::get(self.store().pool(), id)
             .await?
-            .ok_or_else(|| AdminError::NotFound {
-                what: "machine",
-                id: id.to_string(),
-            })
+            .ok_or_else(|| AdminError::machine_not_found(id))
     }
 
     /// Blocks one machine: its requests are refused from the next one on, on every replica.
@@ -287,13 +283,10 @@ impl<'a> Admin<'a> {
         let mut tx = self.begin().await?;
         let result = async {
             let _: MachineId = parse_id("machine_id", id)?;
-            if !Store::set_machine_revoked(&mut tx, id, at).await? {
-                return Err(AdminError::NotFound {
-                    what: "machine",
-                    id: id.to_string(),
-                });
-            }
-            Ok(())
+            let found = machines::set_revoked(&mut tx, id, at).await?;
+            found
+                .then_some(())
+                .ok_or_else(|| AdminError::machine_not_found(id))
         }
         .await;
         self.finish(tx, action, Some(id), json!({}), result).await?;
@@ -304,13 +297,10 @@ impl<'a> Admin<'a> {
         let mut tx = self.begin().await?;
         let result = async {
             let _: MachineId = parse_id("machine_id", id)?;
-            if !Store::delete_machine(&mut tx, id).await? {
-                return Err(AdminError::NotFound {
-                    what: "machine",
-                    id: id.to_string(),
-                });
-            }
-            Ok(())
+            let found = machines::delete(&mut tx, id).await?;
+            found
+                .then_some(())
+                .ok_or_else(|| AdminError::machine_not_found(id))
         }
         .await;
         self.finish(tx, "machine.delete", Some(id), json!({}), result)
@@ -320,7 +310,7 @@ impl<'a> Admin<'a> {
     // --- certificates ------------------------------------------------------------------------
 
     pub async fn certificate_stats(&self) -> Result<CertificateStats> {
-        Ok(self.store().certificate_stats(Timestamp::now()).await?)
+        Ok(certificates::stats(self.store().pool(), Timestamp::now()).await?)
     }
 
     pub async fn list_certificates(
@@ -328,10 +318,8 @@ impl<'a> Admin<'a> {
         machine_id: Option<&str>,
         client_id: Option<&str>,
     ) -> Result<Vec<CertificateRecord>> {
-        Ok(self
-            .store()
-            .list_certificates(machine_id, client_id, Timestamp::now())
-            .await?)
+        let now = Timestamp::now();
+        Ok(certificates::list(self.store().pool(), machine_id, client_id, now).await?)
     }
 
     pub async fn revoke_certificate(&self, serial: &str) -> Result<CertificateRecord> {
@@ -339,7 +327,7 @@ impl<'a> Admin<'a> {
         let mut tx = self.begin().await?;
         let result = async {
             check_serial(&serial)?;
-            if Store::revoke_certificate(&mut tx, &serial, Timestamp::now()).await? {
+            if certificates::revoke(&mut tx, &serial, Timestamp::now()).await? {
                 Ok(())
             } else {
                 Err(self.why_not(&serial, "active").await)
@@ -356,7 +344,7 @@ impl<'a> Admin<'a> {
         let mut tx = self.begin().await?;
         let result = async {
             check_serial(&serial)?;
-            match Store::restore_certificate(&mut tx, &serial).await {
+            match certificates::restore(&mut tx, &serial).await {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(self.why_not(&serial, "revoked").await),
                 Err(StoreError::Conflict(_)) => Err(AdminError::Conflict(format!(
@@ -373,7 +361,7 @@ impl<'a> Admin<'a> {
 
     pub async fn purge_certificates(&self) -> Result<PurgeReport> {
         let mut tx = self.begin().await?;
-        let result = Store::purge_certificates(&mut tx, Timestamp::now())
+        let result = certificates::purge(&mut tx, Timestamp::now())
             .await
             .map(|purged| PurgeReport { purged })
             .map_err(AdminError::from);
@@ -383,8 +371,7 @@ impl<'a> Admin<'a> {
     }
 
     async fn certificate(&self, serial: &str) -> Result<CertificateRecord> {
-        self.store()
-            .get_certificate(serial, Timestamp::now())
+        certificates::get(self.store().pool(), serial, Timestamp::now())
             .await?
             .ok_or_else(|| AdminError::NotFound {
                 what: "certificate",
@@ -410,15 +397,14 @@ impl<'a> Admin<'a> {
             check_name("name", name)?;
             let (token, hash) = new_credential("lat_");
             let id = uuid::Uuid::new_v4().to_string();
-            let record =
-                Store::create_admin_token(&mut tx, &id, &hash, name, role, Timestamp::now())
-                    .await
-                    .map_err(|e| match e {
-                        StoreError::Conflict(_) => {
-                            AdminError::Conflict("token collision; retry".into())
-                        }
-                        e => e.into(),
-                    })?;
+            let record = admin_tokens::create(&mut tx, &id, &hash, name, role, Timestamp::now())
+                .await
+                .map_err(|e| match e {
+                    StoreError::Conflict(_) => {
+                        AdminError::Conflict("token collision; retry".into())
+                    }
+                    e => e.into(),
+                })?;
             Ok(CreatedAdminToken {
                 token: token.to_string(),
                 record,
@@ -436,10 +422,8 @@ impl<'a> Admin<'a> {
     }
 
     pub async fn audit_events(&self, since_seq: i64, limit: i64) -> Result<Vec<AuditEvent>> {
-        Ok(self
-            .store()
-            .list_audit(since_seq, limit.clamp(1, 10_000))
-            .await?)
+        let limit = limit.clamp(1, 10_000);
+        Ok(audit::list(self.store().pool(), since_seq, limit).await?)
     }
 }
 
@@ -467,7 +451,7 @@ fn check_name(field: &'static str, name: &str) -> Result<()> {
 
 async fn create_client(conn: &mut AnyConnection, name: &str) -> Result<ClientRecord> {
     check_name("name", name)?;
-    Store::create_client(
+    clients::create(
         conn,
         &ClientId::new_random().to_string(),
         name,

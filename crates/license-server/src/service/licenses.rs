@@ -20,7 +20,9 @@ use super::admin::{parse_id, Admin, AdminError};
 use super::secrets::{current_secret, open_at_rest};
 use super::AppState;
 use crate::clock::Timestamp;
-use crate::store::{self, LicenseRecord, NewLicense, SecretState, StoreError};
+use crate::store::licenses::{LicenseRecord, NewLicense};
+use crate::store::secrets::SecretState;
+use crate::store::{self, StoreError};
 
 /// Most features one license may grant.
 pub const MAX_FEATURES: usize = 64;
@@ -163,7 +165,7 @@ async fn current_token(
         .machine_id
         .parse()
         .map_err(|_| StoreError::Corrupt(format!("license {}: machine_id", license.id)))?;
-    let rows = store::machine_secrets(state.store.pool(), &license.machine_id, now).await?;
+    let rows = store::secrets::of_machine(state.store.pool(), &license.machine_id, now).await?;
     current_secret(state, &machine, &rows, now)?
         .map(|(version, secret)| seal_token(state, license, version, &secret))
         .transpose()
@@ -177,8 +179,8 @@ pub async fn machine_licenses(
 ) -> Result<MachineLicenses, StoreError> {
     let machine_id = identity.machine_id.to_string();
     let now = Timestamp::now();
-    let rows = store::machine_secrets(state.store.pool(), &machine_id, now).await?;
-    let licenses = store::list_licenses(state.store.pool(), Some(&machine_id), now).await?;
+    let rows = store::secrets::of_machine(state.store.pool(), &machine_id, now).await?;
+    let licenses = store::licenses::list(state.store.pool(), Some(&machine_id), now).await?;
     let revoked = licenses
         .iter()
         .filter(|l| l.revoked_at.is_some())
@@ -244,7 +246,7 @@ pub async fn validate(
     if header.machine_id != machine {
         return Ok(refused(Reason::WrongMachine, None));
     }
-    let rows = store::machine_secrets(state.store.pool(), &machine.to_string(), now).await?;
+    let rows = store::secrets::of_machine(state.store.pool(), &machine.to_string(), now).await?;
     let Some(row) = rows
         .iter()
         .find(|r| r.record.version == header.secret_version)
@@ -276,7 +278,7 @@ pub async fn validate(
         SecretState::Active | SecretState::Grace => {}
     }
     let license =
-        store::get_license(state.store.pool(), &claims.license_id.to_string(), now).await?;
+        store::licenses::get(state.store.pool(), &claims.license_id.to_string(), now).await?;
     // A license deleted with its machine is as good as revoked.
     if license.is_none_or(|l| l.revoked_at.is_some()) {
         return Ok(refused(Reason::Revoked, id));
@@ -315,7 +317,7 @@ impl Admin<'_> {
                     machine.id
                 )));
             }
-            store::insert_license(
+            store::licenses::insert(
                 &mut tx,
                 &NewLicense {
                     id: &id,
@@ -348,12 +350,12 @@ impl Admin<'_> {
         &self,
         machine_id: Option<&str>,
     ) -> Result<Vec<LicenseRecord>, AdminError> {
-        Ok(store::list_licenses(self.store().pool(), machine_id, Timestamp::now()).await?)
+        Ok(store::licenses::list(self.store().pool(), machine_id, Timestamp::now()).await?)
     }
 
     pub async fn get_license(&self, id: &str) -> Result<LicenseRecord, AdminError> {
         let _: uuid::Uuid = parse_id("license_id", id)?;
-        store::get_license(self.store().pool(), id, Timestamp::now())
+        store::licenses::get(self.store().pool(), id, Timestamp::now())
             .await?
             .ok_or_else(|| AdminError::NotFound {
                 what: "license",
@@ -367,7 +369,7 @@ impl Admin<'_> {
         let mut tx = self.begin().await?;
         let result = async {
             let license = self.get_license(id).await?;
-            if !store::revoke_license(&mut tx, id, Timestamp::now()).await? {
+            if !store::licenses::revoke(&mut tx, id, Timestamp::now()).await? {
                 return Err(AdminError::Conflict(format!(
                     "license {id} is already revoked"
                 )));

@@ -1,11 +1,13 @@
 //! What the server does, independent of how it is asked: enrollment and recovery (public listener),
 //! certificate renewal, secret rotation and license validation (agent listener), and
-//! administration (admin API and CLI), licenses included.
+//! administration (admin API and CLI), licenses included. Enrollment, renewal and recovery
+//! issue certificates through one function, `certificates::issue`.
 //!
 //! Every mutation commits in the same transaction as its audit row, so an action that cannot
 //! be audited does not happen; refused actions are audited too.
 
 pub mod admin;
+pub mod certificates;
 pub mod enroll;
 pub mod licenses;
 pub mod recover;

@@ -3,8 +3,9 @@
 //! given at enrollment, without an operator re-running the installer.
 //!
 //! One transaction: spend the token (atomically: of two concurrent requests with one token
-//! exactly one proceeds) and store the next one, supersede the machine's certificate, issue
-//! one for the CSR's key, invalidate the pending secret version, request a rotation, audit.
+//! exactly one proceeds) and store the next one, invalidate the pending secret version, request
+//! a rotation, then supersede the machine's certificate, issue one for the CSR's key and audit
+//! ([`super::certificates::issue`]).
 //! The CSR is checked before the transaction so a bad request never burns a token.
 //!
 //! Secrets: the new key cannot open what was sealed to the old one, so the machine needs a
@@ -18,14 +19,17 @@
 use std::net::IpAddr;
 
 use license_protocol::enroll::{RecoverRequest, RecoverResponse};
+use license_protocol::error::ErrorCode;
 use serde_json::json;
-use time::Duration;
 
-use super::enroll::{conflict_to_concurrent, identity_of, EnrollError, RECOVERY_TOKEN_PREFIX};
+use super::certificates::{self, identity_of, Issuance, IssueError};
+use super::enroll::RECOVERY_TOKEN_PREFIX;
 use super::{credential_hash, new_credential, AppState};
 use crate::clock::Timestamp;
 use crate::pki::{MachineCsr, MachineKey, PkiError};
-use crate::store::{self, NewAuditEvent, NewCertificate, RecoveryProblem, StoreError};
+use crate::store::audit::{self, NewAuditEvent};
+use crate::store::machines::{self, RecoveryProblem};
+use crate::store::{secrets, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -48,25 +52,23 @@ pub enum RecoverError {
 
 impl RecoverError {
     /// Stable code for the JSON error body and the audit trail.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            RecoverError::Refused(_) => "recovery_refused",
-            RecoverError::MachineRevoked => "machine_revoked",
-            RecoverError::Csr(_) => "invalid_csr",
-            RecoverError::Concurrent => "concurrent_enrollment",
-            RecoverError::Pki(_) | RecoverError::Store(_) => "internal_error",
+            RecoverError::Refused(_) => ErrorCode::RecoveryRefused,
+            RecoverError::MachineRevoked => ErrorCode::MachineRevoked,
+            RecoverError::Csr(_) => ErrorCode::InvalidCsr,
+            RecoverError::Concurrent => ErrorCode::ConcurrentEnrollment,
+            RecoverError::Pki(_) | RecoverError::Store(_) => ErrorCode::InternalError,
         }
     }
 }
 
-impl From<EnrollError> for RecoverError {
-    fn from(e: EnrollError) -> Self {
+impl From<IssueError> for RecoverError {
+    fn from(e: IssueError) -> Self {
         match e {
-            EnrollError::Concurrent => RecoverError::Concurrent,
-            EnrollError::Store(e) => RecoverError::Store(e),
-            EnrollError::Pki(e) => RecoverError::Pki(e),
-            // identity_of and conflict_to_concurrent produce nothing else.
-            other => RecoverError::Store(StoreError::Corrupt(other.to_string())),
+            IssueError::Concurrent => RecoverError::Concurrent,
+            IssueError::Pki(e) => RecoverError::Pki(e),
+            IssueError::Store(e) => RecoverError::Store(e),
         }
     }
 }
@@ -82,21 +84,18 @@ pub async fn recover(
     let result = recover_inner(state, &req, &machine_id, &actor).await;
     if let Err(e) = &result {
         // Refusals are audited outside the (rolled back) transaction; never the token.
-        let mut details = json!({"reason": e.code()});
-        if let RecoverError::Refused(problem) = e {
-            details["cause"] = json!(problem.as_str());
-        }
-        state
-            .store
-            .audit(&NewAuditEvent {
-                at: Timestamp::now(),
-                actor: &actor,
-                action: "machine.recover",
-                target: Some(&machine_id),
-                outcome: "refused",
-                details,
-            })
-            .await?;
+        let details = match e {
+            RecoverError::Refused(problem) => json!({"cause": problem.as_str()}),
+            _ => json!({}),
+        };
+        let event = NewAuditEvent::refused(
+            &actor,
+            "machine.recover",
+            Some(&machine_id),
+            details,
+            e.code().as_str(),
+        );
+        audit::insert(state.store.pool(), &event).await?;
     }
     result
 }
@@ -116,62 +115,30 @@ async fn recover_inner(
     // First statement is a write: it takes the machine's row lock (SQLite: the write lock),
     // so a concurrent request with the same token waits here and then finds it spent.
     let Some(client_id) =
-        store::consume_recovery_token(&mut tx, machine_id, &token_hash, &next_hash, now).await?
+        machines::consume_recovery_token(&mut tx, machine_id, &token_hash, &next_hash, now).await?
     else {
         tx.rollback().await?;
         return Err(
-            match state
-                .store
-                .diagnose_recovery(machine_id, &token_hash)
-                .await?
-            {
+            match machines::diagnose_recovery(state.store.pool(), machine_id, &token_hash).await? {
                 RecoveryProblem::Revoked => RecoverError::MachineRevoked,
                 problem => RecoverError::Refused(problem),
             },
         );
     };
     let identity = identity_of(&client_id, machine_id)?;
-    let superseded = store::supersede_active_certificate(&mut tx, machine_id, now).await?;
-    let issued = state
-        .keys
-        .ca
-        .issue_machine_certificate(
-            &identity,
-            MachineKey::Csr(&csr),
-            Duration::days(state.settings.certificate_validity_days.into()),
-        )
-        .map_err(RecoverError::Pki)?;
-    store::insert_active_certificate(
-        &mut tx,
-        &NewCertificate {
-            serial: &issued.serial,
-            machine_id,
-            client_id: &client_id,
-            key_origin: "csr",
-            issued_at: issued.issued_at,
-            expires_at: issued.expires_at,
-            pem: &issued.pem,
-        },
-    )
-    .await
-    .map_err(|e| RecoverError::from(conflict_to_concurrent(e)))?;
-    let invalidated = store::invalidate_pending_secrets(&mut tx, machine_id, now).await?;
-    store::set_rotation_requested(&mut tx, machine_id, Some(now)).await?;
-    store::insert_audit(
-        &mut tx,
-        &NewAuditEvent {
-            at: now,
-            actor,
-            action: "machine.recover",
-            target: Some(machine_id),
-            outcome: "success",
-            details: json!({
-                "client_id": client_id, "serial": issued.serial, "superseded": superseded,
-                "invalidated_pending_versions": invalidated, "rotation_requested": true,
-            }),
-        },
-    )
-    .await?;
+    let invalidated = secrets::invalidate_pending(&mut tx, machine_id, now).await?;
+    machines::set_rotation_requested(&mut tx, machine_id, Some(now)).await?;
+    let issuance = Issuance {
+        actor,
+        action: "machine.recover",
+        details: json!({
+            "client_id": client_id, "invalidated_pending_versions": invalidated,
+            "rotation_requested": true,
+        }),
+        now,
+    };
+    let issued =
+        certificates::issue(state, &mut tx, &identity, MachineKey::Csr(&csr), issuance).await?;
     tx.commit().await?;
 
     Ok(RecoverResponse {

@@ -12,6 +12,7 @@
 //! [`Secret`], which zeroizes itself and never prints.
 
 use license_protocol::agent_api::SecretStatus;
+use license_protocol::error::ErrorCode;
 use license_protocol::identity::{MachineId, MachineIdentity};
 use license_protocol::rotation::{
     AckRequest, RotateSecretRequest, RotateSecretResponse, SignatureError, MAX_CLOCK_SKEW_SECS,
@@ -24,10 +25,12 @@ use sqlx::AnyConnection;
 use super::admin::{parse_id, Admin, AdminError};
 use super::AppState;
 use crate::clock::Timestamp;
-use crate::store::{
-    self, version_to_db, MachineRecord, NewAuditEvent, NewSecret, SealedSecretRow, SecretRecord,
-    SecretState, StoreError,
+use crate::store::audit::{self, NewAuditEvent};
+use crate::store::machines::{self, MachineRecord};
+use crate::store::secrets::{
+    self as stored, version_to_db, NewSecret, SealedSecretRow, SecretRecord, SecretState,
 };
+use crate::store::{nonces, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -54,16 +57,16 @@ pub enum RotationError {
 
 impl RotationError {
     /// Stable code for the JSON error body and the audit trail.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            RotationError::AgentIdMismatch => "agent_id_mismatch",
-            RotationError::StaleRequest => "stale_request",
-            RotationError::BadSignature => "bad_signature",
-            RotationError::UnsupportedKey => "unsupported_key",
-            RotationError::Replayed => "replayed_request",
-            RotationError::UnknownVersion(_) => "unknown_version",
-            RotationError::NotPending(..) => "version_not_pending",
-            RotationError::Store(_) => "internal_error",
+            RotationError::AgentIdMismatch => ErrorCode::AgentIdMismatch,
+            RotationError::StaleRequest => ErrorCode::StaleRequest,
+            RotationError::BadSignature => ErrorCode::BadSignature,
+            RotationError::UnsupportedKey => ErrorCode::UnsupportedKey,
+            RotationError::Replayed => ErrorCode::ReplayedRequest,
+            RotationError::UnknownVersion(_) => ErrorCode::UnknownVersion,
+            RotationError::NotPending(..) => ErrorCode::VersionNotPending,
+            RotationError::Store(_) => ErrorCode::InternalError,
         }
     }
 }
@@ -140,26 +143,17 @@ fn check_request(
     p256::PublicKey::from_public_key_der(spki_der).map_err(|_| RotationError::UnsupportedKey)
 }
 
+/// Audits a refusal on its own (outside any transaction, or after its rollback).
 async fn audit_refusal(
     state: &AppState,
     actor: &str,
     action: &str,
     target: &str,
-    mut details: Value,
+    details: Value,
     error: &RotationError,
 ) -> Result<(), StoreError> {
-    details["reason"] = json!(error.code());
-    state
-        .store
-        .audit(&NewAuditEvent {
-            at: Timestamp::now(),
-            actor,
-            action,
-            target: Some(target),
-            outcome: "refused",
-            details,
-        })
-        .await
+    let event = NewAuditEvent::refused(actor, action, Some(target), details, error.code().as_str());
+    audit::insert(state.store.pool(), &event).await
 }
 
 /// Destroys the secrets past their grace (of one machine, or of all) and audits it, inside the
@@ -169,25 +163,17 @@ async fn destroy_expired(
     machine_id: Option<&str>,
     now: Timestamp,
 ) -> Result<usize, StoreError> {
-    let destroyed = store::destroy_expired_secrets(conn, machine_id, now).await?;
+    let destroyed = stored::destroy_expired(conn, machine_id, now).await?;
     let mut by_machine = std::collections::BTreeMap::<&str, Vec<u64>>::new();
     for (machine, version) in &destroyed {
         by_machine.entry(machine).or_default().push(*version);
     }
     for (machine, versions) in &by_machine {
         tracing::info!(machine_id = %machine, ?versions, "secrets past their grace destroyed");
-        store::insert_audit(
-            conn,
-            &NewAuditEvent {
-                at: now,
-                actor: "server",
-                action: "secret.destroyed",
-                target: Some(machine),
-                outcome: "success",
-                details: json!({"versions": versions}),
-            },
-        )
-        .await?;
+        let details = json!({"versions": versions});
+        let event =
+            NewAuditEvent::success(now, "server", "secret.destroyed", Some(machine), details);
+        audit::insert(&mut *conn, &event).await?;
     }
     Ok(destroyed.len())
 }
@@ -221,11 +207,11 @@ pub async fn rotate(
     };
 
     let mut tx = state.store.begin_write().await?;
-    if !store::lock_machine(&mut tx, &machine_id).await? {
+    if !machines::lock(&mut tx, &machine_id).await? {
         tx.rollback().await?;
         return Err(StoreError::Corrupt(format!("machine {machine_id} vanished")).into());
     }
-    if !store::insert_rotation_nonce(&mut tx, &machine_id, &req.nonce.to_string(), now).await? {
+    if !nonces::insert(&mut tx, &machine_id, &req.nonce.to_string(), now).await? {
         tx.rollback().await?;
         let e = RotationError::Replayed;
         audit_refusal(state, &actor, "secret.rotate", &machine_id, details, &e).await?;
@@ -233,7 +219,7 @@ pub async fn rotate(
     }
     // Requests older than the skew window are refused for their timestamp, so their nonces
     // need not be kept; 2× leaves room for the clocks of several replicas.
-    store::purge_rotation_nonces(
+    nonces::purge(
         &mut tx,
         &machine_id,
         now.plus_secs(-2 * MAX_CLOCK_SKEW_SECS),
@@ -267,18 +253,15 @@ pub async fn rotate(
             (Err(e), "refused", details)
         }
     };
-    store::insert_audit(
-        &mut tx,
-        &NewAuditEvent {
-            at: now,
-            actor: &actor,
-            action: "secret.rotate",
-            target: Some(&machine_id),
-            outcome: outcome_name,
-            details,
-        },
-    )
-    .await?;
+    let event = NewAuditEvent {
+        at: now,
+        actor: &actor,
+        action: "secret.rotate",
+        target: Some(&machine_id),
+        outcome: outcome_name,
+        details,
+    };
+    audit::insert(&mut *tx, &event).await?;
     tx.commit().await?;
     // Test hook: the server dies after committing a version and before answering, as a
     // `kill -9` would; the agent's retry must get the same version back.
@@ -304,7 +287,7 @@ async fn rotate_in(
     now: Timestamp,
 ) -> Result<(u64, SecretDates, Secret, Value), RotationError> {
     let machine_id = machine.to_string();
-    let rows = store::machine_secrets(&mut *conn, &machine_id, now).await?;
+    let rows = stored::of_machine(&mut *conn, &machine_id, now).await?;
     let newest = rows.last().map_or(0, |r| r.record.version);
     if req.current_secret_version > newest {
         return Err(RotationError::UnknownVersion(req.current_secret_version));
@@ -342,7 +325,7 @@ async fn rotate_in(
         &secret,
         &at_rest_aad(machine, version),
     );
-    store::insert_pending_secret(
+    stored::insert_pending(
         conn,
         &NewSecret {
             machine_id: &machine_id,
@@ -374,15 +357,15 @@ async fn promote(
 ) -> Result<Option<i64>, RotationError> {
     let db_version = version_to_db(version).ok_or(RotationError::UnknownVersion(version))?;
     // Demote first: at most one active version per machine is a unique index.
-    let previous = store::demote_active_secret(conn, machine_id).await?;
-    if !store::activate_pending_secret(conn, machine_id, db_version, now).await? {
+    let previous = stored::demote_active(conn, machine_id).await?;
+    if !stored::activate_pending(conn, machine_id, db_version, now).await? {
         // Callers hold the machine lock and just read this version as pending.
         return Err(StoreError::Corrupt(format!(
             "secret version {version} of machine {machine_id} is no longer pending"
         ))
         .into());
     }
-    store::set_rotation_requested(conn, machine_id, None).await?;
+    machines::set_rotation_requested(conn, machine_id, None).await?;
     Ok(previous)
 }
 
@@ -399,10 +382,10 @@ pub async fn ack(
     let now = Timestamp::now();
     let mut tx = state.store.begin_write().await?;
     let result = async {
-        if !store::lock_machine(&mut tx, &machine_id).await? {
+        if !machines::lock(&mut tx, &machine_id).await? {
             return Err(StoreError::Corrupt(format!("machine {machine_id} vanished")).into());
         }
-        let rows = store::machine_secrets(&mut *tx, &machine_id, now).await?;
+        let rows = stored::of_machine(&mut *tx, &machine_id, now).await?;
         let row = rows
             .iter()
             .find(|r| r.record.version == version)
@@ -419,18 +402,9 @@ pub async fn ack(
     .await;
     match result {
         Ok(details) => {
-            store::insert_audit(
-                &mut tx,
-                &NewAuditEvent {
-                    at: now,
-                    actor: &actor,
-                    action: "secret.ack",
-                    target: Some(&machine_id),
-                    outcome: "success",
-                    details,
-                },
-            )
-            .await?;
+            let event =
+                NewAuditEvent::success(now, &actor, "secret.ack", Some(&machine_id), details);
+            audit::insert(&mut *tx, &event).await?;
             tx.commit().await?;
         }
         Err(e) => {
@@ -454,10 +428,8 @@ pub async fn status(
 ) -> Result<SecretStatus, StoreError> {
     let machine_id = identity.machine_id.to_string();
     let now = Timestamp::now();
-    let rows = store::machine_secrets(state.store.pool(), &machine_id, now).await?;
-    let machine = state
-        .store
-        .get_machine(&machine_id)
+    let rows = stored::of_machine(state.store.pool(), &machine_id, now).await?;
+    let machine = machines::get(state.store.pool(), &machine_id)
         .await?
         .ok_or_else(|| StoreError::Corrupt(format!("machine {machine_id} vanished")))?;
     let current = rows
@@ -501,7 +473,7 @@ impl Admin<'_> {
     pub async fn list_secrets(&self, machine_id: &str) -> Result<Vec<SecretRecord>, AdminError> {
         self.get_machine(machine_id).await?;
         Ok(
-            store::machine_secrets(self.store().pool(), machine_id, Timestamp::now())
+            stored::of_machine(self.store().pool(), machine_id, Timestamp::now())
                 .await?
                 .into_iter()
                 .map(|r| r.record)
@@ -515,13 +487,12 @@ impl Admin<'_> {
         let mut tx = self.begin().await?;
         let result = async {
             let _: MachineId = parse_id("machine_id", machine_id)?;
-            if !store::set_rotation_requested(&mut tx, machine_id, Some(Timestamp::now())).await? {
-                return Err(AdminError::NotFound {
-                    what: "machine",
-                    id: machine_id.to_string(),
-                });
-            }
-            Ok(())
+            let found =
+                machines::set_rotation_requested(&mut tx, machine_id, Some(Timestamp::now()))
+                    .await?;
+            found
+                .then_some(())
+                .ok_or_else(|| AdminError::machine_not_found(machine_id))
         }
         .await;
         self.finish(tx, "machine.rotate", Some(machine_id), json!({}), result)
@@ -546,14 +517,11 @@ impl Admin<'_> {
                 what: "secret version",
                 id: format!("{machine}/{version}"),
             };
-            if !store::lock_machine(&mut tx, machine_id).await? {
-                return Err(AdminError::NotFound {
-                    what: "machine",
-                    id: machine_id.to_string(),
-                });
+            if !machines::lock(&mut tx, machine_id).await? {
+                return Err(AdminError::machine_not_found(machine_id));
             }
             let db_version = version_to_db(version).ok_or_else(not_found)?;
-            let rows = store::machine_secrets(&mut *tx, machine_id, now).await?;
+            let rows = stored::of_machine(&mut *tx, machine_id, now).await?;
             let row = rows
                 .iter()
                 .find(|r| r.record.version == version)
@@ -564,10 +532,10 @@ impl Admin<'_> {
                     "secret version {version} of machine {machine_id} is already invalidated"
                 )));
             }
-            store::invalidate_secret(&mut tx, machine_id, db_version, now).await?;
+            stored::invalidate(&mut tx, machine_id, db_version, now).await?;
             let rotation_requested = matches!(was, SecretState::Active | SecretState::Pending);
             if rotation_requested {
-                store::set_rotation_requested(&mut tx, machine_id, Some(now)).await?;
+                machines::set_rotation_requested(&mut tx, machine_id, Some(now)).await?;
             }
             Ok((was, rotation_requested))
         }

@@ -1,24 +1,50 @@
-//! Persistent state of the server: clients, install tokens, machines, certificates, admin
-//! tokens, the append-only audit trail (`queries`), and machine secrets, licenses and rotation
-//! nonces (`secrets`).
+//! Persistent state of the server, one module per table family: `clients`, `install_tokens`,
+//! `machines` (with recovery tokens and the per-machine lock), `certificates`, `admin_tokens`,
+//! the append-only `audit` trail, machine `secrets`, `licenses`, and rotation `nonces`.
 //!
 //! One set of SQL serves both backends (`$N` placeholders, `RETURNING`, `ON CONFLICT`, and
 //! integer Unix times all mean the same on SQLite and PostgreSQL); only the DDL differs, in
 //! `migrations/{sqlite,postgres}`, embedded at compile time. SQLite in the data directory is the
 //! default; several stateless replicas share one PostgreSQL database.
+//!
+//! Reads take any [`AnyExecutor`] (the pool, or a caller's transaction as `&mut *tx`); writes
+//! that compose into a caller's transaction take `&mut AnyConnection`.
 
-mod queries;
-mod secrets;
-
-pub use queries::*;
-pub use secrets::*;
+pub mod admin_tokens;
+pub mod audit;
+pub mod certificates;
+pub mod clients;
+pub mod install_tokens;
+pub mod licenses;
+pub mod machines;
+pub mod nonces;
+pub mod secrets;
 
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, ConnectOptions as _, Executor as _};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyPool, ConnectOptions as _, Executor, Row as _};
+
+use crate::clock::Timestamp;
+
+/// What a query runs on: the pool, or a transaction (`&mut *tx`).
+pub trait AnyExecutor<'e>: Executor<'e, Database = Any> {}
+
+impl<'e, T: Executor<'e, Database = Any>> AnyExecutor<'e> for T {}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A non-null Unix-time column.
+fn ts(row: &AnyRow, col: &str) -> Result<Timestamp> {
+    Ok(Timestamp(row.try_get::<i64, _>(col)?))
+}
+
+/// A nullable Unix-time column.
+fn opt_ts(row: &AnyRow, col: &str) -> Result<Option<Timestamp>> {
+    Ok(row.try_get::<Option<i64>, _>(col)?.map(Timestamp))
+}
 
 /// Which database a URL points at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

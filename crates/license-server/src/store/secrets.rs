@@ -1,27 +1,13 @@
-//! Queries of the secret lifecycle and of licenses: per-machine secret versions (kept encrypted
-//! under the master key), licenses, and the nonces of rotate requests (replay refusal).
-//!
-//! Like [`super::queries`], one set of SQL for SQLite and PostgreSQL. Reads are generic over
-//! the executor so they run on the pool or inside a caller's transaction alike.
-
-use std::collections::BTreeMap;
+//! The `secrets` table: each machine's secret versions, kept encrypted under the master key,
+//! with their lifecycle (`pending` → `active` → `grace`, or `invalidated`) and dates. A
+//! version's ciphertext is destroyed once it is past its grace; the row stays as history.
 
 use serde::Serialize;
 use sqlx::any::AnyRow;
-use sqlx::{Any, AnyConnection, Executor, Row as _};
+use sqlx::{AnyConnection, Row as _};
 
-use super::StoreError;
+use super::{opt_ts, ts, AnyExecutor, Result, StoreError};
 use crate::clock::Timestamp;
-
-type Result<T> = std::result::Result<T, StoreError>;
-
-fn ts(row: &AnyRow, col: &str) -> Result<Timestamp> {
-    Ok(Timestamp(row.try_get::<i64, _>(col)?))
-}
-
-fn opt_ts(row: &AnyRow, col: &str) -> Result<Option<Timestamp>> {
-    Ok(row.try_get::<Option<i64>, _>(col)?.map(Timestamp))
-}
 
 /// A protocol version number as stored (BIGINT). Versions the database could not hold are
 /// versions it does not have.
@@ -29,9 +15,11 @@ pub fn version_to_db(version: u64) -> Option<i64> {
     i64::try_from(version).ok()
 }
 
-// ---------------------------------------------------------------------------------------------
-// Secrets
-// ---------------------------------------------------------------------------------------------
+/// The `version` column of a row, as the protocol's number.
+fn version_of(row: &AnyRow) -> Result<u64> {
+    let version: i64 = row.try_get("version")?;
+    u64::try_from(version).map_err(|_| StoreError::Corrupt(format!("secret version {version}")))
+}
 
 /// Lifecycle of a secret version (seed §4.1). `Pending`: issued, not yet acknowledged by the
 /// machine; no token is ever issued under it.
@@ -120,13 +108,11 @@ fn secret_row(row: &AnyRow, now: Timestamp) -> Result<SealedSecretRow> {
         SecretState::Active if now <= valid_until => "active",
         SecretState::Active | SecretState::Grace => "grace",
     };
-    let version: i64 = row.try_get("version")?;
     let secret_enc: Vec<u8> = row.try_get("secret_enc")?;
     Ok(SealedSecretRow {
         record: SecretRecord {
             machine_id: row.try_get("machine_id")?,
-            version: u64::try_from(version)
-                .map_err(|_| StoreError::Corrupt(format!("secret version {version}")))?,
+            version: version_of(row)?,
             state,
             effective_state: effective_state.to_string(),
             valid_from: ts(row, "valid_from")?,
@@ -142,8 +128,8 @@ fn secret_row(row: &AnyRow, now: Timestamp) -> Result<SealedSecretRow> {
 }
 
 /// Every secret version of a machine, oldest first.
-pub async fn machine_secrets<'e, E: Executor<'e, Database = Any>>(
-    ex: E,
+pub async fn of_machine<'e>(
+    ex: impl AnyExecutor<'e>,
     machine_id: &str,
     now: Timestamp,
 ) -> Result<Vec<SealedSecretRow>> {
@@ -172,7 +158,7 @@ pub struct NewSecret<'a> {
     pub created_at: Timestamp,
 }
 
-pub async fn insert_pending_secret(conn: &mut AnyConnection, s: &NewSecret<'_>) -> Result<()> {
+pub async fn insert_pending(conn: &mut AnyConnection, s: &NewSecret<'_>) -> Result<()> {
     sqlx::query(
         "INSERT INTO secrets (machine_id, version, state, secret_enc, valid_from, valid_until, grace_until, created_at) \
          VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7)",
@@ -193,7 +179,7 @@ pub async fn insert_pending_secret(conn: &mut AnyConnection, s: &NewSecret<'_>) 
 /// Destroys the ciphertext of every acknowledged or invalidated version past its grace (of one
 /// machine, or of all): no token under it validates any more, so the server no longer needs
 /// it. The row stays, with an empty `secret_enc`. Returns the (machine, version) destroyed.
-pub async fn destroy_expired_secrets(
+pub async fn destroy_expired(
     conn: &mut AnyConnection,
     machine_id: Option<&str>,
     now: Timestamp,
@@ -208,20 +194,12 @@ pub async fn destroy_expired_secrets(
         .fetch_all(&mut *conn)
         .await?;
     rows.iter()
-        .map(|r| {
-            let version: i64 = r.try_get("version")?;
-            let version = u64::try_from(version)
-                .map_err(|_| StoreError::Corrupt(format!("secret version {version}")))?;
-            Ok((r.try_get("machine_id")?, version))
-        })
+        .map(|r| Ok((r.try_get("machine_id")?, version_of(r)?)))
         .collect()
 }
 
 /// Moves the machine's active version (if any) to grace; returns its version.
-pub async fn demote_active_secret(
-    conn: &mut AnyConnection,
-    machine_id: &str,
-) -> Result<Option<i64>> {
+pub async fn demote_active(conn: &mut AnyConnection, machine_id: &str) -> Result<Option<i64>> {
     let row = sqlx::query(
         "UPDATE secrets SET state = 'grace' WHERE machine_id = $1 AND state = 'active' RETURNING version",
     )
@@ -231,48 +209,53 @@ pub async fn demote_active_secret(
     row.map(|r| Ok(r.try_get("version")?)).transpose()
 }
 
-/// Moves a pending version to active. Returns false when that version is not pending.
-pub async fn activate_pending_secret(
+/// One state change of one version: `sql` binds `$1` machine, `$2` version, `$3` now.
+/// Returns false when the version is not in a state the change applies to.
+async fn change_version(
     conn: &mut AnyConnection,
+    sql: &'static str,
     machine_id: &str,
     version: i64,
     now: Timestamp,
 ) -> Result<bool> {
-    let done = sqlx::query(
-        "UPDATE secrets SET state = 'active', acked_at = $3 \
-         WHERE machine_id = $1 AND version = $2 AND state = 'pending'",
-    )
-    .bind(machine_id)
-    .bind(version)
-    .bind(now.0)
-    .execute(&mut *conn)
-    .await
-    .map_err(StoreError::classify)?;
+    let done = sqlx::query(sql)
+        .bind(machine_id)
+        .bind(version)
+        .bind(now.0)
+        .execute(&mut *conn)
+        .await
+        .map_err(StoreError::classify)?;
     Ok(done.rows_affected() == 1)
 }
 
-/// Invalidates one version. Returns false when it does not exist or is already invalidated.
-pub async fn invalidate_secret(
+/// Moves a pending version to active (at most one active version per machine is a unique
+/// index: [`StoreError::Conflict`]). Returns false when that version is not pending.
+pub async fn activate_pending(
     conn: &mut AnyConnection,
     machine_id: &str,
     version: i64,
     now: Timestamp,
 ) -> Result<bool> {
-    let done = sqlx::query(
-        "UPDATE secrets SET state = 'invalidated', invalidated_at = $3 \
-         WHERE machine_id = $1 AND version = $2 AND state <> 'invalidated'",
-    )
-    .bind(machine_id)
-    .bind(version)
-    .bind(now.0)
-    .execute(&mut *conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    let sql = "UPDATE secrets SET state = 'active', acked_at = $3 \
+               WHERE machine_id = $1 AND version = $2 AND state = 'pending'";
+    change_version(conn, sql, machine_id, version, now).await
+}
+
+/// Invalidates one version. Returns false when it does not exist or is already invalidated.
+pub async fn invalidate(
+    conn: &mut AnyConnection,
+    machine_id: &str,
+    version: i64,
+    now: Timestamp,
+) -> Result<bool> {
+    let sql = "UPDATE secrets SET state = 'invalidated', invalidated_at = $3 \
+               WHERE machine_id = $1 AND version = $2 AND state <> 'invalidated'";
+    change_version(conn, sql, machine_id, version, now).await
 }
 
 /// Invalidates the machine's pending version (if any), which was sealed to a key the machine
 /// no longer has and must not be re-sent to a new one. Returns the versions invalidated.
-pub async fn invalidate_pending_secrets(
+pub async fn invalidate_pending(
     conn: &mut AnyConnection,
     machine_id: &str,
     now: Timestamp,
@@ -288,213 +271,4 @@ pub async fn invalidate_pending_secrets(
     .iter()
     .map(|r| Ok(r.try_get("version")?))
     .collect()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Machines: rotation requests and the per-machine write lock
-// ---------------------------------------------------------------------------------------------
-
-/// Takes the machine's row lock for the rest of the transaction (PostgreSQL; SQLite's write
-/// transaction already excludes every other writer), so that two rotations of one machine
-/// never interleave. Returns false when there is no such machine.
-pub async fn lock_machine(conn: &mut AnyConnection, machine_id: &str) -> Result<bool> {
-    let done = sqlx::query(
-        "UPDATE machines SET rotation_requested_at = rotation_requested_at WHERE id = $1",
-    )
-    .bind(machine_id)
-    .execute(&mut *conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// Sets (admin force rotation) or clears (acknowledged rotation) the rotation request.
-pub async fn set_rotation_requested(
-    conn: &mut AnyConnection,
-    machine_id: &str,
-    at: Option<Timestamp>,
-) -> Result<bool> {
-    let done = sqlx::query("UPDATE machines SET rotation_requested_at = $1 WHERE id = $2")
-        .bind(at.map(|t| t.0))
-        .bind(machine_id)
-        .execute(&mut *conn)
-        .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Rotation nonces
-// ---------------------------------------------------------------------------------------------
-
-/// Records a rotate request's nonce. Returns false when this machine already used it.
-pub async fn insert_rotation_nonce(
-    conn: &mut AnyConnection,
-    machine_id: &str,
-    nonce: &str,
-    now: Timestamp,
-) -> Result<bool> {
-    let done = sqlx::query(
-        "INSERT INTO rotation_nonces (machine_id, nonce, seen_at) VALUES ($1, $2, $3) \
-         ON CONFLICT (machine_id, nonce) DO NOTHING",
-    )
-    .bind(machine_id)
-    .bind(nonce)
-    .bind(now.0)
-    .execute(&mut *conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// Forgets the machine's nonces seen before `before`: requests that old are refused for their
-/// timestamp. Per machine, under its lock, so concurrent rotations of different machines never
-/// contend (or deadlock) on each other's rows.
-pub async fn purge_rotation_nonces(
-    conn: &mut AnyConnection,
-    machine_id: &str,
-    before: Timestamp,
-) -> Result<u64> {
-    let done = sqlx::query("DELETE FROM rotation_nonces WHERE machine_id = $1 AND seen_at < $2")
-        .bind(machine_id)
-        .bind(before.0)
-        .execute(&mut *conn)
-        .await?;
-    Ok(done.rows_affected())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Licenses
-// ---------------------------------------------------------------------------------------------
-
-/// A license: what one machine may do, until when.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct LicenseRecord {
-    pub id: String,
-    pub client_id: String,
-    pub machine_id: String,
-    pub features: Vec<String>,
-    pub metadata: BTreeMap<String, String>,
-    pub issued_at: Timestamp,
-    pub not_before: Timestamp,
-    /// `null`: does not expire.
-    pub expires_at: Option<Timestamp>,
-    pub revoked_at: Option<Timestamp>,
-    /// As of the query: `active`, `revoked`, `expired` or `not_yet_valid`.
-    pub state: String,
-}
-
-impl LicenseRecord {
-    pub fn is_current(&self) -> bool {
-        self.state == "active" || self.state == "not_yet_valid"
-    }
-}
-
-const LICENSE_SELECT: &str = "SELECT id, client_id, machine_id, features, metadata, issued_at, \
-     not_before, expires_at, revoked_at FROM licenses";
-
-fn license(row: &AnyRow, now: Timestamp) -> Result<LicenseRecord> {
-    let features: String = row.try_get("features")?;
-    let metadata: String = row.try_get("metadata")?;
-    let not_before = ts(row, "not_before")?;
-    let expires_at = opt_ts(row, "expires_at")?;
-    let revoked_at = opt_ts(row, "revoked_at")?;
-    let state = if revoked_at.is_some() {
-        "revoked"
-    } else if expires_at.is_some_and(|e| e <= now) {
-        "expired"
-    } else if not_before > now {
-        "not_yet_valid"
-    } else {
-        "active"
-    };
-    Ok(LicenseRecord {
-        id: row.try_get("id")?,
-        client_id: row.try_get("client_id")?,
-        machine_id: row.try_get("machine_id")?,
-        features: serde_json::from_str(&features)
-            .map_err(|e| StoreError::Corrupt(format!("license features: {e}")))?,
-        metadata: serde_json::from_str(&metadata)
-            .map_err(|e| StoreError::Corrupt(format!("license metadata: {e}")))?,
-        issued_at: ts(row, "issued_at")?,
-        not_before,
-        expires_at,
-        revoked_at,
-        state: state.to_string(),
-    })
-}
-
-/// A license about to be stored.
-#[derive(Debug)]
-pub struct NewLicense<'a> {
-    pub id: &'a str,
-    pub client_id: &'a str,
-    pub machine_id: &'a str,
-    pub features: &'a [String],
-    pub metadata: &'a BTreeMap<String, String>,
-    pub issued_at: Timestamp,
-    pub not_before: Timestamp,
-    pub expires_at: Option<Timestamp>,
-}
-
-pub async fn insert_license(conn: &mut AnyConnection, l: &NewLicense<'_>) -> Result<()> {
-    let features = serde_json::to_string(l.features)
-        .map_err(|e| StoreError::Corrupt(format!("license features: {e}")))?;
-    let metadata = serde_json::to_string(l.metadata)
-        .map_err(|e| StoreError::Corrupt(format!("license metadata: {e}")))?;
-    sqlx::query(
-        "INSERT INTO licenses (id, client_id, machine_id, features, metadata, issued_at, not_before, expires_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(l.id)
-    .bind(l.client_id)
-    .bind(l.machine_id)
-    .bind(features)
-    .bind(metadata)
-    .bind(l.issued_at.0)
-    .bind(l.not_before.0)
-    .bind(l.expires_at.map(|t| t.0))
-    .execute(&mut *conn)
-    .await
-    .map_err(StoreError::classify)?;
-    Ok(())
-}
-
-/// Licenses, of one machine or all, oldest first.
-pub async fn list_licenses<'e, E: Executor<'e, Database = Any>>(
-    ex: E,
-    machine_id: Option<&str>,
-    now: Timestamp,
-) -> Result<Vec<LicenseRecord>> {
-    sqlx::query(&format!(
-        "{LICENSE_SELECT} WHERE ($1 IS NULL OR machine_id = $1) ORDER BY issued_at, id"
-    ))
-    .bind(machine_id)
-    .fetch_all(ex)
-    .await?
-    .iter()
-    .map(|r| license(r, now))
-    .collect()
-}
-
-pub async fn get_license<'e, E: Executor<'e, Database = Any>>(
-    ex: E,
-    id: &str,
-    now: Timestamp,
-) -> Result<Option<LicenseRecord>> {
-    sqlx::query(&format!("{LICENSE_SELECT} WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(ex)
-        .await?
-        .as_ref()
-        .map(|r| license(r, now))
-        .transpose()
-}
-
-/// Revokes a license. Returns false when it does not exist or is already revoked.
-pub async fn revoke_license(conn: &mut AnyConnection, id: &str, now: Timestamp) -> Result<bool> {
-    let done =
-        sqlx::query("UPDATE licenses SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-            .bind(now.0)
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
-    Ok(done.rows_affected() == 1)
 }

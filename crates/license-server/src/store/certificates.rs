@@ -1,0 +1,260 @@
+//! The `certificates` table: every machine certificate the CA issued, with its lifecycle
+//! (`active`, `revoked`, `superseded`). A unique index allows one active row per machine.
+//!
+//! [`auth`] is the agent listener's per-request check; [`supersede_active`] and
+//! [`insert_active`] are the two steps of issuing a new certificate, run inside the caller's
+//! transaction by `service::certificates`.
+
+use serde::Serialize;
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row as _};
+
+use super::{opt_ts, ts, AnyExecutor, Result, StoreError};
+use crate::clock::Timestamp;
+
+/// Lifecycle of a certificate row. "Active" in the product sense also requires `expires_at`
+/// in the future; see [`CertificateRecord::effective_state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CertState {
+    Active,
+    Revoked,
+    Superseded,
+}
+
+impl CertState {
+    fn parse(s: &str) -> Result<Self> {
+        match s {
+            "active" => Ok(Self::Active),
+            "revoked" => Ok(Self::Revoked),
+            "superseded" => Ok(Self::Superseded),
+            other => Err(StoreError::Corrupt(format!("certificate state {other:?}"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct CertificateRecord {
+    pub serial: String,
+    pub machine_id: String,
+    pub client_id: String,
+    pub state: CertState,
+    /// `active`, `revoked`, `superseded` or `expired` as of the query.
+    pub effective_state: String,
+    /// `csr` (the machine kept its key) or `server` (server-generated key).
+    pub key_origin: String,
+    pub issued_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub revoked_at: Option<Timestamp>,
+    pub superseded_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct CertificateStats {
+    pub total: i64,
+    pub active: i64,
+    pub expired: i64,
+    pub revoked: i64,
+    pub superseded: i64,
+    /// Active certificates expiring within 30 days.
+    pub expiring_soon: i64,
+}
+
+/// What the agent listener needs to decide, on every request, whether a certificate may act.
+#[derive(Debug, Clone)]
+pub struct CertificateAuth {
+    pub machine_id: String,
+    pub client_id: String,
+    pub state: CertState,
+    pub expires_at: Timestamp,
+    pub machine_revoked: bool,
+}
+
+/// A certificate about to be stored as the machine's active one.
+#[derive(Debug)]
+pub struct NewCertificate<'a> {
+    pub serial: &'a str,
+    pub machine_id: &'a str,
+    pub client_id: &'a str,
+    pub key_origin: &'a str,
+    pub issued_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub pem: &'a str,
+}
+
+const CERT_SELECT: &str =
+    "SELECT serial, machine_id, client_id, state, key_origin, issued_at, expires_at, \
+     revoked_at, superseded_at FROM certificates";
+
+fn certificate(row: &AnyRow, now: Timestamp) -> Result<CertificateRecord> {
+    let state = CertState::parse(&row.try_get::<String, _>("state")?)?;
+    let expires_at = ts(row, "expires_at")?;
+    let effective_state = match state {
+        CertState::Active if expires_at <= now => "expired",
+        CertState::Active => "active",
+        CertState::Revoked => "revoked",
+        CertState::Superseded => "superseded",
+    };
+    Ok(CertificateRecord {
+        serial: row.try_get("serial")?,
+        machine_id: row.try_get("machine_id")?,
+        client_id: row.try_get("client_id")?,
+        state,
+        effective_state: effective_state.to_string(),
+        key_origin: row.try_get("key_origin")?,
+        issued_at: ts(row, "issued_at")?,
+        expires_at,
+        revoked_at: opt_ts(row, "revoked_at")?,
+        superseded_at: opt_ts(row, "superseded_at")?,
+    })
+}
+
+/// The per-request check of the agent listener: one indexed lookup, no cache, so that a
+/// revocation is seen by every replica at the next request.
+pub async fn auth<'e>(ex: impl AnyExecutor<'e>, serial: &str) -> Result<Option<CertificateAuth>> {
+    let row = sqlx::query(
+        "SELECT c.machine_id, c.client_id, c.state, c.expires_at, m.revoked_at \
+         FROM certificates c JOIN machines m ON m.id = c.machine_id WHERE c.serial = $1",
+    )
+    .bind(serial)
+    .fetch_optional(ex)
+    .await?;
+    row.map(|row| {
+        Ok(CertificateAuth {
+            machine_id: row.try_get("machine_id")?,
+            client_id: row.try_get("client_id")?,
+            state: CertState::parse(&row.try_get::<String, _>("state")?)?,
+            expires_at: ts(&row, "expires_at")?,
+            machine_revoked: opt_ts(&row, "revoked_at")?.is_some(),
+        })
+    })
+    .transpose()
+}
+
+pub async fn stats<'e>(ex: impl AnyExecutor<'e>, now: Timestamp) -> Result<CertificateStats> {
+    let row = sqlx::query(
+        "SELECT COUNT(*) AS total, \
+           COALESCE(SUM(CASE WHEN state = 'active' AND expires_at > $1 THEN 1 ELSE 0 END), 0) AS active, \
+           COALESCE(SUM(CASE WHEN state = 'active' AND expires_at <= $1 THEN 1 ELSE 0 END), 0) AS expired, \
+           COALESCE(SUM(CASE WHEN state = 'revoked' THEN 1 ELSE 0 END), 0) AS revoked, \
+           COALESCE(SUM(CASE WHEN state = 'superseded' THEN 1 ELSE 0 END), 0) AS superseded, \
+           COALESCE(SUM(CASE WHEN state = 'active' AND expires_at > $1 AND expires_at <= $2 THEN 1 ELSE 0 END), 0) AS expiring_soon \
+         FROM certificates",
+    )
+    .bind(now.0)
+    .bind(now.plus_secs(30 * 86_400).0)
+    .fetch_one(ex)
+    .await?;
+    // SUM over an integer CASE is BIGINT on PostgreSQL and INTEGER on SQLite: both i64.
+    let get = |c: &str| -> Result<i64> { Ok(row.try_get::<i64, _>(c)?) };
+    Ok(CertificateStats {
+        total: get("total")?,
+        active: get("active")?,
+        expired: get("expired")?,
+        revoked: get("revoked")?,
+        superseded: get("superseded")?,
+        expiring_soon: get("expiring_soon")?,
+    })
+}
+
+/// Certificates, of one machine and/or client or all, in issuance order.
+pub async fn list<'e>(
+    ex: impl AnyExecutor<'e>,
+    machine_id: Option<&str>,
+    client_id: Option<&str>,
+    now: Timestamp,
+) -> Result<Vec<CertificateRecord>> {
+    let rows = sqlx::query(&format!(
+        "{CERT_SELECT} WHERE ($1 IS NULL OR machine_id = $1) AND ($2 IS NULL OR client_id = $2) \
+         ORDER BY issued_at, serial"
+    ))
+    .bind(machine_id)
+    .bind(client_id)
+    .fetch_all(ex)
+    .await?;
+    rows.iter().map(|r| certificate(r, now)).collect()
+}
+
+pub async fn get<'e>(
+    ex: impl AnyExecutor<'e>,
+    serial: &str,
+    now: Timestamp,
+) -> Result<Option<CertificateRecord>> {
+    sqlx::query(&format!("{CERT_SELECT} WHERE serial = $1"))
+        .bind(serial)
+        .fetch_optional(ex)
+        .await?
+        .as_ref()
+        .map(|r| certificate(r, now))
+        .transpose()
+}
+
+/// Moves an active certificate to revoked. Returns false when it was not active.
+pub async fn revoke(conn: &mut AnyConnection, serial: &str, now: Timestamp) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE certificates SET state = 'revoked', revoked_at = $1 WHERE serial = $2 AND state = 'active'",
+    )
+    .bind(now.0)
+    .bind(serial)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Moves a revoked certificate back to active. The unique index refuses it (Conflict) when
+/// the machine has been issued another certificate since.
+pub async fn restore(conn: &mut AnyConnection, serial: &str) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE certificates SET state = 'active', revoked_at = NULL WHERE serial = $1 AND state = 'revoked'",
+    )
+    .bind(serial)
+    .execute(&mut *conn)
+    .await
+    .map_err(StoreError::classify)?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Deletes revoked, superseded and expired certificates; keeps every usable one.
+pub async fn purge(conn: &mut AnyConnection, now: Timestamp) -> Result<u64> {
+    let done = sqlx::query("DELETE FROM certificates WHERE state <> 'active' OR expires_at <= $1")
+        .bind(now.0)
+        .execute(&mut *conn)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+/// Supersedes the machine's current certificate (if any). Returns how many rows moved.
+pub async fn supersede_active(
+    conn: &mut AnyConnection,
+    machine_id: &str,
+    now: Timestamp,
+) -> Result<u64> {
+    let done = sqlx::query(
+        "UPDATE certificates SET state = 'superseded', superseded_at = $1 WHERE machine_id = $2 AND state = 'active'",
+    )
+    .bind(now.0)
+    .bind(machine_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Stores `cert` as the machine's active certificate. While another is active (a concurrent
+/// issuance committed first) the unique index refuses it: [`StoreError::Conflict`].
+pub async fn insert_active(conn: &mut AnyConnection, cert: &NewCertificate<'_>) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO certificates (serial, machine_id, client_id, state, key_origin, issued_at, expires_at, pem) \
+         VALUES ($1, $2, $3, 'active', $4, $5, $6, $7)",
+    )
+    .bind(cert.serial)
+    .bind(cert.machine_id)
+    .bind(cert.client_id)
+    .bind(cert.key_origin)
+    .bind(cert.issued_at.0)
+    .bind(cert.expires_at.0)
+    .bind(cert.pem)
+    .execute(&mut *conn)
+    .await
+    .map_err(StoreError::classify)?;
+    Ok(())
+}
