@@ -29,6 +29,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use license_ipc::mgmt::MgmtErrorCode;
 
 mod audit;
 mod client;
@@ -161,7 +162,7 @@ enum MainError {
     #[error("{op}: {code}: {message}")]
     Agent {
         op: &'static str,
-        code: String,
+        code: MgmtErrorCode,
         message: String,
     },
     #[error("cannot write the output: {0}")]
@@ -172,8 +173,10 @@ impl MainError {
     fn exit_code(&self) -> u8 {
         match self {
             MainError::Client(e) if e.is_unreachable() => EXIT_UNREACHABLE,
-            MainError::Agent { code, .. } => match code.as_str() {
-                "not_authorized" | "refused" | "audit_unavailable" => EXIT_REFUSED,
+            MainError::Agent { code, .. } => match code {
+                MgmtErrorCode::NotAuthorized
+                | MgmtErrorCode::Refused
+                | MgmtErrorCode::AuditUnavailable => EXIT_REFUSED,
                 _ => EXIT_FAILED,
             },
             _ => EXIT_ERROR,
@@ -237,7 +240,7 @@ mod tests {
     fn agent_error_codes_map_to_exit_codes() {
         let agent = |code: &str| MainError::Agent {
             op: "rotate",
-            code: code.into(),
+            code: serde_json::from_value(serde_json::json!(code)).unwrap(),
             message: String::new(),
         };
         for (code, exit) in [

@@ -9,7 +9,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use license_ipc::mgmt::{DegradedSwitch, MgmtRequest, MgmtResponse, StatusView};
+use license_ipc::mgmt::{DegradedSwitch, MgmtErrorCode, MgmtRequest, MgmtResponse, StatusView};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -139,7 +139,7 @@ fn into_result(op: &'static str, answer: MgmtResponse, json: bool) -> Result<Val
             .result
             .ok_or_else(|| bad_answer(op, "`ok` without a `result`"));
     }
-    let code = answer.error.unwrap_or_else(|| "failed".to_owned());
+    let code = answer.error.unwrap_or(MgmtErrorCode::Failed);
     let message = answer.message.unwrap_or_default();
     if json {
         let mut out = io::stdout().lock();

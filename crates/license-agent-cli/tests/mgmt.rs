@@ -438,6 +438,7 @@ fn agent_errors_map_to_exit_codes() {
             MgmtRequest::Status { .. } => ("failed", "server unreachable\nretry later"),
             _ => ("bad_request", "unknown secret version"),
         };
+        let code = serde_json::from_value(serde_json::json!(code)).unwrap();
         Reply::Answer(MgmtResponse::err(code, message))
     });
     for (args, code, exit) in [

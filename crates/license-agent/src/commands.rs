@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use license_protocol::enroll::{FieldError, InstallToken};
 
-use crate::config::{AgentConfig, ConfigError};
+use crate::config::{
+    AgentConfig, ConfigError, DEFAULT_CONFIG_PATH, DEFAULT_LOG_DIR, DEFAULT_STATE_DIR,
+};
 use crate::daemon::{self, DaemonError};
 use crate::engine::renewal::{self, RenewalError};
 use crate::engine::state::StateFile;
@@ -18,6 +20,7 @@ use crate::net::client::ClientError;
 use crate::net::{agent_client, ConnectError};
 use crate::platform::clock::rfc3339;
 use crate::platform::keys::{self, KeyError};
+use license_protocol::pin::CertPin;
 
 /// Why a command failed; [`CommandError::exit_code`] says how the process exits.
 #[derive(Debug, thiserror::Error)]
@@ -83,13 +86,91 @@ fn print_json<T: serde::Serialize>(value: &T) {
     );
 }
 
-/// `enroll`: the token is parsed here so a bad one is a usage error, not a server refusal.
-pub async fn enroll(
+/// `--config PATH`.
+#[derive(Debug, clap::Args)]
+pub struct ConfigArg {
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+}
+
+/// `--config PATH` and `--json`.
+#[derive(Debug, clap::Args)]
+pub struct ConfigAndOutput {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `license-agent enroll`.
+#[derive(Debug, clap::Args)]
+pub struct EnrollArgs {
+    /// Public URL of the license server, e.g. `https://licenses.example.com:8443`
+    #[arg(long, value_name = "URL")]
+    server: String,
+    /// Pin of the server's key, `sha256:<base64>` (printed by `license-server init`).
+    #[arg(long, value_name = "PIN")]
+    server_pin: CertPin,
+    /// The install token (or set LICENSE_AGENT_TOKEN so it stays out of `ps`).
+    #[arg(long, env = "LICENSE_AGENT_TOKEN", hide_env_values = true)]
     token: String,
-    opts: impl FnOnce(InstallToken) -> EnrollOptions,
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_LOG_DIR)]
+    log_dir: PathBuf,
+    /// Override the detected hostname.
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Override the detected hardware id (DMI product UUID or /etc/machine-id).
+    #[arg(long)]
+    hardware_id: Option<String>,
+    /// Let the server generate the key pair (seed mode) instead of sending a CSR.
+    #[arg(long)]
+    server_generated_key: bool,
+    /// Enroll again even if a config exists (same hardware id → same machine, new certificate).
+    #[arg(long)]
+    force: bool,
+    /// Validation socket for POS applications [default: /run/license-agent/agent.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// UID allowed to validate licenses on the socket (repeatable; the POS application's user).
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allowed_uids: Vec<u32>,
+    /// Make the machine key inside the TPM (non-exportable) reached through this TCTI,
+    /// e.g. `device:/dev/tpmrm0`; also enables the TPM secret store.
+    #[arg(long, value_name = "TCTI")]
+    tpm: Option<String>,
+    #[arg(long)]
     json: bool,
-) -> Result<(), CommandError> {
-    let opts = opts(InstallToken::try_from(token)?);
+}
+
+impl EnrollArgs {
+    fn options(self, token: InstallToken) -> EnrollOptions {
+        EnrollOptions {
+            server: self.server,
+            pin: self.server_pin,
+            token,
+            config_path: self.config,
+            state_dir: self.state_dir,
+            log_dir: self.log_dir,
+            hostname: self.hostname,
+            hardware_id: self.hardware_id,
+            server_generated_key: self.server_generated_key,
+            force: self.force,
+            socket: self.socket,
+            allowed_uids: self.allowed_uids,
+            tpm_tcti: self.tpm,
+        }
+    }
+}
+
+/// `enroll`: the token is parsed here so a bad one is a usage error, not a server refusal.
+pub async fn enroll(mut args: EnrollArgs) -> Result<(), CommandError> {
+    let token = InstallToken::try_from(std::mem::take(&mut args.token))?;
+    let json = args.json;
+    let opts = args.options(token);
     if !json {
         eprintln!("Enrolling with {} (pinned {})…", opts.server, opts.pin);
     }

@@ -21,6 +21,7 @@ use crate::engine::server::AgentServer;
 use crate::engine::state::{AgentState, LoadOutcome, StateFile};
 use crate::engine::{Engine, EngineParts, EngineSettings, Machine, Vault};
 use crate::net::agent_client;
+use crate::platform::blocking;
 use crate::platform::clock::GuardedClock;
 use crate::platform::tpm::{Tpm, TpmError};
 use crate::sockets::listener::{Limits, Listener};
@@ -360,7 +361,8 @@ pub async fn run(
         );
     }
     let mut keyring = Keyring::default();
-    for s in store.load()? {
+    let loading = store.clone();
+    for s in blocking::run(move || loading.load()).await? {
         keyring.insert(s.version, s.dates, s.secret);
     }
     let validator = Arc::new(Validator::new(

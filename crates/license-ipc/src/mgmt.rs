@@ -96,16 +96,55 @@ impl MgmtRequest {
     }
 }
 
+/// Why the agent did not carry out a management request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum MgmtErrorCode {
+    /// This uid may not use the socket, may read but not act, or the token is missing or wrong.
+    NotAuthorized,
+    /// The request is not JSON, has an unknown op or a bad field.
+    BadRequest,
+    /// Not allowed in this configuration (e.g. degraded mode forbidden by config).
+    Refused,
+    /// The request could not be audited, so it was not carried out.
+    AuditUnavailable,
+    /// Carried out and failed (e.g. the server could not be reached for a rotation).
+    Failed,
+    /// A code this version does not know, sent by a newer agent. Never sent.
+    #[serde(other)]
+    Unrecognized,
+}
+
+impl MgmtErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MgmtErrorCode::NotAuthorized => "not_authorized",
+            MgmtErrorCode::BadRequest => "bad_request",
+            MgmtErrorCode::Refused => "refused",
+            MgmtErrorCode::AuditUnavailable => "audit_unavailable",
+            MgmtErrorCode::Failed => "failed",
+            MgmtErrorCode::Unrecognized => "unrecognized",
+        }
+    }
+}
+
+impl std::fmt::Display for MgmtErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The answer: `{"ok": true, "result": {...}}` or `{"ok": false, "error": "<code>", "message": "..."}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MgmtResponse {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<serde_json::Value>,
-    /// `not_authorized` (uid/role/token), `bad_request`, `refused` (e.g. degraded mode forbidden
-    /// by config), `audit_unavailable`, `failed`.
+    /// Why it failed, when `ok` is false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub error: Option<MgmtErrorCode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
@@ -120,11 +159,11 @@ impl MgmtResponse {
         }
     }
 
-    pub fn err(code: &str, message: impl Into<String>) -> Self {
+    pub fn err(code: MgmtErrorCode, message: impl Into<String>) -> Self {
         Self {
             ok: false,
             result: None,
-            error: Some(code.to_string()),
+            error: Some(code),
             message: Some(message.into()),
         }
     }

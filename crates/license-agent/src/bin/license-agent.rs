@@ -4,14 +4,10 @@
 //! exit codes (0 success, 1 runtime, 2 usage or config, 3 refused by the server, 4 already
 //! enrolled).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use license_agent::commands::{self, CommandError};
-use license_agent::config::{DEFAULT_CONFIG_PATH, DEFAULT_LOG_DIR, DEFAULT_STATE_DIR};
-use license_agent::enroll::EnrollOptions;
-use license_protocol::pin::CertPin;
+use license_agent::commands::{self, CommandError, ConfigAndOutput, ConfigArg, EnrollArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,82 +21,20 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-#[allow(clippy::large_enum_variant)] // parsed once per process; boxing buys nothing
 enum Command {
     /// Enroll this machine with a one-time install token; the key is generated locally.
-    Enroll {
-        /// Public URL of the license server, e.g. `https://licenses.example.com:8443`
-        #[arg(long, value_name = "URL")]
-        server: String,
-        /// Pin of the server's key, `sha256:<base64>` (printed by `license-server init`).
-        #[arg(long, value_name = "PIN")]
-        server_pin: CertPin,
-        /// The install token (or set LICENSE_AGENT_TOKEN so it stays out of `ps`).
-        #[arg(long, env = "LICENSE_AGENT_TOKEN", hide_env_values = true)]
-        token: String,
-        #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-        #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
-        #[arg(long, value_name = "DIR", default_value = DEFAULT_LOG_DIR)]
-        log_dir: PathBuf,
-        /// Override the detected hostname.
-        #[arg(long)]
-        hostname: Option<String>,
-        /// Override the detected hardware id (DMI product UUID or /etc/machine-id).
-        #[arg(long)]
-        hardware_id: Option<String>,
-        /// Let the server generate the key pair (seed mode) instead of sending a CSR.
-        #[arg(long)]
-        server_generated_key: bool,
-        /// Enroll again even if a config exists (same hardware id → same machine, new certificate).
-        #[arg(long)]
-        force: bool,
-        /// Validation socket for POS applications [default: /run/license-agent/agent.sock].
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
-        /// UID allowed to validate licenses on the socket (repeatable; the POS application's user).
-        #[arg(long = "allow-uid", value_name = "UID")]
-        allowed_uids: Vec<u32>,
-        /// Make the machine key inside the TPM (non-exportable) reached through this TCTI,
-        /// e.g. `device:/dev/tpmrm0`; also enables the TPM secret store.
-        #[arg(long, value_name = "TCTI")]
-        tpm: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    Enroll(Box<EnrollArgs>),
     /// Run the agent: secret store, rotation with the server, validation socket.
-    Run {
-        #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
+    Run(ConfigArg),
     /// What the agent knows (from state.json): secrets, store in use, TPM, server contact.
     /// Works without a running daemon; `license-agent-cli status` asks the running one.
-    Status {
-        #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
+    Status(ConfigAndOutput),
     /// Validate a config file without starting anything.
-    CheckConfig {
-        #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
+    CheckConfig(ConfigArg),
     /// Ask the server (over mTLS) what it knows of this machine's secrets.
-    ServerStatus {
-        #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
+    ServerStatus(ConfigAndOutput),
     /// Renew this machine's certificate (same key); the old one stops working at once.
-    RenewCert {
-        #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
+    RenewCert(ConfigAndOutput),
 }
 
 fn main() -> ExitCode {
@@ -147,43 +81,11 @@ fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> Result<(), CommandError> {
     match cli.command {
-        Command::Enroll {
-            server,
-            server_pin,
-            token,
-            config,
-            state_dir,
-            log_dir,
-            hostname,
-            hardware_id,
-            server_generated_key,
-            force,
-            socket,
-            allowed_uids,
-            tpm,
-            json,
-        } => {
-            let opts = |token| EnrollOptions {
-                server,
-                pin: server_pin,
-                token,
-                config_path: config,
-                state_dir,
-                log_dir,
-                hostname,
-                hardware_id,
-                server_generated_key,
-                force,
-                socket,
-                allowed_uids,
-                tpm_tcti: tpm,
-            };
-            commands::enroll(token, opts, json).await
-        }
-        Command::Run { config } => commands::run(config).await,
-        Command::Status { config, json } => commands::status(&config, json),
-        Command::CheckConfig { config } => commands::check_config(&config),
-        Command::ServerStatus { config, json } => commands::server_status(&config, json).await,
-        Command::RenewCert { config, json } => commands::renew_cert(&config, json).await,
+        Command::Enroll(args) => commands::enroll(*args).await,
+        Command::Run(c) => commands::run(c.config).await,
+        Command::Status(c) => commands::status(&c.config.config, c.json),
+        Command::CheckConfig(c) => commands::check_config(&c.config),
+        Command::ServerStatus(c) => commands::server_status(&c.config.config, c.json).await,
+        Command::RenewCert(c) => commands::renew_cert(&c.config.config, c.json).await,
     }
 }

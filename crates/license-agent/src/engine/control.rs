@@ -2,7 +2,7 @@
 //! between two rounds so that every state change happens in one place. The engine owns the
 //! channel; management holds a [`ControlHandle`].
 
-use license_protocol::mgmt::{DegradedSwitch, StatusView};
+use license_protocol::mgmt::{DegradedSwitch, MgmtErrorCode, StatusView};
 use tokio::sync::{mpsc, oneshot};
 
 use super::decide::Override;
@@ -39,11 +39,11 @@ pub enum ControlError {
 }
 
 impl ControlError {
-    /// The management error code (`refused` or `failed`).
-    pub fn code(&self) -> &'static str {
+    /// The management error code.
+    pub fn code(&self) -> MgmtErrorCode {
         match self {
-            ControlError::Refused(_) => "refused",
-            ControlError::Stopping | ControlError::Rotation(_) => "failed",
+            ControlError::Refused(_) => MgmtErrorCode::Refused,
+            ControlError::Stopping | ControlError::Rotation(_) => MgmtErrorCode::Failed,
         }
     }
 }

@@ -28,6 +28,8 @@ pub mod round;
 pub mod server;
 pub mod state;
 pub mod status;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 use std::sync::Arc;

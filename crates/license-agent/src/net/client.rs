@@ -6,7 +6,9 @@ use std::time::Duration;
 use license_protocol::agent_api::{
     MachineLicenses, RenewCertificateRequest, RenewCertificateResponse, SecretStatus,
 };
-use license_protocol::enroll::{BootstrapRequest, BootstrapResponse};
+use license_protocol::enroll::{
+    BootstrapRequest, BootstrapResponse, RecoverRequest, RecoverResponse,
+};
 use license_protocol::error::{ApiError, ErrorCode};
 use license_protocol::rotation::{AckRequest, RotateSecretRequest, RotateSecretResponse};
 use serde::de::DeserializeOwned;
@@ -100,55 +102,49 @@ impl ServerClient {
         }
     }
 
-    pub async fn recover(
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        Self::answer(self.http.get(format!("{}{path}", self.base)).send().await).await
+    }
+
+    async fn post<T: DeserializeOwned>(
         &self,
-        req: &license_protocol::enroll::RecoverRequest,
-    ) -> Result<license_protocol::enroll::RecoverResponse, ClientError> {
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<T, ClientError> {
         Self::answer(
             self.http
-                .post(format!("{}/api/public/recover", self.base))
-                .json(req)
+                .post(format!("{}{path}", self.base))
+                .json(body)
                 .send()
                 .await,
         )
         .await
     }
 
+    /// `POST /api/public/recover` (public listener).
+    pub async fn recover(&self, req: &RecoverRequest) -> Result<RecoverResponse, ClientError> {
+        self.post("/api/public/recover", req).await
+    }
+
+    /// `POST /api/public/bootstrap` (public listener).
     pub async fn bootstrap(
         &self,
         req: &BootstrapRequest,
     ) -> Result<BootstrapResponse, ClientError> {
-        Self::answer(
-            self.http
-                .post(format!("{}/api/public/bootstrap", self.base))
-                .json(req)
-                .send()
-                .await,
-        )
-        .await
+        self.post("/api/public/bootstrap", req).await
     }
 
     pub async fn secret_status(&self) -> Result<SecretStatus, ClientError> {
-        Self::answer(
-            self.http
-                .get(format!("{}/api/v1/secret-status", self.base))
-                .send()
-                .await,
-        )
-        .await
+        self.get("/api/v1/secret-status").await
     }
 
     pub async fn renew_certificate(
         &self,
         csr: String,
     ) -> Result<RenewCertificateResponse, ClientError> {
-        let req = RenewCertificateRequest { csr };
-        Self::answer(
-            self.http
-                .post(format!("{}/api/v1/renew-certificate", self.base))
-                .json(&req)
-                .send()
-                .await,
+        self.post(
+            "/api/v1/renew-certificate",
+            &RenewCertificateRequest { csr },
         )
         .await
     }
@@ -157,36 +153,17 @@ impl ServerClient {
         &self,
         req: &RotateSecretRequest,
     ) -> Result<RotateSecretResponse, ClientError> {
-        Self::answer(
-            self.http
-                .post(format!("{}/api/v1/rotate-secret", self.base))
-                .json(req)
-                .send()
-                .await,
-        )
-        .await
+        self.post("/api/v1/rotate-secret", req).await
     }
 
     pub async fn ack_secret(&self, secret_version: u64) -> Result<(), ClientError> {
-        let req = AckRequest { secret_version };
-        let _: serde_json::Value = Self::answer(
-            self.http
-                .post(format!("{}/api/v1/rotate-secret/ack", self.base))
-                .json(&req)
-                .send()
-                .await,
-        )
-        .await?;
+        let _: serde_json::Value = self
+            .post("/api/v1/rotate-secret/ack", &AckRequest { secret_version })
+            .await?;
         Ok(())
     }
 
     pub async fn licenses(&self) -> Result<MachineLicenses, ClientError> {
-        Self::answer(
-            self.http
-                .get(format!("{}/api/v1/licenses", self.base))
-                .send()
-                .await,
-        )
-        .await
+        self.get("/api/v1/licenses").await
     }
 }

@@ -1,6 +1,7 @@
 //! Process hardening at daemon start (DESIGN.md §2): no core dumps and no ptrace attach by
 //! other processes of the same user, so unsealed secrets cannot be lifted from a dump or a
-//! debugger. The only `unsafe` of the agent lives here.
+//! debugger. One of the agent's two files with `unsafe` (the other is the TPM's FFI,
+//! `platform/tpm/esys.rs`).
 #![allow(unsafe_code)]
 
 #[derive(Debug, thiserror::Error)]

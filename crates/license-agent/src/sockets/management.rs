@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use license_audit::{Actor, Event, Outcome};
-use license_protocol::mgmt::{MgmtRequest, MgmtResponse};
+use license_protocol::mgmt::{MgmtErrorCode, MgmtRequest, MgmtResponse};
 use license_protocol::rotation::Nonce;
 use zeroize::Zeroizing;
 
@@ -66,7 +66,7 @@ impl Handler for ManagementSocket {
                     self.audit
                         .note(Event::new("mgmt.bad_request", Outcome::Refused).actor(actor))
                         .await;
-                    MgmtResponse::err("bad_request", e.to_string())
+                    MgmtResponse::err(MgmtErrorCode::BadRequest, e.to_string())
                 }
             };
             conn.send(&response).await?;
@@ -109,7 +109,7 @@ impl ManagementSocket {
                         .detail("reason", message),
                 )
                 .await;
-            return MgmtResponse::err("not_authorized", message);
+            return MgmtResponse::err(MgmtErrorCode::NotAuthorized, message);
         }
         let mut record = Event::new(&name, Outcome::Success).actor(actor);
         match &request {
@@ -122,7 +122,7 @@ impl ManagementSocket {
         if let Err(e) = self.audit.durable(record).await {
             tracing::error!(error = %e, op = request.name(), "management request refused: it cannot be audited");
             return MgmtResponse::err(
-                "audit_unavailable",
+                MgmtErrorCode::AuditUnavailable,
                 "the request cannot be audited, so it is refused",
             );
         }

@@ -1,5 +1,6 @@
 //! Where the machine's secrets rest between runs, behind one trait with a file per backend
-//! (parsec's `providers/` pattern): `file` today (AES-256-GCM, PBKDF2-derived key), `tpm` next.
+//! (parsec's `providers/` pattern): [`file`] (AES-256-GCM, PBKDF2-derived key), [`tpm`] (sealed
+//! by the TPM), and [`fallback`], the one the daemon uses (the TPM's, else the file's).
 //!
 //! A store holds the whole set of versions and replaces it atomically, so a crash in the
 //! middle of a rotation leaves the old set or the new one, never neither.

@@ -15,9 +15,10 @@
 //! parameter-encryption session stay loaded for the life of a [`Tpm`] and are flushed on drop.
 //! Sealed data, unsealed data and ECDH results are encrypted on the way to and from the TPM.
 //!
-//! All TPM calls are blocking and serialized on one connection behind a mutex; call them from
-//! `spawn_blocking` in async code. The owner hierarchy must have an empty authorization value (the
-//! default). The FFI lives in [`esys`], the only file with `unsafe`.
+//! All TPM calls are blocking and serialized on one connection behind a mutex; async code calls
+//! them through [`crate::platform::blocking`]. The owner hierarchy must have an empty authorization value (the
+//! default). The FFI lives in [`esys`], the only file with `unsafe` besides
+//! process hardening (`platform/hardening.rs`).
 //!
 //! Without a resource manager (`swtpm:` socket, `/dev/tpm0`) transient objects outlive the process
 //! that loaded them, so a process killed mid-operation leaves them taking the TPM's few slots. An
