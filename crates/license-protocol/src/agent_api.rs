@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::ipc::Reason;
+
 use crate::identity::{ClientId, MachineId};
 
 /// `GET /api/v1/secret-status`: what the server knows of the calling machine's secrets.
@@ -72,8 +74,10 @@ pub struct ValidateLicenseRequest {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ValidateLicenseResponse {
     pub valid: bool,
+    /// The reason code when `valid` is false (the same codes as the agent's validation socket).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub reason: Option<Reason>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = Uuid))]
     pub license_id: Option<uuid::Uuid>,

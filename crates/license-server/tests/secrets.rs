@@ -164,9 +164,9 @@ impl Machine {
     }
 }
 
-fn reason(v: &ValidateLicenseResponse) -> &str {
+fn reason(v: &ValidateLicenseResponse) -> &'static str {
     assert!(!v.valid, "{v:?}");
-    v.reason.as_deref().unwrap()
+    v.reason.unwrap().as_str()
 }
 
 fn audit(server: &TestServer) -> Vec<Value> {

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 
 use license_protocol::agent_api::{LicenseToken, MachineLicenses, ValidateLicenseResponse};
 use license_protocol::identity::{ClientId, MachineId, MachineIdentity};
-use license_protocol::ipc::Reason;
 use license_protocol::secret::Secret;
-use license_protocol::token::{self, LicenseClaims, TokenError};
+use license_protocol::token::{self, LicenseClaims};
+use license_protocol::verdict::{self, SecretStanding, Verified};
 use serde::Serialize;
 use serde_json::json;
 
@@ -21,7 +21,7 @@ use super::secrets::{current_secret, open_at_rest};
 use super::AppState;
 use crate::clock::Timestamp;
 use crate::store::licenses::{LicenseRecord, NewLicense};
-use crate::store::secrets::SecretState;
+use crate::store::secrets::{SealedSecretRow, SecretState};
 use crate::store::{self, StoreError};
 
 /// Most features one license may grant.
@@ -208,93 +208,88 @@ pub async fn machine_licenses(
     })
 }
 
-fn refused(reason: Reason, license_id: Option<uuid::Uuid>) -> ValidateLicenseResponse {
-    ValidateLicenseResponse {
-        valid: false,
-        reason: Some(reason.as_str().to_string()),
-        license_id,
-        features: Vec::new(),
-        expires_at: None,
+/// What the server knows of one of the machine's secret versions, for the verdict.
+fn standing(
+    state: &AppState,
+    machine: &MachineId,
+    rows: &[SealedSecretRow],
+    version: u64,
+    now: Timestamp,
+) -> Result<SecretStanding, StoreError> {
+    let Some(row) = rows.iter().find(|r| r.record.version == version) else {
+        return Ok(SecretStanding::Unknown);
+    };
+    let invalidated = row.record.state == SecretState::Invalidated;
+    // Destroyed at the end of its grace (an invalidated one too): the token cannot be opened.
+    if row.record.destroyed {
+        return Ok(SecretStanding::Gone(if invalidated {
+            verdict::SecretState::Invalidated
+        } else {
+            verdict::SecretState::PastGrace
+        }));
     }
-}
-
-/// The one mapping of token errors to reason codes.
-fn token_reason(e: &TokenError) -> Reason {
-    match e {
-        TokenError::WrongMachine => Reason::WrongMachine,
-        TokenError::UnknownSecretVersion(_) => Reason::UnknownSecretVersion,
-        TokenError::BadSignature => Reason::BadSignature,
-        _ => Reason::Malformed,
+    // No token is issued under a pending version; one that claims so is not ours to honour.
+    if row.record.state == SecretState::Pending {
+        return Ok(SecretStanding::Unknown);
     }
+    Ok(SecretStanding::Held(
+        open_at_rest(state, machine, row)?,
+        verdict::SecretState::of(invalidated, row.record.grace_until.0, now.0),
+    ))
 }
 
 /// `POST /api/v1/validate-license`: the server's own verdict on a token presented by the
-/// machine it was issued for. Checks, in order: format, machine, secret version known,
-/// decryption and signature, secret not invalidated nor past its grace, license not revoked,
-/// not expired, already valid.
+/// machine it was issued for — the same verdict as the agent's (`license_protocol::verdict`),
+/// from what the database holds: the machine's secret versions and its licenses (a license
+/// deleted with its machine is as good as revoked).
 pub async fn validate(
     state: &AppState,
     identity: &MachineIdentity,
     token_b64: &str,
 ) -> Result<ValidateLicenseResponse, StoreError> {
     let machine = identity.machine_id;
+    let machine_id = machine.to_string();
     let now = Timestamp::now();
-    let header = match token::decode(token_b64) {
-        Ok((header, _)) => header,
-        Err(e) => return Ok(refused(token_reason(&e), None)),
-    };
-    if header.machine_id != machine {
-        return Ok(refused(Reason::WrongMachine, None));
+    let rows = store::secrets::of_machine(state.store.pool(), &machine_id, now).await?;
+    let licenses = store::licenses::list(state.store.pool(), Some(&machine_id), now).await?;
+    let mut failure = None;
+    let outcome = verdict::verdict(
+        token_b64,
+        &machine,
+        &state.keys.license_signing_key.verifying_key(),
+        now.0,
+        |version| {
+            standing(state, &machine, &rows, version, now).unwrap_or_else(|e| {
+                failure = Some(e);
+                SecretStanding::Unknown
+            })
+        },
+        |id| {
+            let id = id.to_string();
+            licenses
+                .iter()
+                .find(|l| l.id == id)
+                .is_none_or(|l| l.revoked_at.is_some())
+        },
+    );
+    if let Some(e) = failure {
+        return Err(e);
     }
-    let rows = store::secrets::of_machine(state.store.pool(), &machine.to_string(), now).await?;
-    let Some(row) = rows
-        .iter()
-        .find(|r| r.record.version == header.secret_version)
-    else {
-        return Ok(refused(Reason::UnknownSecretVersion, None));
-    };
-    // Destroyed at the end of its grace (an invalidated one too): the token cannot be opened.
-    if row.record.destroyed {
-        let reason = match row.record.state {
-            SecretState::Invalidated => Reason::SecretInvalidated,
-            _ => Reason::Expired,
-        };
-        return Ok(refused(reason, None));
-    }
-    let secret = open_at_rest(state, &machine, row)?;
-    let verifying_key = state.keys.license_signing_key.verifying_key();
-    let claims = match token::open(token_b64, &machine, |_| Some(secret), &verifying_key) {
-        Ok(claims) => claims,
-        Err(e) => return Ok(refused(token_reason(&e), None)),
-    };
-    let id = Some(claims.license_id);
-    match row.record.state {
-        SecretState::Invalidated => return Ok(refused(Reason::SecretInvalidated, id)),
-        // No token is issued under a pending version; one that claims so is not ours to honour.
-        SecretState::Pending => return Ok(refused(Reason::UnknownSecretVersion, id)),
-        SecretState::Active | SecretState::Grace if now > row.record.grace_until => {
-            return Ok(refused(Reason::Expired, id))
-        }
-        SecretState::Active | SecretState::Grace => {}
-    }
-    let license =
-        store::licenses::get(state.store.pool(), &claims.license_id.to_string(), now).await?;
-    // A license deleted with its machine is as good as revoked.
-    if license.is_none_or(|l| l.revoked_at.is_some()) {
-        return Ok(refused(Reason::Revoked, id));
-    }
-    if claims.expires_at.is_some_and(|e| e <= now.0) {
-        return Ok(refused(Reason::Expired, id));
-    }
-    if claims.not_before > now.0 {
-        return Ok(refused(Reason::NotYetValid, id));
-    }
-    Ok(ValidateLicenseResponse {
-        valid: true,
-        reason: None,
-        license_id: id,
-        features: claims.features,
-        expires_at: claims.expires_at,
+    Ok(match outcome {
+        Ok(Verified { claims, .. }) => ValidateLicenseResponse {
+            valid: true,
+            reason: None,
+            license_id: Some(claims.license_id),
+            features: claims.features,
+            expires_at: claims.expires_at,
+        },
+        Err(refusal) => ValidateLicenseResponse {
+            valid: false,
+            reason: Some(refusal.reason),
+            license_id: refusal.license_id,
+            features: Vec::new(),
+            expires_at: None,
+        },
     })
 }
 
