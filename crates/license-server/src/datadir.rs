@@ -99,12 +99,19 @@ impl DataDir {
         }
     }
 
-    fn read(&self, path: &Path) -> Result<Zeroizing<String>, DataDirError> {
-        if !self.config().exists() {
-            return Err(DataDirError::NotInitialized(
+    /// `server.toml` is written last by [`DataDir::init`]: without it nothing here is usable.
+    fn check_initialized(&self) -> Result<(), DataDirError> {
+        if self.config().exists() {
+            Ok(())
+        } else {
+            Err(DataDirError::NotInitialized(
                 self.root.display().to_string(),
-            ));
+            ))
         }
+    }
+
+    fn read(&self, path: &Path) -> Result<Zeroizing<String>, DataDirError> {
+        self.check_initialized()?;
         std::fs::read_to_string(path)
             .map(Zeroizing::new)
             .map_err(Self::io_err(path))
@@ -124,11 +131,7 @@ impl DataDir {
     }
 
     pub fn load_config(&self) -> Result<ServerConfig, DataDirError> {
-        if !self.config().exists() {
-            return Err(DataDirError::NotInitialized(
-                self.root.display().to_string(),
-            ));
-        }
+        self.check_initialized()?;
         Ok(ServerConfig::load(&self.config())?)
     }
 

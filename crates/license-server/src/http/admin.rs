@@ -1,21 +1,21 @@
 //! Admin API (loopback by default, TLS 1.3): bearer tokens with roles `readonly` (GET) and
 //! `admin` (everything). Every mutation is audited with the token's name as actor.
 
-use axum::extract::{Path, Query, State};
+use std::collections::BTreeMap;
+
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::Json;
+use license_protocol::agent_api::LicenseToken;
 use license_protocol::error::{ApiError, ErrorCode};
 use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{ApiFailure, ApiJson};
-use std::collections::BTreeMap;
-
-use license_protocol::agent_api::LicenseToken;
-
 use crate::clock::Timestamp;
 use crate::service::admin::{Admin, AdminError, CreatedInstallToken, PurgeReport};
 use crate::service::licenses::{IssuedLicense, LicenseRequest};
@@ -95,8 +95,43 @@ pub fn router() -> OpenApiRouter<SharedState> {
 
 type ApiResult<T> = Result<Json<T>, ApiFailure>;
 
-fn admin<'a>(state: &'a SharedState, who: &AdminPrincipal) -> Admin<'a> {
-    Admin::new(state, who.actor())
+/// Extractor: the administrator a request acts as (the principal [`authenticate`] found), with
+/// the server's state.
+#[derive(Debug)]
+pub struct AdminCall {
+    state: SharedState,
+    principal: AdminPrincipal,
+}
+
+impl AdminCall {
+    fn admin(&self) -> Admin<'_> {
+        Admin::new(&self.state, self.principal.actor())
+    }
+}
+
+impl FromRequestParts<SharedState> for AdminCall {
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &SharedState,
+    ) -> Result<Self, Self::Rejection> {
+        // `authenticate` runs before every admin route; without it this is a server bug.
+        let principal = parts
+            .extensions
+            .get::<AdminPrincipal>()
+            .cloned()
+            .ok_or_else(|| {
+                ApiFailure::refused(
+                    ErrorCode::InternalError,
+                    "admin request without a principal",
+                )
+            })?;
+        Ok(Self {
+            state: state.clone(),
+            principal,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -163,32 +198,27 @@ pub struct AuditQuery {
 
 #[utoipa::path(get, path = "/api/admin/clients", tag = "admin", security(("bearer" = [])),
     responses((status = 200, body = Vec<ClientRecord>), (status = 401, body = ApiError)))]
-async fn list_clients(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
-) -> ApiResult<Vec<ClientRecord>> {
-    Ok(Json(admin(&s, &who).list_clients().await?))
+async fn list_clients(call: AdminCall) -> ApiResult<Vec<ClientRecord>> {
+    Ok(Json(call.admin().list_clients().await?))
 }
 
 #[utoipa::path(post, path = "/api/admin/clients", tag = "admin", security(("bearer" = [])), request_body = CreateClient,
     responses((status = 200, body = ClientRecord), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
 async fn create_client(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
+    call: AdminCall,
     ApiJson(req): ApiJson<CreateClient>,
 ) -> ApiResult<ClientRecord> {
-    Ok(Json(admin(&s, &who).create_client(&req.name).await?))
+    Ok(Json(call.admin().create_client(&req.name).await?))
 }
 
 #[utoipa::path(get, path = "/api/admin/install-tokens", tag = "admin", security(("bearer" = [])), params(ClientFilter),
     responses((status = 200, body = Vec<InstallTokenRecord>)))]
 async fn list_install_tokens(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
+    call: AdminCall,
     Query(q): Query<ClientFilter>,
 ) -> ApiResult<Vec<InstallTokenRecord>> {
     Ok(Json(
-        admin(&s, &who)
+        call.admin()
             .list_install_tokens(q.client_id.as_deref())
             .await?,
     ))
@@ -198,12 +228,11 @@ async fn list_install_tokens(
 #[utoipa::path(post, path = "/api/admin/install-tokens", tag = "admin", security(("bearer" = [])), request_body = CreateInstallToken,
     responses((status = 200, body = CreatedInstallToken), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
 async fn create_install_token(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
+    call: AdminCall,
     ApiJson(req): ApiJson<CreateInstallToken>,
 ) -> ApiResult<CreatedInstallToken> {
     Ok(Json(
-        admin(&s, &who)
+        call.admin()
             .create_install_token(&req.client_id, req.ttl_secs)
             .await?,
     ))
@@ -212,79 +241,52 @@ async fn create_install_token(
 #[utoipa::path(get, path = "/api/admin/machines", tag = "admin", security(("bearer" = [])), params(ClientFilter),
     responses((status = 200, body = Vec<MachineRecord>)))]
 async fn list_machines(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
+    call: AdminCall,
     Query(q): Query<ClientFilter>,
 ) -> ApiResult<Vec<MachineRecord>> {
     Ok(Json(
-        admin(&s, &who)
-            .list_machines(q.client_id.as_deref())
-            .await?,
+        call.admin().list_machines(q.client_id.as_deref()).await?,
     ))
 }
 
 #[utoipa::path(get, path = "/api/admin/machines/{id}", tag = "admin", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = MachineRecord), (status = 404, body = ApiError)))]
-async fn get_machine(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
-    Path(id): Path<String>,
-) -> ApiResult<MachineRecord> {
-    Ok(Json(admin(&s, &who).get_machine(&id).await?))
+async fn get_machine(call: AdminCall, Path(id): Path<String>) -> ApiResult<MachineRecord> {
+    Ok(Json(call.admin().get_machine(&id).await?))
 }
 
 #[utoipa::path(delete, path = "/api/admin/machines/{id}", tag = "admin", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 204), (status = 404, body = ApiError)))]
-async fn delete_machine(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
-    Path(id): Path<String>,
-) -> Result<StatusCode, ApiFailure> {
-    admin(&s, &who).delete_machine(&id).await?;
+async fn delete_machine(call: AdminCall, Path(id): Path<String>) -> Result<StatusCode, ApiFailure> {
+    call.admin().delete_machine(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Block one machine (its other machines' siblings keep working).
 #[utoipa::path(post, path = "/api/admin/machines/{id}/revoke", tag = "admin", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = MachineRecord), (status = 404, body = ApiError)))]
-async fn revoke_machine(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
-    Path(id): Path<String>,
-) -> ApiResult<MachineRecord> {
-    Ok(Json(admin(&s, &who).revoke_machine(&id).await?))
+async fn revoke_machine(call: AdminCall, Path(id): Path<String>) -> ApiResult<MachineRecord> {
+    Ok(Json(call.admin().revoke_machine(&id).await?))
 }
 
 #[utoipa::path(post, path = "/api/admin/machines/{id}/restore", tag = "admin", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = MachineRecord), (status = 404, body = ApiError)))]
-async fn restore_machine(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
-    Path(id): Path<String>,
-) -> ApiResult<MachineRecord> {
-    Ok(Json(admin(&s, &who).restore_machine(&id).await?))
+async fn restore_machine(call: AdminCall, Path(id): Path<String>) -> ApiResult<MachineRecord> {
+    Ok(Json(call.admin().restore_machine(&id).await?))
 }
 
 /// Ask the machine to rotate its secret now (seen in its secret status until it acknowledges).
 #[utoipa::path(post, path = "/api/admin/machines/{id}/rotate", tag = "admin", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = MachineRecord), (status = 404, body = ApiError)))]
-async fn rotate_machine(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
-    Path(id): Path<String>,
-) -> ApiResult<MachineRecord> {
-    Ok(Json(admin(&s, &who).request_rotation(&id).await?))
+async fn rotate_machine(call: AdminCall, Path(id): Path<String>) -> ApiResult<MachineRecord> {
+    Ok(Json(call.admin().request_rotation(&id).await?))
 }
 
 /// The machine's secret versions, states and dates (never the secrets).
 #[utoipa::path(get, path = "/api/admin/machines/{id}/secrets", tag = "admin", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = Vec<SecretRecord>), (status = 404, body = ApiError)))]
-async fn list_secrets(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
-    Path(id): Path<String>,
-) -> ApiResult<Vec<SecretRecord>> {
-    Ok(Json(admin(&s, &who).list_secrets(&id).await?))
+async fn list_secrets(call: AdminCall, Path(id): Path<String>) -> ApiResult<Vec<SecretRecord>> {
+    Ok(Json(call.admin().list_secrets(&id).await?))
 }
 
 /// Invalidate one secret version: tokens under it stop validating (`secret_invalidated`).
@@ -292,24 +294,20 @@ async fn list_secrets(
     params(("id" = String, Path), ("version" = u64, Path)),
     responses((status = 200, body = SecretRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 async fn invalidate_secret(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
+    call: AdminCall,
     Path((id, version)): Path<(String, u64)>,
 ) -> ApiResult<SecretRecord> {
-    Ok(Json(admin(&s, &who).invalidate_secret(&id, version).await?))
+    Ok(Json(call.admin().invalidate_secret(&id, version).await?))
 }
 
 #[utoipa::path(get, path = "/api/admin/licenses", tag = "admin", security(("bearer" = [])), params(MachineFilter),
     responses((status = 200, body = Vec<LicenseRecord>)))]
 async fn list_licenses(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
+    call: AdminCall,
     Query(q): Query<MachineFilter>,
 ) -> ApiResult<Vec<LicenseRecord>> {
     Ok(Json(
-        admin(&s, &who)
-            .list_licenses(q.machine_id.as_deref())
-            .await?,
+        call.admin().list_licenses(q.machine_id.as_deref()).await?,
     ))
 }
 
@@ -318,8 +316,7 @@ async fn list_licenses(
     responses((status = 200, body = IssuedLicense), (status = 400, body = ApiError), (status = 404, body = ApiError),
               (status = 409, body = ApiError)))]
 async fn issue_license(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
+    call: AdminCall,
     ApiJson(req): ApiJson<IssueLicense>,
 ) -> ApiResult<IssuedLicense> {
     let expires_at = match (
@@ -346,48 +343,36 @@ async fn issue_license(
         not_before: time_field("not_before", req.not_before.as_deref())?,
         expires_at,
     };
-    Ok(Json(admin(&s, &who).issue_license(&request).await?))
+    Ok(Json(call.admin().issue_license(&request).await?))
 }
 
 #[utoipa::path(post, path = "/api/admin/licenses/{id}/revoke", tag = "admin", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = LicenseRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
-async fn revoke_license(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
-    Path(id): Path<String>,
-) -> ApiResult<LicenseRecord> {
-    Ok(Json(admin(&s, &who).revoke_license(&id).await?))
+async fn revoke_license(call: AdminCall, Path(id): Path<String>) -> ApiResult<LicenseRecord> {
+    Ok(Json(call.admin().revoke_license(&id).await?))
 }
 
 /// The license's token under its machine's current secret version (409 before the first rotation).
 #[utoipa::path(get, path = "/api/admin/licenses/{id}/token", tag = "admin", security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, body = LicenseToken), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
-async fn license_token(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
-    Path(id): Path<String>,
-) -> ApiResult<LicenseToken> {
-    Ok(Json(admin(&s, &who).license_token(&id).await?))
+async fn license_token(call: AdminCall, Path(id): Path<String>) -> ApiResult<LicenseToken> {
+    Ok(Json(call.admin().license_token(&id).await?))
 }
 
 #[utoipa::path(get, path = "/api/admin/certificates/stats", tag = "admin", security(("bearer" = [])),
     responses((status = 200, body = CertificateStats)))]
-async fn certificate_stats(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
-) -> ApiResult<CertificateStats> {
-    Ok(Json(admin(&s, &who).certificate_stats().await?))
+async fn certificate_stats(call: AdminCall) -> ApiResult<CertificateStats> {
+    Ok(Json(call.admin().certificate_stats().await?))
 }
 
 #[utoipa::path(get, path = "/api/admin/certificates", tag = "admin", security(("bearer" = [])), params(CertificateFilter),
     responses((status = 200, body = Vec<CertificateRecord>)))]
 async fn list_certificates(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
+    call: AdminCall,
     Query(q): Query<CertificateFilter>,
 ) -> ApiResult<Vec<CertificateRecord>> {
     Ok(Json(
-        admin(&s, &who)
+        call.admin()
             .list_certificates(q.machine_id.as_deref(), q.client_id.as_deref())
             .await?,
     ))
@@ -396,42 +381,33 @@ async fn list_certificates(
 #[utoipa::path(post, path = "/api/admin/certificates/{serial}/revoke", tag = "admin", security(("bearer" = [])), params(("serial" = String, Path)),
     responses((status = 200, body = CertificateRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 async fn revoke_certificate(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
+    call: AdminCall,
     Path(serial): Path<String>,
 ) -> ApiResult<CertificateRecord> {
-    Ok(Json(admin(&s, &who).revoke_certificate(&serial).await?))
+    Ok(Json(call.admin().revoke_certificate(&serial).await?))
 }
 
 #[utoipa::path(post, path = "/api/admin/certificates/{serial}/restore", tag = "admin", security(("bearer" = [])), params(("serial" = String, Path)),
     responses((status = 200, body = CertificateRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 async fn restore_certificate(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
+    call: AdminCall,
     Path(serial): Path<String>,
 ) -> ApiResult<CertificateRecord> {
-    Ok(Json(admin(&s, &who).restore_certificate(&serial).await?))
+    Ok(Json(call.admin().restore_certificate(&serial).await?))
 }
 
 /// Delete revoked, superseded and expired certificates.
 #[utoipa::path(post, path = "/api/admin/certificates/purge", tag = "admin", security(("bearer" = [])),
     responses((status = 200, body = PurgeReport)))]
-async fn purge_certificates(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
-) -> ApiResult<PurgeReport> {
-    Ok(Json(admin(&s, &who).purge_certificates().await?))
+async fn purge_certificates(call: AdminCall) -> ApiResult<PurgeReport> {
+    Ok(Json(call.admin().purge_certificates().await?))
 }
 
 #[utoipa::path(get, path = "/api/admin/audit", tag = "admin", security(("bearer" = [])), params(AuditQuery),
     responses((status = 200, body = Vec<AuditEvent>)))]
-async fn audit_events(
-    State(s): State<SharedState>,
-    Extension(who): Extension<AdminPrincipal>,
-    Query(q): Query<AuditQuery>,
-) -> ApiResult<Vec<AuditEvent>> {
+async fn audit_events(call: AdminCall, Query(q): Query<AuditQuery>) -> ApiResult<Vec<AuditEvent>> {
     Ok(Json(
-        admin(&s, &who)
+        call.admin()
             .audit_events(q.since.unwrap_or(0), q.limit.unwrap_or(1000))
             .await?,
     ))

@@ -102,29 +102,18 @@ impl From<StoreError> for ApiFailure {
     }
 }
 
-impl From<EnrollError> for ApiFailure {
-    fn from(e: EnrollError) -> Self {
-        Self::from_service(e.code(), &e)
-    }
+/// Each service error names its own code (`code()`); the answer follows from it.
+macro_rules! from_service_errors {
+    ($($error:ty),+) => {$(
+        impl From<$error> for ApiFailure {
+            fn from(e: $error) -> Self {
+                Self::from_service(e.code(), &e)
+            }
+        }
+    )+};
 }
 
-impl From<RecoverError> for ApiFailure {
-    fn from(e: RecoverError) -> Self {
-        Self::from_service(e.code(), &e)
-    }
-}
-
-impl From<AdminError> for ApiFailure {
-    fn from(e: AdminError) -> Self {
-        Self::from_service(e.code(), &e)
-    }
-}
-
-impl From<RotationError> for ApiFailure {
-    fn from(e: RotationError) -> Self {
-        Self::from_service(e.code(), &e)
-    }
-}
+from_service_errors!(EnrollError, RecoverError, AdminError, RotationError);
 
 /// Bodies up to this size are read and discarded before a 413 answer, so a client still
 /// writing its body gets the JSON error instead of a broken pipe; larger ones are cut off.

@@ -120,6 +120,17 @@ impl Listeners {
     }
 }
 
+/// Bodies larger than `limit` bytes are refused with a JSON 413: up front when their
+/// `Content-Length` says so, otherwise as they are read.
+fn body_limit(router: Router<SharedState>, limit: usize) -> Router<SharedState> {
+    router
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(
+            limit,
+            error::refuse_oversized,
+        ))
+}
+
 /// Serves the three listeners until `shutdown` completes, then drains in-flight requests.
 pub async fn run(
     listeners: Listeners,
@@ -134,38 +145,29 @@ pub async fn run(
     let doc = OpenApiDocument(Arc::new(doc.to_json().unwrap_or_else(|_| "{}".into())));
     let limiter = public::bootstrap_limiter(state.settings.bootstrap_rate_per_minute);
 
-    let public = public
-        .layer(middleware::from_fn(public::rate_limit))
-        .layer(DefaultBodyLimit::max(public::MAX_PUBLIC_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(
-            public::MAX_PUBLIC_BODY_BYTES,
-            error::refuse_oversized,
-        ))
-        .layer(Extension(limiter.clone()))
-        .layer(Extension(doc))
-        .with_state(state.clone());
-    let agent = agent
-        .layer(middleware::from_fn_with_state(
+    let public = body_limit(
+        public.layer(middleware::from_fn(public::rate_limit)),
+        public::MAX_PUBLIC_BODY_BYTES,
+    )
+    .layer(Extension(limiter.clone()))
+    .layer(Extension(doc))
+    .with_state(state.clone());
+    let agent = body_limit(
+        agent.layer(middleware::from_fn_with_state(
             state.clone(),
             agent::authenticate,
-        ))
-        .layer(DefaultBodyLimit::max(agent::MAX_AGENT_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(
-            agent::MAX_AGENT_BODY_BYTES,
-            error::refuse_oversized,
-        ))
-        .with_state(state.clone());
-    let admin = admin
-        .layer(middleware::from_fn_with_state(
+        )),
+        agent::MAX_AGENT_BODY_BYTES,
+    )
+    .with_state(state.clone());
+    let admin = body_limit(
+        admin.layer(middleware::from_fn_with_state(
             state.clone(),
             admin::authenticate,
-        ))
-        .layer(DefaultBodyLimit::max(public::MAX_PUBLIC_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(
-            public::MAX_PUBLIC_BODY_BYTES,
-            error::refuse_oversized,
-        ))
-        .with_state(state.clone());
+        )),
+        public::MAX_PUBLIC_BODY_BYTES,
+    )
+    .with_state(state.clone());
 
     // Keeps the limiter's memory bounded under address churn, and destroys secrets past their
     // grace (at start, then every minute; idempotent across replicas).

@@ -4,7 +4,7 @@
 use serde::Serialize;
 use sqlx::{AnyConnection, Row as _};
 
-use super::{ts, AnyExecutor, Result, StoreError};
+use super::{find_one, ts, AnyExecutor, Result, StoreError};
 use crate::clock::Timestamp;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -74,13 +74,9 @@ pub async fn find<'e>(
     ex: impl AnyExecutor<'e>,
     token_hash: &str,
 ) -> Result<Option<AdminTokenRecord>> {
-    let row = sqlx::query(
-        "SELECT id, name, role, created_at FROM admin_tokens WHERE token_hash = $1 AND revoked_at IS NULL",
-    )
-    .bind(token_hash)
-    .fetch_optional(ex)
-    .await?;
-    row.map(|row| {
+    let sql = "SELECT id, name, role, created_at FROM admin_tokens \
+               WHERE token_hash = $1 AND revoked_at IS NULL";
+    find_one(ex, sql, token_hash, |row| {
         Ok(AdminTokenRecord {
             id: row.try_get("id")?,
             name: row.try_get("name")?,
@@ -88,8 +84,8 @@ pub async fn find<'e>(
                 .try_get::<String, _>("role")?
                 .parse()
                 .map_err(StoreError::Corrupt)?,
-            created_at: ts(&row, "created_at")?,
+            created_at: ts(row, "created_at")?,
         })
     })
-    .transpose()
+    .await
 }

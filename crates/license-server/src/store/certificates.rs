@@ -9,7 +9,7 @@ use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row as _};
 
-use super::{opt_ts, ts, AnyExecutor, Result, StoreError};
+use super::{find_one, opt_ts, ts, AnyExecutor, Result, StoreError};
 use crate::clock::Timestamp;
 
 /// Lifecycle of a certificate row. "Active" in the product sense also requires `expires_at`
@@ -112,23 +112,18 @@ fn certificate(row: &AnyRow, now: Timestamp) -> Result<CertificateRecord> {
 /// The per-request check of the agent listener: one indexed lookup, no cache, so that a
 /// revocation is seen by every replica at the next request.
 pub async fn auth<'e>(ex: impl AnyExecutor<'e>, serial: &str) -> Result<Option<CertificateAuth>> {
-    let row = sqlx::query(
-        "SELECT c.machine_id, c.client_id, c.state, c.expires_at, m.revoked_at \
-         FROM certificates c JOIN machines m ON m.id = c.machine_id WHERE c.serial = $1",
-    )
-    .bind(serial)
-    .fetch_optional(ex)
-    .await?;
-    row.map(|row| {
+    let sql = "SELECT c.machine_id, c.client_id, c.state, c.expires_at, m.revoked_at \
+               FROM certificates c JOIN machines m ON m.id = c.machine_id WHERE c.serial = $1";
+    find_one(ex, sql, serial, |row| {
         Ok(CertificateAuth {
             machine_id: row.try_get("machine_id")?,
             client_id: row.try_get("client_id")?,
             state: CertState::parse(&row.try_get::<String, _>("state")?)?,
-            expires_at: ts(&row, "expires_at")?,
-            machine_revoked: opt_ts(&row, "revoked_at")?.is_some(),
+            expires_at: ts(row, "expires_at")?,
+            machine_revoked: opt_ts(row, "revoked_at")?.is_some(),
         })
     })
-    .transpose()
+    .await
 }
 
 pub async fn stats<'e>(ex: impl AnyExecutor<'e>, now: Timestamp) -> Result<CertificateStats> {
@@ -180,13 +175,8 @@ pub async fn get<'e>(
     serial: &str,
     now: Timestamp,
 ) -> Result<Option<CertificateRecord>> {
-    sqlx::query(&format!("{CERT_SELECT} WHERE serial = $1"))
-        .bind(serial)
-        .fetch_optional(ex)
-        .await?
-        .as_ref()
-        .map(|r| certificate(r, now))
-        .transpose()
+    let sql = format!("{CERT_SELECT} WHERE serial = $1");
+    find_one(ex, &sql, serial, |r| certificate(r, now)).await
 }
 
 /// Moves an active certificate to revoked. Returns false when it was not active.

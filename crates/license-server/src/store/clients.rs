@@ -6,7 +6,7 @@ use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row as _};
 
-use super::{ts, AnyExecutor, Result, StoreError};
+use super::{find_one, ts, AnyExecutor, Result, StoreError};
 use crate::clock::Timestamp;
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -53,11 +53,6 @@ pub async fn list<'e>(ex: impl AnyExecutor<'e>) -> Result<Vec<ClientRecord>> {
 }
 
 pub async fn get<'e>(ex: impl AnyExecutor<'e>, id: &str) -> Result<Option<ClientRecord>> {
-    sqlx::query("SELECT id, name, created_at FROM clients WHERE id = $1")
-        .bind(id)
-        .fetch_optional(ex)
-        .await?
-        .as_ref()
-        .map(client)
-        .transpose()
+    let sql = "SELECT id, name, created_at FROM clients WHERE id = $1";
+    find_one(ex, sql, id, client).await
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row as _};
 
-use super::{opt_ts, ts, AnyExecutor, Result, StoreError};
+use super::{find_one, opt_ts, ts, AnyExecutor, Result, StoreError};
 use crate::clock::Timestamp;
 
 /// A license: what one machine may do, until when.
@@ -125,13 +125,8 @@ pub async fn get<'e>(
     id: &str,
     now: Timestamp,
 ) -> Result<Option<LicenseRecord>> {
-    sqlx::query(&format!("{LICENSE_SELECT} WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(ex)
-        .await?
-        .as_ref()
-        .map(|r| license(r, now))
-        .transpose()
+    let sql = format!("{LICENSE_SELECT} WHERE id = $1");
+    find_one(ex, &sql, id, |r| license(r, now)).await
 }
 
 /// Revokes a license. Returns false when it does not exist or is already revoked.

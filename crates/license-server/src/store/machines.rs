@@ -6,7 +6,7 @@ use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{Any, AnyConnection, Row as _};
 
-use super::{opt_ts, ts, AnyExecutor, Result, StoreError};
+use super::{find_one, opt_ts, ts, AnyExecutor, Result, StoreError};
 use crate::clock::Timestamp;
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -89,13 +89,13 @@ pub async fn list<'e>(
 }
 
 pub async fn get<'e>(ex: impl AnyExecutor<'e>, id: &str) -> Result<Option<MachineRecord>> {
-    sqlx::query(&format!("{MACHINE_SELECT} WHERE m.id = $1"))
-        .bind(id)
-        .fetch_optional(ex)
-        .await?
-        .as_ref()
-        .map(machine)
-        .transpose()
+    find_one(
+        ex,
+        &format!("{MACHINE_SELECT} WHERE m.id = $1"),
+        id,
+        machine,
+    )
+    .await
 }
 
 /// Finds the client's machine with this hardware id or creates it, in one statement.

@@ -41,6 +41,17 @@ fn ts(row: &AnyRow, col: &str) -> Result<Timestamp> {
     Ok(Timestamp(row.try_get::<i64, _>(col)?))
 }
 
+/// The row `sql` selects by `$1 = key` (a primary or unique key), mapped by `map`.
+async fn find_one<'e, T>(
+    ex: impl AnyExecutor<'e>,
+    sql: &str,
+    key: &str,
+    map: impl FnOnce(&AnyRow) -> Result<T>,
+) -> Result<Option<T>> {
+    let row = sqlx::query(sql).bind(key).fetch_optional(ex).await?;
+    row.as_ref().map(map).transpose()
+}
+
 /// A nullable Unix-time column.
 fn opt_ts(row: &AnyRow, col: &str) -> Result<Option<Timestamp>> {
     Ok(row.try_get::<Option<i64>, _>(col)?.map(Timestamp))
