@@ -9,7 +9,8 @@
 //! hands out its license tokens, re-issued under every new secret version.
 //!
 //! The request path reads top-down in the tree: `http/{listener,tls}` → `http/{public,agent,admin}`
-//! → `service/{enroll,secrets,licenses,admin}` → `pki` and `store`.
+//! → `service/{enroll,recover,secrets,licenses,admin}` (certificates issued by one function,
+//! `service::certificates::issue`) → `pki` and `store/<table family>`.
 #![forbid(unsafe_code)]
 
 pub mod clock;
