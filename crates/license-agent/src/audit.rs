@@ -5,8 +5,7 @@
 //! (the log batches concurrent records into one fsync, so throughput holds), and a record that
 //! cannot be written turns the answer into `internal`. Background events use [`Audit::note`],
 //! which logs a failure instead: there is no caller to refuse. Both wait for the fsync on the
-//! blocking pool ([`crate::platform::blocking`]), never on an async worker; the one
-//! synchronous form, [`Audit::note_blocking`], is for code that already runs there.
+//! blocking pool ([`crate::platform::blocking`]), never on an async worker.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -36,13 +35,6 @@ impl Audit {
     /// Appends a background event and waits for it; a failure is logged (nothing to refuse).
     pub async fn note(&self, event: Event) {
         if let Err(e) = self.durable(event).await {
-            tracing::error!(error = %e, "cannot write the audit log");
-        }
-    }
-
-    /// [`Audit::note`] for code already running on a blocking thread (or before the runtime).
-    pub fn note_blocking(&self, event: Event) {
-        if let Err(e) = self.log.append(event) {
             tracing::error!(error = %e, "cannot write the audit log");
         }
     }

@@ -25,20 +25,30 @@
 //! | [`platform`] | what the machine gives: [`tpm`](platform::tpm), machine [`keys`](platform::keys), [`hardening`](platform::hardening), the guarded [`clock`](platform::clock), durable [`files`](platform::files), [`blocking`](platform::blocking) calls |
 //! | [`config`] | `config.toml`: parsing, defaults, checks |
 
+// In layer order (see the table above); a blank line between modules keeps rustfmt from
+// sorting them, and `tests/layering.rs` checks both the order and the imports.
 pub mod commands;
+
 pub mod daemon;
+
 pub mod sockets;
 
 pub mod access;
+
 pub mod engine;
+
 pub mod enroll;
+
 pub mod validation;
 
 pub mod stores;
 
 pub mod alerts;
-pub mod audit;
+
 pub mod metrics;
+
+pub mod audit;
+
 pub mod net;
 
 pub mod platform;
