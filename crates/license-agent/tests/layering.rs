@@ -2,6 +2,7 @@
 //! itself and modules listed below it (so the engine never reaches into the sockets that
 //! front it, and nothing reaches into the daemon that wires everything). Read from the
 //! sources, so a new upward import fails here before it tangles the tree.
+#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 
