@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::stable_codes;
+
 use crate::Nonce;
 
 /// Largest frame payload, in bytes.
@@ -47,72 +49,39 @@ pub fn encode_frame(payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Stable reason codes of a refused validation or request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum Reason {
-    /// The token is not a token (bad base64, wrong magic or format, bad claims).
-    Malformed,
-    /// The token does not decrypt under its secret or its signature does not verify.
-    BadSignature,
-    /// The machine holds no secret of the token's version (never had it, or it is gone).
-    UnknownSecretVersion,
-    /// The token's secret version was invalidated by an administrator or the server.
-    SecretInvalidated,
-    /// The license (or its secret's grace) has expired.
-    Expired,
-    /// The license is not valid yet.
-    NotYetValid,
-    /// The token is for another machine.
-    WrongMachine,
-    /// The license was revoked by the server.
-    Revoked,
-    /// The request's nonce was seen before.
-    ReplayedNonce,
-    /// Rotation is overdue and degraded mode is forbidden: validations fail closed.
-    DegradedModeDisabled,
-    /// The request is not valid JSON or misses a field.
-    BadRequest,
-    /// The `op` is not one this agent knows.
-    UnknownOp,
-    /// The frame was larger than the limit.
-    FrameTooLarge,
-    /// The peer's uid/gid is not allowed on this socket.
-    NotAuthorized,
-    /// The agent could not answer (e.g. the audit record could not be written).
-    Internal,
-    /// A code this version does not know, sent by a newer agent: still a refusal. Never sent.
-    #[serde(other)]
-    Unrecognized,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Malformed => "malformed",
-            Reason::BadSignature => "bad_signature",
-            Reason::UnknownSecretVersion => "unknown_secret_version",
-            Reason::SecretInvalidated => "secret_invalidated",
-            Reason::Expired => "expired",
-            Reason::NotYetValid => "not_yet_valid",
-            Reason::WrongMachine => "wrong_machine",
-            Reason::Revoked => "revoked",
-            Reason::ReplayedNonce => "replayed_nonce",
-            Reason::DegradedModeDisabled => "degraded_mode_disabled",
-            Reason::BadRequest => "bad_request",
-            Reason::UnknownOp => "unknown_op",
-            Reason::FrameTooLarge => "frame_too_large",
-            Reason::NotAuthorized => "not_authorized",
-            Reason::Internal => "internal",
-            Reason::Unrecognized => "unrecognized",
-        }
-    }
-}
-
-impl std::fmt::Display for Reason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+stable_codes! {
+    /// Stable reason codes of a refused validation or request.
+    pub enum Reason {
+        /// The token is not a token (bad base64, wrong magic or format, bad claims).
+        Malformed => "malformed",
+        /// The token does not decrypt under its secret or its signature does not verify.
+        BadSignature => "bad_signature",
+        /// The machine holds no secret of the token's version (never had it, or it is gone).
+        UnknownSecretVersion => "unknown_secret_version",
+        /// The token's secret version was invalidated by an administrator or the server.
+        SecretInvalidated => "secret_invalidated",
+        /// The license (or its secret's grace) has expired.
+        Expired => "expired",
+        /// The license is not valid yet.
+        NotYetValid => "not_yet_valid",
+        /// The token is for another machine.
+        WrongMachine => "wrong_machine",
+        /// The license was revoked by the server.
+        Revoked => "revoked",
+        /// The request's nonce was seen before.
+        ReplayedNonce => "replayed_nonce",
+        /// Rotation is overdue and degraded mode is forbidden: validations fail closed.
+        DegradedModeDisabled => "degraded_mode_disabled",
+        /// The request is not valid JSON or misses a field.
+        BadRequest => "bad_request",
+        /// The `op` is not one this agent knows.
+        UnknownOp => "unknown_op",
+        /// The frame was larger than the limit.
+        FrameTooLarge => "frame_too_large",
+        /// The peer's uid/gid is not allowed on this socket.
+        NotAuthorized => "not_authorized",
+        /// The agent could not answer (e.g. the audit record could not be written).
+        Internal => "internal",
     }
 }
 

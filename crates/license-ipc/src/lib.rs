@@ -41,6 +41,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod codes;
 pub mod ipc;
 pub mod mgmt;
 mod nonce;

@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::stable_codes;
+
 /// A management request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -96,43 +98,19 @@ impl MgmtRequest {
     }
 }
 
-/// Why the agent did not carry out a management request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum MgmtErrorCode {
-    /// This uid may not use the socket, may read but not act, or the token is missing or wrong.
-    NotAuthorized,
-    /// The request is not JSON, has an unknown op or a bad field.
-    BadRequest,
-    /// Not allowed in this configuration (e.g. degraded mode forbidden by config).
-    Refused,
-    /// The request could not be audited, so it was not carried out.
-    AuditUnavailable,
-    /// Carried out and failed (e.g. the server could not be reached for a rotation).
-    Failed,
-    /// A code this version does not know, sent by a newer agent. Never sent.
-    #[serde(other)]
-    Unrecognized,
-}
-
-impl MgmtErrorCode {
-    /// The code as it appears on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MgmtErrorCode::NotAuthorized => "not_authorized",
-            MgmtErrorCode::BadRequest => "bad_request",
-            MgmtErrorCode::Refused => "refused",
-            MgmtErrorCode::AuditUnavailable => "audit_unavailable",
-            MgmtErrorCode::Failed => "failed",
-            MgmtErrorCode::Unrecognized => "unrecognized",
-        }
-    }
-}
-
-impl std::fmt::Display for MgmtErrorCode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+stable_codes! {
+    /// Why the agent did not carry out a management request.
+    pub enum MgmtErrorCode {
+        /// This uid may not use the socket, may read but not act, or the token is missing or wrong.
+        NotAuthorized => "not_authorized",
+        /// The request is not JSON, has an unknown op or a bad field.
+        BadRequest => "bad_request",
+        /// Not allowed in this configuration (e.g. degraded mode forbidden by config).
+        Refused => "refused",
+        /// The request could not be audited, so it was not carried out.
+        AuditUnavailable => "audit_unavailable",
+        /// Carried out and failed (e.g. the server could not be reached for a rotation).
+        Failed => "failed",
     }
 }
 

@@ -7,127 +7,81 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Stable code of a refused request. A code is never renamed or reused for another meaning
-/// (docs/PROTOCOL.md lists which route answers which, with its HTTP status).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum ErrorCode {
-    // --- any route -------------------------------------------------------------------------
-    /// Not JSON, a field missing, malformed or unknown (the message names it).
-    InvalidRequest,
-    /// The body is not declared as `application/json`.
-    UnsupportedMediaType,
-    /// The body is larger than the listener reads.
-    BodyTooLarge,
-    /// Something failed inside the server; the details are in its log, never in the answer.
-    InternalError,
+use license_ipc::stable_codes;
 
-    // --- enrollment and recovery (public listener) -------------------------------------------
-    /// No such install token.
-    TokenUnknown,
-    /// The install token was already consumed.
-    TokenAlreadyUsed,
-    /// The install token is past its expiry.
-    TokenExpired,
-    /// The CSR does not parse, is too large, or its signature does not verify.
-    InvalidCsr,
-    /// Another enrollment, renewal or recovery of the same machine is in progress; retry.
-    ConcurrentEnrollment,
-    /// Unknown machine, wrong or spent recovery token: one answer for all of them.
-    RecoveryRefused,
-    /// Too many bootstrap or recovery attempts from one address.
-    RateLimited,
-    /// The machine is revoked (enrollment, recovery, or any agent request).
-    MachineRevoked,
+stable_codes! {
+    /// Stable code of a refused request. A code is never renamed or reused for another meaning
+    /// (docs/PROTOCOL.md lists which route answers which, with its HTTP status).
+    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+    pub enum ErrorCode {
+        // --- any route -------------------------------------------------------------------------
+        /// Not JSON, a field missing, malformed or unknown (the message names it).
+        InvalidRequest => "invalid_request",
+        /// The body is not declared as `application/json`.
+        UnsupportedMediaType => "unsupported_media_type",
+        /// The body is larger than the listener reads.
+        BodyTooLarge => "body_too_large",
+        /// Something failed inside the server; the details are in its log, never in the answer.
+        InternalError => "internal_error",
 
-    // --- agent listener: the presented certificate ----------------------------------------
-    /// No client certificate was presented.
-    CertificateRequired,
-    /// The certificate's CN is not `client_id:machine_id`, or not the certificate's machine.
-    BadCertificateCn,
-    /// The certificate's serial is not known to the server.
-    UnknownCertificate,
-    /// The certificate was revoked by an administrator.
-    CertificateRevoked,
-    /// The certificate was replaced by a newer one (renewal, re-enrollment, recovery).
-    CertificateSuperseded,
-    /// The certificate is past its expiry.
-    CertificateExpired,
+        // --- enrollment and recovery (public listener) -------------------------------------------
+        /// No such install token.
+        TokenUnknown => "token_unknown",
+        /// The install token was already consumed.
+        TokenAlreadyUsed => "token_already_used",
+        /// The install token is past its expiry.
+        TokenExpired => "token_expired",
+        /// The CSR does not parse, is too large, or its signature does not verify.
+        InvalidCsr => "invalid_csr",
+        /// Another enrollment, renewal or recovery of the same machine is in progress; retry.
+        ConcurrentEnrollment => "concurrent_enrollment",
+        /// Unknown machine, wrong or spent recovery token: one answer for all of them.
+        RecoveryRefused => "recovery_refused",
+        /// Too many bootstrap or recovery attempts from one address.
+        RateLimited => "rate_limited",
+        /// The machine is revoked (enrollment, recovery, or any agent request).
+        MachineRevoked => "machine_revoked",
 
-    // --- agent listener: secret rotation ----------------------------------------------------
-    /// `agent_id` is not the machine of the presented certificate.
-    AgentIdMismatch,
-    /// The request's timestamp is too far from the server's clock.
-    StaleRequest,
-    /// The request's signature is malformed or does not verify.
-    BadSignature,
-    /// The certificate's key is not one secrets can be delivered to (P-256).
-    UnsupportedKey,
-    /// The request's nonce was already used.
-    ReplayedRequest,
-    /// A secret version the server never issued.
-    UnknownVersion,
-    /// A secret version that can no longer be acknowledged.
-    VersionNotPending,
+        // --- agent listener: the presented certificate ----------------------------------------
+        /// No client certificate was presented.
+        CertificateRequired => "certificate_required",
+        /// The certificate's CN is not `client_id:machine_id`, or not the certificate's machine.
+        BadCertificateCn => "bad_certificate_cn",
+        /// The certificate's serial is not known to the server.
+        UnknownCertificate => "unknown_certificate",
+        /// The certificate was revoked by an administrator.
+        CertificateRevoked => "certificate_revoked",
+        /// The certificate was replaced by a newer one (renewal, re-enrollment, recovery).
+        CertificateSuperseded => "certificate_superseded",
+        /// The certificate is past its expiry.
+        CertificateExpired => "certificate_expired",
 
-    // --- admin listener ---------------------------------------------------------------------
-    /// Missing, unknown or revoked admin token.
-    Unauthorized,
-    /// The admin token's role does not allow this request.
-    Forbidden,
-    /// The named object (or download) does not exist.
-    NotFound,
-    /// The request contradicts the current state (duplicate, already revoked, …).
-    Conflict,
+        // --- agent listener: secret rotation ----------------------------------------------------
+        /// `agent_id` is not the machine of the presented certificate.
+        AgentIdMismatch => "agent_id_mismatch",
+        /// The request's timestamp is too far from the server's clock.
+        StaleRequest => "stale_request",
+        /// The request's signature is malformed or does not verify.
+        BadSignature => "bad_signature",
+        /// The certificate's key is not one secrets can be delivered to (P-256).
+        UnsupportedKey => "unsupported_key",
+        /// The request's nonce was already used.
+        ReplayedRequest => "replayed_request",
+        /// A secret version the server never issued.
+        UnknownVersion => "unknown_version",
+        /// A secret version that can no longer be acknowledged.
+        VersionNotPending => "version_not_pending",
 
-    /// A code this build does not know (sent by a newer server). Never sent by the server.
-    #[serde(other)]
-    Unrecognized,
-}
+        // --- admin listener ---------------------------------------------------------------------
+        /// Missing, unknown or revoked admin token.
+        Unauthorized => "unauthorized",
+        /// The admin token's role does not allow this request.
+        Forbidden => "forbidden",
+        /// The named object (or download) does not exist.
+        NotFound => "not_found",
+        /// The request contradicts the current state (duplicate, already revoked, …).
+        Conflict => "conflict",
 
-impl ErrorCode {
-    /// The code as it appears on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidRequest => "invalid_request",
-            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
-            ErrorCode::BodyTooLarge => "body_too_large",
-            ErrorCode::InternalError => "internal_error",
-            ErrorCode::TokenUnknown => "token_unknown",
-            ErrorCode::TokenAlreadyUsed => "token_already_used",
-            ErrorCode::TokenExpired => "token_expired",
-            ErrorCode::InvalidCsr => "invalid_csr",
-            ErrorCode::ConcurrentEnrollment => "concurrent_enrollment",
-            ErrorCode::RecoveryRefused => "recovery_refused",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::MachineRevoked => "machine_revoked",
-            ErrorCode::CertificateRequired => "certificate_required",
-            ErrorCode::BadCertificateCn => "bad_certificate_cn",
-            ErrorCode::UnknownCertificate => "unknown_certificate",
-            ErrorCode::CertificateRevoked => "certificate_revoked",
-            ErrorCode::CertificateSuperseded => "certificate_superseded",
-            ErrorCode::CertificateExpired => "certificate_expired",
-            ErrorCode::AgentIdMismatch => "agent_id_mismatch",
-            ErrorCode::StaleRequest => "stale_request",
-            ErrorCode::BadSignature => "bad_signature",
-            ErrorCode::UnsupportedKey => "unsupported_key",
-            ErrorCode::ReplayedRequest => "replayed_request",
-            ErrorCode::UnknownVersion => "unknown_version",
-            ErrorCode::VersionNotPending => "version_not_pending",
-            ErrorCode::Unauthorized => "unauthorized",
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::Conflict => "conflict",
-            ErrorCode::Unrecognized => "unrecognized",
-        }
-    }
-}
-
-impl std::fmt::Display for ErrorCode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
