@@ -159,7 +159,6 @@ impl<S: AgentServer> Engine<S> {
         let mut keyring = parts.validator.keyring();
         keyring.set_retired_through(parts.vault.state.retired_through);
         parts.validator.set_keyring(keyring);
-        parts.validator.set_degraded(Override::Auto.degraded(link));
         Self {
             server: parts.server,
             machine: parts.machine,
@@ -181,11 +180,6 @@ impl<S: AgentServer> Engine<S> {
 
     fn link(&self) -> Link {
         self.health.link
-    }
-
-    /// The validator everything here feeds (the watchdog checks it is responsive).
-    pub fn validator(&self) -> &Arc<Validator> {
-        &self.validator
     }
 
     /// Applies what a reloaded config may change while running.

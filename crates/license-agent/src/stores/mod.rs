@@ -1,5 +1,5 @@
 //! Where the machine's secrets rest between runs, behind one trait with a file per backend
-//! (parsec's `providers/` pattern): [`file`] (AES-256-GCM, PBKDF2-derived key), [`tpm`] (sealed
+//! (parsec's `providers/` pattern): [`file`](mod@file) (AES-256-GCM, PBKDF2-derived key), [`tpm`] (sealed
 //! by the TPM), and [`fallback`], the one the daemon uses (the TPM's, else the file's).
 //!
 //! A store holds the whole set of versions and replaces it atomically, so a crash in the

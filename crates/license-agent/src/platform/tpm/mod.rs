@@ -17,7 +17,7 @@
 //!
 //! All TPM calls are blocking and serialized on one connection behind a mutex; async code calls
 //! them through [`crate::platform::blocking`]. The owner hierarchy must have an empty authorization value (the
-//! default). The FFI lives in [`esys`], the only file with `unsafe` besides
+//! default). The FFI lives in `esys`, the only file with `unsafe` besides
 //! process hardening (`platform/hardening.rs`).
 //!
 //! Without a resource manager (`swtpm:` socket, `/dev/tpm0`) transient objects outlive the process
