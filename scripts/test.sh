@@ -37,6 +37,7 @@ command -v systemd-analyze >/dev/null || packages+=(systemd)
 command -v pgrep >/dev/null || packages+=(procps)
 # AppArmor's parser checks the profile install.sh writes.
 [ -x /usr/sbin/apparmor_parser ] || [ -x /sbin/apparmor_parser ] || packages+=(apparmor)
+command -v faketime >/dev/null || packages+=(faketime)
 postgres_ready() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
 installed_postgres=false
 if [ -z "${LSA_TEST_POSTGRES:-}" ] && ! { command -v pg_isready >/dev/null && postgres_ready; }; then

@@ -16,6 +16,17 @@ pub const DEFAULT_AGENT_LISTEN: &str = "0.0.0.0:8444";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8445";
 /// Machine certificates live a year; renewal is per machine.
 pub const DEFAULT_CERTIFICATE_VALIDITY_DAYS: u32 = 365;
+/// Shortest machine-certificate lifetime `certificate_validity_secs` may set (tests).
+pub const MIN_CERTIFICATE_VALIDITY_SECS: u64 = 60;
+/// Longest machine-certificate lifetime, either key: ten years.
+pub const MAX_CERTIFICATE_VALIDITY_DAYS: u32 = 3650;
+/// A machine whose certificate expired may still renew it, proven by its old key, for this
+/// many days after the expiry (a till switched off for up to two years recovers by itself).
+pub const DEFAULT_CERTIFICATE_RENEW_AFTER_EXPIRY_DAYS: u32 = 730;
+/// The server's own TLS certificate lives two years and renews itself at 2/3 of that.
+pub const DEFAULT_SERVER_CERTIFICATE_VALIDITY_DAYS: u32 = 730;
+/// How often a running server checks whether its TLS certificate is due for renewal.
+pub const DEFAULT_SERVER_CERTIFICATE_CHECK_INTERVAL_SECS: u64 = 3600;
 /// Install tokens live 24 h (seed 004).
 pub const DEFAULT_INSTALL_TOKEN_TTL_SECS: u64 = 24 * 3600;
 /// Bootstrap requests allowed per client IP and minute.
@@ -53,6 +64,15 @@ fn default_admin() -> SocketAddr {
 fn default_validity() -> u32 {
     DEFAULT_CERTIFICATE_VALIDITY_DAYS
 }
+fn default_renew_after_expiry() -> u32 {
+    DEFAULT_CERTIFICATE_RENEW_AFTER_EXPIRY_DAYS
+}
+fn default_server_validity() -> u32 {
+    DEFAULT_SERVER_CERTIFICATE_VALIDITY_DAYS
+}
+fn default_server_check() -> u64 {
+    DEFAULT_SERVER_CERTIFICATE_CHECK_INTERVAL_SECS
+}
 fn default_ttl() -> u64 {
     DEFAULT_INSTALL_TOKEN_TTL_SECS
 }
@@ -87,8 +107,23 @@ pub struct ServerConfig {
     /// `sqlite://…` or `postgres://…`; the SQLite file in the data directory when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
+    /// Lifetime of a machine certificate, days (ignored when `certificate_validity_secs` is set).
     #[serde(default = "default_validity")]
     pub certificate_validity_days: u32,
+    /// Lifetime of a machine certificate, seconds; takes precedence over
+    /// `certificate_validity_days` (short lifetimes for tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_validity_secs: Option<u64>,
+    /// Days after its expiry during which a machine may still renew its certificate with it
+    /// (`POST /api/v1/renew-certificate` only); 0 disables renewal after expiry.
+    #[serde(default = "default_renew_after_expiry")]
+    pub certificate_renew_after_expiry_days: u32,
+    /// Lifetime of the server's own TLS certificate, days; it renews itself (same key) at 2/3.
+    #[serde(default = "default_server_validity")]
+    pub server_certificate_validity_days: u32,
+    /// How often the running server checks whether its TLS certificate is due, seconds.
+    #[serde(default = "default_server_check")]
+    pub server_certificate_check_interval_secs: u64,
     #[serde(default = "default_ttl")]
     pub install_token_ttl_secs: u64,
     #[serde(default = "default_rate")]
@@ -112,6 +147,10 @@ impl ServerConfig {
             agent_url: None,
             database_url: None,
             certificate_validity_days: DEFAULT_CERTIFICATE_VALIDITY_DAYS,
+            certificate_validity_secs: None,
+            certificate_renew_after_expiry_days: DEFAULT_CERTIFICATE_RENEW_AFTER_EXPIRY_DAYS,
+            server_certificate_validity_days: DEFAULT_SERVER_CERTIFICATE_VALIDITY_DAYS,
+            server_certificate_check_interval_secs: DEFAULT_SERVER_CERTIFICATE_CHECK_INTERVAL_SECS,
             install_token_ttl_secs: DEFAULT_INSTALL_TOKEN_TTL_SECS,
             bootstrap_rate_per_minute: DEFAULT_BOOTSTRAP_RATE_PER_MINUTE,
             secret_validity_secs: DEFAULT_SECRET_VALIDITY_SECS,
@@ -134,10 +173,45 @@ impl ServerConfig {
 
     /// Cross-field checks, naming the key at fault.
     pub fn check(&self) -> Result<(), ConfigError> {
-        if self.certificate_validity_days == 0 || self.certificate_validity_days > 3650 {
+        if self.certificate_validity_days == 0
+            || self.certificate_validity_days > MAX_CERTIFICATE_VALIDITY_DAYS
+        {
             return Err(ConfigError::Invalid {
                 key: "certificate_validity_days",
-                message: "must be between 1 and 3650".into(),
+                message: format!("must be between 1 and {MAX_CERTIFICATE_VALIDITY_DAYS}"),
+            });
+        }
+        let max_secs = u64::from(MAX_CERTIFICATE_VALIDITY_DAYS) * 86_400;
+        if let Some(secs) = self.certificate_validity_secs {
+            if !(MIN_CERTIFICATE_VALIDITY_SECS..=max_secs).contains(&secs) {
+                return Err(ConfigError::Invalid {
+                    key: "certificate_validity_secs",
+                    message: format!(
+                        "must be between {MIN_CERTIFICATE_VALIDITY_SECS} and {max_secs} ({MAX_CERTIFICATE_VALIDITY_DAYS} days)"
+                    ),
+                });
+            }
+        }
+        if self.certificate_renew_after_expiry_days > MAX_CERTIFICATE_VALIDITY_DAYS {
+            return Err(ConfigError::Invalid {
+                key: "certificate_renew_after_expiry_days",
+                message: format!(
+                    "must be between 0 (no renewal after expiry) and {MAX_CERTIFICATE_VALIDITY_DAYS}"
+                ),
+            });
+        }
+        if self.server_certificate_validity_days == 0
+            || self.server_certificate_validity_days > MAX_CERTIFICATE_VALIDITY_DAYS
+        {
+            return Err(ConfigError::Invalid {
+                key: "server_certificate_validity_days",
+                message: format!("must be between 1 and {MAX_CERTIFICATE_VALIDITY_DAYS}"),
+            });
+        }
+        if !(1..=86_400).contains(&self.server_certificate_check_interval_secs) {
+            return Err(ConfigError::Invalid {
+                key: "server_certificate_check_interval_secs",
+                message: "must be between 1 and 86400 (a day)".into(),
             });
         }
         if self.install_token_ttl_secs < 60 || self.install_token_ttl_secs > 30 * 86_400 {
@@ -189,6 +263,15 @@ impl ServerConfig {
         Ok(())
     }
 
+    /// Lifetime of a new machine certificate, seconds: `certificate_validity_secs` when set,
+    /// else `certificate_validity_days`.
+    pub fn machine_certificate_validity_secs(&self) -> i64 {
+        let secs = self
+            .certificate_validity_secs
+            .unwrap_or(u64::from(self.certificate_validity_days) * 86_400);
+        i64::try_from(secs).unwrap_or(i64::MAX)
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serializes")
     }
@@ -234,10 +317,47 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("secret_grace_secs"));
+        for (key, set) in [
+            (
+                "certificate_validity_secs",
+                (|c: &mut ServerConfig| c.certificate_validity_secs = Some(59))
+                    as fn(&mut ServerConfig),
+            ),
+            ("certificate_renew_after_expiry_days", |c| {
+                c.certificate_renew_after_expiry_days = 3651
+            }),
+            ("server_certificate_validity_days", |c| {
+                c.server_certificate_validity_days = 0
+            }),
+            ("server_certificate_check_interval_secs", |c| {
+                c.server_certificate_check_interval_secs = 0
+            }),
+        ] {
+            let mut c = ServerConfig::new("localhost".into());
+            set(&mut c);
+            assert!(c.check().unwrap_err().to_string().starts_with(key), "{key}");
+        }
+        let mut c = ServerConfig::new("localhost".into());
+        c.certificate_validity_secs = Some(60);
+        c.check().unwrap();
+        assert_eq!(c.machine_certificate_validity_secs(), 60);
+        c.certificate_validity_secs = None;
+        assert_eq!(c.machine_certificate_validity_secs(), 365 * 86_400);
+        c.certificate_renew_after_expiry_days = 0;
+        c.check().unwrap();
         // Old configuration files without the secret keys get the defaults.
         let old: ServerConfig = toml::from_str("public_host = \"x\"\n").unwrap();
         assert_eq!(old.secret_validity_secs, DEFAULT_SECRET_VALIDITY_SECS);
         assert_eq!(old.secret_grace_secs, DEFAULT_SECRET_GRACE_SECS);
+        assert_eq!(
+            old.certificate_renew_after_expiry_days,
+            DEFAULT_CERTIFICATE_RENEW_AFTER_EXPIRY_DAYS
+        );
+        assert_eq!(
+            old.server_certificate_validity_days,
+            DEFAULT_SERVER_CERTIFICATE_VALIDITY_DAYS
+        );
+        assert_eq!(old.certificate_validity_secs, None);
     }
 
     #[test]

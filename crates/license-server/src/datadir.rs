@@ -4,7 +4,8 @@
 //! DATA_DIR/
 //!   server.toml            configuration (ServerConfig)
 //!   ca.pem     ca.key      internal CA (key 0600)
-//!   server.pem server.key  TLS certificate of all three listeners (key 0600)
+//!   server.pem server.key  TLS certificate of all three listeners (key 0600); server.pem is
+//!                          replaced atomically when the certificate renews itself
 //!   license-signing.key    Ed25519 PKCS#8 key that signs license tokens (0600)
 //!   master.key             32 random bytes encrypting secrets at rest (0600)
 //!   license.db             SQLite database (default storage)
@@ -130,6 +131,22 @@ impl DataDir {
             .map_err(Self::io_err(path))
     }
 
+    /// Replaces `server.pem` atomically (a temporary file in the same directory, synced, then
+    /// renamed over it, then the directory synced): a crash leaves the old or the new
+    /// certificate, never a torn one.
+    pub fn replace_server_cert(&self, pem: &str) -> Result<(), DataDirError> {
+        let path = self.server_cert();
+        let tmp = self
+            .root
+            .join(format!(".server.pem.{}.tmp", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        self.write_new(&tmp, pem.as_bytes(), 0o644)?;
+        std::fs::rename(&tmp, &path).map_err(Self::io_err(&path))?;
+        std::fs::File::open(&self.root)
+            .and_then(|dir| dir.sync_all())
+            .map_err(Self::io_err(&self.root))
+    }
+
     pub fn load_config(&self) -> Result<ServerConfig, DataDirError> {
         self.check_initialized()?;
         Ok(ServerConfig::load(&self.config())?)
@@ -156,7 +173,11 @@ impl DataDir {
 
         let ca =
             CertificateAuthority::generate(&format!("License Secret Agent CA {}", short_random()))?;
-        let (server_cert, server_key) = ca.issue_server_certificate(dns_names, ips)?;
+        let (server_cert, server_key) = ca.issue_server_certificate(
+            dns_names,
+            ips,
+            time::Duration::days(config.server_certificate_validity_days.into()),
+        )?;
         let signing = SigningKey::generate(&mut rand::rngs::OsRng);
         let signing_pem =
             signing

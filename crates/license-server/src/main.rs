@@ -243,7 +243,11 @@ async fn load_state(
         settings: Settings {
             public_url,
             agent_url,
-            certificate_validity_days: config.certificate_validity_days,
+            certificate_validity_secs: config.machine_certificate_validity_secs(),
+            certificate_renew_after_expiry_days: config.certificate_renew_after_expiry_days,
+            server_certificate_validity_days: config.server_certificate_validity_days,
+            server_certificate_check_interval_secs: config.server_certificate_check_interval_secs,
+            data_dir: dir.clone(),
             install_token_ttl_secs: config.install_token_ttl_secs,
             bootstrap_rate_per_minute: config.bootstrap_rate_per_minute,
             downloads_dir: dir.downloads(),

@@ -2,6 +2,12 @@
 //! its certificate's CN and checked against the database — certificate active and unexpired,
 //! machine not revoked — so a revocation takes effect at the next request on every replica.
 //!
+//! One exception, on `POST /api/v1/renew-certificate` only: a certificate that expired at most
+//! `certificate_renew_after_expiry_days` ago may renew itself (a till switched off for months
+//! comes back by itself; the TLS handshake accepts such a certificate, see `tls.rs`), and a
+//! superseded one may retry a renewal whose answer was lost. Revocation of the machine or of
+//! the certificate is checked first and always refuses.
+//!
 //! Routes: secret rotation and its acknowledgement, secret status, the machine's license
 //! tokens, online license validation, certificate renewal.
 
@@ -24,8 +30,13 @@ use utoipa_axum::routes;
 use super::error::{ApiFailure, ApiJson};
 use super::listener::{ConnInfo, PeerCertificate};
 use crate::clock::Timestamp;
+use crate::service::enroll::PresentedCertificate;
 use crate::service::{enroll, licenses, secrets, SharedState};
+use crate::store::audit::{self, NewAuditEvent};
 use crate::store::certificates::{self, CertState};
+
+/// The one route that accepts an expired (within the window) or superseded certificate.
+pub const RENEW_PATH: &str = "/api/v1/renew-certificate";
 
 /// Largest request body the agent listener reads.
 pub const MAX_AGENT_BODY_BYTES: usize = 64 * 1024;
@@ -38,6 +49,10 @@ pub struct AuthenticatedMachine {
     pub certificate_expires_at: Timestamp,
     /// The presented certificate (its key verifies rotate requests).
     pub peer: Arc<PeerCertificate>,
+    /// The certificate has expired (renewal route only, within the window).
+    pub expired_since: Option<Timestamp>,
+    /// The certificate is superseded (renewal route only: a retry).
+    pub superseded: bool,
 }
 
 pub fn router() -> OpenApiRouter<SharedState> {
@@ -97,31 +112,92 @@ pub async fn authenticate(
     if auth.machine_revoked {
         return refuse(ErrorCode::MachineRevoked, "this machine is revoked");
     }
-    match auth.state {
-        CertState::Active => {}
+    let renewing = req.method() == axum::http::Method::POST && req.uri().path() == RENEW_PATH;
+    let superseded = match auth.state {
+        CertState::Active => false,
         CertState::Revoked => {
             return refuse(ErrorCode::CertificateRevoked, "this certificate is revoked")
         }
+        // The renewal route decides: only a retry for the current key is answered.
+        CertState::Superseded if renewing => true,
         CertState::Superseded => {
             return refuse(
                 ErrorCode::CertificateSuperseded,
                 "this certificate was replaced by a newer one",
             )
         }
-    }
-    if auth.expires_at <= Timestamp::now() {
-        return refuse(
-            ErrorCode::CertificateExpired,
-            "this certificate has expired",
-        );
+    };
+    let now = Timestamp::now();
+    let expired_since = (auth.expires_at <= now).then_some(auth.expires_at);
+    if let Some(expired) = expired_since {
+        if let Some(message) = expiry_refusal(&state, expired, now, renewing) {
+            if renewing {
+                // A renewal refused for good: worth a line in the trail.
+                let actor = format!("machine:{}", identity.machine_id);
+                let target = identity.machine_id.to_string();
+                let details = serde_json::json!({
+                    "presented_serial": peer.serial, "expired_since": expired.rfc3339(),
+                });
+                let event = NewAuditEvent::refused(
+                    &actor,
+                    "certificate.renew",
+                    Some(&target),
+                    details,
+                    ErrorCode::CertificateExpired.as_str(),
+                );
+                if let Err(e) = audit::insert(state.store.pool(), &event).await {
+                    return ApiFailure::from(e).into_response();
+                }
+            }
+            return refuse(ErrorCode::CertificateExpired, &message);
+        }
     }
     req.extensions_mut().insert(AuthenticatedMachine {
         identity,
         serial: peer.serial.clone(),
         certificate_expires_at: auth.expires_at,
         peer: peer.clone(),
+        expired_since,
+        superseded,
     });
     next.run(req).await
+}
+
+/// Why a certificate that expired at `expired` is refused now, or `None` when it may still
+/// renew itself (renewal route, within `certificate_renew_after_expiry_days`).
+fn expiry_refusal(
+    state: &SharedState,
+    expired: Timestamp,
+    now: Timestamp,
+    renewing: bool,
+) -> Option<String> {
+    let days = state.settings.certificate_renew_after_expiry_days;
+    let window = state.settings.renew_after_expiry_secs();
+    let recover = "recover the machine with its recovery token (license-agent recover) or \
+                   re-enroll it with a new install token";
+    if !renewing {
+        return Some(if window > 0 {
+            format!(
+                "this certificate expired on {expired}; renew it (POST {RENEW_PATH}) until {}",
+                expired.plus_secs(window)
+            )
+        } else {
+            format!("this certificate expired on {expired}; {recover}")
+        });
+    }
+    if window == 0 {
+        return Some(format!(
+            "this certificate expired on {expired} and renewal after expiry is disabled \
+             (certificate_renew_after_expiry_days = 0); {recover}"
+        ));
+    }
+    let end = expired.plus_secs(window);
+    (now > end).then(|| {
+        format!(
+            "this certificate expired on {expired}; the window for renewing an expired \
+             certificate (certificate_renew_after_expiry_days = {days}) ended on {end}; {recover}"
+        )
+    })
 }
 
 /// A new secret version for the calling machine (seed §3.2), or the pending one again.
@@ -205,17 +281,34 @@ async fn validate_license(
     ))
 }
 
-/// A new certificate for the calling machine; the presented one is superseded.
+/// A new certificate for the calling machine; the presented one is superseded. Also with a
+/// certificate expired at most `certificate_renew_after_expiry_days` ago; with a superseded
+/// certificate only as the retry of a renewal whose answer was lost (the CSR is for the key of
+/// the machine's active certificate, which is answered again).
 #[utoipa::path(post, path = "/api/v1/renew-certificate", tag = "agent",
     request_body = RenewCertificateRequest,
     responses((status = 200, body = RenewCertificateResponse),
-              (status = 400, body = ApiError), (status = 403, body = ApiError)))]
+              (status = 400, description = "`invalid_csr`, `invalid_request`", body = ApiError),
+              (status = 403, description = "`machine_revoked`, `certificate_revoked`, \
+                `certificate_expired` (past the window, or the window is 0), \
+                `certificate_superseded` (not a retry for the current key), or another refused certificate", body = ApiError),
+              (status = 409, description = "`concurrent_enrollment`", body = ApiError)))]
 async fn renew_certificate(
     State(state): State<SharedState>,
     Extension(machine): Extension<AuthenticatedMachine>,
     ApiJson(req): ApiJson<RenewCertificateRequest>,
 ) -> Result<Json<RenewCertificateResponse>, ApiFailure> {
-    let renewed = enroll::renew(&state, &machine.identity, &req.csr).await?;
-    tracing::info!(machine_id = %machine.identity.machine_id, old = %machine.serial, new = %renewed.serial, "certificate renewed");
+    let presented = PresentedCertificate {
+        serial: &machine.serial,
+        expired_since: machine.expired_since,
+        superseded: machine.superseded,
+    };
+    let renewed = enroll::renew(&state, &machine.identity, presented, &req.csr).await?;
+    tracing::info!(
+        machine_id = %machine.identity.machine_id, old = %machine.serial, new = %renewed.serial,
+        expired_since = ?machine.expired_since.map(Timestamp::rfc3339),
+        retry = machine.superseded,
+        "certificate renewed"
+    );
     Ok(Json(renewed))
 }

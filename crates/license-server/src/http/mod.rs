@@ -4,7 +4,9 @@
 //! - agent (TLS 1.3, mandatory client certificate, CN = `client_id:machine_id`): `agent`
 //! - admin (loopback by default, bearer tokens with roles): `admin`
 //!
-//! [`run`] takes already-bound listeners and a shutdown future, so tests bind port 0.
+//! [`run`] takes already-bound listeners and a shutdown future, so tests bind port 0. It also
+//! keeps the server's TLS certificate fresh: renewed at start when due and checked every
+//! `server_certificate_check_interval_secs` while serving (`service::server_certificate`).
 
 pub mod admin;
 pub mod agent;
@@ -137,9 +139,12 @@ pub async fn run(
     state: SharedState,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let public_tls = tls::public_config(&state.keys)?;
-    let agent_tls = tls::agent_config(&state.keys)?;
-    let admin_tls = tls::admin_config(&state.keys)?;
+    let server_cert = Arc::new(tls::ServerCertResolver::new(&state.keys)?);
+    let mut served_pem = state.keys.server_cert_pem.clone();
+    renew_server_certificate(&state, &server_cert, &mut served_pem).await;
+    let public_tls = tls::public_config(&server_cert)?;
+    let agent_tls = tls::agent_config(&state.keys, &server_cert)?;
+    let admin_tls = tls::admin_config(&server_cert)?;
 
     let ([public, agent, admin], doc) = routers();
     let doc = OpenApiDocument(Arc::new(doc.to_json().unwrap_or_else(|_| "{}".into())));
@@ -183,6 +188,19 @@ pub async fn run(
         }
     });
 
+    let renew_state = state.clone();
+    let renewer = tokio::spawn(async move {
+        let every = std::time::Duration::from_secs(
+            renew_state.settings.server_certificate_check_interval_secs,
+        );
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            renew_server_certificate(&renew_state, &server_cert, &mut served_pem).await;
+        }
+    });
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -208,6 +226,30 @@ pub async fn run(
         () = &mut servers => {}
     }
     sweeper.abort();
+    renewer.abort();
     state.store.close().await;
     Ok(())
+}
+
+/// Renews the served certificate if it is due, and serves the new one to new connections.
+/// A failure is logged and retried at the next check: the current certificate keeps serving.
+async fn renew_server_certificate(
+    state: &SharedState,
+    served: &tls::ServerCertResolver,
+    served_pem: &mut String,
+) {
+    let now = crate::clock::Timestamp::now();
+    match crate::service::server_certificate::renew_if_due(state, served_pem, now).await {
+        Ok(None) => {}
+        Ok(Some(renewed)) => match served.replace(&renewed.pem) {
+            Ok(()) => {
+                tracing::info!(serial = %renewed.serial, not_after = %renewed.expires_at, "server TLS certificate renewed (same key, same pin)");
+                *served_pem = renewed.pem;
+            }
+            Err(e) => tracing::error!(error = %e, "renewed server certificate cannot be served"),
+        },
+        Err(e) => {
+            tracing::error!(error = %e, "server TLS certificate renewal failed; retrying at the next check")
+        }
+    }
 }

@@ -5,6 +5,9 @@
 //! that the server never sees their private key; the seed's mode, where the server generates
 //! the key and returns it once, stays available. The CSR is used for its public key and its
 //! proof of possession only: subject, extensions and validity are always set by the server.
+//!
+//! The server's TLS certificate is renewed with the key it already has
+//! ([`CertificateAuthority::renew_server_certificate`]), so the SPKI pin agents hold stays valid.
 
 use std::net::IpAddr;
 
@@ -24,8 +27,6 @@ use license_protocol::identity::MachineIdentity;
 const NOT_BEFORE_BACKDATE_SECS: i64 = 300;
 /// Lifetime of the CA certificate.
 const CA_VALIDITY_DAYS: i64 = 20 * 365;
-/// Lifetime of the server's TLS certificate.
-const SERVER_CERT_VALIDITY_DAYS: i64 = 2 * 365;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -38,6 +39,52 @@ pub enum PkiError {
     Generate(#[from] rcgen::Error),
     #[error("stored CA material is unusable: {0}")]
     BadCaMaterial(String),
+    #[error("certificate is unusable: {0}")]
+    BadCertificate(String),
+}
+
+/// The validity window of a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: Timestamp,
+    pub not_after: Timestamp,
+}
+
+impl Validity {
+    /// The point at 2/3 of the lifetime, when the certificate is due for renewal.
+    pub fn renew_at(&self) -> Timestamp {
+        let life = self.not_after.0.saturating_sub(self.not_before.0).max(0);
+        self.not_before.plus_secs(life / 3 * 2)
+    }
+}
+
+fn parse_der(der: &[u8]) -> Result<x509_parser::certificate::X509Certificate<'_>, PkiError> {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, cert)| cert)
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))
+}
+
+/// The validity window of a DER certificate.
+pub fn validity_of(der: &[u8]) -> Result<Validity, PkiError> {
+    let cert = parse_der(der)?;
+    Ok(Validity {
+        not_before: Timestamp(cert.validity().not_before.timestamp()),
+        not_after: Timestamp(cert.validity().not_after.timestamp()),
+    })
+}
+
+/// Lowercase hex of a DER certificate's serial, as stored.
+pub fn serial_of(der: &[u8]) -> Result<String, PkiError> {
+    Ok(hex::encode(parse_der(der)?.raw_serial()))
+}
+
+/// The raw public key (the SubjectPublicKeyInfo's bit string) of the first certificate in
+/// `pem`, comparable with [`MachineCsr::public_key_raw`].
+pub fn public_key_raw_of_pem(pem: &str) -> Result<Vec<u8>, PkiError> {
+    let der = crate::datadir::pem_first_der(pem)
+        .ok_or_else(|| PkiError::BadCertificate("no PEM certificate".into()))?;
+    let cert = parse_der(&der)?;
+    Ok(cert.public_key().subject_public_key.data.to_vec())
 }
 
 /// A certificate just issued.
@@ -69,6 +116,11 @@ impl MachineCsr {
         CertificateSigningRequestParams::from_pem(pem)
             .map(Self)
             .map_err(|_| PkiError::InvalidCsr)
+    }
+
+    /// The requested public key, raw (the SubjectPublicKeyInfo's bit string).
+    pub fn public_key_raw(&self) -> &[u8] {
+        rcgen::PublicKeyData::der_bytes(&self.0.public_key)
     }
 }
 
@@ -111,6 +163,24 @@ fn window(validity: Duration) -> (OffsetDateTime, OffsetDateTime) {
         now - Duration::seconds(NOT_BEFORE_BACKDATE_SECS),
         now + validity,
     )
+}
+
+/// Parameters of a server TLS certificate.
+fn server_params(
+    cn: &str,
+    dns_names: &[String],
+    ips: &[IpAddr],
+) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::new(dns_names.to_vec())?;
+    params
+        .subject_alt_names
+        .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    Ok(params)
 }
 
 impl CertificateAuthority {
@@ -164,27 +234,62 @@ impl CertificateAuthority {
         Zeroizing::new(self.key.serialize_pem())
     }
 
-    /// The server's TLS certificate (P-256), valid for the given names and addresses.
+    /// The server's TLS certificate (a new P-256 key), valid for the given names and addresses.
     pub fn issue_server_certificate(
         &self,
         dns_names: &[String],
         ips: &[IpAddr],
+        validity: Duration,
     ) -> Result<(IssuedCertificate, KeyPair), PkiError> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(dns_names.to_vec())?;
-        params
-            .subject_alt_names
-            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
-        let mut dn = DistinguishedName::new();
-        dn.push(
-            DnType::CommonName,
-            dns_names.first().map_or("license-server", String::as_str),
-        );
-        params.distinguished_name = dn;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let issued = self.sign(params, &key, Duration::days(SERVER_CERT_VALIDITY_DAYS))?;
+        let cn = dns_names.first().map_or("license-server", String::as_str);
+        let params = server_params(cn, dns_names, ips)?;
+        let issued = self.sign(params, &key, validity)?;
         Ok((issued, key))
+    }
+
+    /// A fresh server TLS certificate for the same key, name and addresses as `current_der`:
+    /// the SPKI pin agents hold does not change.
+    pub fn renew_server_certificate(
+        &self,
+        current_der: &[u8],
+        key_pem: &str,
+        validity: Duration,
+    ) -> Result<IssuedCertificate, PkiError> {
+        use x509_parser::extensions::GeneralName;
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| PkiError::BadCertificate(format!("server key: {e}")))?;
+        let current = parse_der(current_der)?;
+        if current.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(PkiError::BadCertificate(
+                "server.pem and server.key do not belong together".into(),
+            ));
+        }
+        let cn = current
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .unwrap_or("license-server")
+            .to_string();
+        let (mut dns_names, mut ips) = (Vec::new(), Vec::new());
+        if let Ok(Some(san)) = current.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(dns) => dns_names.push((*dns).to_string()),
+                    GeneralName::IPAddress(bytes) => {
+                        if let Ok(v4) = <[u8; 4]>::try_from(*bytes) {
+                            ips.push(IpAddr::from(v4));
+                        } else if let Ok(v6) = <[u8; 16]>::try_from(*bytes) {
+                            ips.push(IpAddr::from(v6));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let params = server_params(&cn, &dns_names, &ips)?;
+        self.sign(params, &key, validity)
     }
 
     /// A machine's client certificate, `CN = client_id:machine_id`, client-auth only.
@@ -270,6 +375,35 @@ mod tests {
         let ca_der = ::pem::parse(ca.cert_pem()).unwrap();
         let (_, ca_cert) = parse_x509_certificate(ca_der.contents()).unwrap();
         cert.verify_signature(Some(ca_cert.public_key())).unwrap();
+    }
+
+    #[test]
+    fn server_certificate_renews_with_same_key_names_and_pin() {
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        let ips = ["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
+        let (first, key) = ca
+            .issue_server_certificate(&["localhost".into()], &ips, Duration::days(30))
+            .unwrap();
+        let renewed = ca
+            .renew_server_certificate(&first.der, &key.serialize_pem(), Duration::days(90))
+            .unwrap();
+        assert_ne!(renewed.serial, first.serial);
+        let pin = |der: &[u8]| license_protocol::pin::CertPin::of_certificate_der(der).unwrap();
+        assert_eq!(pin(&renewed.der), pin(&first.der));
+        let (_, cert) = parse_x509_certificate(&renewed.der).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(san.value.general_names.len(), 3);
+        let v = validity_of(&renewed.der).unwrap();
+        assert_eq!(
+            v.not_after.0 - v.not_before.0,
+            90 * 86_400 + NOT_BEFORE_BACKDATE_SECS
+        );
+        assert!(v.renew_at() > v.not_before && v.renew_at() < v.not_after);
+        // Another key than the certificate's is refused.
+        let other = KeyPair::generate().unwrap();
+        assert!(ca
+            .renew_server_certificate(&first.der, &other.serialize_pem(), Duration::days(1))
+            .is_err());
     }
 
     #[test]

@@ -25,6 +25,10 @@ pub enum IssueError {
     /// Another issuance for the same machine holds the active slot.
     #[error("another certificate of this machine is being issued")]
     Concurrent,
+    /// The certificate a renewal was made with is no longer active (a concurrent renewal
+    /// superseded it first, or it was revoked).
+    #[error("the certificate this renewal was made with is no longer active")]
+    PresentedNotActive,
     #[error("certificate issuance failed")]
     Pki(#[source] PkiError),
     #[error(transparent)]
@@ -49,6 +53,9 @@ pub struct Issuance<'a> {
     /// The caller's audit details; `serial` and `superseded` are added.
     pub details: Value,
     pub now: Timestamp,
+    /// Renewal: serial of the certificate the request was made with, which must still be
+    /// active; it is superseded first (so of two concurrent renewals one wins).
+    pub presented: Option<&'a str>,
 }
 
 /// `key_origin` as stored: `csr` (the machine keeps its key) or `server` (generated here).
@@ -70,7 +77,14 @@ pub async fn issue(
 ) -> Result<IssuedCertificate, IssueError> {
     let machine_id = identity.machine_id.to_string();
     let now = issuance.now;
-    let superseded = certificates::supersede_active(conn, &machine_id, now).await?;
+    let mut superseded = 0;
+    if let Some(serial) = issuance.presented {
+        if !certificates::supersede_serial(conn, serial, now).await? {
+            return Err(IssueError::PresentedNotActive);
+        }
+        superseded += 1;
+    }
+    superseded += certificates::supersede_active(conn, &machine_id, now).await?;
     let origin = key_origin(&key);
     let issued = state
         .keys
@@ -78,7 +92,7 @@ pub async fn issue(
         .issue_machine_certificate(
             identity,
             key,
-            Duration::days(state.settings.certificate_validity_days.into()),
+            Duration::seconds(state.settings.certificate_validity_secs),
         )
         .map_err(IssueError::Pki)?;
     certificates::insert_active(

@@ -1,5 +1,12 @@
 //! Bootstrap enrollment and per-machine certificate renewal.
 //!
+//! Renewal (`POST /api/v1/renew-certificate`) is proven by the certificate the request is made
+//! with: normally the machine's active one, also after its expiry within
+//! `certificate_renew_after_expiry_days` (the listener checks the window). A renewal whose
+//! answer was lost (the agent crashed before saving it) is retried with the old, now superseded
+//! certificate and the same CSR: when the CSR's key is the key of the machine's active
+//! certificate, that certificate is answered again, nothing new is issued.
+//!
 //! Enrollment is one transaction: consume the install token (atomically: of two concurrent
 //! requests with one token exactly one proceeds), find or create the machine by
 //! `(client_id, hardware_id)`, then supersede its current certificate, store the new one and
@@ -22,6 +29,7 @@ use super::{credential_hash, new_credential, AppState};
 use crate::clock::Timestamp;
 use crate::pki::{MachineCsr, MachineKey, PkiError};
 use crate::store::audit::{self, NewAuditEvent};
+use crate::store::certificates as certificates_store;
 use crate::store::install_tokens::{self, TokenProblem};
 use crate::store::{machines, StoreError};
 
@@ -42,6 +50,11 @@ pub enum EnrollError {
     Csr(PkiError),
     #[error("another enrollment of this machine is in progress; retry")]
     Concurrent,
+    #[error(
+        "this certificate was replaced by a newer one, and the CSR is not for the key of the \
+         machine's current certificate"
+    )]
+    CertificateSuperseded,
     #[error("certificate issuance failed")]
     Pki(PkiError),
     #[error(transparent)]
@@ -58,6 +71,7 @@ impl EnrollError {
             EnrollError::MachineRevoked => ErrorCode::MachineRevoked,
             EnrollError::Csr(_) => ErrorCode::InvalidCsr,
             EnrollError::Concurrent => ErrorCode::ConcurrentEnrollment,
+            EnrollError::CertificateSuperseded => ErrorCode::CertificateSuperseded,
             EnrollError::Pki(_) | EnrollError::Store(_) => ErrorCode::InternalError,
         }
     }
@@ -67,6 +81,7 @@ impl From<IssueError> for EnrollError {
     fn from(e: IssueError) -> Self {
         match e {
             IssueError::Concurrent => EnrollError::Concurrent,
+            IssueError::PresentedNotActive => EnrollError::CertificateSuperseded,
             IssueError::Pki(e) => EnrollError::Pki(e),
             IssueError::Store(e) => EnrollError::Store(e),
         }
@@ -165,6 +180,7 @@ async fn bootstrap_inner(
             "key_origin": certificates::key_origin(&key),
         }),
         now,
+        presented: None,
     };
     let issued = certificates::issue(state, &mut tx, &identity, key, issuance).await?;
     tx.commit().await?;
@@ -189,43 +205,98 @@ async fn bootstrap_inner(
     })
 }
 
+/// The certificate a renewal request was made with, as the agent listener found it.
+#[derive(Debug, Clone, Copy)]
+pub struct PresentedCertificate<'a> {
+    pub serial: &'a str,
+    /// When it expired, if it has (the listener already refused it past the window).
+    pub expired_since: Option<Timestamp>,
+    /// It was superseded: only a retry for the key of the machine's active certificate is
+    /// answered.
+    pub superseded: bool,
+}
+
 /// `POST /api/v1/renew-certificate` for an authenticated machine: a new certificate for the
 /// key in `csr_pem`; the one the request was made with is superseded in the same transaction.
+/// With a superseded certificate, the retry rule of the module documentation applies.
 pub async fn renew(
     state: &AppState,
     identity: &MachineIdentity,
+    presented: PresentedCertificate<'_>,
     csr_pem: &str,
 ) -> Result<RenewCertificateResponse, EnrollError> {
     let machine_id = identity.machine_id.to_string();
     let actor = format!("machine:{machine_id}");
-    let csr = match MachineCsr::parse_pem(csr_pem) {
-        Ok(csr) => csr,
-        Err(e) => {
-            let err = EnrollError::Csr(e);
-            let event = NewAuditEvent::refused(
-                &actor,
-                "certificate.renew",
-                Some(&machine_id),
-                json!({}),
-                err.code().as_str(),
-            );
+    let details = json!({
+        "presented_serial": presented.serial,
+        "expired_since": presented.expired_since.map(Timestamp::rfc3339),
+    });
+    let refused = |err: EnrollError| {
+        let event = NewAuditEvent::refused(
+            &actor,
+            "certificate.renew",
+            Some(&machine_id),
+            details.clone(),
+            err.code().as_str(),
+        );
+        async move {
             audit::insert(state.store.pool(), &event).await?;
-            return Err(err);
+            Err::<RenewCertificateResponse, _>(err)
         }
     };
-    let issuance = Issuance {
-        actor: &actor,
-        action: "certificate.renew",
-        details: json!({}),
-        now: Timestamp::now(),
+    let csr = match MachineCsr::parse_pem(csr_pem) {
+        Ok(csr) => csr,
+        Err(e) => return refused(EnrollError::Csr(e)).await,
     };
-    let mut tx = state.store.begin_write().await?;
-    let issued =
-        certificates::issue(state, &mut tx, identity, MachineKey::Csr(&csr), issuance).await?;
-    tx.commit().await?;
+    if !presented.superseded {
+        let issuance = Issuance {
+            actor: &actor,
+            action: "certificate.renew",
+            details: details.clone(),
+            now: Timestamp::now(),
+            presented: Some(presented.serial),
+        };
+        let mut tx = state.store.begin_write().await?;
+        match certificates::issue(state, &mut tx, identity, MachineKey::Csr(&csr), issuance).await {
+            Ok(issued) => {
+                tx.commit().await?;
+                return Ok(RenewCertificateResponse {
+                    certificate: issued.pem,
+                    serial: issued.serial,
+                    expires_at: issued.expires_at.rfc3339(),
+                });
+            }
+            // Superseded since the listener looked (a concurrent renewal won): a retry.
+            Err(IssueError::PresentedNotActive) => tx.rollback().await?,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // A retry: answer the active certificate again if the CSR is for its key.
+    let active = certificates_store::active_of(state.store.pool(), &machine_id).await?;
+    let same_key = match &active {
+        Some(active) => {
+            crate::pki::public_key_raw_of_pem(&active.pem).map_err(EnrollError::Pki)?
+                == csr.public_key_raw()
+        }
+        None => false,
+    };
+    let Some(active) = active.filter(|_| same_key) else {
+        return refused(EnrollError::CertificateSuperseded).await;
+    };
+    let mut details = details;
+    details["serial"] = json!(active.serial);
+    details["retry"] = json!(true);
+    let event = NewAuditEvent::success(
+        Timestamp::now(),
+        &actor,
+        "certificate.renew",
+        Some(&machine_id),
+        details,
+    );
+    audit::insert(state.store.pool(), &event).await?;
     Ok(RenewCertificateResponse {
-        certificate: issued.pem,
-        serial: issued.serial,
-        expires_at: issued.expires_at.rfc3339(),
+        certificate: active.pem,
+        serial: active.serial,
+        expires_at: active.expires_at.rfc3339(),
     })
 }

@@ -155,20 +155,48 @@ pub fn seal_token(
     })
 }
 
-/// The token of one license under its machine's current secret, if it has one.
+/// The token of one license under its machine's current secret, or why the machine has none
+/// (one sentence for the administrator).
 async fn current_token(
     state: &AppState,
     license: &LicenseRecord,
-) -> Result<Option<LicenseToken>, StoreError> {
+) -> Result<Result<LicenseToken, String>, StoreError> {
     let now = Timestamp::now();
     let machine: MachineId = license
         .machine_id
         .parse()
         .map_err(|_| StoreError::Corrupt(format!("license {}: machine_id", license.id)))?;
     let rows = store::secrets::of_machine(state.store.pool(), &license.machine_id, now).await?;
-    current_secret(state, &machine, &rows, now)?
-        .map(|(version, secret)| seal_token(state, license, version, &secret))
-        .transpose()
+    match current_secret(state, &machine, &rows, now)? {
+        Some((version, secret)) => Ok(Ok(seal_token(state, license, version, &secret)?)),
+        None => Ok(Err(no_secret_reason(&license.machine_id, &rows))),
+    }
+}
+
+/// Why a machine holds no secret a token can be sealed under, from its secret versions
+/// (none is usable).
+fn no_secret_reason(machine_id: &str, rows: &[SealedSecretRow]) -> String {
+    let newest_acknowledged = rows.iter().rev().find(|r| {
+        r.record.acked_at.is_some()
+            || matches!(r.record.state, SecretState::Active | SecretState::Grace)
+    });
+    match newest_acknowledged {
+        None => format!(
+            "machine {machine_id} holds no acknowledged secret yet: no token can be issued before its first rotation"
+        ),
+        Some(r) if r.record.state == SecretState::Invalidated => format!(
+            "machine {machine_id}'s secret version {} was invalidated{}; it gets a new one at its next rotation",
+            r.record.version,
+            r.record
+                .invalidated_at
+                .map(|at| format!(" on {at}"))
+                .unwrap_or_default()
+        ),
+        Some(r) => format!(
+            "machine {machine_id}'s secrets expired on {} (version {}, end of its grace); it gets a new one at its next rotation",
+            r.record.grace_until, r.record.version
+        ),
+    }
 }
 
 /// `GET /api/v1/licenses`: tokens of every current (not revoked, not expired) license of the
@@ -337,7 +365,7 @@ impl Admin<'_> {
         self.finish(tx, "license.issue", target, details, result)
             .await?;
         let license = self.get_license(&id).await?;
-        let token = current_token(self.state, &license).await?;
+        let token = current_token(self.state, &license).await?.ok();
         Ok(IssuedLicense { license, token })
     }
 
@@ -386,18 +414,55 @@ impl Admin<'_> {
         }
         current_token(self.state, &license)
             .await?
-            .ok_or_else(|| {
-                AdminError::Conflict(format!(
-                    "machine {} holds no acknowledged secret yet: no token can be issued before its first rotation",
-                    license.machine_id
-                ))
-            })
+            .map_err(AdminError::Conflict)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn secret_row(version: u64, state: SecretState, acked: bool) -> SealedSecretRow {
+        SealedSecretRow {
+            record: store::secrets::SecretRecord {
+                machine_id: "m".into(),
+                version,
+                state,
+                effective_state: "expired".into(),
+                valid_from: Timestamp(0),
+                valid_until: Timestamp(86_400),
+                grace_until: Timestamp(2 * 86_400),
+                created_at: Timestamp(0),
+                acked_at: acked.then_some(Timestamp(10)),
+                invalidated_at: (state == SecretState::Invalidated).then_some(Timestamp(20)),
+                destroyed: true,
+            },
+            secret_enc: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn no_secret_reason_says_what_happened() {
+        let never = no_secret_reason("m", &[secret_row(1, SecretState::Pending, false)]);
+        assert!(never.contains("no acknowledged secret yet"), "{never}");
+        let expired = no_secret_reason(
+            "m",
+            &[
+                secret_row(1, SecretState::Grace, true),
+                secret_row(2, SecretState::Pending, false),
+            ],
+        );
+        assert!(
+            expired.contains("secrets expired on 1970-01-03T00:00:00Z")
+                && expired.contains("next rotation"),
+            "{expired}"
+        );
+        let invalidated = no_secret_reason("m", &[secret_row(3, SecretState::Invalidated, true)]);
+        assert!(
+            invalidated.contains("version 3 was invalidated on 1970-01-01T00:00:20Z"),
+            "{invalidated}"
+        );
+    }
 
     fn request() -> LicenseRequest {
         LicenseRequest {

@@ -12,6 +12,7 @@ pub mod enroll;
 pub mod licenses;
 pub mod recover;
 pub mod secrets;
+pub mod server_certificate;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use rand::RngCore as _;
 use sha2::{Digest as _, Sha256};
 
-use crate::datadir::ServerKeys;
+use crate::datadir::{DataDir, ServerKeys};
 use crate::store::Store;
 
 /// Shared state of a running server (or of one `admin` CLI invocation).
@@ -39,7 +40,17 @@ pub struct Settings {
     pub public_url: String,
     /// Agent listener URL as machines see it.
     pub agent_url: String,
-    pub certificate_validity_days: u32,
+    /// Lifetime of a new machine certificate, seconds (`certificate_validity_secs`, or
+    /// `certificate_validity_days` in seconds).
+    pub certificate_validity_secs: i64,
+    /// `certificate_renew_after_expiry_days`, as configured (named in refusals).
+    pub certificate_renew_after_expiry_days: u32,
+    /// Lifetime of a renewed server TLS certificate, days.
+    pub server_certificate_validity_days: u32,
+    /// How often the running server checks whether its TLS certificate is due, seconds.
+    pub server_certificate_check_interval_secs: u64,
+    /// The data directory the server's TLS certificate is renewed in.
+    pub data_dir: DataDir,
     pub install_token_ttl_secs: u64,
     pub bootstrap_rate_per_minute: u32,
     pub downloads_dir: PathBuf,
@@ -47,6 +58,14 @@ pub struct Settings {
     pub secret_validity_secs: i64,
     /// `grace_until - valid_until` of a new secret version, seconds.
     pub secret_grace_secs: i64,
+}
+
+impl Settings {
+    /// How long after its expiry a machine certificate may still renew itself, seconds (0: not
+    /// at all).
+    pub fn renew_after_expiry_secs(&self) -> i64 {
+        i64::from(self.certificate_renew_after_expiry_days) * 86_400
+    }
 }
 
 /// A new random credential with a readable prefix (so leaked ones are easy to grep for) and

@@ -66,7 +66,7 @@ impl RecoverError {
 impl From<IssueError> for RecoverError {
     fn from(e: IssueError) -> Self {
         match e {
-            IssueError::Concurrent => RecoverError::Concurrent,
+            IssueError::Concurrent | IssueError::PresentedNotActive => RecoverError::Concurrent,
             IssueError::Pki(e) => RecoverError::Pki(e),
             IssueError::Store(e) => RecoverError::Store(e),
         }
@@ -136,6 +136,7 @@ async fn recover_inner(
             "rotation_requested": true,
         }),
         now,
+        presented: None,
     };
     let issued =
         certificates::issue(state, &mut tx, &identity, MachineKey::Csr(&csr), issuance).await?;

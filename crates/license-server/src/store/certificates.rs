@@ -213,6 +213,49 @@ pub async fn purge(conn: &mut AnyConnection, now: Timestamp) -> Result<u64> {
     Ok(done.rows_affected())
 }
 
+/// The machine's active certificate (expired or not), for a renewal retry to answer with.
+#[derive(Debug, Clone)]
+pub struct ActiveCertificate {
+    pub serial: String,
+    pub expires_at: Timestamp,
+    pub pem: String,
+}
+
+/// The machine's one active certificate, if it has one.
+pub async fn active_of<'e>(
+    ex: impl AnyExecutor<'e>,
+    machine_id: &str,
+) -> Result<Option<ActiveCertificate>> {
+    let sql = "SELECT serial, expires_at, pem FROM certificates \
+               WHERE machine_id = $1 AND state = 'active'";
+    find_one(ex, sql, machine_id, |row| {
+        Ok(ActiveCertificate {
+            serial: row.try_get("serial")?,
+            expires_at: ts(row, "expires_at")?,
+            pem: row.try_get("pem")?,
+        })
+    })
+    .await
+}
+
+/// Supersedes one certificate if it is still active. Returns false when it no longer was (a
+/// concurrent renewal superseded it first, or it was revoked): on PostgreSQL the row lock makes
+/// the second of two concurrent renewals wait and then see it superseded.
+pub async fn supersede_serial(
+    conn: &mut AnyConnection,
+    serial: &str,
+    now: Timestamp,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE certificates SET state = 'superseded', superseded_at = $1 WHERE serial = $2 AND state = 'active'",
+    )
+    .bind(now.0)
+    .bind(serial)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Supersedes the machine's current certificate (if any). Returns how many rows moved.
 pub async fn supersede_active(
     conn: &mut AnyConnection,
