@@ -262,6 +262,13 @@ fn write_status(out: &mut impl Write, s: &StatusView) -> io::Result<()> {
         "failures         {} consecutive",
         s.consecutive_failures
     )?;
+    if let Some(c) = &s.certificate {
+        writeln!(
+            out,
+            "certificate      serial {}, expires {}, renews {}",
+            c.serial, c.expires_at, c.renews_at
+        )?;
+    }
     if s.clock_rollback_secs != 0 {
         writeln!(
             out,
@@ -357,6 +364,7 @@ mod tests {
             next_rotation: None,
             consecutive_failures: 0,
             clock_rollback_secs: 0,
+            certificate: None,
             extra: BTreeMap::new(),
         }
     }

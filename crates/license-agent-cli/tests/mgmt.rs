@@ -136,6 +136,8 @@ fn status_result() -> Value {
         "next_rotation": "2026-04-01T00:00:00Z",
         "consecutive_failures": 4,
         "clock_rollback_secs": 120,
+        "certificate": {"serial": "0a1b", "expires_at": "2027-03-01T00:00:00Z",
+                        "renews_at": "2026-11-01T00:00:00Z"},
         "extra": {}
     })
 }
@@ -161,6 +163,7 @@ fn status_human_and_json() {
         "next rotation    2026-04-01T00:00:00Z",
         "failures         4 consecutive",
         "clock rollback   120 s",
+        "certificate      serial 0a1b, expires 2027-03-01T00:00:00Z, renews 2026-11-01T00:00:00Z",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in\n{out}");
     }

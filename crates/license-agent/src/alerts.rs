@@ -1,6 +1,6 @@
 //! Alerts (seed §7.2): rotation failed 3 times in a row, degraded mode for more than 24 h,
-//! TPM unavailable (or cleared), secret expired without replacement, unauthorized access
-//! attempt.
+//! TPM unavailable (or cleared), secret expired without replacement, machine certificate
+//! expired and not renewed, unauthorized access attempt.
 //!
 //! Each alert is, at once: an audit entry `alert.<kind>`; an error-priority log record with a
 //! structured `alert` field (journald fields `ALERT`, `PRIORITY=3` when the agent runs under
@@ -29,6 +29,7 @@ pub enum AlertKind {
     TpmUnavailable,
     TpmCleared,
     SecretExpired,
+    CertificateExpired,
     UnauthorizedAccess,
 }
 
@@ -40,6 +41,7 @@ impl AlertKind {
             AlertKind::TpmUnavailable => "tpm_unavailable",
             AlertKind::TpmCleared => "tpm_cleared",
             AlertKind::SecretExpired => "secret_expired",
+            AlertKind::CertificateExpired => "certificate_expired",
             AlertKind::UnauthorizedAccess => "unauthorized_access",
         }
     }

@@ -8,16 +8,17 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 
 use license_protocol::enroll::{FieldError, InstallToken};
+use license_protocol::identity::MachineIdentity;
 
 use crate::config::{
     AgentConfig, ConfigError, DEFAULT_CONFIG_PATH, DEFAULT_LOG_DIR, DEFAULT_STATE_DIR,
 };
 use crate::daemon::{self, DaemonError};
-use crate::engine::renewal::{self, RenewalError};
+use crate::engine::renewal::{self, IdentityFiles, RenewalError};
 use crate::engine::state::StateFile;
 use crate::enroll::{self, EnrollError, EnrollOptions};
 use crate::net::client::ClientError;
-use crate::net::{agent_client, ConnectError};
+use crate::net::{agent_client, AgentApi, ConnectError};
 use crate::platform::clock::rfc3339;
 use crate::platform::keys::{self, KeyError};
 use license_protocol::pin::CertPin;
@@ -306,16 +307,25 @@ pub async fn server_status(config_path: &Path, json: bool) -> Result<(), Command
     Ok(())
 }
 
-/// `renew-cert`: a new certificate for the same key.
+/// `renew-cert`: a new certificate now (with a new key on the file store, the same key in the
+/// TPM), as the daemon does by itself at 2/3 of the certificate's life.
 pub async fn renew_cert(config_path: &Path, json: bool) -> Result<(), CommandError> {
     let config = load(config_path)?;
-    let renewed = renewal::renew(&config).await?;
+    let files = IdentityFiles::from_config(&config);
+    files.settle()?;
+    let key = keys::load(&config, None)?;
+    let api = AgentApi::connect(&config, key.clone())?;
+    let identity = MachineIdentity {
+        client_id: config.agent.client_id,
+        machine_id: config.agent.id,
+    };
+    let renewed = renewal::renew(&files, &identity, key, &api).await?;
     if json {
-        print_json(&renewed);
+        print_json(&renewed.response);
     } else {
         println!(
             "Certificate renewed: serial {}, expires {}",
-            renewed.serial, renewed.expires_at
+            renewed.response.serial, renewed.response.expires_at
         );
     }
     Ok(())

@@ -17,10 +17,11 @@ use crate::alerts::{AlertKind, Alerts};
 use crate::audit::{agent_event, Audit};
 use crate::config::AgentConfig;
 use crate::engine::control::{self, ControlReceiver};
+use crate::engine::renewal::{Certificate, IdentityFiles, RenewalError, Settled};
 use crate::engine::server::AgentServer;
 use crate::engine::state::{AgentState, LoadOutcome, StateFile};
 use crate::engine::{Engine, EngineParts, EngineSettings, Machine, Vault};
-use crate::net::agent_client;
+use crate::net::AgentApi;
 use crate::platform::blocking;
 use crate::platform::clock::GuardedClock;
 use crate::platform::tpm::{Tpm, TpmError};
@@ -49,6 +50,8 @@ pub enum DaemonError {
     Client(#[from] crate::net::ConnectError),
     #[error("TPM recovery failed: {0}")]
     Recovery(#[from] crate::enroll::recovery::RecoveryError),
+    #[error("machine certificate: {0}")]
+    Certificate(#[from] RenewalError),
     #[error("audit log {path}: {source}")]
     Audit {
         path: String,
@@ -338,6 +341,11 @@ pub async fn run(
         config.alerts.webhook_retries,
     );
     let tpm = open_tpm(&config, &alerts).await?;
+    let identity = IdentityFiles::from_config(&config);
+    if let Settled::Promoted { serial } = identity.settle()? {
+        tracing::warn!(%serial, "finished a certificate renewal interrupted by a crash");
+    }
+    let certificate = Certificate::read(&config.server.client_cert)?;
     let machine_key =
         crate::platform::keys::load(&config, tpm.clone()).map_err(|e| DaemonError::Key {
             key: "server.client_key",
@@ -376,7 +384,7 @@ pub async fn run(
     validator.set_invalidated(state.invalidated_versions.clone());
     validator.set_revoked(state.revoked_licenses.iter().copied());
 
-    let server = agent_client(&config, machine_key.clone())?;
+    let server = AgentApi::connect(&config, machine_key.clone())?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let access = Access::shared(&config);
     let sockets = start_sockets(&config, &validator, &alerts, &access, &stop_rx)?;
@@ -386,6 +394,7 @@ pub async fn run(
         client_id: config.agent.client_id,
         key: machine_key.clone(),
         license_key,
+        certificate,
     };
     let mut engine = Engine::new(EngineParts {
         server,

@@ -1,6 +1,6 @@
 //! `metrics.prom` (seed §7.1): the agent's metrics in node_exporter textfile format, with the
-//! seed's names exactly, HELP and TYPE lines, rewritten atomically after every round so a
-//! scraper never reads half a file.
+//! seed's names exactly (and the certificate's remaining life beside them), HELP and TYPE
+//! lines, rewritten atomically after every round so a scraper never reads half a file.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -20,11 +20,13 @@ pub struct Snapshot {
     pub tpm_available: bool,
     /// Unix seconds of the last successful rotation (0: none yet).
     pub last_rotation: i64,
+    /// Seconds until the machine certificate expires (negative once it has).
+    pub certificate_expiry_seconds: i64,
 }
 
 impl Snapshot {
     pub fn render(&self) -> String {
-        let metrics: [(&str, &str, &str, i64); 9] = [
+        let metrics: [(&str, &str, &str, i64); 10] = [
             (
                 "license_agent_secrets_active",
                 "gauge",
@@ -83,6 +85,12 @@ impl Snapshot {
                 "Unix time of the last successful rotation.",
                 self.last_rotation,
             ),
+            (
+                "license_agent_certificate_expiry_seconds",
+                "gauge",
+                "Seconds until the machine certificate expires (renewed at 2/3 of its life).",
+                self.certificate_expiry_seconds,
+            ),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in metrics {
@@ -122,6 +130,7 @@ mod tests {
             "license_agent_degraded_mode",
             "license_agent_tpm_available",
             "license_agent_last_rotation",
+            "license_agent_certificate_expiry_seconds",
         ] {
             assert!(
                 text.contains(&format!("# HELP {name} "))
@@ -132,6 +141,6 @@ mod tests {
         assert!(text.contains("license_agent_secrets_active 1\n"));
         assert!(text.contains("license_agent_tpm_available 1\n"));
         assert!(text.contains("license_agent_last_rotation 42\n"));
-        assert_eq!(text.lines().count(), 27);
+        assert_eq!(text.lines().count(), 30);
     }
 }

@@ -182,5 +182,17 @@ pub struct StatusView {
     pub consecutive_failures: u32,
     /// How far the system clock is behind the highest time seen (0 normally).
     pub clock_rollback_secs: i64,
+    /// The machine certificate (absent from agents older than automatic renewal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateView>,
     pub extra: BTreeMap<String, String>,
+}
+
+/// The machine certificate in `status`: times in RFC 3339.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateView {
+    pub serial: String,
+    pub expires_at: String,
+    /// When the agent renews it (at 2/3 of its life); in the past while a renewal is due.
+    pub renews_at: String,
 }

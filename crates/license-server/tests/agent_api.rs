@@ -275,6 +275,9 @@ async fn renewal_supersedes_the_old_certificate(db: Db) {
     let renewed: Value = serde_json::from_slice(&renew.stdout).unwrap();
     let new_cert = std::fs::read_to_string(dir.join("client.pem")).unwrap();
     assert_eq!(new_cert, renewed["certificate"].as_str().unwrap());
+    // A file-store machine gets a fresh key with its new certificate.
+    let new_key = std::fs::read_to_string(dir.join("client.key")).unwrap();
+    assert_ne!(new_key, key);
 
     let url = &server.server.agent_url;
     let (status, body) = server.secret_status(url, &old_cert, &key).await;
@@ -282,6 +285,7 @@ async fn renewal_supersedes_the_old_certificate(db: Db) {
         (status, body["error"].as_str()),
         (403, Some("certificate_superseded"))
     );
+    let key = new_key;
     assert_eq!(server.secret_status(url, &new_cert, &key).await.0, 200);
     let status = Command::new(agent_bin())
         .args(["server-status", "--config"])

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use license_protocol::agent_api::SecretStatus;
+use license_protocol::identity::MachineId;
 use license_protocol::mgmt::DegradedSwitch;
 use license_protocol::secret::SecretDates;
 use rand::Rng;
@@ -149,6 +150,31 @@ pub fn backoff(failures: u32, poll_interval: u64) -> Duration {
             .min(poll_interval.max(1) * 4)
             .max(1),
     )
+}
+
+/// When a machine renews a certificate valid from `not_before` to `not_after`: at 2/3 of its
+/// life, brought forward by up to a tenth of the life by a jitter fixed per machine (so a
+/// fleet enrolled together does not renew together, and a machine does not drift between
+/// restarts).
+pub fn renewal_at(not_before: i64, not_after: i64, machine: &MachineId) -> i64 {
+    let life = (not_after - not_before).max(0);
+    let bytes = machine.0.as_bytes();
+    let spread = u64::from(u16::from_be_bytes([bytes[14], bytes[15]]));
+    let jitter =
+        i64::try_from(u64::try_from(life / 10).unwrap_or(0) * spread / u64::from(u16::MAX))
+            .unwrap_or(0);
+    not_before + life * 2 / 3 - jitter
+}
+
+/// Whether to renew now: a renewal was left half done, or its time has come.
+pub fn renewal_due(
+    pending: bool,
+    not_before: i64,
+    not_after: i64,
+    machine: &MachineId,
+    now: i64,
+) -> bool {
+    pending || now >= renewal_at(not_before, not_after, machine)
 }
 
 /// What a failed round changes.
@@ -438,6 +464,39 @@ mod tests {
         assert_eq!(Phase::of(3, &d, Some(4), false, 50), Phase::Grace);
         assert_eq!(Phase::of(4, &d, Some(4), false, 201), Phase::Gone);
         assert_eq!(Phase::of(4, &d, Some(4), true, 50), Phase::Gone);
+    }
+
+    #[test]
+    fn renewal_at_two_thirds_less_a_stable_per_machine_jitter() {
+        let life = 365 * 86_400;
+        let mut ats = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let machine = MachineId::new_random();
+            let at = renewal_at(0, life, &machine);
+            assert!(
+                (life * 2 / 3 - life / 10..=life * 2 / 3).contains(&at),
+                "{at}"
+            );
+            assert_eq!(at, renewal_at(0, life, &machine), "stable for a machine");
+            ats.insert(at);
+        }
+        assert!(ats.len() > 150, "spread over the fleet");
+        let machine = MachineId::new_random();
+        let at = renewal_at(1_000, 1_000 + life, &machine);
+        assert!(!renewal_due(false, 1_000, 1_000 + life, &machine, at - 1));
+        assert!(renewal_due(false, 1_000, 1_000 + life, &machine, at));
+        assert!(
+            renewal_due(true, 1_000, 1_000 + life, &machine, 1_000),
+            "left half done"
+        );
+        // Long expired (a till off for a year): due at once.
+        assert!(renewal_due(
+            false,
+            1_000,
+            1_000 + life,
+            &machine,
+            1_000 + 2 * life
+        ));
     }
 
     #[test]

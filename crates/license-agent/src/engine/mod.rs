@@ -51,6 +51,18 @@ use round::RotationError;
 use server::AgentServer;
 use state::{AgentState, StateFile};
 
+/// Test hook: `LICENSE_AGENT_TEST_CRASH_AT=<step>` aborts the process at that step (of a
+/// rotation: `after_receive`, `after_store`, `after_ack`; of a renewal: see [`renewal`]), as
+/// `kill -9` would, so tests can prove recovery.
+const CRASH_ENV: &str = "LICENSE_AGENT_TEST_CRASH_AT";
+
+fn crash_point(step: &str) {
+    if std::env::var(CRASH_ENV).is_ok_and(|v| v == step) {
+        eprintln!("license-agent: test crash at {step}");
+        std::process::abort();
+    }
+}
+
 /// Who this machine is to the server, and the keys it proves it with.
 #[derive(Debug, Clone)]
 pub struct Machine {
@@ -60,6 +72,8 @@ pub struct Machine {
     pub key: Arc<dyn MachineKey>,
     /// The server's pinned license key: signs rotate answers and tokens.
     pub license_key: ed25519_dalek::VerifyingKey,
+    /// The certificate `key` is presented with (renewed by the engine).
+    pub certificate: renewal::Certificate,
 }
 
 /// What the engine keeps on disk: the secrets (in their store) and `state.json`.
@@ -79,6 +93,8 @@ pub struct EngineSettings {
     pub degraded_policy: DegradedPolicy,
     pub metrics_file: PathBuf,
     pub tokens_dir: PathBuf,
+    /// The machine's key and certificate files (renewal rewrites them).
+    pub identity: renewal::IdentityFiles,
 }
 
 impl EngineSettings {
@@ -93,6 +109,7 @@ impl EngineSettings {
             degraded_policy: config.agent.degraded_mode,
             metrics_file: config.agent.metrics_file.clone(),
             tokens_dir: config.agent.state_dir.join("tokens"),
+            identity: renewal::IdentityFiles::from_config(config),
         }
     }
 }
@@ -104,6 +121,8 @@ struct Health {
     overridden: Override,
     /// The version last reported expired without a replacement (alert once per version).
     expired_alerted: Option<u64>,
+    /// The expired certificate's renewal failure was alerted (once until it succeeds).
+    certificate_alerted: bool,
     rotations_total: u64,
     rotations_failed: u64,
 }
@@ -184,14 +203,11 @@ impl<S: AgentServer> Engine<S> {
 
     /// Applies what a reloaded config may change while running.
     pub fn reconfigure(&mut self, config: &AgentConfig) {
-        let tokens_dir = self.settings.tokens_dir.clone();
-        let metrics_file = self.settings.metrics_file.clone();
         // Paths change at the next restart only.
-        self.settings = EngineSettings {
-            tokens_dir,
-            metrics_file,
-            ..EngineSettings::from_config(config)
-        };
+        let fresh = EngineSettings::from_config(config);
+        self.settings.rotation_interval = fresh.rotation_interval;
+        self.settings.poll_interval = fresh.poll_interval;
+        self.settings.degraded_policy = fresh.degraded_policy;
         self.set_override(self.health.overridden);
     }
 
@@ -363,6 +379,7 @@ impl<S: AgentServer> Engine<S> {
             self.persist().await;
             return poll;
         }
+        self.renew_if_due().await;
         let wait = match self.talk_to_server().await {
             Ok(()) => {
                 self.back_online().await;

@@ -17,26 +17,15 @@ use license_protocol::rotation::{RotateSecretRequest, SignatureError};
 use license_protocol::secret::{self, SecretError};
 use sha2::{Digest as _, Sha256};
 
-use super::decide;
 use super::licenses::write_tokens;
 use super::server::AgentServer;
 use super::Engine;
+use super::{crash_point, decide};
 use crate::audit::agent_event;
 use crate::net::client::ClientError;
 use crate::platform::blocking;
 use crate::platform::keys::{Ecdh, KeyError};
 use crate::stores::StoreError;
-
-/// Test hook: `LICENSE_AGENT_TEST_CRASH_AT=after_receive|after_store|after_ack` aborts the
-/// process at that step of a rotation, as `kill -9` would, so tests can prove recovery.
-const CRASH_ENV: &str = "LICENSE_AGENT_TEST_CRASH_AT";
-
-fn crash_point(step: &str) {
-    if std::env::var(CRASH_ENV).is_ok_and(|v| v == step) {
-        eprintln!("license-agent: test crash at {step}");
-        std::process::abort();
-    }
-}
 
 /// Why a round failed.
 #[derive(Debug, thiserror::Error)]

@@ -1,14 +1,17 @@
-//! What a round needs from the license server, as a trait: the real client
-//! ([`ServerClient`], mTLS to the agent API) in the daemon, a scripted server in tests.
+//! What the engine needs from the license server, as a trait: the daemon's [`AgentApi`]
+//! (mTLS to the agent API) in production, a scripted server in tests.
 
 use std::future::Future;
+use std::sync::Arc;
 
-use license_protocol::agent_api::{MachineLicenses, SecretStatus};
+use license_protocol::agent_api::{MachineLicenses, RenewCertificateResponse, SecretStatus};
 use license_protocol::rotation::{RotateSecretRequest, RotateSecretResponse};
 
-use crate::net::client::{ClientError, ServerClient};
+use crate::net::client::ClientError;
+use crate::net::{AgentApi, ConnectError};
+use crate::platform::keys::MachineKey;
 
-/// The agent API calls of a round (DESIGN.md §3.1).
+/// The agent API calls of a round (DESIGN.md §3.1), and the switch to a renewed identity.
 pub trait AgentServer: Send + Sync {
     /// `GET /api/v1/secret-status`.
     fn secret_status(&self) -> impl Future<Output = Result<SecretStatus, ClientError>> + Send;
@@ -21,25 +24,43 @@ pub trait AgentServer: Send + Sync {
     fn ack_secret(&self, version: u64) -> impl Future<Output = Result<(), ClientError>> + Send;
     /// `GET /api/v1/licenses`.
     fn licenses(&self) -> impl Future<Output = Result<MachineLicenses, ClientError>> + Send;
+    /// `POST /api/v1/renew-certificate` with a CSR for the machine's next key.
+    fn renew_certificate(
+        &self,
+        csr: String,
+    ) -> impl Future<Output = Result<RenewCertificateResponse, ClientError>> + Send;
+    /// From now on, present the certificate now on disk, signed by `key`.
+    fn reconnect(&self, key: Arc<dyn MachineKey>) -> Result<(), ConnectError>;
 }
 
-impl AgentServer for ServerClient {
+impl AgentServer for AgentApi {
     async fn secret_status(&self) -> Result<SecretStatus, ClientError> {
-        ServerClient::secret_status(self).await
+        self.current().secret_status().await
     }
 
     async fn rotate_secret(
         &self,
         request: &RotateSecretRequest,
     ) -> Result<RotateSecretResponse, ClientError> {
-        ServerClient::rotate_secret(self, request).await
+        self.current().rotate_secret(request).await
     }
 
     async fn ack_secret(&self, version: u64) -> Result<(), ClientError> {
-        ServerClient::ack_secret(self, version).await
+        self.current().ack_secret(version).await
     }
 
     async fn licenses(&self) -> Result<MachineLicenses, ClientError> {
-        ServerClient::licenses(self).await
+        self.current().licenses().await
+    }
+
+    async fn renew_certificate(
+        &self,
+        csr: String,
+    ) -> Result<RenewCertificateResponse, ClientError> {
+        self.current().renew_certificate(csr).await
+    }
+
+    fn reconnect(&self, key: Arc<dyn MachineKey>) -> Result<(), ConnectError> {
+        AgentApi::reconnect(self, key)
     }
 }

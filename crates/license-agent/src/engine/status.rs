@@ -1,11 +1,11 @@
 //! What the engine shows of itself: the management `status` view, systemd's one-line
-//! `STATUS=`, and the metrics file (seed §7.1).
+//! `STATUS=`, and the metrics file (seed §7.1, plus the certificate's remaining life).
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use license_protocol::mgmt::{SecretView, StatusView};
+use license_protocol::mgmt::{CertificateView, SecretView, StatusView};
 
-use super::decide::{Link, Override, Phase};
+use super::decide::{renewal_at, Link, Override, Phase};
 use super::server::AgentServer;
 use super::Engine;
 use crate::config::DegradedPolicy;
@@ -37,6 +37,7 @@ impl<S: AgentServer> Engine<S> {
         let keyring = self.validator.keyring();
         let newest = keyring.newest().map(|(v, _)| v);
         let state = &self.vault.state;
+        let cert = &self.machine.certificate;
         let secrets = keyring
             .versions()
             .map(|(version, d)| SecretView {
@@ -79,6 +80,15 @@ impl<S: AgentServer> Engine<S> {
             next_rotation: state.next_rotation_due.map(rfc3339),
             consecutive_failures: state.consecutive_failures,
             clock_rollback_secs: self.validator.clock.rollback_secs(),
+            certificate: Some(CertificateView {
+                serial: cert.serial.clone(),
+                expires_at: rfc3339(cert.not_after),
+                renews_at: rfc3339(renewal_at(
+                    cert.not_before,
+                    cert.not_after,
+                    &self.machine.id,
+                )),
+            }),
             extra: Default::default(),
         }
     }
@@ -108,6 +118,7 @@ impl<S: AgentServer> Engine<S> {
             degraded_mode: self.validator.is_degraded(),
             tpm_available: self.vault.state.tpm_available,
             last_rotation: self.vault.state.last_rotation.unwrap_or(0),
+            certificate_expiry_seconds: self.machine.certificate.not_after - now,
         }
     }
 

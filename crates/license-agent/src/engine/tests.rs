@@ -5,26 +5,66 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use license_protocol::agent_api::{MachineLicenses, SecretStatus};
-use license_protocol::identity::{ClientId, MachineId};
+use license_protocol::agent_api::{MachineLicenses, RenewCertificateResponse, SecretStatus};
+use license_protocol::identity::{ClientId, MachineId, MachineIdentity};
 use license_protocol::mgmt::DegradedSwitch;
 use license_protocol::rotation::{RotateSecretRequest, RotateSecretResponse};
 use license_protocol::secret::{self, Secret, SecretDates};
 
 use super::control::{self, ControlError};
 use super::decide::Link;
+use super::renewal::{Certificate, IdentityFiles};
 use super::*;
 use crate::net::client::ClientError;
-use crate::platform::clock::GuardedClock;
+use crate::platform::clock::{rfc3339, GuardedClock};
 use crate::platform::keys::FileMachineKey;
 use crate::stores::file::FileStore;
+
+/// A CA the scripted server signs machine certificates with.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ca")
+    }
+}
+
+impl Ca {
+    fn new() -> Self {
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        let mut params = rcgen::CertificateParams::new(Vec::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).expect("CA");
+        Self { cert, key }
+    }
+
+    /// A certificate for the key in `csr`, CN `identity`, valid `[from, until]` (Unix seconds).
+    fn issue(&self, csr: &str, identity: &MachineIdentity, from: i64, until: i64) -> String {
+        let mut request = rcgen::CertificateSigningRequestParams::from_pem(csr).expect("a CSR");
+        let time = |t| time::OffsetDateTime::from_unix_timestamp(t).expect("a time");
+        request.params.not_before = time(from);
+        request.params.not_after = time(until);
+        request
+            .params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, identity.to_string());
+        request
+            .signed_by(&self.cert, &self.key)
+            .expect("signed")
+            .pem()
+    }
+}
 
 /// What the scripted server does.
 #[derive(Debug)]
 struct Script {
     license: ed25519_dalek::SigningKey,
     machine: MachineId,
-    machine_key: p256::PublicKey,
+    /// The key of the certificate presented: secrets are sealed to it.
+    machine_key: Mutex<p256::PublicKey>,
     reachable: AtomicBool,
     /// Answer every call with this refusal.
     refuse: AtomicBool,
@@ -33,6 +73,13 @@ struct Script {
     /// The newest acknowledged version; rotations offer the next.
     version: AtomicU64,
     acks: Mutex<Vec<u64>>,
+    ca: Ca,
+    identity: MachineIdentity,
+    /// Life of the certificates it issues, seconds.
+    certificate_life: i64,
+    /// The CSRs it was sent, in order.
+    csrs: Mutex<Vec<String>>,
+    reconnects: AtomicU64,
 }
 
 impl Script {
@@ -81,8 +128,9 @@ impl AgentServer for Arc<Script> {
             valid_until: now + 3_600,
             grace_until: now + 7_200,
         };
+        let recipient = *self.machine_key.lock().expect("key");
         let blob = secret::seal(
-            &self.machine_key,
+            &recipient,
             &self.machine,
             version,
             &dates,
@@ -117,6 +165,29 @@ impl AgentServer for Arc<Script> {
             revoked: Vec::new(),
         })
     }
+
+    async fn renew_certificate(
+        &self,
+        csr: String,
+    ) -> Result<RenewCertificateResponse, ClientError> {
+        self.gate()?;
+        self.csrs.lock().expect("csrs").push(csr.clone());
+        let now = crate::platform::clock::system_now();
+        let certificate = self
+            .ca
+            .issue(&csr, &self.identity, now - 1, now + self.certificate_life);
+        Ok(RenewCertificateResponse {
+            certificate,
+            serial: "renewed".into(),
+            expires_at: String::new(),
+        })
+    }
+
+    fn reconnect(&self, key: Arc<dyn MachineKey>) -> Result<(), crate::net::ConnectError> {
+        *self.machine_key.lock().expect("key") = key.public_key();
+        self.reconnects.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 struct Fixture {
@@ -126,19 +197,46 @@ struct Fixture {
 }
 
 fn fixture(policy: DegradedPolicy) -> Fixture {
+    let now = crate::platform::clock::system_now();
+    // A year-long certificate issued an hour ago: renewal is months away.
+    fixture_with(policy, now - 3_600, now + 365 * 86_400)
+}
+
+/// A fixture whose machine certificate is valid over `[from, until]`.
+fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
     let dir = tempfile::tempdir().expect("temp dir");
     let machine = MachineId::new_random();
+    let client_id = ClientId::new_random();
+    let identity = MachineIdentity {
+        client_id,
+        machine_id: machine,
+    };
     let key = FileMachineKey::generate();
     let license = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let ca = Ca::new();
+    let files = IdentityFiles {
+        cert: dir.path().join("client.pem"),
+        key: dir.path().join("client.key"),
+    };
+    std::fs::write(&files.key, key.to_pem().as_bytes()).expect("key");
+    let key: Arc<dyn MachineKey> = Arc::new(key);
+    let csr = crate::platform::keys::csr_pem(key.clone()).expect("CSR");
+    std::fs::write(&files.cert, ca.issue(&csr, &identity, from, until)).expect("cert");
+    let certificate = Certificate::read(&files.cert).expect("cert");
     let script = Arc::new(Script {
         license: license.clone(),
         machine,
-        machine_key: key.public_key(),
+        machine_key: Mutex::new(key.public_key()),
         reachable: AtomicBool::new(true),
         refuse: AtomicBool::new(false),
         forge: AtomicBool::new(false),
         version: AtomicU64::new(0),
         acks: Mutex::default(),
+        ca,
+        identity,
+        certificate_life: 3_600,
+        csrs: Mutex::default(),
+        reconnects: AtomicU64::new(0),
     });
     let audit = Audit::open(&dir.path().join("audit.log")).expect("audit log");
     let alerts = Alerts::new(audit, machine.to_string(), None, 0);
@@ -161,9 +259,10 @@ fn fixture(policy: DegradedPolicy) -> Fixture {
         server: script.clone(),
         machine: Machine {
             id: machine,
-            client_id: ClientId::new_random(),
-            key: Arc::new(key),
+            client_id,
+            key,
             license_key: license.verifying_key(),
+            certificate,
         },
         vault: Vault {
             store: Arc::new(store),
@@ -177,6 +276,7 @@ fn fixture(policy: DegradedPolicy) -> Fixture {
             degraded_policy: policy,
             metrics_file: dir.path().join("metrics.prom"),
             tokens_dir: dir.path().join("tokens"),
+            identity: files,
         },
         tpm: None,
         alerts,
@@ -308,4 +408,87 @@ async fn management_controls_go_through_the_engine() {
     // Losing the newest secret makes the next round rotate.
     f.engine.tick().await;
     assert_eq!(newest(&f), Some(2));
+}
+
+fn current_spki(f: &Fixture) -> Vec<u8> {
+    Certificate::read(&f.engine.settings.identity.cert)
+        .expect("cert")
+        .spki
+}
+
+#[tokio::test]
+async fn the_certificate_renews_at_two_thirds_with_a_fresh_key() {
+    let now = crate::platform::clock::system_now();
+    // Two thirds of a 300 s life is behind us: due.
+    let mut f = fixture_with(DegradedPolicy::Allow, now - 250, now + 50);
+    let old_key = std::fs::read(&f.engine.settings.identity.key).expect("key");
+    let old = f.engine.machine.certificate.clone();
+    f.engine.tick().await;
+    assert_eq!(f.script.csrs.lock().expect("csrs").len(), 1);
+    assert_eq!(f.script.reconnects.load(Ordering::SeqCst), 1);
+    let renewed = &f.engine.machine.certificate;
+    assert!(renewed.not_after > old.not_after && renewed.spki != old.spki);
+    assert_eq!(current_spki(&f), renewed.spki, "on disk");
+    assert_ne!(
+        std::fs::read(&f.engine.settings.identity.key).expect("key"),
+        old_key,
+        "file-store machines get a fresh key"
+    );
+    assert!(!f.engine.settings.identity.pending());
+    assert!(audit_text(&f).contains("certificate.renew"));
+    let status = f.engine.status_view();
+    let view = status.certificate.expect("certificate in status");
+    assert_eq!(view.expires_at, rfc3339(renewed.not_after));
+    let metrics = std::fs::read_to_string(f.dir.path().join("metrics.prom")).expect("metrics");
+    assert!(
+        metrics.contains("license_agent_certificate_expiry_seconds 3"),
+        "{metrics}"
+    );
+    // Not due again for a long while.
+    f.engine.tick().await;
+    assert_eq!(f.script.csrs.lock().expect("csrs").len(), 1);
+}
+
+#[tokio::test]
+async fn an_interrupted_renewal_retries_with_the_same_key() {
+    let now = crate::platform::clock::system_now();
+    let mut f = fixture_with(DegradedPolicy::Allow, now - 250, now + 50);
+    f.script.reachable.store(false, Ordering::SeqCst);
+    f.engine.tick().await;
+    // The next key was written before asking; the old identity still stands.
+    assert!(f.engine.settings.identity.pending());
+    let pending = std::fs::read_to_string(f.engine.settings.identity.next_key()).expect("next");
+    assert_eq!(f.engine.machine.certificate.not_after, now + 50);
+    assert!(audit_text(&f).contains("certificate.renew"));
+
+    f.script.reachable.store(true, Ordering::SeqCst);
+    f.engine.tick().await;
+    assert!(!f.engine.settings.identity.pending());
+    assert_eq!(
+        std::fs::read_to_string(&f.engine.settings.identity.key).expect("key"),
+        pending,
+        "the key made before the failure is the one renewed"
+    );
+    assert_eq!(current_spki(&f), f.engine.machine.certificate.spki);
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_renewed_with_and_a_failure_alerted_once() {
+    let now = crate::platform::clock::system_now();
+    // A till switched off past its certificate's expiry.
+    let mut f = fixture_with(DegradedPolicy::Allow, now - 1_000, now - 100);
+    f.script.refuse.store(true, Ordering::SeqCst);
+    f.engine.tick().await;
+    f.engine.tick().await;
+    let alerts = audit_text(&f).matches("alert.certificate_expired").count();
+    assert_eq!(alerts, 1, "alerted once while it keeps failing");
+    assert!(audit_text(&f).contains("expired on "));
+    f.script.refuse.store(false, Ordering::SeqCst);
+    f.engine.tick().await;
+    assert!(f.engine.machine.certificate.not_after > now);
+    assert_eq!(
+        newest(&f),
+        Some(1),
+        "and the round goes on with the new identity"
+    );
 }
