@@ -117,8 +117,30 @@ pub struct ServerProcess {
     pub admin_url: String,
 }
 
+/// libfaketime, preloaded into a server process to run it days or years ahead.
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// Environment running a process `offset` ahead (libfaketime syntax: `+10m`, `+500d`). Only
+/// wall-clock time moves; monotonic time (timers, timeouts) stays real.
+pub fn faketime(offset: &str) -> Vec<(String, String)> {
+    assert!(
+        Path::new(LIBFAKETIME).exists(),
+        "{LIBFAKETIME} missing: install the Debian package faketime (scripts/test.sh does)"
+    );
+    vec![
+        ("LD_PRELOAD".into(), LIBFAKETIME.into()),
+        ("FAKETIME".into(), offset.into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ]
+}
+
 impl ServerProcess {
     pub fn spawn(data_dir: &Path, extra: &[&str]) -> Self {
+        Self::spawn_env(data_dir, extra, &[])
+    }
+
+    /// Like [`ServerProcess::spawn`], with extra environment variables (see [`faketime`]).
+    pub fn spawn_env(data_dir: &Path, extra: &[&str], env: &[(String, String)]) -> Self {
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -138,6 +160,7 @@ impl ServerProcess {
                 "--json",
             ])
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -195,6 +218,17 @@ impl TestServer {
     }
 
     pub fn start_with(db: Db, serve_args: &[&str]) -> Self {
+        Self::start_configured(db, "", serve_args, &[])
+    }
+
+    /// Initializes a data directory, appends `config` (TOML lines) to its `server.toml`, and
+    /// starts the server with `serve_args` and the extra environment `env`.
+    pub fn start_configured(
+        db: Db,
+        config: &str,
+        serve_args: &[&str],
+        env: &[(String, String)],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("srv");
         let db = TestDb::new(db, dir.path());
@@ -217,8 +251,23 @@ impl TestServer {
             "init: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let server = ServerProcess::spawn(&data, serve_args);
+        if !config.is_empty() {
+            let path = data.join("server.toml");
+            set_config_keys(&path, config);
+        }
+        let server = ServerProcess::spawn_env(&data, serve_args, env);
         Self { server, db, dir }
+    }
+
+    /// Stops the server (it must exit 0) and starts it again on the same data directory and
+    /// database with the environment `env` (see [`faketime`]).
+    pub fn restart(&mut self, env: &[(String, String)]) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.server.child.id().to_string()])
+            .status();
+        let status = self.server.child.wait().unwrap();
+        assert!(status.success(), "server exited with {status}");
+        self.server = ServerProcess::spawn_env(&self.data_dir(), &[], env);
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -403,6 +452,22 @@ pub fn client_with(config: rustls::ClientConfig) -> reqwest::Client {
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap()
+}
+
+/// Sets the `key = value` lines of `config` in the `server.toml` at `path`, replacing the
+/// lines `init` wrote for the same keys.
+pub fn set_config_keys(path: &Path, config: &str) {
+    let key_of = |line: &str| line.split('=').next().unwrap_or("").trim().to_string();
+    let keys: Vec<String> = config.lines().map(key_of).collect();
+    let mut toml: String = std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|line| !keys.contains(&key_of(line)))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    toml.push_str(config);
+    toml.push('\n');
+    std::fs::write(path, toml).unwrap();
 }
 
 /// Runs a test body on SQLite and on PostgreSQL, as two tests.
