@@ -238,18 +238,28 @@ async fn renew_server_certificate(
     served: &tls::ServerCertResolver,
     served_pem: &mut String,
 ) {
+    use crate::service::server_certificate::{renew_if_due, Renewal};
     let now = crate::clock::Timestamp::now();
-    match crate::service::server_certificate::renew_if_due(state, served_pem, now).await {
-        Ok(None) => {}
-        Ok(Some(renewed)) => match served.replace(&renewed.pem) {
-            Ok(()) => {
-                tracing::info!(serial = %renewed.serial, not_after = %renewed.expires_at, "server TLS certificate renewed (same key, same pin)");
-                *served_pem = renewed.pem;
-            }
-            Err(e) => tracing::error!(error = %e, "renewed server certificate cannot be served"),
-        },
-        Err(e) => {
-            tracing::error!(error = %e, "server TLS certificate renewal failed; retrying at the next check")
+    let (pem, what) = match renew_if_due(state, served_pem, now).await {
+        Ok(Renewal::NotDue) => return,
+        Ok(Renewal::Adopted(pem)) => (
+            pem,
+            "adopted (renewed by another process on this data directory)",
+        ),
+        Ok(Renewal::Renewed(renewed)) => {
+            tracing::info!(serial = %renewed.serial, not_after = %renewed.expires_at, "server TLS certificate renewed (same key, same pin)");
+            (renewed.pem, "renewed")
         }
+        Err(e) => {
+            tracing::error!(error = %e, "server TLS certificate renewal failed; retrying at the next check");
+            return;
+        }
+    };
+    match served.replace(&pem) {
+        Ok(()) => {
+            tracing::info!("serving the {what} server TLS certificate to new connections");
+            *served_pem = pem;
+        }
+        Err(e) => tracing::error!(error = %e, "the {what} server certificate cannot be served"),
     }
 }

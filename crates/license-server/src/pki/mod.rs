@@ -83,7 +83,12 @@ pub fn serial_of(der: &[u8]) -> Result<String, PkiError> {
 pub fn public_key_raw_of_pem(pem: &str) -> Result<Vec<u8>, PkiError> {
     let der = crate::datadir::pem_first_der(pem)
         .ok_or_else(|| PkiError::BadCertificate("no PEM certificate".into()))?;
-    let cert = parse_der(&der)?;
+    public_key_raw_of_der(&der)
+}
+
+/// The raw public key of a DER certificate.
+pub fn public_key_raw_of_der(der: &[u8]) -> Result<Vec<u8>, PkiError> {
+    let cert = parse_der(der)?;
     Ok(cert.public_key().subject_public_key.data.to_vec())
 }
 
@@ -159,10 +164,10 @@ fn window(validity: Duration) -> (OffsetDateTime, OffsetDateTime) {
     let now = OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap_or(OffsetDateTime::now_utc());
-    (
-        now - Duration::seconds(NOT_BEFORE_BACKDATE_SECS),
-        now + validity,
-    )
+    // Short test lifetimes are backdated by a tenth of their life at most, so that 2/3 of the
+    // life (when agents renew) still lies ahead.
+    let backdate = NOT_BEFORE_BACKDATE_SECS.min(validity.whole_seconds() / 10);
+    (now - Duration::seconds(backdate), now + validity)
 }
 
 /// Parameters of a server TLS certificate.

@@ -7,7 +7,8 @@
 //! `server_certificate_check_interval_secs`; the new certificate is written atomically to the
 //! data directory, audited as `server.certificate_renew` in the same transaction, and served
 //! to new connections (`http::tls::ServerCertResolver`) while existing ones carry on. Every
-//! replica renews the certificate of its own data directory.
+//! replica renews the certificate of its own data directory; replicas sharing one directory
+//! adopt the certificate another has just written instead of issuing one more.
 
 use serde_json::json;
 use time::Duration;
@@ -33,18 +34,42 @@ pub enum ServerCertError {
     Store(#[from] StoreError),
 }
 
-/// Renews the server certificate `current_pem` when it is due at `now`: returns the new one
-/// (already written to the data directory and audited), or `None` when it is not due yet.
+/// What a check of the served certificate did.
+#[derive(Debug)]
+pub enum Renewal {
+    /// Not due yet.
+    NotDue,
+    /// Due, but `server.pem` already holds a certificate for the same key that is not due
+    /// (another process on the same data directory renewed it): serve that one (PEM).
+    Adopted(String),
+    /// Renewed: written to the data directory and audited.
+    Renewed(IssuedCertificate),
+}
+
+/// The certificate in `pem` when it is for the same key as `der` and not due at `now`.
+fn fresh_for_same_key(pem: &str, der: &[u8], now: Timestamp) -> Option<()> {
+    let other = pem_first_der(pem)?;
+    let same_key =
+        pki::public_key_raw_of_der(&other).ok()? == pki::public_key_raw_of_der(der).ok()?;
+    (same_key && now < pki::validity_of(&other).ok()?.renew_at()).then_some(())
+}
+
+/// Renews the server certificate `current_pem` when it is due at `now`.
 pub async fn renew_if_due(
     state: &AppState,
     current_pem: &str,
     now: Timestamp,
-) -> Result<Option<IssuedCertificate>, ServerCertError> {
+) -> Result<Renewal, ServerCertError> {
     let der = pem_first_der(current_pem)
         .ok_or_else(|| PkiError::BadCertificate("server.pem holds no certificate".into()))?;
     let validity = pki::validity_of(&der)?;
     if now < validity.renew_at() {
-        return Ok(None);
+        return Ok(Renewal::NotDue);
+    }
+    if let Ok(on_disk) = std::fs::read_to_string(state.settings.data_dir.server_cert()) {
+        if fresh_for_same_key(&on_disk, &der, now).is_some() {
+            return Ok(Renewal::Adopted(on_disk));
+        }
     }
     let days = state.settings.server_certificate_validity_days;
     let issued = state.keys.ca.renew_server_certificate(
@@ -69,5 +94,5 @@ pub async fn renew_if_due(
     // renewal whose audit cannot commit is repeated at the next check.
     state.settings.data_dir.replace_server_cert(&issued.pem)?;
     tx.commit().await?;
-    Ok(Some(issued))
+    Ok(Renewal::Renewed(issued))
 }
