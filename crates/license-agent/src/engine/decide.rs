@@ -166,15 +166,25 @@ pub fn renewal_at(not_before: i64, not_after: i64, machine: &MachineId) -> i64 {
     not_before + life * 2 / 3 - jitter
 }
 
-/// Whether to renew now: a renewal was left half done, or its time has come.
+/// Whether to renew now: a renewal was left half done, or its time has come. Its time does
+/// not come again within a tenth of the certificate's life after a renewal succeeded (at
+/// `renewed_at`), even when the new certificate is already past 2/3 (very short lifetimes, a
+/// far-off clock): one request per renewal, never one per round — unless the certificate has
+/// expired (a retry can hand back an already expired certificate).
 pub fn renewal_due(
     pending: bool,
-    not_before: i64,
-    not_after: i64,
+    (not_before, not_after): (i64, i64),
     machine: &MachineId,
+    renewed_at: Option<i64>,
     now: i64,
 ) -> bool {
-    pending || now >= renewal_at(not_before, not_after, machine)
+    if pending {
+        return true;
+    }
+    // …unless it has expired: then renewing is the only way back.
+    let settling =
+        now < not_after && renewed_at.is_some_and(|t| now < t + (not_after - not_before) / 10);
+    !settling && now >= renewal_at(not_before, not_after, machine)
 }
 
 /// What a failed round changes.
@@ -482,21 +492,42 @@ mod tests {
         }
         assert!(ats.len() > 150, "spread over the fleet");
         let machine = MachineId::new_random();
+        let validity = (1_000, 1_000 + life);
         let at = renewal_at(1_000, 1_000 + life, &machine);
-        assert!(!renewal_due(false, 1_000, 1_000 + life, &machine, at - 1));
-        assert!(renewal_due(false, 1_000, 1_000 + life, &machine, at));
+        assert!(!renewal_due(false, validity, &machine, None, at - 1));
+        assert!(renewal_due(false, validity, &machine, None, at));
         assert!(
-            renewal_due(true, 1_000, 1_000 + life, &machine, 1_000),
+            renewal_due(true, validity, &machine, None, 1_000),
             "left half done"
         );
         // Long expired (a till off for a year): due at once.
         assert!(renewal_due(
             false,
-            1_000,
-            1_000 + life,
+            validity,
             &machine,
+            None,
             1_000 + 2 * life
         ));
+        // Just renewed into a certificate already past 2/3: not again for a tenth of its life.
+        let renewed = Some(at);
+        assert!(!renewal_due(
+            false,
+            validity,
+            &machine,
+            renewed,
+            at + life / 10 - 1
+        ));
+        assert!(renewal_due(
+            false,
+            validity,
+            &machine,
+            renewed,
+            at + life / 10
+        ));
+        assert!(
+            renewal_due(true, validity, &machine, renewed, at),
+            "half done retries"
+        );
     }
 
     #[test]

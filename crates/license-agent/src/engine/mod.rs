@@ -123,6 +123,8 @@ struct Health {
     expired_alerted: Option<u64>,
     /// The expired certificate's renewal failure was alerted (once until it succeeds).
     certificate_alerted: bool,
+    /// When the last renewal succeeded.
+    renewed_at: Option<i64>,
     rotations_total: u64,
     rotations_failed: u64,
 }

@@ -321,13 +321,9 @@ impl<S: AgentServer> Engine<S> {
         let now = self.validator.clock.now();
         let cert = &self.machine.certificate;
         let pending = self.settings.identity.pending();
-        if !decide::renewal_due(
-            pending,
-            cert.not_before,
-            cert.not_after,
-            &self.machine.id,
-            now,
-        ) {
+        let validity = (cert.not_before, cert.not_after);
+        let renewed_at = self.health.renewed_at;
+        if !decide::renewal_due(pending, validity, &self.machine.id, renewed_at, now) {
             return;
         }
         let previous = cert.serial.clone();
@@ -369,6 +365,7 @@ impl<S: AgentServer> Engine<S> {
                 self.machine.key = renewed.key;
                 self.machine.certificate = renewed.certificate;
                 self.health.certificate_alerted = false;
+                self.health.renewed_at = Some(now);
             }
             Err(e) => {
                 self.audit()

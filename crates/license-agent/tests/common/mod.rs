@@ -63,6 +63,11 @@ pub struct Server {
 impl Server {
     /// A server whose secrets are valid `validity` seconds with `grace` more.
     pub fn start(root: &Path, validity: u64, grace: u64) -> Self {
+        Self::start_with(root, validity, grace, "")
+    }
+
+    /// Like [`Server::start`], with `settings` (TOML lines) appended to its server.toml.
+    pub fn start_with(root: &Path, validity: u64, grace: u64, settings: &str) -> Self {
         let dir = root.join("server");
         let ports = [free_port(), free_port(), free_port()];
         let out = Command::new(bin("license-server"))
@@ -85,6 +90,14 @@ impl Server {
             "init: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if !settings.is_empty() {
+            let toml = dir.join("server.toml");
+            let mut text = std::fs::read_to_string(&toml).unwrap();
+            text.push('\n');
+            text.push_str(settings);
+            text.push('\n');
+            std::fs::write(&toml, text).unwrap();
+        }
         let extra = vec![
             "--secret-validity-secs".to_string(),
             validity.to_string(),
@@ -521,6 +534,21 @@ pub fn current_uid() -> u32 {
     std::fs::metadata("/proc/self")
         .map(|m| m.uid())
         .unwrap_or(0)
+}
+
+/// Environment that moves a process's clock `offset` (libfaketime syntax, e.g. `+2d`) ahead,
+/// leaving its monotonic clock alone so timers behave.
+pub fn faketime(offset: &str) -> [(&'static str, String); 3] {
+    let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+    assert!(
+        Path::new(lib).exists(),
+        "{lib} missing: scripts/test.sh installs Debian's faketime"
+    );
+    [
+        ("LD_PRELOAD", lib.to_string()),
+        ("FAKETIME", offset.to_string()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
+    ]
 }
 
 pub fn reason(v: &Validation) -> Option<String> {
