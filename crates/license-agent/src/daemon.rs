@@ -235,6 +235,28 @@ fn load_state(config: &AgentConfig) -> (StateFile, AgentState) {
     (file, state)
 }
 
+/// The clock for expiry decisions, never earlier than the latest time this machine has seen
+/// attested: the high-water mark and the server's last time (state.json), the audit log's
+/// last entry, the newest secret's `valid_from` (signed by the server). Losing state.json
+/// therefore does not reopen a rollback.
+fn guarded_clock(state: &AgentState, audit_floor: Option<i64>, keyring: &Keyring) -> GuardedClock {
+    let floor = [
+        Some(state.clock_high_water),
+        state.server_time,
+        audit_floor,
+        keyring.versions().map(|(_, d)| d.valid_from).max(),
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+    .unwrap_or(0);
+    let (clock, rollback) = GuardedClock::new(floor);
+    if let Some(secs) = rollback {
+        tracing::error!(secs, "ALERT: the system clock is {secs} s behind the latest time this machine has seen; expiry decisions keep the later time");
+    }
+    clock
+}
+
 /// The secret store: the TPM's when there is one, the encrypted file otherwise.
 fn open_store(
     config: &AgentConfig,
@@ -324,6 +346,8 @@ pub async fn run(
     let machine_id = config.agent.id;
     // Nothing is answered that cannot be audited: no log, no start.
     let audit_path = config.audit_log_path();
+    // Read before this run writes to it: the last time the log saw is a floor for "now".
+    let audit_floor = license_audit::last_entry_time(&audit_path).ok().flatten();
     let audit = Audit::open(&audit_path).map_err(|source| DaemonError::Audit {
         path: audit_path.display().to_string(),
         source,
@@ -357,10 +381,6 @@ pub async fn run(
             message: "not an ed25519:<base64> key".into(),
         })?;
     let (state_file, state) = load_state(&config);
-    let (clock, rollback) = GuardedClock::new(state.clock_high_water);
-    if let Some(secs) = rollback {
-        tracing::error!(secs, "ALERT: the system clock is behind the last time seen; expiry decisions keep the later time");
-    }
     let store = open_store(&config, tpm.clone())?;
     // Secrets live in pages locked in RAM; say so now if this process may not lock memory.
     if !license_protocol::secret::Secret::from_bytes([0; 32]).is_locked() {
@@ -373,6 +393,7 @@ pub async fn run(
     for s in blocking::run(move || loading.load()).await? {
         keyring.insert(s.version, s.dates, s.secret);
     }
+    let clock = guarded_clock(&state, audit_floor, &keyring);
     let validator = Arc::new(Validator::new(
         machine_id,
         license_key,

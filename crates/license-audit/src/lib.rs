@@ -64,6 +64,6 @@ pub use verify::{
     VerifyReport,
 };
 pub use writer::{
-    AuditLog, AuditStats, LogOptions, Receipt, DEFAULT_KEEP_FILES, DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_FILE_BYTES, FILE_MODE,
+    last_entry_time, AuditLog, AuditStats, LogOptions, Receipt, DEFAULT_KEEP_FILES,
+    DEFAULT_MAX_BATCH, DEFAULT_MAX_FILE_BYTES, FILE_MODE,
 };

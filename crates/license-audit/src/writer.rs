@@ -130,9 +130,13 @@ impl AuditLog {
             identity: None,
             len: 0,
             head: Anchor::genesis(),
+            last_time: OffsetDateTime::UNIX_EPOCH,
             shared: Arc::clone(&shared),
         };
         let (file, identity, len, head) = writer.resume(None)?;
+        writer.last_time = last_entry_time(&path)?
+            .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
         writer.file = Some(file);
         writer.identity = Some(identity);
         writer.len = len;
@@ -221,6 +225,9 @@ struct Writer {
     len: u64,
     /// Last committed entry.
     head: Anchor,
+    /// Time of the last committed entry: entries never go back in time, so the log's last
+    /// entry is the latest time it has seen (a floor for a clock that was set back).
+    last_time: OffsetDateTime,
     shared: Arc<Shared>,
 }
 
@@ -244,7 +251,8 @@ impl Writer {
             fail_all(batch, &e);
             return;
         }
-        let now = OffsetDateTime::now_utc();
+        // Never earlier than the last entry, even if the system clock was set back.
+        let now = OffsetDateTime::now_utc().max(self.last_time);
         let mut head = self.head.clone();
         let mut buf = Vec::with_capacity(batch.len() * 256);
         let mut marker = 0;
@@ -272,6 +280,7 @@ impl Writer {
         match self.write_and_sync(&buf) {
             Ok(()) => {
                 self.len += buf.len() as u64;
+                self.last_time = now;
                 self.head = head.clone();
                 set_head(&self.shared, head);
                 let written = pending.iter().filter(|(_, r)| r.is_ok()).count() + marker;
@@ -496,6 +505,29 @@ fn last_entry(path: &Path, data: &[u8]) -> Result<Option<Entry>, AuditError> {
     Ok(Some(entry))
 }
 
+/// Unix time (seconds) of the log's last entry — of the current file, or of `audit.log.1` when
+/// the current one is empty or missing — `None` for an empty log. A floor for a clock that
+/// must not run backwards, kept where it cannot be changed unnoticed (the hash chain); the tail
+/// is checked as [`AuditLog::open`] checks it.
+pub fn last_entry_time(path: impl AsRef<Path>) -> Result<Option<i64>, AuditError> {
+    let path = files::resolve(path.as_ref());
+    for candidate in [path.clone(), files::rotated(&path, 1)] {
+        let data = match fs::read(&candidate) {
+            Ok(data) => data,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(AuditError::io(&candidate, "read", e)),
+        };
+        if let Some(entry) = last_entry(&candidate, &data)? {
+            let time =
+                OffsetDateTime::parse(&entry.time, &time::format_description::well_known::Rfc3339)
+                    .ok()
+                    .map(OffsetDateTime::unix_timestamp);
+            return Ok(time);
+        }
+    }
+    Ok(None)
+}
+
 fn remove_if_exists(path: &Path) -> Result<(), AuditError> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(AuditError::io(path, "remove", e)),
@@ -565,12 +597,49 @@ mod tests {
             identity: Some((meta.dev(), meta.ino())),
             len: meta.len(),
             head: log.head(),
+            last_time: OffsetDateTime::UNIX_EPOCH,
             shared: Arc::new(Shared::default()),
         }
     }
 
     fn event() -> Event {
         Event::new("test.event", Outcome::Success)
+    }
+
+    #[test]
+    fn entries_never_go_back_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        // The last entry was written while the clock said tomorrow.
+        let tomorrow = OffsetDateTime::now_utc() + time::Duration::days(1);
+        let entry = Entry::seal(event(), 1, tomorrow, &Anchor::genesis().hash);
+        fs::write(&path, format!("{}\n", entry.to_line().unwrap())).unwrap();
+        let log = AuditLog::open(&path, LogOptions::default()).unwrap();
+        log.append(event()).unwrap();
+        drop(log);
+        let last = last_entry_time(&path).unwrap().unwrap();
+        assert!(last >= tomorrow.unix_timestamp(), "stamped no earlier than the previous");
+        let report = crate::verify(&path).unwrap();
+        assert!(report.problem.is_none() && report.entries == 2, "{report:?}");
+    }
+
+    #[test]
+    fn last_entry_time_is_the_newest_entry_s_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        assert_eq!(last_entry_time(&path).unwrap(), None);
+        let before = OffsetDateTime::now_utc().unix_timestamp();
+        let log = AuditLog::open(&path, LogOptions::default()).unwrap();
+        log.append(event()).unwrap();
+        drop(log);
+        let t = last_entry_time(&path).unwrap().unwrap();
+        assert!((before..=before + 5).contains(&t), "{t} vs {before}");
+        // A forged tail is refused, not read.
+        let mut data = fs::read(&path).unwrap();
+        let n = data.len();
+        data[n - 5] ^= 1;
+        fs::write(&path, data).unwrap();
+        assert!(last_entry_time(&path).is_err());
     }
 
     #[test]

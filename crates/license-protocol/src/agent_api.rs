@@ -35,6 +35,10 @@ pub struct SecretStatus {
     pub invalidated_versions: Vec<u64>,
     /// RFC 3339 expiry of the certificate the request was made with.
     pub certificate_expires_at: String,
+    /// The server's clock (Unix seconds) when it answered, authenticated by the pinned TLS
+    /// channel: the agent's floor on "now", and the only time it destroys secrets by.
+    #[serde(default)]
+    pub server_time: Option<i64>,
 }
 
 /// `GET /api/v1/licenses`: the calling machine's license tokens under its newest acknowledged

@@ -12,6 +12,7 @@ use license_protocol::secret::SecretDates;
 use rand::Rng;
 
 use crate::config::DegradedPolicy;
+use crate::platform::clock::MAX_SKEW_SECS;
 
 /// Failed rounds in a row at which an alert is raised (seed §7.2).
 pub const ALERT_AFTER_FAILURES: u32 = 3;
@@ -242,23 +243,33 @@ pub enum Doom {
     Invalidated,
 }
 
-/// The held versions to destroy now, and why.
+/// The held versions to destroy now, and why. Invalidated versions go at once (the server or
+/// an administrator said so). A version past its grace goes only by *attested* time — the
+/// server's clock at the last contact plus the time elapsed since, `None` before any contact —
+/// never by the local clock alone: destruction cannot be undone, and a local clock jumped
+/// forward (bad RTC, spoofed NTP) must not wipe the secrets. Until then validations refuse its
+/// tokens as `expired` by local time anyway.
 pub fn doomed(
     versions: impl Iterator<Item = (u64, SecretDates)>,
     invalidated: &BTreeSet<u64>,
-    now: i64,
+    attested_now: Option<i64>,
 ) -> Vec<(u64, Doom)> {
     versions
         .filter_map(|(v, d)| {
             if invalidated.contains(&v) {
                 Some((v, Doom::Invalidated))
-            } else if now > d.grace_until {
+            } else if attested_now.is_some_and(|now| now > d.grace_until) {
                 Some((v, Doom::PastGrace))
             } else {
                 None
             }
         })
         .collect()
+}
+
+/// How far the local clock is ahead of the server's, when it is beyond ordinary drift.
+pub fn clock_ahead_of_server(local: i64, server: i64) -> Option<i64> {
+    (local - server > MAX_SKEW_SECS).then_some(local - server)
 }
 
 /// The version to alert about when the newest secret has left ACTIVE with nothing newer
@@ -449,13 +460,29 @@ mod tests {
         ];
         let invalidated = BTreeSet::from([3]);
         assert_eq!(
-            doomed(versions.into_iter(), &invalidated, 25),
+            doomed(versions.into_iter(), &invalidated, Some(25)),
             vec![(1, Doom::PastGrace), (3, Doom::Invalidated)]
         );
         assert_eq!(
-            doomed(versions.into_iter(), &BTreeSet::new(), 20),
+            doomed(versions.into_iter(), &BTreeSet::new(), Some(20)),
             vec![],
             "grace_until itself still serves"
+        );
+        // Without time attested by the server, nothing is destroyed for age.
+        assert_eq!(
+            doomed(versions.into_iter(), &invalidated, None),
+            vec![(3, Doom::Invalidated)]
+        );
+        let edge = 1_000 + MAX_SKEW_SECS;
+        assert_eq!(clock_ahead_of_server(edge, 1_000), None);
+        assert_eq!(
+            clock_ahead_of_server(edge + 1, 1_000),
+            Some(MAX_SKEW_SECS + 1)
+        );
+        assert_eq!(
+            clock_ahead_of_server(0, 1_000),
+            None,
+            "behind is the floor's business"
         );
     }
 

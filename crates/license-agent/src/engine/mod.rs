@@ -321,13 +321,27 @@ impl<S: AgentServer> Engine<S> {
         Ok(())
     }
 
-    /// Zeroizes and forgets versions past their grace and versions the server invalidated.
+    /// Takes the server's clock from an answer: it bounds "now" from both sides (see
+    /// [`GuardedClock::attest`](crate::platform::clock::GuardedClock::attest)) and is the time
+    /// secrets are destroyed by.
+    fn attest(&mut self, server_time: i64) {
+        if let Some(ahead) =
+            decide::clock_ahead_of_server(crate::platform::clock::system_now(), server_time)
+        {
+            tracing::warn!(ahead, "the system clock is {ahead} s ahead of the server's; expiry decisions follow the server's");
+        }
+        self.validator.clock.attest(server_time);
+        self.vault.state.server_time = Some(server_time);
+    }
+
+    /// Zeroizes and forgets versions the server invalidated, and versions past their grace by
+    /// the server's time (see [`decide::doomed`]).
     async fn purge(&mut self) {
         let mut keyring = self.validator.keyring();
         let doomed = decide::doomed(
             keyring.versions(),
             &self.vault.state.invalidated_versions,
-            self.validator.clock.now(),
+            self.validator.clock.attested_now(),
         );
         if doomed.is_empty() {
             return;

@@ -142,6 +142,9 @@ impl<S: AgentServer> Engine<S> {
     /// The server part of a round: status, rotation when it must, licenses.
     pub(super) async fn talk_to_server(&mut self) -> Result<(), RotationError> {
         let status = self.server.secret_status().await?;
+        if let Some(server_time) = status.server_time {
+            self.attest(server_time);
+        }
         let now = self.validator.clock.now();
         self.vault.state.last_server_contact = Some(now);
         let invalidated: BTreeSet<u64> = status.invalidated_versions.iter().copied().collect();

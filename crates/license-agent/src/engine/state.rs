@@ -58,6 +58,10 @@ pub struct AgentState {
     /// `expired` (as online validation does), not `unknown_secret_version`.
     #[serde(default)]
     pub retired_through: u64,
+    /// The server's clock at the last contact (Unix seconds): a floor for "now" after a
+    /// restart, beside the high-water mark.
+    #[serde(default)]
+    pub server_time: Option<i64>,
 }
 
 /// How a load went, for the log and the audit.

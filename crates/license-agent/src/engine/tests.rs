@@ -80,6 +80,8 @@ struct Script {
     /// The CSRs it was sent, in order.
     csrs: Mutex<Vec<String>>,
     reconnects: AtomicU64,
+    /// The server's clock, as an offset from this machine's (seconds).
+    clock_offset: std::sync::atomic::AtomicI64,
 }
 
 impl Script {
@@ -108,6 +110,8 @@ impl AgentServer for Arc<Script> {
             "current_version": (current > 0).then_some(current),
             "state": "active",
             "certificate_expires_at": "2030-01-01T00:00:00Z",
+            "server_time": crate::platform::clock::system_now()
+                + self.clock_offset.load(Ordering::SeqCst),
         }))
         .expect("a status"))
     }
@@ -237,6 +241,7 @@ fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
         certificate_life: 3_600,
         csrs: Mutex::default(),
         reconnects: AtomicU64::new(0),
+        clock_offset: std::sync::atomic::AtomicI64::new(0),
     });
     let audit = Audit::open(&dir.path().join("audit.log")).expect("audit log");
     let alerts = Alerts::new(audit, machine.to_string(), None, 0);
@@ -491,4 +496,48 @@ async fn an_expired_certificate_is_renewed_with_and_a_failure_alerted_once() {
         Some(1),
         "and the round goes on with the new identity"
     );
+}
+
+#[tokio::test]
+async fn a_clock_jumped_forward_destroys_no_secret_until_the_server_agrees() {
+    let mut f = fixture(DegradedPolicy::Allow);
+    let now = crate::platform::clock::system_now();
+    // The server's clock is a day behind this one (this one jumped forward).
+    f.script.clock_offset.store(-86_400, Ordering::SeqCst);
+    f.engine.tick().await;
+    // A version this clock says is past its grace.
+    let mut ring = f.engine.validator.keyring();
+    let dates = SecretDates {
+        valid_from: now - 1_000,
+        valid_until: now - 500,
+        grace_until: now - 10,
+    };
+    ring.insert(0, dates, Secret::generate());
+    f.engine.commit_keyring(ring).await.expect("stored");
+    f.engine.tick().await;
+    f.engine.tick().await;
+    let held = |f: &Fixture| f.engine.validator.keyring().get(0).is_some();
+    assert!(held(&f), "destroyed by an unattested clock");
+    assert!(!audit_text(&f).contains("secret.destroyed"));
+    // The server's time passes its grace: now it goes.
+    f.script.clock_offset.store(0, Ordering::SeqCst);
+    f.engine.tick().await;
+    f.engine.tick().await;
+    assert!(!held(&f));
+    assert!(audit_text(&f).contains("secret.destroyed"));
+    assert!(f.engine.validator.keyring().retired(0));
+}
+
+#[tokio::test]
+async fn the_server_s_time_raises_the_floor_of_now() {
+    let mut f = fixture(DegradedPolicy::Allow);
+    f.script.clock_offset.store(3_600, Ordering::SeqCst);
+    f.engine.tick().await;
+    let now = crate::platform::clock::system_now();
+    assert!(
+        f.engine.validator.clock.now() >= now + 3_590,
+        "a clock set back is caught up"
+    );
+    let (state, _) = StateFile::new(f.dir.path()).load();
+    assert!(state.server_time.expect("persisted") >= now + 3_590);
 }

@@ -461,6 +461,7 @@ pub async fn status(
             .map(|r| r.record.version)
             .collect(),
         certificate_expires_at: certificate_expires_at.rfc3339(),
+        server_time: Some(now.0),
     })
 }
 
