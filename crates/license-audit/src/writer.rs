@@ -618,9 +618,15 @@ mod tests {
         log.append(event()).unwrap();
         drop(log);
         let last = last_entry_time(&path).unwrap().unwrap();
-        assert!(last >= tomorrow.unix_timestamp(), "stamped no earlier than the previous");
+        assert!(
+            last >= tomorrow.unix_timestamp(),
+            "stamped no earlier than the previous"
+        );
         let report = crate::verify(&path).unwrap();
-        assert!(report.problem.is_none() && report.entries == 2, "{report:?}");
+        assert!(
+            report.problem.is_none() && report.entries == 2,
+            "{report:?}"
+        );
     }
 
     #[test]
