@@ -140,6 +140,32 @@ pub enum AdminCommand {
     /// The server-side audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The server's keys: what each one is, what depends on it, and the master key rollover.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Every key the server holds: the CA, the TLS certificate, the license signing key and
+    /// the master keys, with their age, what depends on them and when they expire.
+    Status,
+    /// Roll the master key over online: a new key seals new secrets, every stored secret is
+    /// re-encrypted under it in batches, then the old key is retired. Safe to run again after
+    /// an interruption: it finishes the job. Replicas with their own data directory need a
+    /// copy of master-keys.json (docs/OPERATIONS.md).
+    #[command(name = "rotate-master")]
+    RotateMaster {
+        /// Keep the old key in the key set once no secret uses it.
+        #[arg(long)]
+        keep_old: bool,
+        /// Secrets re-encrypted per transaction.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        batch_size: i64,
+        /// How long to wait for every serving process to hold the new key, e.g. 30s, 5m.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,7 +7,8 @@
 //!   server.pem server.key  TLS certificate of all three listeners (key 0600); server.pem is
 //!                          replaced atomically when the certificate renews itself
 //!   license-signing.key    Ed25519 PKCS#8 key that signs license tokens (0600)
-//!   master.key             32 random bytes encrypting secrets at rest (0600)
+//!   master-keys.json       master keys encrypting secrets at rest, by id (0600; see
+//!                          `master_keys`); older data directories have a bare master.key
 //!   license.db             SQLite database (default storage)
 //!   downloads/             agent binaries served under /downloads/
 //! ```
@@ -30,6 +31,7 @@ use rand::RngCore as _;
 use zeroize::Zeroizing;
 
 use crate::config::{ConfigError, ServerConfig};
+use crate::master_keys::{MasterKey, MasterKeyError, MasterKeyRing, MasterKeySet, FIRST_KEY_ID};
 use crate::pki::{CertificateAuthority, PkiError};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,8 @@ pub enum DataDirError {
     Pki(#[from] PkiError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    MasterKeys(#[from] MasterKeyError),
 }
 
 /// Paths inside a data directory.
@@ -83,8 +87,13 @@ impl DataDir {
     pub fn signing_key(&self) -> PathBuf {
         self.root.join("license-signing.key")
     }
+    /// The single master key of data directories made before master key rollover.
     pub fn master_key(&self) -> PathBuf {
-        self.root.join("master.key")
+        self.root.join(crate::master_keys::LEGACY_KEY_FILE)
+    }
+    /// The master key set.
+    pub fn master_keys(&self) -> PathBuf {
+        self.root.join(crate::master_keys::KEY_SET_FILE)
     }
     pub fn downloads(&self) -> PathBuf {
         self.root.join("downloads")
@@ -186,8 +195,10 @@ impl DataDir {
                     path: self.signing_key().display().to_string(),
                     message: e.to_string(),
                 })?;
-        let mut master = Zeroizing::new([0u8; 32]);
-        rand::rngs::OsRng.fill_bytes(master.as_mut());
+        let master = MasterKeySet::new(vec![MasterKey::generate(
+            FIRST_KEY_ID,
+            crate::clock::Timestamp::now(),
+        )]);
 
         self.write_new(&self.ca_key(), ca.key_pem().as_bytes(), 0o600)?;
         self.write_new(&self.ca_cert(), ca.cert_pem().as_bytes(), 0o644)?;
@@ -198,7 +209,7 @@ impl DataDir {
         )?;
         self.write_new(&self.server_cert(), server_cert.pem.as_bytes(), 0o644)?;
         self.write_new(&self.signing_key(), signing_pem.as_bytes(), 0o600)?;
-        self.write_new(&self.master_key(), master.as_ref(), 0o600)?;
+        master.write(&self.root)?;
         // Written last: its presence marks a complete initialization.
         self.write_new(&self.config(), config.to_toml().as_bytes(), 0o644)?;
 
@@ -235,17 +246,7 @@ impl DataDir {
                 message: e.to_string(),
             }
         })?;
-        let master_path = self.master_key();
-        let master_bytes =
-            Zeroizing::new(std::fs::read(&master_path).map_err(Self::io_err(&master_path))?);
-        let master: [u8; 32] =
-            master_bytes
-                .as_slice()
-                .try_into()
-                .map_err(|_| DataDirError::BadKey {
-                    path: master_path.display().to_string(),
-                    message: "must be exactly 32 bytes".into(),
-                })?;
+        let master_keys = MasterKeyRing::load(&self.root)?;
         Ok(ServerKeys {
             ca,
             server_cert_pem,
@@ -253,7 +254,7 @@ impl DataDir {
             server_pin,
             license_public_key: license_public_key_string(&signing),
             license_signing_key: signing,
-            master_key: Zeroizing::new(master),
+            master_keys,
         })
     }
 }
@@ -274,8 +275,9 @@ pub struct ServerKeys {
     pub license_public_key: String,
     /// Signs license tokens (secret-lifecycle issue); loaded now so a bad key fails at start.
     pub license_signing_key: SigningKey,
-    /// Encrypts machine secrets at rest (secret-lifecycle issue).
-    pub master_key: Zeroizing<[u8; 32]>,
+    /// Encrypt machine secrets at rest, by id; the database's registry says which one seals
+    /// new secrets (`service::keys`).
+    pub master_keys: MasterKeyRing,
 }
 
 impl std::fmt::Debug for ServerKeys {

@@ -17,6 +17,7 @@ use license_server::config::{https_url, ServerConfig};
 use license_server::datadir::{DataDir, DataDirError};
 use license_server::http::{self, Listeners};
 use license_server::service::admin::{Admin, AdminError};
+use license_server::service::keys::{self, KeysError, Progress, RotateOptions};
 use license_server::service::licenses::LicenseRequest;
 use license_server::service::{AppState, Settings};
 use license_server::store::admin_tokens::Role;
@@ -25,7 +26,8 @@ use serde_json::json;
 
 use cli::{
     AdminArgs, AdminCommand, ApiTokenCommand, AuditCommand, CertCommand, Cli, ClientCommand,
-    Command, InitArgs, LicenseCommand, ListenArgs, MachineCommand, ServeArgs, TokenCommand,
+    Command, InitArgs, KeysCommand, LicenseCommand, ListenArgs, MachineCommand, ServeArgs,
+    TokenCommand,
 };
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -76,6 +78,18 @@ impl From<AdminError> for MainError {
             AdminError::NotFound { .. } => MainError::NotFound(e.to_string()),
             AdminError::InvalidInput { .. } => MainError::Usage(e.to_string()),
             AdminError::Conflict(_) => MainError::Refused(e.to_string()),
+            _ => MainError::Runtime(e.to_string()),
+        }
+    }
+}
+
+impl From<KeysError> for MainError {
+    fn from(e: KeysError) -> Self {
+        match e {
+            KeysError::StagedElsewhere(_) | KeysError::ReplicasLacking { .. } => {
+                MainError::Refused(e.to_string())
+            }
+            KeysError::NotHeld(_) => MainError::Usage(e.to_string()),
             _ => MainError::Runtime(e.to_string()),
         }
     }
@@ -289,6 +303,8 @@ async fn serve(args: ServeArgs) -> Result<(), MainError> {
         .clone()
         .unwrap_or_else(|| https_url(&config.public_host, agent.port()));
     let state = load_state(&dir, &config, Some((public_url.clone(), agent_url.clone()))).await?;
+    // A replica missing a master key rows are under would fail every request touching them.
+    keys::check_held_keys(&state).await?;
     if args.json {
         output::json_line(&json!({
             "event": "ready", "public": public, "agent": agent, "admin": admin,
@@ -340,9 +356,12 @@ async fn admin(args: AdminArgs) -> Result<(), MainError> {
         config.database_url = Some(url.clone());
     }
     let state = load_state(&dir, &config, None).await?;
-    let admin = Admin::new(&state, format!("cli:uid={}", current_uid()));
+    let actor = format!("cli:uid={}", current_uid());
     let json = args.json;
-    let result = admin_command(&admin, args.command, json).await;
+    let result = match args.command {
+        AdminCommand::Keys(command) => keys_command(&state, &actor, command, json).await,
+        command => admin_command(&Admin::new(&state, actor), command, json).await,
+    };
     state.store.close().await;
     result
 }
@@ -436,6 +455,54 @@ async fn admin_command(
         }
         AdminCommand::Audit(AuditCommand::List { since, limit }) => {
             print(json, &admin.audit_events(since, limit).await?)
+        }
+        AdminCommand::Keys(_) => {
+            return Err(MainError::Usage("keys commands run on their own".into()))
+        }
+    }
+    Ok(())
+}
+
+async fn keys_command(
+    state: &AppState,
+    actor: &str,
+    command: KeysCommand,
+    json: bool,
+) -> Result<(), MainError> {
+    match command {
+        KeysCommand::Status => {
+            let status = keys::status(state).await?;
+            if json {
+                output::json(&status);
+            } else {
+                output::keys_status(&status);
+            }
+        }
+        KeysCommand::RotateMaster {
+            keep_old,
+            batch_size,
+            wait,
+        } => {
+            let options = RotateOptions {
+                keep_old,
+                batch_size,
+                wait,
+            };
+            // Progress: lines for people on stdout; JSON lines on stderr with --json, so
+            // stdout stays one JSON document.
+            let mut progress = |p: &Progress| {
+                if json {
+                    output::json_line_stderr(p);
+                } else {
+                    output::rotate_progress(p);
+                }
+            };
+            let report = keys::rotate_master(state, actor, &options, &mut progress).await?;
+            if json {
+                output::json(&report);
+            } else {
+                output::rotate_report(&report);
+            }
         }
     }
     Ok(())

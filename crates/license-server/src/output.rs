@@ -3,6 +3,7 @@
 use license_protocol::agent_api::LicenseToken;
 use license_server::clock::Timestamp;
 use license_server::service::admin::PurgeReport;
+use license_server::service::keys::{KeysStatus, Progress, RotateReport};
 use license_server::store::audit::AuditEvent;
 use license_server::store::certificates::{CertificateRecord, CertificateStats};
 use license_server::store::clients::ClientRecord;
@@ -21,6 +22,14 @@ pub fn json<T: Serialize + ?Sized>(value: &T) {
 
 pub fn json_line<T: Serialize + ?Sized>(value: &T) {
     println!(
+        "{}",
+        serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+    );
+}
+
+/// One JSON line on stderr (progress beside a JSON result on stdout).
+pub fn json_line_stderr<T: Serialize + ?Sized>(value: &T) {
+    eprintln!(
         "{}",
         serde_json::to_string(value).unwrap_or_else(|_| "null".into())
     );
@@ -299,5 +308,130 @@ impl Render for AuditEvent {
             self.outcome.clone(),
             self.details.to_string(),
         ]
+    }
+}
+
+/// "3 d", "5 h", "40 min", "12 s": how long ago (or ahead) `t` is from `now`.
+fn span(now: Timestamp, t: Timestamp) -> String {
+    let secs = (now.0 - t.0).abs();
+    match secs {
+        s if s >= 2 * 86_400 => format!("{} d", s / 86_400),
+        s if s >= 2 * 3600 => format!("{} h", s / 3600),
+        s if s >= 120 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
+/// `admin keys status` for people.
+pub fn keys_status(s: &KeysStatus) {
+    let now = s.now;
+    let ahead = |t: Timestamp| {
+        if t >= now {
+            format!("in {}", span(now, t))
+        } else {
+            format!("{} ago", span(now, t))
+        }
+    };
+    println!("CA certificate");
+    println!("  serial       {}", s.ca.serial);
+    println!(
+        "  not after    {} ({})",
+        s.ca.not_after.rfc3339(),
+        ahead(s.ca.not_after)
+    );
+    println!(
+        "  signs        {} active machine certificates ({} expiring within 30 days, renewed by their agents)",
+        s.ca.active_machine_certificates, s.ca.machine_certificates_expiring_soon
+    );
+    println!("Server TLS certificate");
+    println!("  pin          {}", s.server_tls.pin);
+    println!("  serial       {}", s.server_tls.serial);
+    println!(
+        "  not after    {} ({})",
+        s.server_tls.not_after.rfc3339(),
+        ahead(s.server_tls.not_after)
+    );
+    println!(
+        "  renews at    {} ({})",
+        s.server_tls.renews_at.rfc3339(),
+        ahead(s.server_tls.renews_at)
+    );
+    println!("License signing key");
+    println!("  public key   {}", s.license_signing_key.public_key);
+    match s.license_signing_key.created_at {
+        Some(t) => println!("  created      {} ({} old)", t.rfc3339(), span(now, t)),
+        None => println!("  created      -"),
+    }
+    println!("Master keys ({})", s.master_key_set);
+    let rows: Vec<Vec<String>> = s
+        .master_keys
+        .iter()
+        .map(|k| {
+            vec![
+                k.id.clone(),
+                k.state.clone(),
+                k.created_at.rfc3339(),
+                span(now, k.created_at),
+                k.rows.to_string(),
+                if k.held_here { "yes" } else { "no" }.into(),
+            ]
+        })
+        .collect();
+    table(
+        &["  ID", "STATE", "CREATED", "AGE", "SECRETS", "HELD HERE"],
+        rows.into_iter()
+            .map(|mut r| {
+                r[0] = format!("  {}", r[0]);
+                r
+            })
+            .collect(),
+    );
+    println!("Serving processes (heard from in the last 30 s)");
+    if s.serving_processes.is_empty() {
+        println!("  (none)");
+    }
+    for h in &s.serving_processes {
+        println!("  {}  holds {}", h.description, h.key_ids.join(", "));
+    }
+}
+
+/// One step of `admin keys rotate-master`, for people.
+pub fn rotate_progress(p: &Progress) {
+    match p {
+        Progress::Resumed { key } => println!("Resuming the rollover to master key {key}"),
+        Progress::Staged { key, key_set } => {
+            println!("Staged master key {key} in {key_set}")
+        }
+        Progress::Waiting { key, holders } => println!(
+            "Waiting for serving processes to hold {key}: {}",
+            holders.join("; ")
+        ),
+        Progress::Current { key, previous } => println!(
+            "{key} is current: new secrets are sealed under it (previous: {})",
+            if previous.is_empty() {
+                "-".to_string()
+            } else {
+                previous.join(", ")
+            }
+        ),
+        Progress::Batch { done, total } => println!("  re-encrypted {done}/{total} secrets"),
+    }
+}
+
+/// The outcome of `admin keys rotate-master`, for people.
+pub fn rotate_report(r: &RotateReport) {
+    println!(
+        "Master key rollover to {} complete: {} secrets re-encrypted by this run, {} under {} now",
+        r.new_key_id, r.reencrypted, r.rows_under_new_key, r.new_key_id
+    );
+    if !r.retired.is_empty() {
+        println!(
+            "  retired {} (removed from {})",
+            r.retired.join(", "),
+            r.key_set
+        );
+    }
+    if !r.kept.is_empty() {
+        println!("  kept {} (--keep-old)", r.kept.join(", "));
     }
 }

@@ -188,6 +188,24 @@ pub async fn run(
         }
     });
 
+    // Follows the master key set (a rollover beside this process, or a copy from another
+    // replica) and tells the database which keys this process holds.
+    let key_state = state.clone();
+    let key_watch = std::sync::Arc::new(tokio::sync::Mutex::new(
+        crate::service::keys::KeyWatch::new(&state),
+    ));
+    let watch = key_watch.clone();
+    let key_watcher = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::service::keys::KEY_FILE_CHECK_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = watch.lock().await.tick(&key_state).await {
+                tracing::warn!(error = %e, "master key set check failed; retrying");
+            }
+        }
+    });
+
     let renew_state = state.clone();
     let renewer = tokio::spawn(async move {
         let every = std::time::Duration::from_secs(
@@ -227,6 +245,10 @@ pub async fn run(
     }
     sweeper.abort();
     renewer.abort();
+    key_watcher.abort();
+    if let Err(e) = key_watch.lock().await.forget(&state).await {
+        tracing::warn!(error = %e, "could not withdraw this process from the master key holders");
+    }
     state.store.close().await;
     Ok(())
 }

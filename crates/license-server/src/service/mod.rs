@@ -1,6 +1,7 @@
 //! What the server does, independent of how it is asked: enrollment and recovery (public listener),
 //! certificate renewal, secret rotation and license validation (agent listener), and
-//! administration (admin API and CLI), licenses included. Enrollment, renewal and recovery
+//! administration (admin API and CLI), licenses included, and the server's keys (`keys`: which
+//! master key seals secrets, its online rollover, `keys status`). Enrollment, renewal and recovery
 //! issue certificates through one function, `certificates::issue`.
 //!
 //! Every mutation commits in the same transaction as its audit row, so an action that cannot
@@ -9,6 +10,7 @@
 pub mod admin;
 pub mod certificates;
 pub mod enroll;
+pub mod keys;
 pub mod licenses;
 pub mod recover;
 pub mod secrets;

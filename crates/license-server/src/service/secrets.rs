@@ -7,9 +7,9 @@
 //! machine's key — so a lost answer is re-sent, never replaced. The agent acknowledges once the
 //! secret is durable (`/rotate-secret/ack`, or implicitly by naming it as its current version
 //! in the next rotate request); then the pending version becomes active and the previous active
-//! one enters grace with its dates unchanged. Secrets are stored encrypted under the master key
-//! (AAD = machine id's 16 bytes || version, big-endian) and exist in clear only inside
-//! [`Secret`], which zeroizes itself and never prints.
+//! one enters grace with its dates unchanged. Secrets are stored encrypted under the current
+//! master key (AAD = machine id's 16 bytes || version, big-endian; see `keys` for rollover) and
+//! exist in clear only inside [`Secret`], which zeroizes itself and never prints.
 
 use license_protocol::agent_api::SecretStatus;
 use license_protocol::error::ErrorCode;
@@ -25,6 +25,7 @@ use sqlx::AnyConnection;
 use super::admin::{parse_id, Admin, AdminError};
 use super::AppState;
 use crate::clock::Timestamp;
+use crate::master_keys::MasterKey;
 use crate::store::audit::{self, NewAuditEvent};
 use crate::store::machines::{self, MachineRecord};
 use crate::store::secrets::{
@@ -79,24 +80,34 @@ pub fn at_rest_aad(machine_id: &MachineId, version: u64) -> [u8; 24] {
     aad
 }
 
-/// Decrypts a stored secret with the master key. A failure means a corrupt row or the wrong
-/// master key; the error names the row, never any key material.
+/// Decrypts a stored secret with the master keys held. The row's `master_key_id` names its
+/// key, but rows reach here without it (and may be re-encrypted by a rollover between the read
+/// and now), so the held keys are tried newest first — at most a few, and AES-GCM tells the
+/// right one — then, once, after re-reading the key set. A failure means a corrupt row or a key
+/// this data directory lacks; the error names the row, never any key material.
 pub fn open_at_rest(
     state: &AppState,
     machine_id: &MachineId,
     row: &SealedSecretRow,
 ) -> Result<Secret, StoreError> {
     let version = row.record.version;
-    secret::decrypt_at_rest(
-        &state.keys.master_key,
-        &row.secret_enc,
-        &at_rest_aad(machine_id, version),
-    )
-    .map_err(|_| {
-        StoreError::Corrupt(format!(
-            "secret version {version} of machine {machine_id} does not decrypt under the master key"
-        ))
-    })
+    let aad = at_rest_aad(machine_id, version);
+    let ring = &state.keys.master_keys;
+    let attempt = || {
+        ring.snapshot()
+            .keys()
+            .iter()
+            .rev()
+            .find_map(|k| secret::decrypt_at_rest(k.bytes(), &row.secret_enc, &aad).ok())
+    };
+    attempt()
+        .or_else(|| ring.reload_after_miss().then(attempt).flatten())
+        .ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "secret version {version} of machine {machine_id} does not decrypt under any master key held ({})",
+                ring.snapshot().ids().join(", ")
+            ))
+        })
 }
 
 /// The newest acknowledged version tokens may be issued under (active or grace, not past its
@@ -211,6 +222,9 @@ pub async fn rotate(
         tx.rollback().await?;
         return Err(StoreError::Corrupt(format!("machine {machine_id} vanished")).into());
     }
+    // Before any secret row is touched: the key a new version would be sealed under, locked
+    // against a rollover until this transaction ends (`keys::seal_key`).
+    let seal_key = super::keys::seal_key(state, &mut tx).await?;
     if !nonces::insert(&mut tx, &machine_id, &req.nonce.to_string(), now).await? {
         tx.rollback().await?;
         let e = RotationError::Replayed;
@@ -227,7 +241,7 @@ pub async fn rotate(
     .await?;
     destroy_expired(&mut tx, Some(&machine_id), now).await?;
 
-    let outcome = rotate_in(state, &mut tx, &identity.machine_id, req, now).await;
+    let outcome = rotate_in(state, &mut tx, &identity.machine_id, req, &seal_key, now).await;
     let (result, outcome_name, details) = match outcome {
         Ok((version, dates, secret, mut extra)) => {
             let blob = secret::seal(&recipient, &identity.machine_id, version, &dates, &secret);
@@ -284,6 +298,7 @@ async fn rotate_in(
     conn: &mut AnyConnection,
     machine: &MachineId,
     req: &RotateSecretRequest,
+    seal_key: &MasterKey,
     now: Timestamp,
 ) -> Result<(u64, SecretDates, Secret, Value), RotationError> {
     let machine_id = machine.to_string();
@@ -320,17 +335,15 @@ async fn rotate_in(
         grace_until: grace_until.0,
     };
     let secret = Secret::generate();
-    let secret_enc = secret::encrypt_at_rest(
-        &state.keys.master_key,
-        &secret,
-        &at_rest_aad(machine, version),
-    );
+    let secret_enc =
+        secret::encrypt_at_rest(seal_key.bytes(), &secret, &at_rest_aad(machine, version));
     stored::insert_pending(
         conn,
         &NewSecret {
             machine_id: &machine_id,
             version: db_version,
             secret_enc: &secret_enc,
+            master_key_id: &seal_key.id,
             valid_from: now,
             valid_until,
             grace_until,

@@ -1,6 +1,7 @@
 //! Persistent state of the server, one module per table family: `clients`, `install_tokens`,
 //! `machines` (with recovery tokens and the per-machine lock), `certificates`, `admin_tokens`,
-//! the append-only `audit` trail, machine `secrets`, `licenses`, and rotation `nonces`.
+//! the append-only `audit` trail, machine `secrets`, `licenses`, rotation `nonces`, and the
+//! `master_keys` registry with the processes holding them.
 //!
 //! One set of SQL serves both backends (`$N` placeholders, `RETURNING`, `ON CONFLICT`, and
 //! integer Unix times all mean the same on SQLite and PostgreSQL); only the DDL differs, in
@@ -17,6 +18,7 @@ pub mod clients;
 pub mod install_tokens;
 pub mod licenses;
 pub mod machines;
+pub mod master_keys;
 pub mod nonces;
 pub mod secrets;
 

@@ -1,6 +1,8 @@
-//! The `secrets` table: each machine's secret versions, kept encrypted under the master key,
-//! with their lifecycle (`pending` → `active` → `grace`, or `invalidated`) and dates. A
-//! version's ciphertext is destroyed once it is past its grace; the row stays as history.
+//! The `secrets` table: each machine's secret versions, kept encrypted under a master key
+//! (named per row by `master_key_id`), with their lifecycle (`pending` → `active` → `grace`, or
+//! `invalidated`) and dates. A version's ciphertext is destroyed once it is past its grace; the
+//! row stays as history. A master key rollover re-encrypts rows in batches (`under_other_key`,
+//! `reseal`).
 
 use serde::Serialize;
 use sqlx::any::AnyRow;
@@ -150,8 +152,9 @@ pub async fn of_machine<'e>(
 pub struct NewSecret<'a> {
     pub machine_id: &'a str,
     pub version: i64,
-    /// Ciphertext under the master key.
+    /// Ciphertext under the master key `master_key_id`.
     pub secret_enc: &'a [u8],
+    pub master_key_id: &'a str,
     pub valid_from: Timestamp,
     pub valid_until: Timestamp,
     pub grace_until: Timestamp,
@@ -160,8 +163,8 @@ pub struct NewSecret<'a> {
 
 pub async fn insert_pending(conn: &mut AnyConnection, s: &NewSecret<'_>) -> Result<()> {
     sqlx::query(
-        "INSERT INTO secrets (machine_id, version, state, secret_enc, valid_from, valid_until, grace_until, created_at) \
-         VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7)",
+        "INSERT INTO secrets (machine_id, version, state, secret_enc, valid_from, valid_until, grace_until, created_at, master_key_id) \
+         VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7, $8)",
     )
     .bind(s.machine_id)
     .bind(s.version)
@@ -170,6 +173,7 @@ pub async fn insert_pending(conn: &mut AnyConnection, s: &NewSecret<'_>) -> Resu
     .bind(s.valid_until.0)
     .bind(s.grace_until.0)
     .bind(s.created_at.0)
+    .bind(s.master_key_id)
     .execute(&mut *conn)
     .await
     .map_err(StoreError::classify)?;
@@ -271,4 +275,96 @@ pub async fn invalidate_pending(
     .iter()
     .map(|r| Ok(r.try_get("version")?))
     .collect()
+}
+
+/// One stored ciphertext and the key it is under, for a master key rollover. Debug omits the
+/// ciphertext.
+pub struct KeyedCiphertext {
+    pub machine_id: String,
+    pub version: u64,
+    pub master_key_id: String,
+    pub secret_enc: Vec<u8>,
+}
+
+impl std::fmt::Debug for KeyedCiphertext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyedCiphertext")
+            .field("machine_id", &self.machine_id)
+            .field("version", &self.version)
+            .field("master_key_id", &self.master_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Destroyed rows (no ciphertext) not yet under `key_id` are moved to it: there is nothing to
+/// re-encrypt. Also the first write of a rollover batch, so that on SQLite the batch holds the
+/// write lock before it reads. Returns how many rows moved.
+pub async fn rekey_destroyed(conn: &mut AnyConnection, key_id: &str) -> Result<u64> {
+    let done = sqlx::query(
+        "UPDATE secrets SET master_key_id = $1 WHERE master_key_id <> $1 AND length(secret_enc) = 0",
+    )
+    .bind(key_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Up to `limit` rows with a ciphertext under another key than `key_id`.
+pub async fn under_other_key(
+    conn: &mut AnyConnection,
+    key_id: &str,
+    limit: i64,
+) -> Result<Vec<KeyedCiphertext>> {
+    sqlx::query(
+        "SELECT machine_id, version, master_key_id, secret_enc FROM secrets \
+         WHERE master_key_id <> $1 AND length(secret_enc) > 0 ORDER BY machine_id, version LIMIT $2",
+    )
+    .bind(key_id)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(KeyedCiphertext {
+            machine_id: r.try_get("machine_id")?,
+            version: version_of(r)?,
+            master_key_id: r.try_get("master_key_id")?,
+            secret_enc: r.try_get("secret_enc")?,
+        })
+    })
+    .collect()
+}
+
+/// How many rows are under another key than `key_id`.
+pub async fn count_under_other_key<'e>(ex: impl AnyExecutor<'e>, key_id: &str) -> Result<i64> {
+    let row = sqlx::query("SELECT COUNT(*) AS n FROM secrets WHERE master_key_id <> $1")
+        .bind(key_id)
+        .fetch_one(ex)
+        .await?;
+    Ok(row.try_get("n")?)
+}
+
+/// Replaces one row's ciphertext, if it is still the one read under `old_key_id` (a row
+/// destroyed meanwhile is left alone). Returns whether it changed.
+pub async fn reseal(
+    conn: &mut AnyConnection,
+    row: &KeyedCiphertext,
+    new_key_id: &str,
+    secret_enc: &[u8],
+) -> Result<bool> {
+    let version = version_to_db(row.version)
+        .ok_or_else(|| StoreError::Corrupt(format!("secret version {}", row.version)))?;
+    let done = sqlx::query(
+        "UPDATE secrets SET secret_enc = $1, master_key_id = $2 \
+         WHERE machine_id = $3 AND version = $4 AND master_key_id = $5 AND secret_enc = $6",
+    )
+    .bind(secret_enc.to_vec())
+    .bind(new_key_id)
+    .bind(&row.machine_id)
+    .bind(version)
+    .bind(&row.master_key_id)
+    .bind(row.secret_enc.clone())
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
