@@ -14,6 +14,8 @@
 //! concurrent requests) is reported as a ratio.
 //!
 //! Environment: `BENCH_CLIENTS` (default 4), `BENCH_REQUESTS` per client (default 5000).
+//! `BENCH_BASELINE_AGENT=/path/to/license-agent` (an older build) runs the same audited load on
+//! that binary too, in the same run, and reports this build's figures as ratios to it.
 #![allow(clippy::unwrap_used, dead_code)]
 
 #[path = "../tests/common/mod.rs"]
@@ -168,6 +170,27 @@ fn main() {
     );
     let bare_token = bare_token.unwrap();
 
+    // The same audited load on an older build, when one is given.
+    let baseline = std::env::var_os("BENCH_BASELINE_AGENT").map(|path| {
+        let mut old = Agent::enroll(&server, root.path(), "bench-baseline", 3600, |t| {
+            t["ipc"]["replay_window"] = toml::Value::Integer(600);
+        });
+        let old_license = server.issue_license(&old.machine_id, "pos.sale,pos.refund", &[]);
+        old.start_binary(Path::new(&path), &[], &[]);
+        let mut old_token = None;
+        wait_until(
+            "the baseline agent's token",
+            Duration::from_secs(60),
+            || {
+                old_token = old.token(&old_license);
+                old_token.is_some()
+            },
+        );
+        let old_token = old_token.unwrap();
+        let old_distinct = mint(&server, &old, &old_token, clients * requests);
+        (old, old_token, old_distinct)
+    });
+
     // Distinct tokens, minted with the server's own keys (a fixture: the agent cannot tell).
     let distinct = mint(&server, &agent, &token, clients * requests);
     let bare_distinct = mint(&server, &bare, &bare_token, clients * requests);
@@ -206,6 +229,21 @@ fn main() {
         &agent.socket,
         distinct.chunks(requests).map(<[String]>::to_vec).collect(),
     );
+    let old_figures = baseline.as_ref().map(|(old, old_token, old_distinct)| {
+        run(&old.socket, vec![vec![old_token.clone(); 200]; clients]);
+        let cached = run(
+            &old.socket,
+            vec![vec![old_token.clone(); requests]; clients],
+        );
+        let uncached = run(
+            &old.socket,
+            old_distinct
+                .chunks(requests)
+                .map(<[String]>::to_vec)
+                .collect(),
+        );
+        (cached, uncached)
+    });
     let floor_after = run(&echo_socket, same(requests));
     let _ = echo.kill();
     let _ = echo.wait();
@@ -230,6 +268,25 @@ fn main() {
             f.p50,
             f.p99,
             f.rate / base
+        );
+    }
+    if let Some((old_cached, old_uncached)) = &old_figures {
+        for (name, f) in [
+            ("baseline build, cached", old_cached),
+            ("baseline build, distinct tokens", old_uncached),
+        ] {
+            println!(
+                "{name:<34} {:>10.0} {:>9.3} {:>9.3} {:>9.3}",
+                f.rate,
+                f.p50,
+                f.p99,
+                f.rate / base
+            );
+        }
+        println!(
+            "this build vs the baseline build (audited): cached {:.2}x, uncached {:.2}x",
+            cached.rate / old_cached.rate,
+            uncached.rate / old_uncached.rate
         );
     }
     println!("echo floor = mean of the two echo runs = {base:.0} req/s; every agent answer was checked valid with its nonce echoed");

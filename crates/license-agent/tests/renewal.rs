@@ -8,6 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
+use common::tpm_support::Swtpm;
 use common::{bin, faketime, wait_until, Agent, Server};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -178,4 +179,44 @@ fn a_till_off_past_its_certificates_expiry_comes_back_by_itself_unless_revoked()
     });
     assert!(!identity_works(&stolen, &env(&later)));
     assert!(stolen.log().contains("expired on "), "{}", stolen.log());
+}
+
+#[test]
+fn a_tpm_machine_renews_with_its_non_exportable_key() {
+    let root = tempfile::tempdir().unwrap();
+    let server = server(root.path());
+    let swtpm = Swtpm::start(&root.path().join("tpm"));
+    let tcti = swtpm.tcti();
+    let mut agent = Agent::enroll_with(
+        &server,
+        root.path(),
+        "tpm",
+        3_600,
+        &["--tpm", &tcti],
+        |_| {},
+    );
+    let license = server.issue_license(&agent.machine_id, "pos.sale", &[]);
+    let (first_cert, tpm_key) = (cert(&agent), key(&agent));
+    assert!(tpm_key.starts_with("lsa-tpm-key-v1"));
+    // 50 s ahead, the 60 s certificate is due at once.
+    agent.start(&env(&faketime("+50s")));
+    wait_until("the certificate to be renewed", WAIT, || {
+        cert(&agent) != first_cert
+    });
+    assert_eq!(key(&agent), tpm_key, "the key stays in the TPM");
+    assert!(!agent.dir.join("client.key.next").exists());
+    wait_until("a token under the renewed identity", WAIT, || {
+        agent.token(&license).is_some()
+    });
+    assert!(agent.validate(&agent.token(&license).unwrap()).valid);
+    let renewal = events(&agent, "certificate.renew");
+    assert!(
+        renewal
+            .iter()
+            .any(|e| e["outcome"] == "success" && e["details"]["key"] == "kept"),
+        "{renewal:?}"
+    );
+    // The TPM has few object slots and no resource manager here: one user at a time.
+    assert_eq!(agent.stop().code(), Some(0));
+    assert!(identity_works(&agent, &[]));
 }

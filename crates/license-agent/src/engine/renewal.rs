@@ -130,7 +130,7 @@ impl Certificate {
         Self::from_pem(&pem, path)
     }
 
-    /// "expires <date>" or "expired on <date>".
+    /// "expires DATE" or "expired on DATE" (RFC 3339).
     pub fn expiry_phrase(&self, now: i64) -> String {
         if now >= self.not_after {
             format!("expired on {}", rfc3339(self.not_after))

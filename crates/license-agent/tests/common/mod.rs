@@ -354,6 +354,12 @@ impl Agent {
     /// Like [`Agent::start`], with the agent run by `wrapper` (e.g. `strace -f …`); the child
     /// is then the wrapper.
     pub fn start_under(&mut self, wrapper: &[&str], env: &[(&str, &str)]) {
+        self.start_binary(&bin("license-agent"), wrapper, env);
+    }
+
+    /// Like [`Agent::start_under`], running the agent binary at `agent` (e.g. an older build,
+    /// for a benchmark's baseline).
+    pub fn start_binary(&mut self, agent: &Path, wrapper: &[&str], env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -362,10 +368,10 @@ impl Agent {
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args).arg(bin("license-agent"));
+                c.args(args).arg(agent);
                 c
             }
-            None => Command::new(bin("license-agent")),
+            None => Command::new(agent),
         };
         let mut child = command
             .args(["run", "--config"])

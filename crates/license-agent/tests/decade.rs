@@ -1,0 +1,127 @@
+//! Ten years in the life of a small fleet (issue "the fleet lives for ten years"): a real
+//! server and agents with real lifetimes (365-day machine certificates, a 730-day server
+//! certificate), every process restarted under libfaketime at each step as if switched off in
+//! between. Through every step the tills (file store and TPM) renew their certificates by
+//! themselves, one till is switched off for 600 days and comes back by itself, the server's certificate renews itself
+//! with the same key (the pins hold), and a POS client's license validates after every round.
+//!
+//! Not yet in it: the key rollovers (CA, TLS key, license key, master key).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::tpm_support::Swtpm;
+use common::{faketime, wait_until, Agent, Server};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn env<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// The till's certificate, as the agent reads it.
+fn certificate(agent: &Agent) -> license_agent::engine::renewal::Certificate {
+    license_agent::engine::renewal::Certificate::read(&agent.dir.join("client.pem")).unwrap()
+}
+
+/// Waits until `agent` has talked to the server at this step, holds a certificate valid at
+/// `now` and a token for `license` under its newest secret, then checks that it validates.
+fn check_till(agent: &Agent, license: &str, now: i64, step: &str) {
+    wait_until(
+        &format!("{step}: a round with a valid certificate"),
+        WAIT,
+        || {
+            agent.state()["server_time"]
+                .as_i64()
+                .is_some_and(|t| t >= now - 60)
+                && certificate(agent).not_after > now
+        },
+    );
+    let mut token = None;
+    wait_until(
+        &format!("{step}: a token under the newest secret"),
+        WAIT,
+        || {
+            let newest = agent.newest_version();
+            token = agent
+                .token(license)
+                .filter(|t| decode_version(t) == Some(newest));
+            token.is_some()
+        },
+    );
+    let v = agent.validate(&token.unwrap());
+    assert!(v.valid, "{step}: {:?}\n{}", v.reason, agent.log());
+}
+
+/// The secret version in a token's clear header.
+fn decode_version(token: &str) -> Option<u64> {
+    license_protocol::token::decode(token)
+        .ok()
+        .map(|(h, _)| h.secret_version)
+}
+
+#[test]
+fn a_fleet_through_ten_years_renews_everything_by_itself() {
+    let root = tempfile::tempdir().unwrap();
+    // Secrets of 30 days with a week of grace, as a production server might issue.
+    let mut server = Server::start(root.path(), 30 * 86_400, 7 * 86_400);
+    let pin = server.pin.clone();
+    // One till keeps its key in a TPM (its swtpm runs on real time throughout).
+    let swtpm = Swtpm::start(&root.path().join("south-tpm"));
+    // (kept running for the whole test: the till's key lives in it)
+    let tcti = swtpm.tcti();
+    let mut tills: Vec<(Agent, String)> = [
+        ("north", Vec::new()),
+        ("south", vec!["--tpm", tcti.as_str()]),
+        ("storeroom", Vec::new()),
+    ]
+    .into_iter()
+    .map(|(name, extra)| {
+        let agent = Agent::enroll_with(&server, root.path(), name, 86_400, &extra, |_| {});
+        let license = server.issue_license(&agent.machine_id, "pos.sale", &[]);
+        (agent, license)
+    })
+    .collect();
+    let start = license_agent::platform::clock::system_now();
+    let mut serials = Vec::new();
+    // Every 150 days for ten years (certificates of 365 days renew at about day 210-245 of
+    // their life, so at every other step); the storeroom till is off from day 900 to day 1500.
+    for day in (0..=3_650).step_by(150) {
+        let step = format!("day {day}");
+        let offset = faketime(&format!("+{day}d"));
+        let now = start + day * 86_400;
+        // Everything is switched off, then on again at the new date.
+        for (agent, _) in tills.iter_mut() {
+            if agent.is_running() {
+                assert_eq!(agent.stop().code(), Some(0), "{step}");
+            }
+        }
+        server.kill();
+        server.resume_with_env(&env(&offset));
+        assert_eq!(
+            server.pin, pin,
+            "{step}: the server's key, hence the agents' pin, holds"
+        );
+        for (i, (agent, license)) in tills.iter_mut().enumerate() {
+            if i == 2 && (1_000..1_500).contains(&day) {
+                continue; // in the storeroom
+            }
+            agent.start(&env(&offset));
+            check_till(agent, license, now, &step);
+        }
+        serials.push(certificate(&tills[0].0).serial);
+    }
+    serials.dedup();
+    assert!(
+        serials.len() >= 11,
+        "a till renews about every 300 days: {serials:?}"
+    );
+    // The storeroom till came back after 600 days off, its certificate long expired.
+    let back = std::fs::read_to_string(tills[2].0.dir.join("log/audit.log")).unwrap();
+    assert!(
+        back.contains("\"was_expired\":true"),
+        "the storeroom till renewed after expiry"
+    );
+}
