@@ -377,7 +377,11 @@ async fn rotate_master_killed_at_each_step_finishes_when_run_again(db: Db) {
         let status = key_status(&server);
         assert_eq!(master_key(&status, &old), ("retired".into(), 0), "{step}");
         assert_eq!(master_key(&status, &new), ("current".into(), 8), "{step}");
-        assert_eq!(key_file(&server.data_dir()).0, std::slice::from_ref(&new), "{step}");
+        assert_eq!(
+            key_file(&server.data_dir()).0,
+            std::slice::from_ref(&new),
+            "{step}"
+        );
         for m in &machines {
             m.token_validates().await;
         }
