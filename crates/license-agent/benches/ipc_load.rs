@@ -306,10 +306,7 @@ fn mint(server: &Server, agent: &Agent, token: &str, n: usize) -> Vec<String> {
     .unwrap();
     let machine: license_protocol::identity::MachineId = agent.machine_id.parse().unwrap();
     let (header, _) = license_protocol::token::decode(token).unwrap();
-    let master: [u8; 32] = std::fs::read(server.dir.join("master.key"))
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let master = server.master_key();
     let out = Command::new("sqlite3")
         .arg(server.dir.join("license.db"))
         .arg(format!(

@@ -746,10 +746,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 /// Every secret of `machine`, decrypted from the server database with the master key.
 fn server_secrets(server: &Server, machine: &str) -> Vec<Vec<u8>> {
-    let master: [u8; 32] = std::fs::read(server.dir.join("master.key"))
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let master = server.master_key();
     let db = server.dir.join("license.db");
     let out = Command::new("sqlite3")
         .arg(&db)

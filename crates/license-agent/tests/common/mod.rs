@@ -176,6 +176,21 @@ impl Server {
         }
     }
 
+    /// The server's (only, current) master key, read from its data directory: tests decrypt
+    /// the server's database with it to look for secrets where they must not be.
+    pub fn master_key(&self) -> [u8; 32] {
+        use base64::Engine as _;
+        let text = std::fs::read_to_string(self.dir.join("master-keys.json")).unwrap();
+        let set: Value = serde_json::from_str(&text).unwrap();
+        let keys = set["keys"].as_array().unwrap();
+        assert_eq!(keys.len(), 1, "one master key in a fresh data directory");
+        base64::engine::general_purpose::STANDARD
+            .decode(keys[0]["key"].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap()
+    }
+
     pub fn admin(&self, args: &[&str]) -> Value {
         let out = Command::new(bin("license-server"))
             .arg("admin")
