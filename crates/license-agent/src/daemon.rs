@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use license_audit::Outcome;
+use license_protocol::license_keys::TrustedKeys;
 use license_protocol::rotation::parse_license_public_key;
 use tokio::sync::watch;
 
@@ -17,6 +18,7 @@ use crate::alerts::{AlertKind, Alerts};
 use crate::audit::{agent_event, Audit};
 use crate::config::AgentConfig;
 use crate::engine::control::{self, ControlReceiver};
+use crate::engine::license_keys::TrustFile;
 use crate::engine::renewal::{Certificate, IdentityFiles, RenewalError, Settled};
 use crate::engine::server::AgentServer;
 use crate::engine::state::{AgentState, LoadOutcome, StateFile};
@@ -252,7 +254,7 @@ fn guarded_clock(state: &AgentState, audit_floor: Option<i64>, keyring: &Keyring
     .unwrap_or(0);
     let (clock, rollback) = GuardedClock::new(floor);
     if let Some(secs) = rollback {
-        tracing::error!(secs, "ALERT: the system clock is {secs} s behind the latest time this machine has seen; expiry decisions keep the later time");
+        tracing::error!(secs, "ALERT: the system clock is behind the latest time this machine has seen (by {secs} s); expiry decisions keep the later time");
     }
     clock
 }
@@ -394,9 +396,15 @@ pub async fn run(
         keyring.insert(s.version, s.dates, s.secret);
     }
     let clock = guarded_clock(&state, audit_floor, &keyring);
+    let trust_file = TrustFile::new(&config.agent.state_dir);
+    let license_keys = trust_file.load(license_key).unwrap_or_else(|e| {
+        // Public keys only: starting again from the pin loses nothing the server cannot resend.
+        tracing::error!(error = %e, "license-keys.json is unusable; trusting the pinned key and re-learning the set");
+        TrustedKeys::pinned(license_key)
+    });
     let validator = Arc::new(Validator::new(
         machine_id,
-        license_key,
+        license_keys.clone(),
         Arc::new(clock),
         config.ipc.replay_window,
         config.agent.degraded_mode,
@@ -414,7 +422,7 @@ pub async fn run(
         id: machine_id,
         client_id: config.agent.client_id,
         key: machine_key.clone(),
-        license_key,
+        license_keys,
         certificate,
     };
     let mut engine = Engine::new(EngineParts {

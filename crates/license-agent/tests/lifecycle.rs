@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{bin, reason, wait_until, Agent, Server};
+use common::{bin, faketime, reason, wait_until, Agent, Server};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -644,27 +644,29 @@ fn clock_moved_back_does_not_move_expiry_back() {
     // Secrets live days, so only the license's own expiry is at stake.
     let server = Server::start(root.path(), 86_400, 86_400);
     let mut agent = Agent::enroll(&server, root.path(), "pos1", 3600, |_| {});
-    // Expires in two hours.
-    let license = server.issue_license(&agent.machine_id, "pos.sale", &["--expires-in", "2h"]);
+    let license = server.issue_license(&agent.machine_id, "pos.sale", &["--expires-in", "3s"]);
     agent.start(&[]);
     let token = wait_token(&agent, &license, None);
-    assert!(agent.validate(&token).valid);
+    wait_until("the license to expire", WAIT, || {
+        reason(&agent.validate(&token)).as_deref() == Some("expired")
+    });
     agent.stop();
 
-    // The machine has seen a time three hours ahead (the high-water mark), then its clock is
-    // "set back" to now: expiry decisions keep the later time.
-    let state_path = agent.dir.join("state/state.json");
-    let mut state: Value =
-        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    state["clock_high_water"] = json!(now + 3 * 3600);
-    std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
-    agent.start(&[]);
+    // The till's clock is set back an hour: expiry decisions keep the later time it has seen
+    // (and the server's time, once it answers, agrees).
+    let back = faketime("-1h");
+    let env: Vec<(&str, &str)> = back.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    agent.start(&env);
     assert_eq!(reason(&agent.validate(&token)).as_deref(), Some("expired"));
-    assert!(agent.log().contains("system clock is behind"));
+    wait_until("a round with the server", WAIT, || {
+        agent.state()["server_time"].is_i64()
+    });
+    assert_eq!(reason(&agent.validate(&token)).as_deref(), Some("expired"));
+    assert!(
+        agent.log().contains("system clock is behind"),
+        "{}",
+        agent.log()
+    );
 }
 
 #[test]

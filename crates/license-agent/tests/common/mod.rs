@@ -68,7 +68,26 @@ impl Server {
 
     /// Like [`Server::start`], with `settings` (TOML lines) appended to its server.toml.
     pub fn start_with(root: &Path, validity: u64, grace: u64, settings: &str) -> Self {
-        let dir = root.join("server");
+        // Ports are picked free, then bound by the server a moment later: a test running in
+        // parallel may take one in between. Then start over with other ports.
+        let mut last = String::new();
+        for attempt in 0..5 {
+            let dir = root.join(if attempt == 0 {
+                "server".to_string()
+            } else {
+                format!("server-{attempt}")
+            });
+            let mut server = Self::init(dir, validity, grace, settings);
+            match server.try_resume_with_env(&[]) {
+                Ok(()) => return server,
+                Err(e) if e.contains("Address already in use") => last = e,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("no free ports after 5 attempts: {last}")
+    }
+
+    fn init(dir: PathBuf, validity: u64, grace: u64, settings: &str) -> Self {
         let ports = [free_port(), free_port(), free_port()];
         let out = Command::new(bin("license-server"))
             .args([
@@ -104,16 +123,14 @@ impl Server {
             "--secret-grace-secs".to_string(),
             grace.to_string(),
         ];
-        let mut server = Self {
+        Self {
             dir,
             ports,
             child: None,
             public_url: String::new(),
             pin: String::new(),
             extra,
-        };
-        server.resume();
-        server
+        }
     }
 
     /// (Re)starts the server process on the same data directory and ports.
@@ -139,6 +156,12 @@ impl Server {
     }
 
     pub fn resume_with_env(&mut self, env: &[(&str, &str)]) {
+        if let Err(e) = self.try_resume_with_env(env) {
+            panic!("{e}");
+        }
+    }
+
+    fn try_resume_with_env(&mut self, env: &[(&str, &str)]) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -156,16 +179,19 @@ impl Server {
             .spawn()
             .unwrap();
         let line = read_line(child.stdout.take().unwrap(), Duration::from_secs(30));
-        let ready: Value = serde_json::from_str(&line).unwrap_or_else(|_| {
-            panic!(
+        let Ok(ready) = serde_json::from_str::<Value>(&line) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
                 "server did not start: {line:?}\n{}",
                 std::fs::read_to_string(self.dir.join("serve.stderr")).unwrap_or_default()
-            )
-        });
+            ));
+        };
         self.public_url = ready["public_url"].as_str().unwrap().to_string();
         self.pin = ready["server_pin"].as_str().unwrap().to_string();
         assert!(self.public_url.ends_with(&self.ports[0].to_string()));
         self.child = Some(child);
+        Ok(())
     }
 
     /// Stops the server (SIGKILL: the agent must cope with it vanishing).
