@@ -299,11 +299,24 @@ fn main() {
 
 /// `n` valid tokens for distinct licenses of the agent's machine under its newest version.
 fn mint(server: &Server, agent: &Agent, token: &str, n: usize) -> Vec<String> {
-    use ed25519_dalek::pkcs8::DecodePrivateKey as _;
-    let signing = ed25519_dalek::SigningKey::from_pkcs8_pem(
-        &std::fs::read_to_string(server.dir.join("license-signing.key")).unwrap(),
+    use base64::Engine as _;
+    // The current license key of the server's key set (license-keys.json).
+    let set: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(server.dir.join("license-keys.json")).unwrap(),
     )
     .unwrap();
+    let current = set["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["state"] == "current")
+        .unwrap();
+    let seed: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(current["private_key"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let signing = ed25519_dalek::SigningKey::from_bytes(&seed);
     let machine: license_protocol::identity::MachineId = agent.machine_id.parse().unwrap();
     let (header, _) = license_protocol::token::decode(token).unwrap();
     let master = server.master_key();
@@ -323,7 +336,7 @@ fn mint(server: &Server, agent: &Agent, token: &str, n: usize) -> Vec<String> {
         token,
         &machine,
         |_| Some(secret.clone()),
-        &signing.verifying_key(),
+        |_| Ok(vec![signing.verifying_key()].into()),
     )
     .unwrap();
     (0..n)

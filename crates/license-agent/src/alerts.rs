@@ -31,6 +31,8 @@ pub enum AlertKind {
     SecretExpired,
     CertificateExpired,
     UnauthorizedAccess,
+    /// The server announced a license key set this agent refused (the old trust is kept).
+    LicenseKeysRefused,
 }
 
 impl AlertKind {
@@ -43,6 +45,7 @@ impl AlertKind {
             AlertKind::SecretExpired => "secret_expired",
             AlertKind::CertificateExpired => "certificate_expired",
             AlertKind::UnauthorizedAccess => "unauthorized_access",
+            AlertKind::LicenseKeysRefused => "license_keys_refused",
         }
     }
 }

@@ -54,8 +54,11 @@ stable_codes! {
     pub enum Reason {
         /// The token is not a token (bad base64, wrong magic or format, bad claims).
         Malformed => "malformed",
-        /// The token does not decrypt under its secret or its signature does not verify.
+        /// The token does not decrypt under its secret or its signature does not verify (or
+        /// names a license key this verifier does not know).
         BadSignature => "bad_signature",
+        /// The token is signed by a license key the server retired (and the verifier heard of).
+        KeyRetired => "key_retired",
         /// The machine holds no secret of the token's version (never had it, or it is gone).
         UnknownSecretVersion => "unknown_secret_version",
         /// The token's secret version was invalidated by an administrator or the server.

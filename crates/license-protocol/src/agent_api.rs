@@ -39,6 +39,10 @@ pub struct SecretStatus {
     /// channel: the agent's floor on "now", and the only time it destroys secrets by.
     #[serde(default)]
     pub server_time: Option<i64>,
+    /// Digest of the server's license key set ([`LicenseKeySet::digest`](crate::license_keys::LicenseKeySet::digest)):
+    /// an agent holding another fetches `GET /api/v1/license-keys`. `None` from older servers.
+    #[serde(default)]
+    pub license_keys: Option<String>,
 }
 
 /// `GET /api/v1/licenses`: the calling machine's license tokens under its newest acknowledged

@@ -11,7 +11,9 @@
 //! - [`error`]: the JSON error body every endpoint answers with.
 //! - [`secret`]: machine secrets and their ECIES delivery to the machine's key.
 //! - [`rotation`]: rotate-secret request and response, with their signatures.
-//! - [`token`]: license tokens, signed and encrypted (format v1).
+//! - [`license_keys`]: license signing key ids, the key set the server announces, the keys an
+//!   agent trusts.
+//! - [`token`]: license tokens, signed and encrypted (format v2; v1 still read).
 //! - [`verdict`]: the one verdict on a token and its reason codes (agent and server).
 //! - [`ipc`]: the local socket protocol between POS applications and the agent.
 //! - [`mgmt`]: the management socket between `license-agent-cli` and the agent.
@@ -37,6 +39,7 @@ pub mod identity;
 /// The validation socket's wire types, defined in `license-ipc` (which clients take without the
 /// cryptography of this crate) and re-exported here under their old path.
 pub use license_ipc::ipc;
+pub mod license_keys;
 /// The management socket's wire types, defined in `license-ipc` and re-exported here.
 pub use license_ipc::mgmt;
 pub mod pin;

@@ -163,10 +163,11 @@ impl RotateSecretResponse {
         }
     }
 
-    /// Agent side: checks the server's signature and returns the sealed blob.
+    /// Agent side: checks the server's signature (by any trusted key not retired) and returns
+    /// the sealed blob.
     pub fn verify(
         &self,
-        key: &ed25519_dalek::VerifyingKey,
+        keys: &crate::license_keys::TrustedKeys,
         machine_id: &MachineId,
     ) -> Result<Vec<u8>, SignatureError> {
         let blob = STANDARD
@@ -178,11 +179,13 @@ impl RotateSecretResponse {
             .and_then(|b| b.try_into().ok())
             .ok_or(SignatureError::Malformed)?;
         let sig = ed25519_dalek::Signature::from_bytes(&sig_bytes);
-        key.verify_strict(
-            &Self::signing_bytes(machine_id, self.secret_version, &self.dates(), &blob),
-            &sig,
-        )
-        .map_err(|_| SignatureError::Invalid)?;
+        let message = Self::signing_bytes(machine_id, self.secret_version, &self.dates(), &blob);
+        if !keys
+            .usable()
+            .any(|k| k.verify_strict(&message, &sig).is_ok())
+        {
+            return Err(SignatureError::Invalid);
+        }
         Ok(blob)
     }
 }
@@ -205,6 +208,7 @@ pub fn parse_license_public_key(s: &str) -> Option<ed25519_dalek::VerifyingKey> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::license_keys::{AnnouncedKey, KeyState, LicenseKeySet, TrustedKeys};
     use p256::pkcs8::EncodePublicKey as _;
 
     #[test]
@@ -239,22 +243,39 @@ mod tests {
             grace_until: 3,
         };
         let resp = RotateSecretResponse::new_signed(&server, &id, 5, dates, b"blob");
-        assert_eq!(resp.verify(&server.verifying_key(), &id).unwrap(), b"blob");
+        let trusted = TrustedKeys::pinned(server.verifying_key());
+        assert_eq!(resp.verify(&trusted, &id).unwrap(), b"blob");
         let mut forged = resp.clone();
         forged.grace_until = 99;
+        assert_eq!(forged.verify(&trusted, &id), Err(SignatureError::Invalid));
         assert_eq!(
-            forged.verify(&server.verifying_key(), &id),
-            Err(SignatureError::Invalid)
-        );
-        assert_eq!(
-            resp.verify(&server.verifying_key(), &MachineId::new_random()),
+            resp.verify(&trusted, &MachineId::new_random()),
             Err(SignatureError::Invalid)
         );
         let other = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
         assert_eq!(
-            resp.verify(&other.verifying_key(), &id),
+            resp.verify(&TrustedKeys::pinned(other.verifying_key()), &id),
             Err(SignatureError::Invalid)
         );
+        // Signed by a newer key the agent learned: accepted; once that key is retired: not.
+        let mut rolled = TrustedKeys::pinned(other.verifying_key());
+        let set = |state, at| {
+            LicenseKeySet::sign(
+                vec![
+                    AnnouncedKey::new(&server.verifying_key(), state, 0),
+                    AnnouncedKey::new(&other.verifying_key(), KeyState::Previous, 0),
+                ],
+                at,
+                &[&other],
+            )
+        };
+        rolled.accept(&set(KeyState::Current, 1)).unwrap();
+        assert_eq!(resp.verify(&rolled, &id).unwrap(), b"blob");
+        let mut retired = set(KeyState::Retired, 2);
+        retired.keys[1].state = KeyState::Current;
+        let retired = LicenseKeySet::sign(retired.keys, 2, &[&other]);
+        rolled.accept(&retired).unwrap();
+        assert_eq!(resp.verify(&rolled, &id), Err(SignatureError::Invalid));
         let text = format!(
             "ed25519:{}",
             STANDARD.encode(server.verifying_key().to_bytes())

@@ -3,6 +3,7 @@
 //! `POST /api/v1/validate-license`), so both answer the same token with the same code.
 //!
 //! Checks, in order: format ([`Reason::Malformed`]), machine ([`Reason::WrongMachine`]), the
+//! signing key (retired: [`Reason::KeyRetired`]; unknown: [`Reason::BadSignature`]), the
 //! secret version is known ([`Reason::UnknownSecretVersion`]; one destroyed at the end of its
 //! grace is [`Reason::Expired`], one destroyed after an invalidation
 //! [`Reason::SecretInvalidated`]), decryption and signature ([`Reason::BadSignature`]), the
@@ -12,6 +13,7 @@
 //! ```
 //! use license_protocol::identity::{ClientId, MachineId};
 //! use license_protocol::ipc::Reason;
+//! use license_protocol::license_keys::TrustedKeys;
 //! use license_protocol::secret::Secret;
 //! use license_protocol::token::{self, LicenseClaims};
 //! use license_protocol::verdict::{verdict, SecretStanding, SecretState};
@@ -30,17 +32,19 @@
 //!     expires_at: None,
 //! };
 //! let token = token::seal(&claims, &secret, 3, &server);
+//! let keys = TrustedKeys::pinned(server.verifying_key());
 //! let held = |_| SecretStanding::Held(secret.clone(), SecretState::Usable);
-//! let ok = verdict(&token, &machine, &server.verifying_key(), 1_000, held, |_| false).unwrap();
+//! let ok = verdict(&token, &machine, &keys, 1_000, held, |_| false).unwrap();
 //! assert_eq!((ok.version, ok.claims.features.len()), (3, 1));
 //!
 //! let gone = |_| SecretStanding::Gone(SecretState::PastGrace);
-//! let refused = verdict(&token, &machine, &server.verifying_key(), 1_000, gone, |_| false);
+//! let refused = verdict(&token, &machine, &keys, 1_000, gone, |_| false);
 //! assert_eq!(refused.unwrap_err().reason, Reason::Expired);
 //! ```
 
 use crate::identity::MachineId;
 use crate::ipc::Reason;
+use crate::license_keys::TrustedKeys;
 use crate::secret::Secret;
 use crate::token::{self, LicenseClaims, TokenError};
 
@@ -132,6 +136,7 @@ pub fn reason_of(error: &TokenError) -> Reason {
         TokenError::WrongMachine => Reason::WrongMachine,
         TokenError::UnknownSecretVersion(_) => Reason::UnknownSecretVersion,
         TokenError::BadSignature => Reason::BadSignature,
+        TokenError::KeyRetired => Reason::KeyRetired,
     }
 }
 
@@ -141,7 +146,7 @@ pub fn reason_of(error: &TokenError) -> Reason {
 pub fn verdict(
     token: &str,
     machine: &MachineId,
-    license_key: &ed25519_dalek::VerifyingKey,
+    license_keys: &TrustedKeys,
     now: i64,
     standing: impl FnOnce(u64) -> SecretStanding,
     revoked: impl FnOnce(&uuid::Uuid) -> bool,
@@ -160,7 +165,7 @@ pub fn verdict(
                 None
             }
         },
-        license_key,
+        |key_id| license_keys.for_token(key_id),
     );
     let claims = match (opened, settled) {
         (Ok(claims), _) => claims,
@@ -249,7 +254,7 @@ mod tests {
         verdict(
             token,
             &c.machine,
-            &c.server.verifying_key(),
+            &TrustedKeys::pinned(c.server.verifying_key()),
             now,
             |v| {
                 assert_eq!(v, 5);
@@ -342,7 +347,7 @@ mod tests {
         let refusal = verdict(
             &good,
             &c.machine,
-            &c.server.verifying_key(),
+            &TrustedKeys::pinned(c.server.verifying_key()),
             0,
             |_| SecretStanding::Held(c.secret.clone(), SecretState::Usable),
             |_| true,
@@ -350,6 +355,36 @@ mod tests {
         .unwrap_err();
         assert_eq!(refusal.reason, Reason::Revoked);
         assert!(refusal.license_id.is_some());
+    }
+
+    #[test]
+    fn a_retired_key_answers_key_retired_and_an_unknown_one_bad_signature() {
+        use crate::license_keys::{AnnouncedKey, KeyState, LicenseKeySet};
+        let c = case();
+        let good = token(&c, 0, None);
+        let new = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let held = || SecretStanding::Held(c.secret.clone(), SecretState::Usable);
+        let answer = |keys: &TrustedKeys| {
+            verdict(&good, &c.machine, keys, 0, |_| held(), |_| false)
+                .err()
+                .map(|r| r.reason)
+        };
+        let mut keys = TrustedKeys::pinned(c.server.verifying_key());
+        assert_eq!(answer(&keys), None);
+        assert_eq!(
+            answer(&TrustedKeys::pinned(new.verifying_key())),
+            Some(Reason::BadSignature)
+        );
+        let set = LicenseKeySet::sign(
+            vec![
+                AnnouncedKey::new(&c.server.verifying_key(), KeyState::Retired, 0),
+                AnnouncedKey::new(&new.verifying_key(), KeyState::Current, 0),
+            ],
+            5,
+            &[&c.server, &new],
+        );
+        keys.accept(&set).unwrap();
+        assert_eq!(answer(&keys), Some(Reason::KeyRetired));
     }
 
     #[test]

@@ -147,9 +147,22 @@ pub enum AdminCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Every key the server holds: the CA, the TLS certificate, the license signing key and
-    /// the master keys, with their age, what depends on them and when they expire.
+    /// Every key the server holds: the CA, the TLS certificate, the license keys and the
+    /// master keys, with their age, what depends on them and when they expire.
     Status,
+    /// Roll the license signing key over: a new key signs new tokens and rotate answers; the
+    /// current one becomes previous and its tokens keep validating. Agents learn the new key
+    /// at their next poll. Replicas with their own data directory need a copy of
+    /// license-keys.json (docs/OPERATIONS.md).
+    #[command(name = "rotate-license")]
+    RotateLicense,
+    /// Retire a license key (e.g. compromised): tokens signed by it answer `key_retired` on
+    /// every agent that has heard of it. Refused for the current key (rotate first).
+    #[command(name = "retire-license")]
+    RetireLicense {
+        /// The key's id (16 hex digits, as `keys status` lists it).
+        key_id: license_protocol::license_keys::KeyId,
+    },
     /// Roll the master key over online: a new key seals new secrets, every stored secret is
     /// re-encrypted under it in batches, then the old key is retired. Safe to run again after
     /// an interruption: it finishes the job. Replicas with their own data directory need a

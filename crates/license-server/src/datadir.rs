@@ -6,7 +6,9 @@
 //!   ca.pem     ca.key      internal CA (key 0600)
 //!   server.pem server.key  TLS certificate of all three listeners (key 0600); server.pem is
 //!                          replaced atomically when the certificate renews itself
-//!   license-signing.key    Ed25519 PKCS#8 key that signs license tokens (0600)
+//!   license-keys.json      Ed25519 license keys that sign tokens and rotate answers, current,
+//!                          previous and retired (0600; see `license_keys`); older data
+//!                          directories have a bare license-signing.key (PKCS#8)
 //!   master-keys.json       master keys encrypting secrets at rest, by id (0600; see
 //!                          `master_keys`); older data directories have a bare master.key
 //!   license.db             SQLite database (default storage)
@@ -22,15 +24,12 @@ use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
-use ed25519_dalek::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
-use ed25519_dalek::SigningKey;
 use license_protocol::pin::CertPin;
 use rand::RngCore as _;
 use zeroize::Zeroizing;
 
 use crate::config::{ConfigError, ServerConfig};
+use crate::license_keys::{LicenseKeyError, LicenseKeyRing, LicenseKeys};
 use crate::master_keys::{MasterKey, MasterKeyError, MasterKeyRing, MasterKeySet, FIRST_KEY_ID};
 use crate::pki::{CertificateAuthority, PkiError};
 
@@ -54,6 +53,8 @@ pub enum DataDirError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     MasterKeys(#[from] MasterKeyError),
+    #[error(transparent)]
+    LicenseKeys(#[from] LicenseKeyError),
 }
 
 /// Paths inside a data directory.
@@ -84,8 +85,13 @@ impl DataDir {
     pub fn server_key(&self) -> PathBuf {
         self.root.join("server.key")
     }
+    /// The single license key of data directories made before license key rollover.
     pub fn signing_key(&self) -> PathBuf {
-        self.root.join("license-signing.key")
+        self.root.join(crate::license_keys::LEGACY_KEY_FILE)
+    }
+    /// The license key set.
+    pub fn license_keys(&self) -> PathBuf {
+        self.root.join(crate::license_keys::KEY_SET_FILE)
     }
     /// The single master key of data directories made before master key rollover.
     pub fn master_key(&self) -> PathBuf {
@@ -187,14 +193,7 @@ impl DataDir {
             ips,
             time::Duration::days(config.server_certificate_validity_days.into()),
         )?;
-        let signing = SigningKey::generate(&mut rand::rngs::OsRng);
-        let signing_pem =
-            signing
-                .to_pkcs8_pem(Default::default())
-                .map_err(|e| DataDirError::BadKey {
-                    path: self.signing_key().display().to_string(),
-                    message: e.to_string(),
-                })?;
+        let license_keys = LicenseKeys::generate(crate::clock::Timestamp::now());
         let master = MasterKeySet::new(vec![MasterKey::generate(
             FIRST_KEY_ID,
             crate::clock::Timestamp::now(),
@@ -208,7 +207,7 @@ impl DataDir {
             0o600,
         )?;
         self.write_new(&self.server_cert(), server_cert.pem.as_bytes(), 0o644)?;
-        self.write_new(&self.signing_key(), signing_pem.as_bytes(), 0o600)?;
+        license_keys.write(&self.root)?;
         master.write(&self.root)?;
         // Written last: its presence marks a complete initialization.
         self.write_new(&self.config(), config.to_toml().as_bytes(), 0o644)?;
@@ -220,7 +219,7 @@ impl DataDir {
                     message: e.to_string(),
                 }
             })?,
-            license_public_key: license_public_key_string(&signing),
+            license_public_key: license_public_key_string(license_keys.signing_key()),
         })
     }
 
@@ -239,21 +238,14 @@ impl DataDir {
                 path: self.server_cert().display().to_string(),
                 message: e.to_string(),
             })?;
-        let signing_path = self.signing_key();
-        let signing = SigningKey::from_pkcs8_pem(&self.read(&signing_path)?).map_err(|e| {
-            DataDirError::BadKey {
-                path: signing_path.display().to_string(),
-                message: e.to_string(),
-            }
-        })?;
+        let license_keys = LicenseKeyRing::load(&self.root)?;
         let master_keys = MasterKeyRing::load(&self.root)?;
         Ok(ServerKeys {
             ca,
             server_cert_pem,
             server_key_pem,
             server_pin,
-            license_public_key: license_public_key_string(&signing),
-            license_signing_key: signing,
+            license_keys,
             master_keys,
         })
     }
@@ -272,9 +264,9 @@ pub struct ServerKeys {
     pub server_cert_pem: String,
     pub server_key_pem: Zeroizing<String>,
     pub server_pin: CertPin,
-    pub license_public_key: String,
-    /// Signs license tokens (secret-lifecycle issue); loaded now so a bad key fails at start.
-    pub license_signing_key: SigningKey,
+    /// The license keys: the current one signs tokens and rotate answers (`license_keys`);
+    /// loaded now so a bad key set fails at start, re-read when its file changes.
+    pub license_keys: LicenseKeyRing,
     /// Encrypt machine secrets at rest, by id; the database's registry says which one seals
     /// new secrets (`service::keys`).
     pub master_keys: MasterKeyRing,
@@ -289,11 +281,8 @@ impl std::fmt::Debug for ServerKeys {
 }
 
 /// `ed25519:<base64 of the 32-byte public key>`, the form the agent pins.
-pub fn license_public_key_string(key: &SigningKey) -> String {
-    format!(
-        "ed25519:{}",
-        STANDARD.encode(key.verifying_key().to_bytes())
-    )
+pub fn license_public_key_string(key: &ed25519_dalek::SigningKey) -> String {
+    license_protocol::license_keys::public_key_string(&key.verifying_key())
 }
 
 fn short_random() -> String {

@@ -16,6 +16,7 @@ use license_server::clock::Timestamp;
 use license_server::config::{https_url, ServerConfig};
 use license_server::datadir::{DataDir, DataDirError};
 use license_server::http::{self, Listeners};
+use license_server::license_keys::LicenseKeyError;
 use license_server::service::admin::{Admin, AdminError};
 use license_server::service::keys::{self, KeysError, Progress, RotateOptions};
 use license_server::service::licenses::LicenseRequest;
@@ -90,6 +91,12 @@ impl From<KeysError> for MainError {
                 MainError::Refused(e.to_string())
             }
             KeysError::NotHeld(_) => MainError::Usage(e.to_string()),
+            KeysError::LicenseKeys(LicenseKeyError::Unknown(_)) => {
+                MainError::NotFound(e.to_string())
+            }
+            KeysError::LicenseKeys(
+                LicenseKeyError::RetireCurrent(_) | LicenseKeyError::AlreadyRetired(_),
+            ) => MainError::Refused(e.to_string()),
             _ => MainError::Runtime(e.to_string()),
         }
     }
@@ -502,6 +509,22 @@ async fn keys_command(
                 output::json(&report);
             } else {
                 output::rotate_report(&report);
+            }
+        }
+        KeysCommand::RotateLicense => {
+            let report = keys::rotate_license(state, actor).await?;
+            if json {
+                output::json(&report);
+            } else {
+                output::license_keys_report(&report);
+            }
+        }
+        KeysCommand::RetireLicense { key_id } => {
+            let report = keys::retire_license(state, actor, key_id).await?;
+            if json {
+                output::json(&report);
+            } else {
+                output::license_keys_report(&report);
             }
         }
     }

@@ -3,7 +3,7 @@
 use license_protocol::agent_api::LicenseToken;
 use license_server::clock::Timestamp;
 use license_server::service::admin::PurgeReport;
-use license_server::service::keys::{KeysStatus, Progress, RotateReport};
+use license_server::service::keys::{KeysStatus, LicenseKeysReport, Progress, RotateReport};
 use license_server::store::audit::AuditEvent;
 use license_server::store::certificates::{CertificateRecord, CertificateStats};
 use license_server::store::clients::ClientRecord;
@@ -356,12 +356,28 @@ pub fn keys_status(s: &KeysStatus) {
         s.server_tls.renews_at.rfc3339(),
         ahead(s.server_tls.renews_at)
     );
-    println!("License signing key");
+    println!("License signing key (current)");
+    println!("  id           {}", s.license_signing_key.key_id);
     println!("  public key   {}", s.license_signing_key.public_key);
     match s.license_signing_key.created_at {
         Some(t) => println!("  created      {} ({} old)", t.rfc3339(), span(now, t)),
         None => println!("  created      -"),
     }
+    println!("License keys ({})", s.license_key_set);
+    table(
+        &["  ID", "STATE", "CREATED", "AGE"],
+        s.license_keys
+            .iter()
+            .map(|k| {
+                vec![
+                    format!("  {}", k.id),
+                    k.state.clone(),
+                    k.created_at.rfc3339(),
+                    span(now, k.created_at),
+                ]
+            })
+            .collect(),
+    );
     println!("Master keys ({})", s.master_key_set);
     let rows: Vec<Vec<String>> = s
         .master_keys
@@ -393,6 +409,30 @@ pub fn keys_status(s: &KeysStatus) {
     for h in &s.serving_processes {
         println!("  {}  holds {}", h.description, h.key_ids.join(", "));
     }
+}
+
+/// The outcome of `admin keys rotate-license` or `retire-license`, for people.
+pub fn license_keys_report(r: &LicenseKeysReport) {
+    match r.new_key_id {
+        Some(new) => println!(
+            "License key rotated: {new} is current; {} is previous (its tokens keep validating).",
+            r.old_key_id
+        ),
+        None => println!(
+            "License key {} retired: its tokens answer key_retired on every agent that has heard of it.",
+            r.old_key_id
+        ),
+    }
+    for k in &r.keys {
+        println!(
+            "  {}  {:<8}  created {}",
+            k.id,
+            k.state,
+            k.created_at.rfc3339()
+        );
+    }
+    println!("Key set: {} (digest {})", r.key_set, r.digest);
+    println!("Replicas with their own data directory: copy it there (docs/OPERATIONS.md).");
 }
 
 /// One step of `admin keys rotate-master`, for people.

@@ -564,6 +564,7 @@ async fn openapi_lists_every_route() {
         ("post", "/api/v1/rotate-secret"),
         ("post", "/api/v1/rotate-secret/ack"),
         ("get", "/api/v1/secret-status"),
+        ("get", "/api/v1/license-keys"),
         ("get", "/api/v1/licenses"),
         ("post", "/api/v1/validate-license"),
         ("post", "/api/v1/renew-certificate"),
@@ -608,6 +609,7 @@ async fn openapi_lists_every_route() {
     );
     assert!(doc["components"]["schemas"]["BootstrapRequest"].is_object());
     assert!(doc["components"]["schemas"]["RotateSecretRequest"].is_object());
+    assert!(doc["components"]["schemas"]["LicenseKeySet"].is_object());
     assert!(doc["components"]["schemas"]["IssuedLicense"].is_object());
     // The CLI prints the same document.
     let out = Command::new(SERVER).arg("openapi").output().unwrap();

@@ -1,6 +1,8 @@
 //! The server's keys against real server processes: the online master key rollover
 //! (`admin keys rotate-master`) with machines holding secrets and licenses, killed at every
-//! step and run again, with two replicas on PostgreSQL, and `admin keys status`.
+//! step and run again, with two replicas on PostgreSQL; the license key rollover and
+//! retirement (`admin keys rotate-license`, `retire-license`) with the replica copy ceremony;
+//! and `admin keys status`.
 //!
 //! The machine side is a minimal agent written from the protocol crate (as in secrets.rs).
 #![allow(clippy::unwrap_used)]
@@ -14,7 +16,9 @@ use std::time::Duration;
 use common::{Db, ServerProcess, TestServer, SERVER};
 use license_protocol::agent_api::{MachineLicenses, ValidateLicenseResponse};
 use license_protocol::identity::MachineId;
+use license_protocol::license_keys::{KeyId, LicenseKeySet, TrustedKeys};
 use license_protocol::rotation::{RotateSecretRequest, RotateSecretResponse};
+use license_protocol::token;
 use serde_json::{json, Value};
 
 fn parse_rfc3339(v: &Value) -> i64 {
@@ -123,6 +127,30 @@ impl Machine {
             .await;
         assert_eq!(status, 200, "{body}");
         serde_json::from_value(body).unwrap()
+    }
+
+    /// `GET /api/v1/license-keys`.
+    async fn license_keys(&self) -> LicenseKeySet {
+        let r = self
+            .http
+            .get(format!("{}/api/v1/license-keys", self.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        r.json().await.unwrap()
+    }
+
+    /// The key set digest the secret status announces.
+    async fn announced_digest(&self) -> String {
+        let r = self
+            .http
+            .get(format!("{}/api/v1/secret-status", self.url))
+            .send()
+            .await
+            .unwrap();
+        let body: Value = r.json().await.unwrap();
+        body["license_keys"].as_str().unwrap().to_string()
     }
 
     /// A token under its current secret: valid online.
@@ -558,3 +586,182 @@ async fn keys_status_names_every_key(db: Db) {
     }
 }
 on_both_databases!(keys_status_names_every_key);
+
+/// The key id a token names.
+fn key_id_of(token_b64: &str) -> String {
+    token::decode(token_b64)
+        .unwrap()
+        .0
+        .key_id
+        .expect("a v2 token")
+        .to_string()
+}
+
+/// Waits until the machine's replica announces `digest` (it re-reads its key set file).
+async fn wait_for_set(m: &Machine, digest: &str) {
+    for _ in 0..100 {
+        if m.announced_digest().await == digest {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out waiting for {} to announce {digest}", m.url);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn license_key_rollover_and_retirement_across_two_replicas_on_postgres() {
+    let server = TestServer::start(Db::Postgres);
+    let b_dir: PathBuf = server.dir.path().join("srv-b");
+    copy_dir(&server.data_dir(), &b_dir);
+    let b = ServerProcess::spawn(&b_dir, &[]);
+    let machines = machines_with_secrets(&server, 1).await;
+    let on_a = &machines[0];
+    let on_b = on_a.at(&b.agent_url);
+    let pinned = license_protocol::rotation::parse_license_public_key(
+        on_a.answer["license_public_key"].as_str().unwrap(),
+    )
+    .unwrap();
+    let old_id = KeyId::of(&pinned).to_string();
+    let old_token = on_a.token_validates().await;
+    assert_eq!(
+        token::decode(&old_token).unwrap().0.key_id,
+        None,
+        "v1 (readable by older agents) while the server has only one key"
+    );
+    assert_eq!(on_a.announced_digest().await, on_b.announced_digest().await);
+    // An agent holding only its pin accepts the set as announced.
+    let mut agent = TrustedKeys::pinned(pinned);
+    agent.accept(&on_a.license_keys().await).unwrap();
+
+    // Rollover on A; the ceremony copies the key set to B.
+    let out = admin_in(
+        &server.data_dir(),
+        &["--json", "keys", "rotate-license"],
+        &[],
+    );
+    let report = report_of(&out);
+    let new_id = report["new_key_id"].as_str().unwrap().to_string();
+    assert_eq!(report["old_key_id"], old_id.as_str());
+    let digest = report["digest"].as_str().unwrap().to_string();
+    wait_for_set(on_a, &digest).await;
+    std::fs::copy(
+        server.data_dir().join("license-keys.json"),
+        b_dir.join("license-keys.json"),
+    )
+    .unwrap();
+    wait_for_set(&on_b, &digest).await;
+    let set = on_b.license_keys().await;
+    assert_eq!(set.digest(), digest);
+    assert_eq!(
+        set.signatures.len(),
+        2,
+        "signed by the old key and the new one"
+    );
+    agent.accept(&set).unwrap();
+
+    // Both replicas issue tokens under the new key; both validate old and new tokens; a
+    // rotation answer (signed by the new key) verifies with the agent's learned trust.
+    let new_token = on_b.token_validates().await;
+    assert_eq!(key_id_of(&new_token), new_id);
+    assert_eq!(key_id_of(&on_a.token_validates().await), new_id);
+    for m in [on_a, &on_b] {
+        assert!(
+            m.validate(&old_token).await.valid,
+            "previous key on {}",
+            m.url
+        );
+        assert!(m.validate(&new_token).await.valid);
+    }
+    let req = RotateSecretRequest::new_signed(&on_b.signing, on_b.id, 2, now());
+    let (status, body) = on_b.post("/api/v1/rotate-secret", &req).await;
+    assert_eq!(status, 200, "{body}");
+    let resp: RotateSecretResponse = serde_json::from_value(body).unwrap();
+    resp.verify(&agent, &on_b.id).unwrap();
+    assert!(resp.verify(&TrustedKeys::pinned(pinned), &on_b.id).is_err());
+
+    // Refusals: the current key, an unknown key, not a key id.
+    let out = admin_in(
+        &server.data_dir(),
+        &["keys", "retire-license", &new_id],
+        &[],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = admin_in(
+        &server.data_dir(),
+        &["keys", "retire-license", "0011223344556677"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(3));
+    let out = admin_in(&server.data_dir(), &["keys", "retire-license", "k1"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+
+    // Retirement on A, copied to B: the old token answers key_retired on both.
+    let report = report_of(&admin_in(
+        &server.data_dir(),
+        &["--json", "keys", "retire-license", &old_id],
+        &[],
+    ));
+    let digest = report["digest"].as_str().unwrap().to_string();
+    std::fs::copy(
+        server.data_dir().join("license-keys.json"),
+        b_dir.join("license-keys.json"),
+    )
+    .unwrap();
+    wait_for_set(on_a, &digest).await;
+    wait_for_set(&on_b, &digest).await;
+    for m in [on_a, &on_b] {
+        let verdict = m.validate(&old_token).await;
+        assert!(!verdict.valid);
+        assert_eq!(
+            verdict.reason.map(|r| r.as_str().to_string()).as_deref(),
+            Some("key_retired"),
+            "on {}",
+            m.url
+        );
+        assert!(m.validate(&new_token).await.valid);
+    }
+    // A straggler that trusts only the retired key follows in one step (the retired key still
+    // signs the set); the agent that followed all along refuses the retired key from now on.
+    let set = on_b.license_keys().await;
+    let mut straggler = TrustedKeys::pinned(pinned);
+    straggler.accept(&set).unwrap();
+    agent.accept(&set).unwrap();
+    for trust in [&straggler, &agent] {
+        assert_eq!(
+            trust.for_token(Some(old_id.parse().unwrap())),
+            Err(token::TokenError::KeyRetired)
+        );
+    }
+
+    // Audited with key ids only; the status lists both keys.
+    let events = audit(&server);
+    let of = |action: &str| events.iter().filter(|e| e["action"] == action).count();
+    assert_eq!(of("keys.rotate_license"), 1);
+    assert_eq!(of("keys.retire_license"), 3, "the two refusals too");
+    let text = serde_json::to_string(&events).unwrap();
+    let file: Value = serde_json::from_str(
+        &std::fs::read_to_string(server.data_dir().join("license-keys.json")).unwrap(),
+    )
+    .unwrap();
+    for k in file["keys"].as_array().unwrap() {
+        let private = k["private_key"].as_str().unwrap();
+        assert!(!text.contains(private));
+    }
+    let status = key_status(&server);
+    let states: Vec<(&str, &str)> = status["license_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| (k["id"].as_str().unwrap(), k["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        [(old_id.as_str(), "retired"), (new_id.as_str(), "current")]
+    );
+    assert!(b.stop().success());
+}

@@ -332,7 +332,7 @@ struct Keyed {
     url: String,
     id: MachineId,
     secret_key: p256::SecretKey,
-    license_key: ed25519_dalek::VerifyingKey,
+    license_key: license_protocol::license_keys::TrustedKeys,
 }
 
 impl Keyed {
@@ -342,7 +342,9 @@ impl Keyed {
             url: server.server.agent_url.clone(),
             id: answer["machine_id"].as_str().unwrap().parse().unwrap(),
             secret_key: p256::SecretKey::from_pkcs8_pem(key_pem).unwrap(),
-            license_key: parse_license_public_key(license_key).unwrap(),
+            license_key: license_protocol::license_keys::TrustedKeys::pinned(
+                parse_license_public_key(license_key).unwrap(),
+            ),
         }
     }
 

@@ -51,7 +51,7 @@ struct Machine {
     id: MachineId,
     secret_key: p256::SecretKey,
     signing: p256::ecdsa::SigningKey,
-    license_key: ed25519_dalek::VerifyingKey,
+    license_key: license_protocol::license_keys::TrustedKeys,
 }
 
 impl Machine {
@@ -66,8 +66,9 @@ impl Machine {
             id: answer["machine_id"].as_str().unwrap().parse().unwrap(),
             signing: p256::ecdsa::SigningKey::from(&secret_key),
             secret_key,
-            license_key: parse_license_public_key(answer["license_public_key"].as_str().unwrap())
-                .unwrap(),
+            license_key: license_protocol::license_keys::TrustedKeys::pinned(
+                parse_license_public_key(answer["license_public_key"].as_str().unwrap()).unwrap(),
+            ),
         }
     }
 
@@ -245,7 +246,11 @@ async fn first_rotation_ack_and_idempotent_retry(db: Db) {
     let resp: RotateSecretResponse = serde_json::from_value(body).unwrap();
     let stranger = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng).verifying_key();
     assert_eq!(
-        resp.verify(&stranger, &m.id).unwrap_err(),
+        resp.verify(
+            &license_protocol::license_keys::TrustedKeys::pinned(stranger),
+            &m.id
+        )
+        .unwrap_err(),
         SignatureError::Invalid
     );
     assert_eq!(
@@ -511,7 +516,7 @@ async fn licenses_follow_rotation_and_validate_online(db: Db) {
         &token1,
         &m.id,
         |v| (v == 1).then(|| v1.secret.clone()),
-        &m.license_key,
+        |id| m.license_key.for_token(id),
     )
     .unwrap();
     assert_eq!(claims.features, ["pos.sale", "pos.refund"]);
@@ -528,8 +533,20 @@ async fn licenses_follow_rotation_and_validate_online(db: Db) {
     assert_eq!(fetched.secret_version, Some(2));
     let token2 = fetched.tokens[0].token.clone();
     assert_eq!(token::decode(&token2).unwrap().0.secret_version, 2);
-    assert!(token::open(&token2, &m.id, |_| Some(v1.secret.clone()), &m.license_key).is_err());
-    token::open(&token2, &m.id, |_| Some(v2.secret.clone()), &m.license_key).unwrap();
+    assert!(token::open(
+        &token2,
+        &m.id,
+        |_| Some(v1.secret.clone()),
+        |id| m.license_key.for_token(id)
+    )
+    .is_err());
+    token::open(
+        &token2,
+        &m.id,
+        |_| Some(v2.secret.clone()),
+        |id| m.license_key.for_token(id),
+    )
+    .unwrap();
     assert!(m.validate(&token1).await.valid);
     assert!(m.validate(&token2).await.valid);
     let printed = server.admin_json(&["license", "token", &license_id]);
@@ -562,7 +579,9 @@ async fn licenses_follow_rotation_and_validate_online(db: Db) {
     );
     assert_eq!(reason(&m.validate("not a token").await), "malformed");
     let mut bytes = STANDARD.decode(&token2).unwrap();
-    bytes[27] = 9; // secret version 9, which this machine never had
+    // Secret version 9, which this machine never had (the version's last byte: v1 or v2 header).
+    let at = if bytes[3] == 1 { 27 } else { 35 };
+    bytes[at] = 9;
     assert_eq!(
         reason(&m.validate(&STANDARD.encode(&bytes)).await),
         "unknown_secret_version"

@@ -17,11 +17,13 @@
 //! - [`control`]: management requests, handled between rounds
 //! - [`status`]: the status view, systemd's status line, the metrics file
 //! - [`licenses`]: token files for POS applications
+//! - [`license_keys`]: the license keys trusted, learned from the server's signed key sets
 //! - [`renewal`]: a new certificate for the machine key
 //! - [`state`]: `state.json`, what the agent knows besides the secrets
 
 pub mod control;
 pub mod decide;
+pub mod license_keys;
 pub mod licenses;
 pub mod renewal;
 pub mod round;
@@ -70,8 +72,9 @@ pub struct Machine {
     pub client_id: ClientId,
     /// Signs rotate requests and opens delivered secrets.
     pub key: Arc<dyn MachineKey>,
-    /// The server's pinned license key: signs rotate answers and tokens.
-    pub license_key: ed25519_dalek::VerifyingKey,
+    /// The server's license keys this machine trusts (the pinned one and those learned since):
+    /// they sign rotate answers and tokens.
+    pub license_keys: license_protocol::license_keys::TrustedKeys,
     /// The certificate `key` is presented with (renewed by the engine).
     pub certificate: renewal::Certificate,
 }
@@ -93,6 +96,8 @@ pub struct EngineSettings {
     pub degraded_policy: DegradedPolicy,
     pub metrics_file: PathBuf,
     pub tokens_dir: PathBuf,
+    /// `state_dir/license-keys.json`: the license keys trusted.
+    pub license_keys_file: license_keys::TrustFile,
     /// The machine's key and certificate files (renewal rewrites them).
     pub identity: renewal::IdentityFiles,
 }
@@ -109,6 +114,7 @@ impl EngineSettings {
             degraded_policy: config.agent.degraded_mode,
             metrics_file: config.agent.metrics_file.clone(),
             tokens_dir: config.agent.state_dir.join("tokens"),
+            license_keys_file: license_keys::TrustFile::new(&config.agent.state_dir),
             identity: renewal::IdentityFiles::from_config(config),
         }
     }
@@ -127,6 +133,8 @@ struct Health {
     renewed_at: Option<i64>,
     rotations_total: u64,
     rotations_failed: u64,
+    /// Digest of a key set refused (not fetched again until the server announces another).
+    refused_key_set: Option<String>,
 }
 
 /// Everything the engine is made of.

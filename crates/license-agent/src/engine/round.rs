@@ -2,8 +2,12 @@
 //! (forced rotations, invalidated versions), the rotation itself when due, then license
 //! tokens and revocations.
 //!
+//! Before anything else, a key set the server announces and this agent does not hold yet is
+//! learned ([`license_keys`](super::license_keys)), so tokens and rotate answers under a new
+//! license key verify in the same round.
+//!
 //! A rotation is: 1. ask (`rotate-secret`, signed by the machine key), check the server's
-//! signature against the pinned license key and decrypt with the machine key — a bad
+//! signature against the trusted license keys and decrypt with the machine key — a bad
 //! signature or a server failing the pin is refused and the old secrets kept; 2. store the new
 //! set durably (atomic replace) — from here the new secret serves; 3. acknowledge; 4. fetch
 //! the tokens re-issued under the new version. A crash between any two steps leaves the old
@@ -71,7 +75,7 @@ impl<S: AgentServer> Engine<S> {
         let signature = blocking::run(move || key.sign_digest(&digest)).await?;
         request.set_signature(&signature);
         let answer = self.server.rotate_secret(&request).await?;
-        let blob = answer.verify(&self.machine.license_key, &id)?;
+        let blob = answer.verify(&self.machine.license_keys, &id)?;
         let version = answer.secret_version;
         if version < current {
             return Err(RotationError::OlderVersion {
@@ -147,6 +151,8 @@ impl<S: AgentServer> Engine<S> {
         }
         let now = self.validator.clock.now();
         self.vault.state.last_server_contact = Some(now);
+        self.follow_license_keys(status.license_keys.as_deref())
+            .await?;
         let invalidated: BTreeSet<u64> = status.invalidated_versions.iter().copied().collect();
         if invalidated != self.vault.state.invalidated_versions {
             tracing::warn!(versions = ?invalidated, "server invalidated secret versions");

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use license_protocol::agent_api::{MachineLicenses, RenewCertificateResponse, SecretStatus};
+use license_protocol::license_keys::LicenseKeySet;
 use license_protocol::rotation::{RotateSecretRequest, RotateSecretResponse};
 
 use crate::net::client::ClientError;
@@ -24,6 +25,8 @@ pub trait AgentServer: Send + Sync {
     fn ack_secret(&self, version: u64) -> impl Future<Output = Result<(), ClientError>> + Send;
     /// `GET /api/v1/licenses`.
     fn licenses(&self) -> impl Future<Output = Result<MachineLicenses, ClientError>> + Send;
+    /// `GET /api/v1/license-keys`, asked only when the secret status announces another set.
+    fn license_keys(&self) -> impl Future<Output = Result<LicenseKeySet, ClientError>> + Send;
     /// `POST /api/v1/renew-certificate` with a CSR for the machine's next key.
     fn renew_certificate(
         &self,
@@ -51,6 +54,10 @@ impl AgentServer for AgentApi {
 
     async fn licenses(&self) -> Result<MachineLicenses, ClientError> {
         self.current().licenses().await
+    }
+
+    async fn license_keys(&self) -> Result<LicenseKeySet, ClientError> {
+        self.current().license_keys().await
     }
 
     async fn renew_certificate(

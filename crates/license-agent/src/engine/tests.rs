@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use license_protocol::agent_api::{MachineLicenses, RenewCertificateResponse, SecretStatus};
 use license_protocol::identity::{ClientId, MachineId, MachineIdentity};
+use license_protocol::ipc::{Reason, Response};
+use license_protocol::license_keys::{AnnouncedKey, KeyId, KeyState, LicenseKeySet, TrustedKeys};
 use license_protocol::mgmt::DegradedSwitch;
 use license_protocol::rotation::{RotateSecretRequest, RotateSecretResponse};
 use license_protocol::secret::{self, Secret, SecretDates};
@@ -61,7 +63,12 @@ impl Ca {
 /// What the scripted server does.
 #[derive(Debug)]
 struct Script {
-    license: ed25519_dalek::SigningKey,
+    /// The license key it signs rotate answers with (the current one).
+    license: Mutex<ed25519_dalek::SigningKey>,
+    /// The license key set it announces (none: an older server).
+    key_set: Mutex<Option<LicenseKeySet>>,
+    /// `GET /api/v1/license-keys` calls.
+    key_set_fetches: AtomicU64,
     machine: MachineId,
     /// The key of the certificate presented: secrets are sealed to it.
     machine_key: Mutex<p256::PublicKey>,
@@ -112,6 +119,7 @@ impl AgentServer for Arc<Script> {
             "certificate_expires_at": "2030-01-01T00:00:00Z",
             "server_time": crate::platform::clock::system_now()
                 + self.clock_offset.load(Ordering::SeqCst),
+            "license_keys": self.key_set.lock().expect("set").as_ref().map(LicenseKeySet::digest),
         }))
         .expect("a status"))
     }
@@ -143,7 +151,7 @@ impl AgentServer for Arc<Script> {
         let signer = if self.forge.load(Ordering::SeqCst) {
             ed25519_dalek::SigningKey::from_bytes(&[9; 32])
         } else {
-            self.license.clone()
+            self.license.lock().expect("key").clone()
         };
         Ok(RotateSecretResponse::new_signed(
             &signer,
@@ -168,6 +176,20 @@ impl AgentServer for Arc<Script> {
             tokens: Vec::new(),
             revoked: Vec::new(),
         })
+    }
+
+    async fn license_keys(&self) -> Result<LicenseKeySet, ClientError> {
+        self.gate()?;
+        self.key_set_fetches.fetch_add(1, Ordering::SeqCst);
+        self.key_set
+            .lock()
+            .expect("set")
+            .clone()
+            .ok_or_else(|| ClientError::Refused {
+                status: 404,
+                code: None,
+                message: "no such route".into(),
+            })
     }
 
     async fn renew_certificate(
@@ -228,7 +250,9 @@ fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
     std::fs::write(&files.cert, ca.issue(&csr, &identity, from, until)).expect("cert");
     let certificate = Certificate::read(&files.cert).expect("cert");
     let script = Arc::new(Script {
-        license: license.clone(),
+        license: Mutex::new(license.clone()),
+        key_set: Mutex::default(),
+        key_set_fetches: AtomicU64::new(0),
         machine,
         machine_key: Mutex::new(key.public_key()),
         reachable: AtomicBool::new(true),
@@ -255,7 +279,7 @@ fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
     let (clock, _) = GuardedClock::new(0);
     let validator = Arc::new(Validator::new(
         machine,
-        license.verifying_key(),
+        TrustedKeys::pinned(license.verifying_key()),
         Arc::new(clock),
         600,
         policy,
@@ -266,7 +290,7 @@ fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
             id: machine,
             client_id,
             key,
-            license_key: license.verifying_key(),
+            license_keys: TrustedKeys::pinned(license.verifying_key()),
             certificate,
         },
         vault: Vault {
@@ -281,6 +305,7 @@ fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
             degraded_policy: policy,
             metrics_file: dir.path().join("metrics.prom"),
             tokens_dir: dir.path().join("tokens"),
+            license_keys_file: super::license_keys::TrustFile::new(dir.path()),
             identity: files,
         },
         tpm: None,
@@ -540,4 +565,167 @@ async fn the_server_s_time_raises_the_floor_of_now() {
     );
     let (state, _) = StateFile::new(f.dir.path()).load();
     assert!(state.server_time.expect("persisted") >= now + 3_590);
+}
+
+/// A token for this machine under its newest secret, signed by `key`.
+fn mint(f: &Fixture, key: &ed25519_dalek::SigningKey) -> String {
+    let keyring = f.engine.validator.keyring();
+    let (version, _) = keyring.newest().expect("a secret");
+    let (_, secret) = keyring.get(version).expect("held");
+    let claims = license_protocol::token::LicenseClaims {
+        license_id: uuid::Uuid::new_v4(),
+        client_id: ClientId::new_random(),
+        machine_id: f.script.machine,
+        features: vec!["pos.sale".into()],
+        metadata: Default::default(),
+        issued_at: 0,
+        not_before: 0,
+        expires_at: None,
+    };
+    license_protocol::token::seal(&claims, secret, version, key)
+}
+
+fn verdict_on(f: &Fixture, token: &str) -> Option<Reason> {
+    match f
+        .engine
+        .validator
+        .validate(token, license_protocol::rotation::Nonce::random())
+    {
+        Response::Valid(_) => None,
+        Response::Invalid(i) => Some(i.reason),
+    }
+}
+
+/// The scripted server's key set: `keys` with their states, signed by `signers`; `current`
+/// signs rotate answers from now on.
+fn announce(
+    f: &Fixture,
+    keys: &[(&ed25519_dalek::SigningKey, KeyState)],
+    issued_at: i64,
+    signers: &[&ed25519_dalek::SigningKey],
+    current: &ed25519_dalek::SigningKey,
+) {
+    let announced = keys
+        .iter()
+        .map(|(k, state)| AnnouncedKey::new(&k.verifying_key(), *state, 0))
+        .collect();
+    *f.script.key_set.lock().expect("set") =
+        Some(LicenseKeySet::sign(announced, issued_at, signers));
+    *f.script.license.lock().expect("key") = current.clone();
+}
+
+fn fetches(f: &Fixture) -> u64 {
+    f.script.key_set_fetches.load(Ordering::SeqCst)
+}
+
+#[tokio::test]
+async fn a_license_key_rollover_is_learned_once_and_a_retirement_refuses_old_tokens() {
+    let mut f = fixture(DegradedPolicy::Allow);
+    let old = f.script.license.lock().expect("key").clone();
+    let new = ed25519_dalek::SigningKey::from_bytes(&[6; 32]);
+    // An older server announces no set: nothing is fetched.
+    f.engine.tick().await;
+    assert_eq!(fetches(&f), 0);
+    let old_token = mint(&f, &old);
+    let new_token = mint(&f, &new);
+    assert_eq!(verdict_on(&f, &old_token), None);
+    assert_eq!(
+        verdict_on(&f, &new_token),
+        Some(Reason::BadSignature),
+        "a key not heard of yet"
+    );
+
+    // Rollover: the new key is current, the old one previous.
+    announce(
+        &f,
+        &[(&old, KeyState::Previous), (&new, KeyState::Current)],
+        100,
+        &[&old, &new],
+        &new,
+    );
+    f.engine.tick().await;
+    assert_eq!(fetches(&f), 1);
+    assert_eq!(verdict_on(&f, &new_token), None);
+    assert_eq!(
+        verdict_on(&f, &old_token),
+        None,
+        "previous keys keep validating"
+    );
+    let file = f.dir.path().join("license-keys.json");
+    assert!(file.exists());
+    // The digest is unchanged: no further fetch, round after round.
+    f.engine.tick().await;
+    f.engine.tick().await;
+    assert_eq!(fetches(&f), 1);
+    // Rotate answers are now signed by the new key, and accepted.
+    let before = newest(&f).expect("a version");
+    f.engine.rotate().await.expect("rotation under the new key");
+    assert_eq!(newest(&f), Some(before + 1));
+
+    // Retirement of the old key: its tokens answer key_retired, even cached ones.
+    let old_token = mint(&f, &old);
+    let new_token = mint(&f, &new);
+    assert_eq!(verdict_on(&f, &old_token), None);
+    announce(
+        &f,
+        &[(&old, KeyState::Retired), (&new, KeyState::Current)],
+        200,
+        &[&new],
+        &new,
+    );
+    f.engine.tick().await;
+    assert_eq!(fetches(&f), 2);
+    assert_eq!(verdict_on(&f, &old_token), Some(Reason::KeyRetired));
+    assert_eq!(verdict_on(&f, &new_token), None);
+    let audit = audit_text(&f);
+    assert!(
+        audit.contains("license.keys") && audit.contains("retired"),
+        "{audit}"
+    );
+
+    // After a restart, from the pin (the old key) and the file: still retired.
+    let trusted = super::license_keys::TrustFile::new(f.dir.path())
+        .load(old.verifying_key())
+        .expect("file");
+    assert_eq!(
+        trusted.for_token(Some(KeyId::of(&old.verifying_key()))),
+        Err(license_protocol::token::TokenError::KeyRetired)
+    );
+    assert!(trusted
+        .for_token(Some(KeyId::of(&new.verifying_key())))
+        .is_ok());
+}
+
+#[tokio::test]
+async fn a_key_set_not_signed_by_a_trusted_key_is_refused_once_and_the_old_trust_kept() {
+    let mut f = fixture(DegradedPolicy::Allow);
+    let old = f.script.license.lock().expect("key").clone();
+    let intruder = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    f.engine.tick().await;
+    // The set names the intruder current and is signed by it alone; rotate answers stay
+    // signed by the old key.
+    announce(
+        &f,
+        &[(&old, KeyState::Retired), (&intruder, KeyState::Current)],
+        100,
+        &[&intruder],
+        &old,
+    );
+    f.engine.tick().await;
+    f.engine.tick().await;
+    assert_eq!(fetches(&f), 1, "a refused set is not fetched again");
+    assert_eq!(
+        audit_text(&f).matches("alert.license_keys_refused").count(),
+        1
+    );
+    assert_eq!(verdict_on(&f, &mint(&f, &old)), None, "old trust kept");
+    assert_eq!(
+        verdict_on(&f, &mint(&f, &intruder)),
+        Some(Reason::BadSignature)
+    );
+    assert!(!f.dir.path().join("license-keys.json").exists());
+    assert_eq!(
+        f.engine.vault.state.consecutive_failures, 0,
+        "the round went on"
+    );
 }

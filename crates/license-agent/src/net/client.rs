@@ -166,4 +166,11 @@ impl ServerClient {
     pub async fn licenses(&self) -> Result<MachineLicenses, ClientError> {
         self.get("/api/v1/licenses").await
     }
+
+    /// `GET /api/v1/license-keys`: the server's signed license key set.
+    pub async fn license_keys(
+        &self,
+    ) -> Result<license_protocol::license_keys::LicenseKeySet, ClientError> {
+        self.get("/api/v1/license-keys").await
+    }
 }

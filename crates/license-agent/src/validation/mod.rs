@@ -3,8 +3,9 @@
 //! Checks, in order: replayed nonce ([`replay`]); degraded mode forbidden; then the one verdict
 //! shared with the server (`license_protocol::verdict`): token format, machine, secret version
 //! held ([`keyring`]; invalidated or past its grace), decryption and server signature,
-//! revocation ([`revocations`]), the license's dates against the guarded clock. A token that
-//! validated once is remembered by its SHA-256, so a POS validating the same token again skips
+//! revocation ([`revocations`]), the license's dates against the guarded clock. The server's
+//! signature is checked against the license keys trusted (the key the token names; a retired
+//! one answers `key_retired`). A token that validated once is remembered by its SHA-256, so a POS validating the same token again skips
 //! decoding and decryption: only the checks that can change run again. Secrets sit in memory
 //! in locked, zeroizing pages behind a lock; nothing here touches disk or the network.
 
@@ -18,6 +19,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use license_protocol::identity::MachineId;
 use license_protocol::ipc::{Reason, Response, ValidAnswer};
+use license_protocol::license_keys::TrustedKeys;
 use license_protocol::rotation::Nonce;
 use license_protocol::token::LicenseClaims;
 use license_protocol::verdict::{self, Refusal, SecretStanding, SecretState};
@@ -47,7 +49,7 @@ pub struct Counters {
 #[derive(Debug)]
 pub struct Validator {
     machine_id: MachineId,
-    license_key: ed25519_dalek::VerifyingKey,
+    license_keys: RwLock<Arc<TrustedKeys>>,
     pub clock: Arc<GuardedClock>,
     keyring: RwLock<Keyring>,
     invalidated: RwLock<BTreeSet<u64>>,
@@ -65,14 +67,14 @@ pub struct Validator {
 impl Validator {
     pub fn new(
         machine_id: MachineId,
-        license_key: ed25519_dalek::VerifyingKey,
+        license_keys: TrustedKeys,
         clock: Arc<GuardedClock>,
         replay_window_secs: u64,
         degraded_policy: DegradedPolicy,
     ) -> Self {
         Self {
             machine_id,
-            license_key,
+            license_keys: RwLock::new(Arc::new(license_keys)),
             clock,
             keyring: RwLock::default(),
             invalidated: RwLock::default(),
@@ -103,6 +105,13 @@ impl Validator {
             .clone()
     }
 
+    /// Replaces the license keys trusted (a key set learned); cached verdicts are dropped, so
+    /// a token under a key just retired is refused at once.
+    pub fn set_license_keys(&self, keys: TrustedKeys) {
+        *self.license_keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        self.drop_cache();
+    }
+
     pub fn set_invalidated(&self, versions: BTreeSet<u64>) {
         *self.invalidated.write().unwrap_or_else(|e| e.into_inner()) = versions;
         self.drop_cache();
@@ -125,6 +134,7 @@ impl Validator {
     /// Takes every lock of the hot path once: true when none is wedged (systemd watchdog).
     pub fn responsive(&self) -> bool {
         let _keyring = self.keyring.read().unwrap_or_else(|e| e.into_inner());
+        let _keys = self.license_keys.read().unwrap_or_else(|e| e.into_inner());
         let _invalidated = self.invalidated.read().unwrap_or_else(|e| e.into_inner());
         let _revoked = self.revocations.read().unwrap_or_else(|e| e.into_inner());
         drop(self.cache.lock().unwrap_or_else(|e| e.into_inner()));
@@ -204,10 +214,15 @@ impl Validator {
             verdict::judge(&claims, state, |id| self.is_revoked(id), now)?;
             return Ok(claims);
         }
+        let license_keys = self
+            .license_keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let verified = verdict::verdict(
             license_token,
             &self.machine_id,
-            &self.license_key,
+            &license_keys,
             now,
             |version| self.standing(version, now),
             |id| self.is_revoked(id),
@@ -270,7 +285,7 @@ mod tests {
         let (clock, _) = GuardedClock::new(0);
         let v = Validator::new(
             machine,
-            server.verifying_key(),
+            TrustedKeys::pinned(server.verifying_key()),
             Arc::new(clock),
             600,
             policy,

@@ -8,8 +8,8 @@
 //! superseded one may retry a renewal whose answer was lost. Revocation of the machine or of
 //! the certificate is checked first and always refuses.
 //!
-//! Routes: secret rotation and its acknowledgement, secret status, the machine's license
-//! tokens, online license validation, certificate renewal.
+//! Routes: secret rotation and its acknowledgement, secret status, the license key set, the
+//! machine's license tokens, online license validation, certificate renewal.
 
 use std::sync::Arc;
 
@@ -23,6 +23,7 @@ use license_protocol::agent_api::{
 };
 use license_protocol::error::{ApiError, ErrorCode};
 use license_protocol::identity::MachineIdentity;
+use license_protocol::license_keys::LicenseKeySet;
 use license_protocol::rotation::{AckRequest, RotateSecretRequest, RotateSecretResponse};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -60,6 +61,7 @@ pub fn router() -> OpenApiRouter<SharedState> {
         .routes(routes!(rotate_secret))
         .routes(routes!(ack_secret))
         .routes(routes!(secret_status))
+        .routes(routes!(license_keys))
         .routes(routes!(machine_licenses))
         .routes(routes!(validate_license))
         .routes(routes!(renew_certificate))
@@ -251,6 +253,17 @@ async fn secret_status(
     Ok(Json(
         secrets::status(&state, &machine.identity, machine.certificate_expires_at).await?,
     ))
+}
+
+/// The server's license keys (current, previous, retired), signed by every key it holds; an
+/// agent fetches it when `license_keys` of the secret status is not the digest of its set.
+#[utoipa::path(get, path = "/api/v1/license-keys", tag = "agent",
+    responses((status = 200, body = LicenseKeySet), (status = 403, body = ApiError)))]
+async fn license_keys(
+    State(state): State<SharedState>,
+    Extension(_machine): Extension<AuthenticatedMachine>,
+) -> Json<LicenseKeySet> {
+    Json(state.keys.license_keys.snapshot().announced.clone())
 }
 
 /// The calling machine's license tokens under its newest acknowledged secret version, and

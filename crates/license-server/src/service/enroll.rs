@@ -201,7 +201,7 @@ async fn bootstrap_inner(
         ),
         expires_at: issued.expires_at.rfc3339(),
         server_pin: state.keys.server_pin,
-        license_public_key: state.keys.license_public_key.clone(),
+        license_public_key: state.keys.license_keys.snapshot().keys.current_public_key(),
     })
 }
 

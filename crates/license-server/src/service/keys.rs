@@ -1,6 +1,8 @@
 //! The server's keys and their rollover: which master key seals new secrets, the online master
-//! key rollover (`admin keys rotate-master`), the serving process's watch on its key set, and
-//! `admin keys status` (every key the server holds, what depends on it, what expires).
+//! key rollover (`admin keys rotate-master`), the license key rollover and retirement
+//! (`admin keys rotate-license`, `admin keys retire-license`), the serving process's watch on
+//! its key sets, and `admin keys status` (every key the server holds, what depends on it, what
+//! expires).
 //!
 //! A master key rollover goes staged → current → re-encrypted → retired, and each step is
 //! recorded before the next starts, so running the command again after it was killed anywhere
@@ -33,15 +35,21 @@ use super::secrets::at_rest_aad;
 use super::AppState;
 use crate::clock::Timestamp;
 use crate::datadir::pem_first_der;
+use crate::license_keys::LicenseKeyError;
 use crate::master_keys::{ordinal, MasterKey, MasterKeyError};
 use crate::pki::{self, PkiError};
 use crate::store::audit::{self, NewAuditEvent};
 use crate::store::master_keys::{self as registry, Holder, KeyRecord, KeyState};
 use crate::store::secrets::{self as stored, KeyedCiphertext};
 use crate::store::{certificates, StoreError};
+use license_protocol::license_keys::KeyId;
 
 /// Audit action of a master key rollover.
 pub const ROTATE_MASTER_ACTION: &str = "keys.rotate_master";
+/// Audit action of a license key rollover.
+pub const ROTATE_LICENSE_ACTION: &str = "keys.rotate_license";
+/// Audit action of a license key retirement.
+pub const RETIRE_LICENSE_ACTION: &str = "keys.retire_license";
 /// A serving process silent for longer than this is no longer counted as a holder.
 pub const HOLDER_LIVENESS_SECS: i64 = 30;
 /// How often a serving process reports the keys it holds.
@@ -85,6 +93,8 @@ pub enum KeysError {
     #[error(transparent)]
     MasterKeys(#[from] MasterKeyError),
     #[error(transparent)]
+    LicenseKeys(#[from] LicenseKeyError),
+    #[error(transparent)]
     Pki(#[from] PkiError),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -94,9 +104,12 @@ impl KeysError {
     /// Stable code for the audit trail.
     pub fn code(&self) -> ErrorCode {
         match self {
-            KeysError::StagedElsewhere(_) | KeysError::ReplicasLacking { .. } => {
-                ErrorCode::Conflict
-            }
+            KeysError::StagedElsewhere(_)
+            | KeysError::ReplicasLacking { .. }
+            | KeysError::LicenseKeys(
+                LicenseKeyError::RetireCurrent(_) | LicenseKeyError::AlreadyRetired(_),
+            ) => ErrorCode::Conflict,
+            KeysError::LicenseKeys(LicenseKeyError::Unknown(_)) => ErrorCode::NotFound,
             _ => ErrorCode::InternalError,
         }
     }
@@ -179,6 +192,10 @@ impl KeyWatch {
     /// Runs every [`KEY_FILE_CHECK_INTERVAL`]; reports at least every [`HEARTBEAT_INTERVAL`]
     /// and at once after a change.
     pub async fn tick(&mut self, state: &AppState) -> Result<(), KeysError> {
+        if state.keys.license_keys.reload_if_changed()? {
+            let held = state.keys.license_keys.snapshot();
+            tracing::info!(current = %held.keys.current(), digest = %held.digest, "license key set re-read");
+        }
         let ring = &state.keys.master_keys;
         let changed = ring.reload_if_changed()?;
         if changed {
@@ -608,6 +625,144 @@ fn reseal_one(
 }
 
 // ---------------------------------------------------------------------------------------------
+// license keys
+// ---------------------------------------------------------------------------------------------
+
+/// The outcome of `rotate-license` or `retire-license`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LicenseKeysReport {
+    /// The current key after the change.
+    #[serde(serialize_with = "as_string")]
+    pub current: KeyId,
+    /// The key made current (`rotate-license`).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "opt_as_string"
+    )]
+    pub new_key_id: Option<KeyId>,
+    /// The key that was current (`rotate-license`) or the key retired (`retire-license`).
+    #[serde(serialize_with = "as_string")]
+    pub old_key_id: KeyId,
+    /// The keys after the change.
+    pub keys: Vec<LicenseKeyStatus>,
+    /// Digest of the announced set, as the secret status reports it.
+    pub digest: String,
+    pub key_set: String,
+}
+
+fn as_string<S: serde::Serializer>(id: &KeyId, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(id)
+}
+
+fn opt_as_string<S: serde::Serializer>(id: &Option<KeyId>, s: S) -> Result<S::Ok, S::Error> {
+    match id {
+        Some(id) => s.collect_str(id),
+        None => s.serialize_none(),
+    }
+}
+
+fn license_key_statuses(keys: &crate::license_keys::LicenseKeys) -> Vec<LicenseKeyStatus> {
+    keys.keys()
+        .iter()
+        .map(|k| LicenseKeyStatus {
+            id: k.id().to_string(),
+            state: k.state.as_str().to_string(),
+            created_at: k.created_at,
+            public_key: k.public_key(),
+        })
+        .collect()
+}
+
+/// Audits a refused license key command.
+async fn audit_license_refusal(
+    state: &AppState,
+    actor: &str,
+    action: &str,
+    target: Option<&str>,
+    e: &KeysError,
+) -> Result<(), KeysError> {
+    let event = NewAuditEvent::refused(
+        actor,
+        action,
+        target,
+        json!({"error": e.to_string()}),
+        e.code().as_str(),
+    );
+    audit::insert(state.store.pool(), &event).await?;
+    Ok(())
+}
+
+/// `admin keys rotate-license`: a new current license key; the current one becomes previous
+/// (its tokens keep validating). Serving processes on this data directory pick the set up
+/// within [`KEY_FILE_CHECK_INTERVAL`]; other replicas need a copy of `license-keys.json`.
+pub async fn rotate_license(state: &AppState, actor: &str) -> Result<LicenseKeysReport, KeysError> {
+    let ring = &state.keys.license_keys;
+    ring.reload_if_changed()?;
+    let mut keys = ring.snapshot().keys.clone();
+    let now = Timestamp::now();
+    let (new, old) = keys.rotate(now);
+    let mut tx = state.store.begin_write().await?;
+    let details = json!({
+        "new_key_id": new.to_string(),
+        "previous_key_id": old.to_string(),
+        "data_dir": state.settings.data_dir.root().display().to_string(),
+    });
+    let event = NewAuditEvent::success(now, actor, ROTATE_LICENSE_ACTION, None, details);
+    audit::insert(&mut *tx, &event).await?;
+    ring.store(keys)?;
+    tx.commit().await?;
+    tracing::info!(new = %new, previous = %old, "license key rotated");
+    let held = ring.snapshot();
+    Ok(LicenseKeysReport {
+        current: held.keys.current(),
+        new_key_id: Some(new),
+        old_key_id: old,
+        keys: license_key_statuses(&held.keys),
+        digest: held.digest.clone(),
+        key_set: ring.path().display().to_string(),
+    })
+}
+
+/// `admin keys retire-license <KEY_ID>`: tokens signed by the key stop validating on every
+/// agent that has heard of it (`key_retired`). Refused for the current key.
+pub async fn retire_license(
+    state: &AppState,
+    actor: &str,
+    id: KeyId,
+) -> Result<LicenseKeysReport, KeysError> {
+    let ring = &state.keys.license_keys;
+    ring.reload_if_changed()?;
+    let mut keys = ring.snapshot().keys.clone();
+    let now = Timestamp::now();
+    let target = id.to_string();
+    if let Err(e) = keys.retire(id, now) {
+        let e = KeysError::from(e);
+        audit_license_refusal(state, actor, RETIRE_LICENSE_ACTION, Some(&target), &e).await?;
+        return Err(e);
+    }
+    let mut tx = state.store.begin_write().await?;
+    let details = json!({
+        "key_id": target,
+        "current_key_id": keys.current().to_string(),
+        "data_dir": state.settings.data_dir.root().display().to_string(),
+    });
+    let event = NewAuditEvent::success(now, actor, RETIRE_LICENSE_ACTION, Some(&target), details);
+    audit::insert(&mut *tx, &event).await?;
+    ring.store(keys)?;
+    tx.commit().await?;
+    tracing::warn!(key = %id, "license key retired");
+    let held = ring.snapshot();
+    Ok(LicenseKeysReport {
+        current: held.keys.current(),
+        new_key_id: None,
+        old_key_id: id,
+        keys: license_key_statuses(&held.keys),
+        digest: held.digest.clone(),
+        key_set: ring.path().display().to_string(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // keys status
 // ---------------------------------------------------------------------------------------------
 
@@ -634,12 +789,23 @@ pub struct TlsStatus {
     pub renews_at: Timestamp,
 }
 
-/// The license signing key.
+/// The current license signing key.
 #[derive(Debug, Clone, Serialize)]
 pub struct SigningKeyStatus {
     pub public_key: String,
-    /// When its file was written.
+    pub key_id: String,
+    /// When it was made.
     pub created_at: Option<Timestamp>,
+}
+
+/// One license key.
+#[derive(Debug, Clone, Serialize)]
+pub struct LicenseKeyStatus {
+    pub id: String,
+    /// `current`, `previous` or `retired`.
+    pub state: String,
+    pub created_at: Timestamp,
+    pub public_key: String,
 }
 
 /// One master key, registered or held.
@@ -665,15 +831,12 @@ pub struct KeysStatus {
     pub ca: CaStatus,
     pub server_tls: TlsStatus,
     pub license_signing_key: SigningKeyStatus,
+    pub license_keys: Vec<LicenseKeyStatus>,
+    pub license_key_set: String,
     pub master_keys: Vec<MasterKeyStatus>,
     pub master_key_set: String,
     /// Serving processes heard from in the last 30 s and the master keys they hold.
     pub serving_processes: Vec<Holder>,
-}
-
-fn mtime(path: &std::path::Path) -> Option<Timestamp> {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(path).ok().map(|m| Timestamp(m.mtime()))
 }
 
 /// Every key the server holds, what depends on it and when it expires.
@@ -706,10 +869,20 @@ pub async fn status(state: &AppState) -> Result<KeysStatus, KeysError> {
         renews_at: tls_validity.renew_at(),
     };
 
+    state.keys.license_keys.reload_if_changed()?;
+    let license = state.keys.license_keys.snapshot();
+    let current = license.keys.current();
     let license_signing_key = SigningKeyStatus {
-        public_key: state.keys.license_public_key.clone(),
-        created_at: mtime(&dir.signing_key()),
+        public_key: license.keys.current_public_key(),
+        key_id: current.to_string(),
+        created_at: license
+            .keys
+            .keys()
+            .iter()
+            .find(|k| k.id() == current)
+            .map(|k| k.created_at),
     };
+    let license_keys = license_key_statuses(&license.keys);
 
     let ring = &state.keys.master_keys;
     ring.reload_if_changed()?;
@@ -757,6 +930,8 @@ pub async fn status(state: &AppState) -> Result<KeysStatus, KeysError> {
         ca,
         server_tls,
         license_signing_key,
+        license_keys,
+        license_key_set: state.keys.license_keys.path().display().to_string(),
         master_keys,
         master_key_set: ring.path().display().to_string(),
         serving_processes,

@@ -1,5 +1,6 @@
 //! Licenses: issued by an administrator for one machine, delivered to the machine as tokens
-//! (format v1 of `license_protocol::token`: signed by the license key, encrypted under the
+//! (`license_protocol::token`, format v2 — v1 while the server has only ever had one license key,
+//! see `LicenseKeys::seal_token`: signed by the current license key, encrypted under the
 //! machine's newest acknowledged secret), revoked by an administrator, and validated online
 //! for a machine (`POST /api/v1/validate-license`, seed §2.4).
 //!
@@ -11,7 +12,7 @@ use std::collections::BTreeMap;
 use license_protocol::agent_api::{LicenseToken, MachineLicenses, ValidateLicenseResponse};
 use license_protocol::identity::{ClientId, MachineId, MachineIdentity};
 use license_protocol::secret::Secret;
-use license_protocol::token::{self, LicenseClaims};
+use license_protocol::token::LicenseClaims;
 use license_protocol::verdict::{self, SecretStanding, Verified};
 use serde::Serialize;
 use serde_json::json;
@@ -150,7 +151,12 @@ pub fn seal_token(
     Ok(LicenseToken {
         license_id: claims.license_id,
         secret_version: version,
-        token: token::seal(&claims, secret, version, &state.keys.license_signing_key),
+        token: state
+            .keys
+            .license_keys
+            .snapshot()
+            .keys
+            .seal_token(&claims, secret, version),
         expires_at: claims.expires_at,
     })
 }
@@ -281,10 +287,11 @@ pub async fn validate(
     let rows = store::secrets::of_machine(state.store.pool(), &machine_id, now).await?;
     let licenses = store::licenses::list(state.store.pool(), Some(&machine_id), now).await?;
     let mut failure = None;
+    let license_keys = state.keys.license_keys.snapshot();
     let outcome = verdict::verdict(
         token_b64,
         &machine,
-        &state.keys.license_signing_key.verifying_key(),
+        &license_keys.trusted,
         now.0,
         |version| {
             standing(state, &machine, &rows, version, now).unwrap_or_else(|e| {

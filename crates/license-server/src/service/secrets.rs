@@ -246,7 +246,7 @@ pub async fn rotate(
         Ok((version, dates, secret, mut extra)) => {
             let blob = secret::seal(&recipient, &identity.machine_id, version, &dates, &secret);
             let response = RotateSecretResponse::new_signed(
-                &state.keys.license_signing_key,
+                state.keys.license_keys.snapshot().keys.signing_key(),
                 &identity.machine_id,
                 version,
                 dates,
@@ -475,6 +475,7 @@ pub async fn status(
             .collect(),
         certificate_expires_at: certificate_expires_at.rfc3339(),
         server_time: Some(now.0),
+        license_keys: Some(state.keys.license_keys.snapshot().digest.clone()),
     })
 }
 
