@@ -3,9 +3,11 @@
 //! certificate), every process restarted under libfaketime at each step as if switched off in
 //! between. Through every step the tills (file store and TPM) renew their certificates by
 //! themselves, one till is switched off for 600 days and comes back by itself, the server's certificate renews itself
-//! with the same key (the pins hold), and a POS client's license validates after every round.
+//! with the same key (the pins hold), the license signing key rolls over and the old one is
+//! retired as compromised (its token then answers `key_retired`), and a POS client's license
+//! validates after every round.
 //!
-//! Not yet in it: the key rollovers (CA, TLS key, license key, master key).
+//! Not yet in it: the CA, TLS-key and master-key rollovers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -13,7 +15,7 @@ mod common;
 use std::time::Duration;
 
 use common::tpm_support::Swtpm;
-use common::{faketime, wait_until, Agent, Server};
+use common::{faketime, reason, wait_until, Agent, Server};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -86,6 +88,11 @@ fn a_fleet_through_ten_years_renews_everything_by_itself() {
     .collect();
     let start = license_agent::platform::clock::system_now();
     let mut serials = Vec::new();
+    let (mut old_key, mut new_key, mut old_token): (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    ) = (None, None, None);
     // Every 150 days for ten years (certificates of 365 days renew at about day 210-245 of
     // their life, so at every other step); the storeroom till is off from day 900 to day 1500.
     for day in (0..=3_650).step_by(150) {
@@ -104,12 +111,57 @@ fn a_fleet_through_ten_years_renews_everything_by_itself() {
             server.pin, pin,
             "{step}: the server's key, hence the agents' pin, holds"
         );
+        // Year five and again half a year later: the license signing key rolls over; year six:
+        // the second key is retired as compromised, and a token it signed stops validating.
+        if day == 1_800 || day == 1_950 {
+            let rotated = server.admin(&["keys", "rotate-license"]);
+            old_key = rotated["old_key_id"].as_str().map(str::to_string);
+            new_key = rotated["new_key_id"].as_str().map(str::to_string);
+        }
+        if day == 2_100 {
+            let old = old_key.as_deref().expect("rotated at day 1950");
+            server.admin(&["keys", "retire-license", old]);
+        }
         for (i, (agent, license)) in tills.iter_mut().enumerate() {
             if i == 2 && (1_000..1_500).contains(&day) {
                 continue; // in the storeroom
             }
             agent.start(&env(&offset));
             check_till(agent, license, now, &step);
+        }
+        if day == 1_800 {
+            // A token signed by the key rotated in today (format 2 names it), once the server
+            // has picked the key up.
+            let key_of = |t: &str| {
+                license_protocol::token::decode(t)
+                    .ok()
+                    .and_then(|(h, _)| h.key_id)
+                    .map(|k| k.to_string())
+            };
+            wait_until("a token under the new license key", WAIT, || {
+                old_token = tills[0].0.token(&tills[0].1);
+                old_token.as_deref().and_then(key_of) == new_key
+            });
+        }
+        if day >= 2_100 {
+            let north = &tills[0].0;
+            let token = old_token.as_deref().expect("saved at day 1800");
+            let mut last = None;
+            let refused = (0..300).any(|_| {
+                last = reason(&north.validate(token));
+                let done = last.as_deref() == Some("key_retired");
+                if !done {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                done
+            });
+            assert!(
+                refused,
+                "{step}: the retired key's token answered {last:?} (its key: {:?})\n{}",
+                license_protocol::token::decode(token)
+                    .map(|(h, _)| h.key_id.map(|k| k.to_string())),
+                north.log()
+            );
         }
         serials.push(certificate(&tills[0].0).serial);
     }
