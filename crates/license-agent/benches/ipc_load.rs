@@ -343,7 +343,12 @@ fn mint(server: &Server, agent: &Agent, token: &str, n: usize) -> Vec<String> {
         .map(|_| {
             let mut c = claims.clone();
             c.license_id = uuid::Uuid::new_v4();
-            license_protocol::token::seal(&c, &secret, header.secret_version, &signing)
+            // In the format the server wrote the agent's own token in (an older agent reads v1).
+            if header.key_id.is_some() {
+                license_protocol::token::seal(&c, &secret, header.secret_version, &signing)
+            } else {
+                license_protocol::token::seal_v1(&c, &secret, header.secret_version, &signing)
+            }
         })
         .collect()
 }

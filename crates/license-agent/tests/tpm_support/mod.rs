@@ -66,7 +66,12 @@ impl Swtpm {
                     last_err = format!("swtpm exited with {status}: {stderr}");
                     break;
                 }
-                if TcpStream::connect(("127.0.0.1", port + 1)).is_ok() {
+                // Both ports answer and our swtpm is still the one alive: another process may
+                // have bound one of the probed ports in between.
+                if TcpStream::connect(("127.0.0.1", port + 1)).is_ok()
+                    && TcpStream::connect(("127.0.0.1", port)).is_ok()
+                    && child.try_wait().unwrap().is_none()
+                {
                     return Swtpm {
                         child: Some(child),
                         state: state.to_owned(),
