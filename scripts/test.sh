@@ -77,7 +77,7 @@ say "cargo test (unit and integration: real server, agent, TLS, SQLite and Postg
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
 say "the secret-lifecycle end-to-end suite again, every agent on its own swtpm (TPM backend)"
 LSA_TEST_TPM=1 cargo test --locked -p license-agent --test lifecycle 2>&1 | tee -a "$log" || status=$?
 # One closing line with the totals over every test binary and doc-test run.

@@ -147,7 +147,7 @@ fn tampered_sealed_blob_is_refused_at_start() {
 fn the_tpm_clock_keeps_expiry_from_moving_back() {
     let root = tempfile::tempdir().unwrap();
     let swtpm = Swtpm::start(&root.path().join("tpm"));
-    let server = Server::start(root.path(), 86_400, 86_400);
+    let mut server = Server::start(root.path(), 86_400, 86_400);
     let mut agent = tpm_agent(&server, root.path(), &swtpm);
     let license = server.issue_license(&agent.machine_id, "pos.sale", &["--expires-in", "2h"]);
     agent.start(&[]);
@@ -159,7 +159,9 @@ fn the_tpm_clock_keeps_expiry_from_moving_back() {
 
     // The system clock has been set back three hours since the last TPM reading: that reading
     // was taken at a wall time three hours later than what the system says now. The persisted
-    // high-water mark is left alone; only the TPM's clock can catch this.
+    // high-water mark is left alone, and the till is offline (the server's time would settle
+    // it otherwise): only the TPM's clock can catch this.
+    server.kill();
     let state_path = agent.dir.join("state/state.json");
     let mut state: Value =
         serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
