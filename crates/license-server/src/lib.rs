@@ -17,6 +17,7 @@ pub mod clock;
 pub mod config;
 pub mod datadir;
 pub mod http;
+pub mod key_files;
 pub mod license_keys;
 pub mod master_keys;
 pub mod pki;

@@ -12,9 +12,7 @@
 //! Key bytes never reach a log, an error, the audit trail or `Debug`; a key is identified by its
 //! id and its check value (a truncated SHA-256 of a fixed label and the key).
 
-use std::fs::OpenOptions;
-use std::io::Write as _;
-use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -27,6 +25,7 @@ use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
 
 use crate::clock::Timestamp;
+use crate::key_files::{write_private, FileStamp};
 
 /// File name of the key set inside the data directory.
 pub const KEY_SET_FILE: &str = "master-keys.json";
@@ -263,48 +262,13 @@ impl MasterKeySet {
                 .map_err(|_| malformed(&path, "cannot serialize"))?,
         );
         text.push('\n');
-        let tmp = root.join(format!(".{KEY_SET_FILE}.{}.tmp", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        f.write_all(text.as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(io_err(&tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        let legacy = root.join(LEGACY_KEY_FILE);
-        match std::fs::remove_file(&legacy) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(&legacy)(e)),
-        }
-        std::fs::File::open(root)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io_err(root))
+        write_private(root, KEY_SET_FILE, LEGACY_KEY_FILE, text.as_bytes())
+            .map_err(|(path, e)| io_err(&path)(e))
     }
 }
 
-/// What identifies one version of the key set file on disk, to notice a replacement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    ino: u64,
-    mtime_ns: i128,
-    len: u64,
-}
-
 fn stamp_of(root: &Path) -> Option<FileStamp> {
-    let m = std::fs::metadata(root.join(KEY_SET_FILE))
-        .or_else(|_| std::fs::metadata(root.join(LEGACY_KEY_FILE)))
-        .ok()?;
-    Some(FileStamp {
-        ino: m.ino(),
-        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-        len: m.len(),
-    })
+    FileStamp::of(root, KEY_SET_FILE, LEGACY_KEY_FILE)
 }
 
 /// The key set of a running server, re-read when the file changes (a rollover run by the CLI,

@@ -1,0 +1,68 @@
+//! The data directory's key-set files (`master-keys.json`, `license-keys.json`): written
+//! atomically at mode 0600 (replacing the legacy single-key file they succeed), and stamped so a
+//! serving process notices when the CLI or an operator replaced one.
+
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+
+/// Writes `text` to `root/name` atomically (a 0600 temporary file in the same directory,
+/// synced, renamed over it, the directory synced), then removes `root/legacy`, whose key the
+/// new file now carries. The error names the path that failed.
+pub fn write_private(
+    root: &Path,
+    name: &str,
+    legacy: &str,
+    text: &[u8],
+) -> Result<(), (PathBuf, std::io::Error)> {
+    let failed = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e| (path, e)
+    };
+    let path = root.join(name);
+    let tmp = root.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(failed(&tmp))?;
+    f.write_all(text)
+        .and_then(|()| f.sync_all())
+        .map_err(failed(&tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, &path).map_err(failed(&path))?;
+    let legacy = root.join(legacy);
+    match std::fs::remove_file(&legacy) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err((legacy, e)),
+    }
+    std::fs::File::open(root)
+        .and_then(|dir| dir.sync_all())
+        .map_err(failed(root))
+}
+
+/// What identifies one version of a key-set file on disk, to notice a replacement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    ino: u64,
+    mtime_ns: i128,
+    len: u64,
+}
+
+impl FileStamp {
+    /// The stamp of `root/name`, or of `root/legacy` while only that exists.
+    pub fn of(root: &Path, name: &str, legacy: &str) -> Option<Self> {
+        let m = std::fs::metadata(root.join(name))
+            .or_else(|_| std::fs::metadata(root.join(legacy)))
+            .ok()?;
+        Some(Self {
+            ino: m.ino(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            len: m.len(),
+        })
+    }
+}
