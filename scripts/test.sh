@@ -5,7 +5,8 @@
 # a C toolchain, curl (install.sh tests), sqlite3, python3 and setpriv (the agent tests read
 # the server database and run a client as another user), the TPM stack (libtss2-dev to build,
 # swtpm and swtpm-tools for the TPM tests, tpm2-tools), promtool, strace and systemd-analyze (the
-# unit's syscall filter and exposure), apparmor_parser, and PostgreSQL (server and psql). Tests that use
+# unit's syscall filter and exposure), apparmor_parser, faketime (the lifetime tests move real
+# processes' clocks with libfaketime), and PostgreSQL (server and psql). Tests that use
 # PostgreSQL create their own database on 127.0.0.1:5432 and drop it afterwards; when no
 # PostgreSQL answers there, this script installs and starts one and lets loopback connect
 # as `postgres` without a password (trust), as on the project's CI machines.
