@@ -66,3 +66,36 @@ impl FileStamp {
         })
     }
 }
+
+/// A key set as a serving process holds it: the value, and the stamp of the file it was read
+/// from, so a replaced file is noticed and re-read.
+#[derive(Debug)]
+pub struct Held<T> {
+    value: std::sync::RwLock<std::sync::Arc<T>>,
+    stamp: std::sync::Mutex<Option<FileStamp>>,
+}
+
+impl<T> Held<T> {
+    pub fn new(value: T, stamp: Option<FileStamp>) -> Self {
+        Self {
+            value: std::sync::RwLock::new(std::sync::Arc::new(value)),
+            stamp: std::sync::Mutex::new(stamp),
+        }
+    }
+
+    /// The value held now.
+    pub fn snapshot(&self) -> std::sync::Arc<T> {
+        self.value.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether the file's stamp is no longer the one the held value was read under.
+    pub fn stale(&self, now: Option<FileStamp>) -> bool {
+        *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) != now
+    }
+
+    /// Holds `value`, read (or written) under `stamp`.
+    pub fn replace(&self, value: T, stamp: Option<FileStamp>) {
+        *self.value.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(value);
+        *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
+    }
+}

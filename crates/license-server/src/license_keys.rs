@@ -19,7 +19,7 @@
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::clock::Timestamp;
-use crate::key_files::{write_private, FileStamp};
+use crate::key_files::{write_private, FileStamp, Held};
 
 /// File name of the key set inside the data directory.
 pub const KEY_SET_FILE: &str = "license-keys.json";
@@ -422,8 +422,7 @@ fn stamp_of(root: &Path) -> Option<FileStamp> {
 /// the CLI, or an operator copying a new set onto a replica).
 pub struct LicenseKeyRing {
     root: PathBuf,
-    held: RwLock<Arc<Published>>,
-    stamp: Mutex<Option<FileStamp>>,
+    held: Held<Published>,
 }
 
 impl std::fmt::Debug for LicenseKeyRing {
@@ -446,30 +445,23 @@ impl LicenseKeyRing {
         let held = published(root, LicenseKeys::load(root)?)?;
         Ok(Self {
             root: root.to_path_buf(),
-            held: RwLock::new(Arc::new(held)),
-            stamp: Mutex::new(stamp),
+            held: Held::new(held, stamp),
         })
     }
 
     /// The keys held now.
     pub fn snapshot(&self) -> Arc<Published> {
-        match self.held.read() {
-            Ok(held) => held.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.held.snapshot()
     }
 
     /// Re-reads the key set if its file changed. Returns whether it did; a file that does not
     /// load leaves the held set in place.
     pub fn reload_if_changed(&self) -> Result<bool, LicenseKeyError> {
         let now = stamp_of(&self.root);
-        let changed = match self.stamp.lock() {
-            Ok(s) => *s != now,
-            Err(poisoned) => *poisoned.into_inner() != now,
-        };
+        let changed = self.held.stale(now);
         if changed {
             let held = published(&self.root, LicenseKeys::load(&self.root)?)?;
-            self.replace(held, now);
+            self.held.replace(held, now);
         }
         Ok(changed)
     }
@@ -478,19 +470,8 @@ impl LicenseKeyRing {
     pub fn store(&self, keys: LicenseKeys) -> Result<(), LicenseKeyError> {
         let held = published(&self.root, keys)?;
         held.keys.write(&self.root)?;
-        self.replace(held, stamp_of(&self.root));
+        self.held.replace(held, stamp_of(&self.root));
         Ok(())
-    }
-
-    fn replace(&self, held: Published, stamp: Option<FileStamp>) {
-        match self.held.write() {
-            Ok(mut h) => *h = Arc::new(held),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(held),
-        }
-        match self.stamp.lock() {
-            Ok(mut s) => *s = stamp,
-            Err(poisoned) => *poisoned.into_inner() = stamp,
-        }
     }
 
     pub fn path(&self) -> PathBuf {

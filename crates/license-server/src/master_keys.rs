@@ -14,7 +14,7 @@
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
@@ -25,7 +25,7 @@ use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
 
 use crate::clock::Timestamp;
-use crate::key_files::{write_private, FileStamp};
+use crate::key_files::{write_private, FileStamp, Held};
 
 /// File name of the key set inside the data directory.
 pub const KEY_SET_FILE: &str = "master-keys.json";
@@ -275,8 +275,7 @@ fn stamp_of(root: &Path) -> Option<FileStamp> {
 /// or an operator copying a new set onto a replica).
 pub struct MasterKeyRing {
     root: PathBuf,
-    set: RwLock<Arc<MasterKeySet>>,
-    stamp: Mutex<Option<FileStamp>>,
+    set: Held<MasterKeySet>,
     last_miss_reload: Mutex<Option<Instant>>,
 }
 
@@ -296,18 +295,14 @@ impl MasterKeyRing {
         let set = MasterKeySet::load(root)?;
         Ok(Self {
             root: root.to_path_buf(),
-            set: RwLock::new(Arc::new(set)),
-            stamp: Mutex::new(stamp),
+            set: Held::new(set, stamp),
             last_miss_reload: Mutex::new(None),
         })
     }
 
     /// The keys held now.
     pub fn snapshot(&self) -> Arc<MasterKeySet> {
-        match self.set.read() {
-            Ok(set) => set.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.set.snapshot()
     }
 
     /// The key `id`, re-reading the key set (at most once a second) when it is not held: a
@@ -345,11 +340,7 @@ impl MasterKeyRing {
     /// Re-reads the key set if its file changed. Returns whether it did; a file that does not
     /// load leaves the held set in place.
     pub fn reload_if_changed(&self) -> Result<bool, MasterKeyError> {
-        let now = stamp_of(&self.root);
-        let changed = match self.stamp.lock() {
-            Ok(s) => *s != now,
-            Err(poisoned) => *poisoned.into_inner() != now,
-        };
+        let changed = self.set.stale(stamp_of(&self.root));
         if changed {
             self.reload()?;
         }
@@ -360,31 +351,15 @@ impl MasterKeyRing {
     pub fn reload(&self) -> Result<(), MasterKeyError> {
         let stamp = stamp_of(&self.root);
         let set = MasterKeySet::load(&self.root)?;
-        self.replace(set);
-        match self.stamp.lock() {
-            Ok(mut s) => *s = stamp,
-            Err(poisoned) => *poisoned.into_inner() = stamp,
-        }
+        self.set.replace(set, stamp);
         Ok(())
     }
 
     /// Writes `set` to the data directory and holds it.
     pub fn store(&self, set: MasterKeySet) -> Result<(), MasterKeyError> {
         set.write(&self.root)?;
-        let stamp = stamp_of(&self.root);
-        self.replace(set);
-        match self.stamp.lock() {
-            Ok(mut s) => *s = stamp,
-            Err(poisoned) => *poisoned.into_inner() = stamp,
-        }
+        self.set.replace(set, stamp_of(&self.root));
         Ok(())
-    }
-
-    fn replace(&self, set: MasterKeySet) {
-        match self.set.write() {
-            Ok(mut held) => *held = Arc::new(set),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(set),
-        }
     }
 
     pub fn path(&self) -> PathBuf {
