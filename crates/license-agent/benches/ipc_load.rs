@@ -137,56 +137,18 @@ fn main() {
 
     let root = tempfile::tempdir().unwrap();
     let server = Server::start(root.path(), 3600, 3600);
-    let mut agent = Agent::enroll(&server, root.path(), "bench", 3600, |t| {
-        t["ipc"]["replay_window"] = toml::Value::Integer(600);
-    });
-    let license = server.issue_license(&agent.machine_id, "pos.sale,pos.refund", &[]);
-    agent.start(&[]);
-    let mut token = None;
-    wait_until("the agent's token", Duration::from_secs(60), || {
-        token = agent.token(&license);
-        token.is_some()
-    });
-    let token = token.unwrap();
+    let (agent, token) = bench_agent(&server, root.path(), "bench", false, None);
     // The same, with validations not audited: what the durable audit costs.
-    let mut bare = Agent::enroll(&server, root.path(), "bench-unaudited", 3600, |t| {
-        t["ipc"]["replay_window"] = toml::Value::Integer(600);
-        let agent = t["agent"].as_table_mut().unwrap();
-        agent.insert(
-            "danger_unaudited_validations".into(),
-            toml::Value::Boolean(true),
-        );
-    });
-    let bare_license = server.issue_license(&bare.machine_id, "pos.sale,pos.refund", &[]);
-    bare.start(&[]);
-    let mut bare_token = None;
-    wait_until(
-        "the unaudited agent's token",
-        Duration::from_secs(60),
-        || {
-            bare_token = bare.token(&bare_license);
-            bare_token.is_some()
-        },
-    );
-    let bare_token = bare_token.unwrap();
-
+    let (bare, bare_token) = bench_agent(&server, root.path(), "bench-unaudited", true, None);
     // The same audited load on an older build, when one is given.
     let baseline = std::env::var_os("BENCH_BASELINE_AGENT").map(|path| {
-        let mut old = Agent::enroll(&server, root.path(), "bench-baseline", 3600, |t| {
-            t["ipc"]["replay_window"] = toml::Value::Integer(600);
-        });
-        let old_license = server.issue_license(&old.machine_id, "pos.sale,pos.refund", &[]);
-        old.start_binary(Path::new(&path), &[], &[]);
-        let mut old_token = None;
-        wait_until(
-            "the baseline agent's token",
-            Duration::from_secs(60),
-            || {
-                old_token = old.token(&old_license);
-                old_token.is_some()
-            },
+        let (old, old_token) = bench_agent(
+            &server,
+            root.path(),
+            "bench-baseline",
+            false,
+            Some(Path::new(&path)),
         );
-        let old_token = old_token.unwrap();
         let old_distinct = mint(&server, &old, &old_token, clients * requests);
         (old, old_token, old_distinct)
     });
@@ -295,6 +257,37 @@ fn main() {
         cached.rate / bare_cached.rate,
         uncached.rate / bare_uncached.rate
     );
+}
+
+/// An enrolled, running agent (`binary`: another build's) with a license, and its token.
+fn bench_agent(
+    server: &Server,
+    root: &Path,
+    name: &str,
+    unaudited: bool,
+    binary: Option<&Path>,
+) -> (Agent, String) {
+    let mut agent = Agent::enroll(server, root, name, 3600, |t| {
+        t["ipc"]["replay_window"] = toml::Value::Integer(600);
+        if unaudited {
+            let agent = t["agent"].as_table_mut().unwrap();
+            agent.insert(
+                "danger_unaudited_validations".into(),
+                toml::Value::Boolean(true),
+            );
+        }
+    });
+    let license = server.issue_license(&agent.machine_id, "pos.sale,pos.refund", &[]);
+    match binary {
+        Some(binary) => agent.start_binary(binary, &[], &[]),
+        None => agent.start(&[]),
+    }
+    let mut token = None;
+    wait_until(&format!("{name}'s token"), Duration::from_secs(60), || {
+        token = agent.token(&license);
+        token.is_some()
+    });
+    (agent, token.unwrap())
 }
 
 /// `n` valid tokens for distinct licenses of the agent's machine under its newest version.
