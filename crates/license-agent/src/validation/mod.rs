@@ -21,6 +21,7 @@ use license_protocol::identity::MachineId;
 use license_protocol::ipc::{Reason, Response, ValidAnswer};
 use license_protocol::license_keys::TrustedKeys;
 use license_protocol::rotation::Nonce;
+use license_protocol::secret::Secret;
 use license_protocol::token::LicenseClaims;
 use license_protocol::verdict::{self, Refusal, SecretStanding, SecretState};
 use sha2::{Digest as _, Sha256};
@@ -174,8 +175,14 @@ impl Validator {
         answer
     }
 
-    /// What this machine knows of a secret version now.
-    fn standing(&self, version: u64, now: i64) -> SecretStanding {
+    /// What this machine knows of a secret version now; `take` picks what of the secret the
+    /// caller needs (nothing, for a token already verified: no clone on the cached path).
+    fn standing<S>(
+        &self,
+        version: u64,
+        now: i64,
+        take: impl FnOnce(&Secret) -> S,
+    ) -> SecretStanding<S> {
         let invalidated = self
             .invalidated
             .read()
@@ -184,7 +191,7 @@ impl Validator {
         let keyring = self.keyring.read().unwrap_or_else(|e| e.into_inner());
         match keyring.get(version) {
             Some((dates, secret)) => SecretStanding::Held(
-                secret.clone(),
+                take(secret),
                 SecretState::of(invalidated, dates.grace_until, now),
             ),
             None if invalidated => SecretStanding::Gone(SecretState::Invalidated),
@@ -210,7 +217,7 @@ impl Validator {
             .get(&key)
             .cloned();
         if let Some((version, claims)) = cached {
-            let (_, state) = self.standing(version, now).settle()?;
+            let ((), state) = self.standing(version, now, |_| ()).settle()?;
             verdict::judge(&claims, state, |id| self.is_revoked(id), now)?;
             return Ok(claims);
         }
@@ -224,7 +231,7 @@ impl Validator {
             &self.machine_id,
             &license_keys,
             now,
-            |version| self.standing(version, now),
+            |version| self.standing(version, now, Secret::clone),
             |id| self.is_revoked(id),
         )?;
         let claims = Arc::new(verified.claims);
