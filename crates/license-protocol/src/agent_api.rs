@@ -43,6 +43,10 @@ pub struct SecretStatus {
     /// an agent holding another fetches `GET /api/v1/license-keys`. `None` from older servers.
     #[serde(default)]
     pub license_keys: Option<String>,
+    /// Digest of the server's TLS keys and CAs ([`ServerTrust::digest`](crate::server_trust::ServerTrust::digest)):
+    /// an agent holding another fetches `GET /api/v1/server-trust`. `None` from older servers.
+    #[serde(default)]
+    pub server_trust: Option<String>,
 }
 
 /// `GET /api/v1/licenses`: the calling machine's license tokens under its newest acknowledged

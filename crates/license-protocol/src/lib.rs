@@ -13,6 +13,7 @@
 //! - [`rotation`]: rotate-secret request and response, with their signatures.
 //! - [`license_keys`]: license signing key ids, the key set the server announces, the keys an
 //!   agent trusts.
+//! - [`server_trust`]: the server's TLS keys and CAs an agent trusts, and their rollover.
 //! - [`token`]: license tokens, signed and encrypted (format v2; v1 still read).
 //! - [`verdict`]: the one verdict on a token and its reason codes (agent and server).
 //! - [`ipc`]: the local socket protocol between POS applications and the agent.
@@ -45,5 +46,6 @@ pub use license_ipc::mgmt;
 pub mod pin;
 pub mod rotation;
 pub mod secret;
+pub mod server_trust;
 pub mod token;
 pub mod verdict;

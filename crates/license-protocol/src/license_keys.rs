@@ -230,14 +230,7 @@ impl LicenseKeySet {
         issued_at: i64,
         signers: &[&ed25519_dalek::SigningKey],
     ) -> Self {
-        let bytes = Self::signed_bytes(&keys, issued_at);
-        let signatures = signers
-            .iter()
-            .map(|k| KeySetSignature {
-                key_id: KeyId::of(&k.verifying_key()),
-                signature: STANDARD.encode(k.sign(&bytes).to_bytes()),
-            })
-            .collect();
+        let signatures = sign_with(&Self::signed_bytes(&keys, issued_at), signers);
         Self {
             keys,
             issued_at,
@@ -275,22 +268,37 @@ impl LicenseKeySet {
         }
         Ok(keys)
     }
+}
 
-    /// Whether `key` signed the set.
-    fn signed_by(&self, id: KeyId, key: &ed25519_dalek::VerifyingKey) -> bool {
-        let bytes = Self::signed_bytes(&self.keys, self.issued_at);
-        self.signatures.iter().filter(|s| s.key_id == id).any(|s| {
-            let Some(sig) = STANDARD
-                .decode(&s.signature)
-                .ok()
-                .and_then(|b| <[u8; 64]>::try_from(b).ok())
-            else {
-                return false;
-            };
-            key.verify_strict(&bytes, &ed25519_dalek::Signature::from_bytes(&sig))
-                .is_ok()
+/// One signature over `bytes` by each of `signers`.
+pub fn sign_with(bytes: &[u8], signers: &[&ed25519_dalek::SigningKey]) -> Vec<KeySetSignature> {
+    signers
+        .iter()
+        .map(|k| KeySetSignature {
+            key_id: KeyId::of(&k.verifying_key()),
+            signature: STANDARD.encode(k.sign(bytes).to_bytes()),
         })
-    }
+        .collect()
+}
+
+/// Whether one of `signatures` is `key`'s (named `id`) over `bytes`.
+fn signed_by(
+    bytes: &[u8],
+    signatures: &[KeySetSignature],
+    id: KeyId,
+    key: &ed25519_dalek::VerifyingKey,
+) -> bool {
+    signatures.iter().filter(|s| s.key_id == id).any(|s| {
+        let Some(sig) = STANDARD
+            .decode(&s.signature)
+            .ok()
+            .and_then(|b| <[u8; 64]>::try_from(b).ok())
+        else {
+            return false;
+        };
+        key.verify_strict(bytes, &ed25519_dalek::Signature::from_bytes(&sig))
+            .is_ok()
+    })
 }
 
 /// One trusted key.
@@ -380,11 +388,10 @@ impl TrustedKeys {
                 });
             }
         }
-        let vouched = self
-            .keys
-            .iter()
-            .any(|(id, t)| !t.retired && set.signed_by(*id, &t.key));
-        if !vouched {
+        if !self.vouches(
+            &LicenseKeySet::signed_bytes(&set.keys, set.issued_at),
+            &set.signatures,
+        ) {
             return Err(KeySetError::Untrusted);
         }
         let mut keys: BTreeMap<KeyId, Trusted> = self
@@ -401,6 +408,14 @@ impl TrustedKeys {
         self.issued_at = Some(set.issued_at);
         self.digest = Some(set.digest());
         Ok(())
+    }
+
+    /// Whether a trusted key that is not retired made one of `signatures` over `bytes`: how
+    /// other announcements (`server_trust`) ride on the license keys' chain of trust.
+    pub fn vouches(&self, bytes: &[u8], signatures: &[KeySetSignature]) -> bool {
+        self.keys
+            .iter()
+            .any(|(id, t)| !t.retired && signed_by(bytes, signatures, *id, &t.key))
     }
 
     /// Adds `key` (the pin, on top of a stored trust) unless it is already known.

@@ -5,12 +5,15 @@
 //!   server.toml            configuration (ServerConfig)
 //!   ca.pem     ca.key      internal CA (key 0600)
 //!   server.pem server.key  TLS certificate of all three listeners (key 0600); server.pem is
-//!                          replaced atomically when the certificate renews itself
+//!                          replaced atomically when the certificate renews itself, and
+//!                          carries the CA's cross-certificate during a CA rollover
 //!   license-keys.json      Ed25519 license keys that sign tokens and rotate answers, current,
 //!                          previous and retired (0600; see `license_keys`); older data
 //!                          directories have a bare license-signing.key (PKCS#8)
 //!   master-keys.json       master keys encrypting secrets at rest, by id (0600; see
 //!                          `master_keys`); older data directories have a bare master.key
+//!   server-trust.json      TLS key and CA rollovers: the next TLS key, retired pins, the
+//!                          previous CA and the cross-certificate (0600; see `server_trust`)
 //!   license.db             SQLite database (default storage)
 //!   downloads/             agent binaries served under /downloads/
 //! ```
@@ -32,6 +35,7 @@ use crate::config::{ConfigError, ServerConfig};
 use crate::license_keys::{LicenseKeyError, LicenseKeyRing, LicenseKeys};
 use crate::master_keys::{MasterKey, MasterKeyError, MasterKeyRing, MasterKeySet, FIRST_KEY_ID};
 use crate::pki::{CertificateAuthority, PkiError};
+use crate::server_trust::Announcement;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -55,6 +59,8 @@ pub enum DataDirError {
     MasterKeys(#[from] MasterKeyError),
     #[error(transparent)]
     LicenseKeys(#[from] LicenseKeyError),
+    #[error(transparent)]
+    Rollover(#[from] crate::server_trust::RolloverError),
 }
 
 /// Paths inside a data directory.
@@ -223,8 +229,11 @@ impl DataDir {
         })
     }
 
-    /// Loads everything `serve` and `admin` need.
+    /// Loads everything `serve` and `admin` need, after completing a TLS key or CA rollover
+    /// step that was interrupted (`server_trust::finish`).
     pub fn load_keys(&self) -> Result<ServerKeys, DataDirError> {
+        let validity_days = self.load_config()?.server_certificate_validity_days;
+        crate::server_trust::finish(self, validity_days)?;
         let ca =
             CertificateAuthority::load(&self.read(&self.ca_cert())?, &self.read(&self.ca_key())?)?;
         let server_cert_pem = self.read(&self.server_cert())?.to_string();
@@ -240,7 +249,9 @@ impl DataDir {
             })?;
         let license_keys = LicenseKeyRing::load(&self.root)?;
         let master_keys = MasterKeyRing::load(&self.root)?;
+        let trust = Announcement::load(self, server_pin, ca.cert_pem())?;
         Ok(ServerKeys {
+            trust,
             ca,
             server_cert_pem,
             server_key_pem,
@@ -270,6 +281,23 @@ pub struct ServerKeys {
     /// Encrypt machine secrets at rest, by id; the database's registry says which one seals
     /// new secrets (`service::keys`).
     pub master_keys: MasterKeyRing,
+    /// The TLS keys and CAs announced to agents, the previous CA and the cross-certificate
+    /// (`server_trust`).
+    pub trust: Announcement,
+}
+
+impl ServerKeys {
+    /// The CA certificates machine certificates may chain to: the current CA and, during a
+    /// rollover, the previous one.
+    pub fn client_roots_pem(&self) -> String {
+        let mut pem = self.ca.cert_pem().trim_end().to_string();
+        pem.push('\n');
+        if let Some(previous) = &self.trust.previous_ca {
+            pem.push_str(previous.trim_end());
+            pem.push('\n');
+        }
+        pem
+    }
 }
 
 impl std::fmt::Debug for ServerKeys {
@@ -285,7 +313,7 @@ pub fn license_public_key_string(key: &ed25519_dalek::SigningKey) -> String {
     license_protocol::license_keys::public_key_string(&key.verifying_key())
 }
 
-fn short_random() -> String {
+pub(crate) fn short_random() -> String {
     let mut b = [0u8; 4];
     rand::thread_rng().fill_bytes(&mut b);
     hex::encode(b)

@@ -1,5 +1,5 @@
-//! The data directory's key-set files (`master-keys.json`, `license-keys.json`): written
-//! atomically at mode 0600 (replacing the legacy single-key file they succeed), and stamped so a
+//! The data directory's key files (`master-keys.json`, `license-keys.json`, `server-trust.json`,
+//! the CA and TLS keys): written atomically at mode 0600 (replacing the legacy single-key file they succeed), and stamped so a
 //! serving process notices when the CLI or an operator replaced one.
 
 use std::fs::OpenOptions;
@@ -7,14 +7,14 @@ use std::io::Write as _;
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
-/// Writes `text` to `root/name` atomically (a 0600 temporary file in the same directory,
-/// synced, renamed over it, the directory synced), then removes `root/legacy`, whose key the
-/// new file now carries. The error names the path that failed.
-pub fn write_private(
+/// Replaces `root/name` with `text` atomically at `mode`: a temporary file in the same
+/// directory, synced, renamed over it, the directory synced. A crash leaves the old or the new
+/// contents, never a torn file. The error names the path that failed.
+pub fn replace(
     root: &Path,
     name: &str,
-    legacy: &str,
     text: &[u8],
+    mode: u32,
 ) -> Result<(), (PathBuf, std::io::Error)> {
     let failed = |path: &Path| {
         let path = path.to_path_buf();
@@ -26,7 +26,7 @@ pub fn write_private(
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .open(&tmp)
         .map_err(failed(&tmp))?;
     f.write_all(text)
@@ -34,15 +34,29 @@ pub fn write_private(
         .map_err(failed(&tmp))?;
     drop(f);
     std::fs::rename(&tmp, &path).map_err(failed(&path))?;
+    std::fs::File::open(root)
+        .and_then(|dir| dir.sync_all())
+        .map_err(failed(root))
+}
+
+/// Writes `text` to `root/name` atomically at mode 0600 ([`replace`]), then removes
+/// `root/legacy`, whose key the new file now carries.
+pub fn write_private(
+    root: &Path,
+    name: &str,
+    legacy: &str,
+    text: &[u8],
+) -> Result<(), (PathBuf, std::io::Error)> {
+    replace(root, name, text, 0o600)?;
     let legacy = root.join(legacy);
     match std::fs::remove_file(&legacy) {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err((legacy, e)),
     }
     std::fs::File::open(root)
         .and_then(|dir| dir.sync_all())
-        .map_err(failed(root))
+        .map_err(|e| (root.to_path_buf(), e))
 }
 
 /// What identifies one version of a key-set file on disk, to notice a replacement.

@@ -21,5 +21,6 @@ pub mod key_files;
 pub mod license_keys;
 pub mod master_keys;
 pub mod pki;
+pub mod server_trust;
 pub mod service;
 pub mod store;

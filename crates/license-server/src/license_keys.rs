@@ -222,12 +222,16 @@ impl LicenseKeys {
             .iter()
             .map(|k| AnnouncedKey::new(&k.public, k.state, k.created_at.0))
             .collect();
-        let signers: Vec<&SigningKey> = self
-            .keys
+        LicenseKeySet::sign(keys, self.issued_at.0, &self.signers())
+    }
+
+    /// Every key held with its private half: what signs the announcements agents check
+    /// against their trusted keys (this set, and `server_trust`'s).
+    pub fn signers(&self) -> Vec<&SigningKey> {
+        self.keys
             .iter()
             .filter_map(|k| k.signing.as_ref())
-            .collect();
-        LicenseKeySet::sign(keys, self.issued_at.0, &signers)
+            .collect()
     }
 
     fn touch(&mut self, now: Timestamp) {

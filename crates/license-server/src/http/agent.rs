@@ -25,6 +25,7 @@ use license_protocol::error::{ApiError, ErrorCode};
 use license_protocol::identity::MachineIdentity;
 use license_protocol::license_keys::LicenseKeySet;
 use license_protocol::rotation::{AckRequest, RotateSecretRequest, RotateSecretResponse};
+use license_protocol::server_trust::ServerTrust;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -62,6 +63,7 @@ pub fn router() -> OpenApiRouter<SharedState> {
         .routes(routes!(ack_secret))
         .routes(routes!(secret_status))
         .routes(routes!(license_keys))
+        .routes(routes!(server_trust))
         .routes(routes!(machine_licenses))
         .routes(routes!(validate_license))
         .routes(routes!(renew_certificate))
@@ -264,6 +266,19 @@ async fn license_keys(
     Extension(_machine): Extension<AuthenticatedMachine>,
 ) -> Json<LicenseKeySet> {
     Json(state.keys.license_keys.snapshot().announced.clone())
+}
+
+/// The server's TLS keys (current, next, retired pins) and CAs (current with its
+/// cross-certificate, previous, retired), signed by its license keys; an agent fetches it when
+/// `server_trust` of the secret status is not the digest of what it holds.
+#[utoipa::path(get, path = "/api/v1/server-trust", tag = "agent",
+    responses((status = 200, body = ServerTrust), (status = 403, body = ApiError)))]
+async fn server_trust(
+    State(state): State<SharedState>,
+    Extension(_machine): Extension<AuthenticatedMachine>,
+) -> Json<ServerTrust> {
+    let license = state.keys.license_keys.snapshot();
+    Json(state.keys.trust.sign(&license.keys.signers()))
 }
 
 /// The calling machine's license tokens under its newest acknowledged secret version, and

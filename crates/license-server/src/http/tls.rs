@@ -1,7 +1,8 @@
 //! rustls configurations of the three listeners, all on the ring provider.
 //!
 //! - public: server-authenticated TLS 1.3 or 1.2 (installers on old distributions).
-//! - agent: TLS 1.3 only, client certificate mandatory and chained to the internal CA.
+//! - agent: TLS 1.3 only, client certificate mandatory and chained to the internal CA (the
+//!   current one or, during a CA rollover, the previous one).
 //! - admin: TLS 1.3 only, bearer tokens on top.
 //!
 //! All three serve the server certificate through one [`ServerCertResolver`], so a renewed
@@ -123,7 +124,7 @@ pub fn agent_config(
     cert: &Arc<ServerCertResolver>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
-    for ca in rustls_pemfile::certs(&mut keys.ca.cert_pem().as_bytes()) {
+    for ca in rustls_pemfile::certs(&mut keys.client_roots_pem().as_bytes()) {
         roots.add(ca.map_err(|e| TlsError::Material(e.to_string()))?)?;
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())

@@ -92,6 +92,15 @@ pub fn public_key_raw_of_der(der: &[u8]) -> Result<Vec<u8>, PkiError> {
     Ok(cert.public_key().subject_public_key.data.to_vec())
 }
 
+/// Whether the CA certificate `ca_der` signed the certificate `der` (name and signature).
+pub fn signed_by(der: &[u8], ca_der: &[u8]) -> bool {
+    let (Ok(cert), Ok(ca)) = (parse_der(der), parse_der(ca_der)) else {
+        return false;
+    };
+    cert.issuer().as_raw() == ca.subject().as_raw()
+        && cert.verify_signature(Some(ca.public_key())).is_ok()
+}
+
 /// A certificate just issued.
 #[derive(Debug, Clone)]
 pub struct IssuedCertificate {
@@ -220,6 +229,13 @@ impl CertificateAuthority {
             .map_err(|e| PkiError::BadCaMaterial(format!("CA key: {e}")))?;
         let params = CertificateParams::from_ca_cert_pem(cert_pem)
             .map_err(|e| PkiError::BadCaMaterial(format!("CA certificate: {e}")))?;
+        let der = crate::datadir::pem_first_der(cert_pem)
+            .ok_or_else(|| PkiError::BadCaMaterial("CA certificate: no PEM certificate".into()))?;
+        if public_key_raw_of_der(&der)? != key.public_key_raw() {
+            return Err(PkiError::BadCaMaterial(
+                "ca.pem and ca.key do not belong together".into(),
+            ));
+        }
         // Re-signing the parsed parameters gives an issuer with the same name and key; the
         // certificate handed to machines is always the original `cert_pem`.
         let cert = params.self_signed(&key)?;
@@ -237,6 +253,19 @@ impl CertificateAuthority {
     /// The CA key in PEM, for `init` to write (0600). Zeroized on drop.
     pub fn key_pem(&self) -> Zeroizing<String> {
         Zeroizing::new(self.key.serialize_pem())
+    }
+
+    /// `next`'s name and key signed by this CA: the cross-certificate through which machines
+    /// that trust only this CA verify chains under `next` (`server_trust`).
+    pub fn cross_sign(&self, next: &CertificateAuthority) -> Result<String, PkiError> {
+        let mut params = next.cert.params().clone();
+        params.serial_number = Some(random_serial().0);
+        Ok(params.signed_by(&next.key, &self.cert, &self.key)?.pem())
+    }
+
+    /// Whether this CA signed the DER certificate `der`.
+    pub fn signed(&self, der: &[u8]) -> bool {
+        signed_by(der, self.cert.der())
     }
 
     /// The server's TLS certificate (a new P-256 key), valid for the given names and addresses.
@@ -261,15 +290,26 @@ impl CertificateAuthority {
         key_pem: &str,
         validity: Duration,
     ) -> Result<IssuedCertificate, PkiError> {
-        use x509_parser::extensions::GeneralName;
         let key = KeyPair::from_pem(key_pem)
             .map_err(|e| PkiError::BadCertificate(format!("server key: {e}")))?;
-        let current = parse_der(current_der)?;
-        if current.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        if public_key_raw_of_der(current_der)? != key.public_key_raw() {
             return Err(PkiError::BadCertificate(
                 "server.pem and server.key do not belong together".into(),
             ));
         }
+        self.reissue_server_certificate(current_der, &key, validity)
+    }
+
+    /// A server TLS certificate for `key` with the name and addresses of `template_der` (the
+    /// certificate served so far, maybe for another key: a TLS key switch).
+    pub fn reissue_server_certificate(
+        &self,
+        template_der: &[u8],
+        key: &KeyPair,
+        validity: Duration,
+    ) -> Result<IssuedCertificate, PkiError> {
+        use x509_parser::extensions::GeneralName;
+        let current = parse_der(template_der)?;
         let cn = current
             .subject()
             .iter_common_name()
@@ -294,7 +334,7 @@ impl CertificateAuthority {
             }
         }
         let params = server_params(&cn, &dns_names, &ips)?;
-        self.sign(params, &key, validity)
+        self.sign(params, key, validity)
     }
 
     /// A machine's client certificate, `CN = client_id:machine_id`, client-auth only.

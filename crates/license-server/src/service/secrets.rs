@@ -476,6 +476,7 @@ pub async fn status(
         certificate_expires_at: certificate_expires_at.rfc3339(),
         server_time: Some(now.0),
         license_keys: Some(state.keys.license_keys.snapshot().digest.clone()),
+        server_trust: Some(state.keys.trust.digest.clone()),
     })
 }
 

@@ -72,11 +72,14 @@ pub async fn renew_if_due(
         }
     }
     let days = state.settings.server_certificate_validity_days;
-    let issued = state.keys.ca.renew_server_certificate(
+    let mut issued = state.keys.ca.renew_server_certificate(
         &der,
         &state.keys.server_key_pem,
         Duration::days(days.into()),
     )?;
+    // During a CA rollover the cross-certificate follows the leaf (`server_trust`).
+    issued.pem =
+        crate::server_trust::with_cross(&issued.pem, state.keys.trust.cross_certificate.as_deref());
     let details = json!({
         "old_serial": pki::serial_of(&der)?,
         "old_not_after": validity.not_after.rfc3339(),

@@ -238,6 +238,19 @@ pub async fn active_of<'e>(
     .await
 }
 
+/// The PEM of every active certificate that expires after `after` (for `keys retire-ca`: a
+/// certificate expired before that can no longer be renewed, so it needs no CA).
+pub async fn active_pems<'e>(ex: impl AnyExecutor<'e>, after: Timestamp) -> Result<Vec<String>> {
+    let rows =
+        sqlx::query("SELECT pem FROM certificates WHERE state = 'active' AND expires_at > $1")
+            .bind(after.0)
+            .fetch_all(ex)
+            .await?;
+    rows.iter()
+        .map(|row| Ok(row.try_get::<String, _>("pem")?))
+        .collect()
+}
+
 /// Supersedes one certificate if it is still active. Returns false when it no longer was (a
 /// concurrent renewal superseded it first, or it was revoked): on PostgreSQL the row lock makes
 /// the second of two concurrent renewals wait and then see it superseded.
