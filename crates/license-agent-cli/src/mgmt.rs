@@ -269,6 +269,25 @@ fn write_status(out: &mut impl Write, s: &StatusView) -> io::Result<()> {
             c.serial, c.expires_at, c.renews_at
         )?;
     }
+    if let Some(t) = &s.trust {
+        let keys: Vec<String> = t
+            .license_keys
+            .iter()
+            .map(|(id, state)| format!("{id} ({state})"))
+            .collect();
+        writeln!(out, "license keys     {}", keys.join(", "))?;
+        writeln!(out, "server pins      {}", t.server_pins.join(", "))?;
+        if !t.retired_server_pins.is_empty() {
+            writeln!(out, "retired pins     {}", t.retired_server_pins.join(", "))?;
+        }
+        for ca in &t.cas {
+            writeln!(
+                out,
+                "trusted CA       {} (expires {})",
+                ca.subject, ca.expires_at
+            )?;
+        }
+    }
     if s.clock_rollback_secs != 0 {
         writeln!(
             out,
@@ -365,6 +384,7 @@ mod tests {
             consecutive_failures: 0,
             clock_rollback_secs: 0,
             certificate: None,
+            trust: None,
             extra: BTreeMap::new(),
         }
     }

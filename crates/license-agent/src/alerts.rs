@@ -33,6 +33,8 @@ pub enum AlertKind {
     UnauthorizedAccess,
     /// The server announced a license key set this agent refused (the old trust is kept).
     LicenseKeysRefused,
+    /// The server announced TLS keys or CAs this agent refused (the old trust is kept).
+    ServerTrustRefused,
 }
 
 impl AlertKind {
@@ -46,6 +48,7 @@ impl AlertKind {
             AlertKind::CertificateExpired => "certificate_expired",
             AlertKind::UnauthorizedAccess => "unauthorized_access",
             AlertKind::LicenseKeysRefused => "license_keys_refused",
+            AlertKind::ServerTrustRefused => "server_trust_refused",
         }
     }
 }

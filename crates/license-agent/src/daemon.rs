@@ -424,6 +424,7 @@ pub async fn run(
         key: machine_key.clone(),
         license_keys,
         certificate,
+        server_trust: server.trust(),
     };
     let mut engine = Engine::new(EngineParts {
         server,

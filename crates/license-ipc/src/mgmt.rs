@@ -185,7 +185,32 @@ pub struct StatusView {
     /// The machine certificate (absent from agents older than automatic renewal).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CertificateView>,
+    /// What the agent trusts of the server (absent from agents older than key rollovers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<TrustView>,
     pub extra: BTreeMap<String, String>,
+}
+
+/// The server keys and CAs the agent trusts, in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustView {
+    /// License signing keys by id (16 hex digits): `trusted` or `retired`.
+    pub license_keys: BTreeMap<String, String>,
+    /// Pins (`sha256:<base64>`) the server's TLS key may match: the current key, and the next
+    /// one while a switch is announced.
+    pub server_pins: Vec<String>,
+    /// Pins switched away from, refused.
+    pub retired_server_pins: Vec<String>,
+    /// CA certificates the server's chain may lead to.
+    pub cas: Vec<CaView>,
+}
+
+/// One trusted CA in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaView {
+    pub subject: String,
+    /// RFC 3339.
+    pub expires_at: String,
 }
 
 /// The machine certificate in `status`: times in RFC 3339.

@@ -140,7 +140,7 @@ pub enum AdminCommand {
     /// The server-side audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// The server's keys: what each one is, what depends on it, and the master key rollover.
+    /// The server's keys: what each one is, what depends on it, and their rollovers.
     #[command(subcommand)]
     Keys(KeysCommand),
 }
@@ -162,6 +162,28 @@ pub enum KeysCommand {
     RetireLicense {
         /// The key's id (16 hex digits, as `keys status` lists it).
         key_id: license_protocol::license_keys::KeyId,
+    },
+    /// Announce a new TLS key (step 1 of 2): agents learn its pin at their next poll and
+    /// accept either key from then on. Switch to it with `switch-tls` once they have
+    /// (docs/OPERATIONS.md "Rolling the TLS key over").
+    #[command(name = "rotate-tls")]
+    RotateTls,
+    /// Serve the announced TLS key (step 2 of 2) with a fresh certificate; agents refuse the
+    /// old key once they hear of the switch. Takes effect when serving processes restart.
+    #[command(name = "switch-tls")]
+    SwitchTls,
+    /// Roll the CA over: a new CA, cross-signed by the current one, issues machine
+    /// certificates (each machine moves at its next renewal) and the server's; the current CA
+    /// stays trusted until `retire-ca`. Takes effect when serving processes restart.
+    #[command(name = "rotate-ca")]
+    RotateCa,
+    /// Stop trusting the previous CA. Refused while active machine certificates it issued can
+    /// still renew (`keys status` counts them), unless --force.
+    #[command(name = "retire-ca")]
+    RetireCa {
+        /// Retire it anyway (e.g. compromised): machines still under it can no longer connect.
+        #[arg(long)]
+        force: bool,
     },
     /// Roll the master key over online: a new key seals new secrets, every stored secret is
     /// re-encrypted under it in batches, then the old key is retired. Safe to run again after

@@ -17,6 +17,7 @@ use license_server::config::{https_url, ServerConfig};
 use license_server::datadir::{DataDir, DataDirError};
 use license_server::http::{self, Listeners};
 use license_server::license_keys::LicenseKeyError;
+use license_server::server_trust::RolloverError;
 use license_server::service::admin::{Admin, AdminError};
 use license_server::service::keys::{self, KeysError, Progress, RotateOptions};
 use license_server::service::licenses::LicenseRequest;
@@ -87,9 +88,15 @@ impl From<AdminError> for MainError {
 impl From<KeysError> for MainError {
     fn from(e: KeysError) -> Self {
         match e {
-            KeysError::StagedElsewhere(_) | KeysError::ReplicasLacking { .. } => {
-                MainError::Refused(e.to_string())
-            }
+            KeysError::StagedElsewhere(_)
+            | KeysError::ReplicasLacking { .. }
+            | KeysError::CaStillNeeded { .. } => MainError::Refused(e.to_string()),
+            KeysError::Rollover(
+                RolloverError::AlreadyStaged(_)
+                | RolloverError::NothingStaged
+                | RolloverError::PreviousCaTrusted(_)
+                | RolloverError::NoPreviousCa,
+            ) => MainError::Refused(e.to_string()),
             KeysError::NotHeld(_) => MainError::Usage(e.to_string()),
             KeysError::LicenseKeys(LicenseKeyError::Unknown(_)) => {
                 MainError::NotFound(e.to_string())
@@ -517,6 +524,23 @@ async fn keys_command(
                 output::json(&report);
             } else {
                 output::license_keys_report(&report);
+            }
+        }
+        KeysCommand::RotateTls
+        | KeysCommand::SwitchTls
+        | KeysCommand::RotateCa
+        | KeysCommand::RetireCa { .. } => {
+            let report = match command {
+                KeysCommand::RotateTls => keys::rotate_tls(state, actor).await?,
+                KeysCommand::SwitchTls => keys::switch_tls(state, actor).await?,
+                KeysCommand::RotateCa => keys::rotate_ca(state, actor).await?,
+                KeysCommand::RetireCa { force } => keys::retire_ca(state, actor, force).await?,
+                _ => unreachable!("matched above"),
+            };
+            if json {
+                output::json(&report);
+            } else {
+                output::server_trust_report(&report);
             }
         }
         KeysCommand::RetireLicense { key_id } => {

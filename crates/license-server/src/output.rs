@@ -3,7 +3,9 @@
 use license_protocol::agent_api::LicenseToken;
 use license_server::clock::Timestamp;
 use license_server::service::admin::PurgeReport;
-use license_server::service::keys::{KeysStatus, LicenseKeysReport, Progress, RotateReport};
+use license_server::service::keys::{
+    KeysStatus, LicenseKeysReport, Progress, RotateReport, ServerTrustReport,
+};
 use license_server::store::audit::AuditEvent;
 use license_server::store::certificates::{CertificateRecord, CertificateStats};
 use license_server::store::clients::ClientRecord;
@@ -322,6 +324,32 @@ fn span(now: Timestamp, t: Timestamp) -> String {
     }
 }
 
+/// `admin keys rotate-tls|switch-tls|rotate-ca|retire-ca` for people.
+pub fn server_trust_report(r: &ServerTrustReport) {
+    println!("{}: done", r.action);
+    println!("  server pin   {}", r.server_pin);
+    if let Some(next) = &r.next_pin {
+        println!("  next pin     {next} (announced to agents at their next poll)");
+    }
+    for pin in &r.retired_pins {
+        println!("  retired pin  {pin}");
+    }
+    println!("  CA serial    {}", r.ca_serial);
+    if let Some(previous) = &r.previous_ca_serial {
+        println!(
+            "  previous CA  {previous} (still needed by {} active machine certificates)",
+            r.certificates_needing_previous_ca
+        );
+    }
+    if r.retired_cas > 0 {
+        println!("  retired CAs  {}", r.retired_cas);
+    }
+    println!(
+        "Restart every serving process to apply it (copy server-trust.json, ca.* and server.* \
+         to replicas with their own data directory first)."
+    );
+}
+
 /// `admin keys status` for people.
 pub fn keys_status(s: &KeysStatus) {
     let now = s.now;
@@ -343,8 +371,30 @@ pub fn keys_status(s: &KeysStatus) {
         "  signs        {} active machine certificates ({} expiring within 30 days, renewed by their agents)",
         s.ca.active_machine_certificates, s.ca.machine_certificates_expiring_soon
     );
+    if let Some(p) = &s.previous_ca {
+        println!("Previous CA certificate (trusted until `keys retire-ca`)");
+        println!("  serial       {}", p.serial);
+        println!(
+            "  not after    {} ({})",
+            p.not_after.rfc3339(),
+            ahead(p.not_after)
+        );
+        println!(
+            "  still needed by {} active machine certificates (they move at their next renewal)",
+            p.certificates_needing_it
+        );
+    }
+    if s.retired_cas > 0 {
+        println!("Retired CAs: {}", s.retired_cas);
+    }
     println!("Server TLS certificate");
     println!("  pin          {}", s.server_tls.pin);
+    if let Some(next) = &s.server_tls.next_pin {
+        println!("  next pin     {next} (announced; `keys switch-tls` serves it)");
+    }
+    for pin in &s.server_tls.retired_pins {
+        println!("  retired pin  {pin}");
+    }
     println!("  serial       {}", s.server_tls.serial);
     println!(
         "  not after    {} ({})",

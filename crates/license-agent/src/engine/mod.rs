@@ -28,6 +28,7 @@ pub mod licenses;
 pub mod renewal;
 pub mod round;
 pub mod server;
+pub mod server_trust;
 pub mod state;
 pub mod status;
 #[cfg(test)]
@@ -77,6 +78,9 @@ pub struct Machine {
     pub license_keys: license_protocol::license_keys::TrustedKeys,
     /// The certificate `key` is presented with (renewed by the engine).
     pub certificate: renewal::Certificate,
+    /// The server's TLS keys and CAs this machine trusts (enrollment's and what the server
+    /// announced since).
+    pub server_trust: license_protocol::server_trust::AgentTrust,
 }
 
 /// What the engine keeps on disk: the secrets (in their store) and `state.json`.
@@ -98,6 +102,8 @@ pub struct EngineSettings {
     pub tokens_dir: PathBuf,
     /// `state_dir/license-keys.json`: the license keys trusted.
     pub license_keys_file: license_keys::TrustFile,
+    /// `state_dir/server-trust.json`: the server keys and CAs trusted.
+    pub server_trust_file: crate::net::trust::TrustFile,
     /// The machine's key and certificate files (renewal rewrites them).
     pub identity: renewal::IdentityFiles,
 }
@@ -115,6 +121,7 @@ impl EngineSettings {
             metrics_file: config.agent.metrics_file.clone(),
             tokens_dir: config.agent.state_dir.join("tokens"),
             license_keys_file: license_keys::TrustFile::new(&config.agent.state_dir),
+            server_trust_file: crate::net::trust::TrustFile::from_config(config),
             identity: renewal::IdentityFiles::from_config(config),
         }
     }
@@ -135,6 +142,8 @@ struct Health {
     rotations_failed: u64,
     /// Digest of a key set refused (not fetched again until the server announces another).
     refused_key_set: Option<String>,
+    /// Digest of a server trust announcement refused (likewise).
+    refused_server_trust: Option<String>,
 }
 
 /// Everything the engine is made of.

@@ -153,6 +153,9 @@ impl<S: AgentServer> Engine<S> {
         self.vault.state.last_server_contact = Some(now);
         self.follow_license_keys(status.license_keys.as_deref())
             .await?;
+        // After the license keys: the announcement is signed by them.
+        self.follow_server_trust(status.server_trust.as_deref())
+            .await?;
         let invalidated: BTreeSet<u64> = status.invalidated_versions.iter().copied().collect();
         if invalidated != self.vault.state.invalidated_versions {
             tracing::warn!(versions = ?invalidated, "server invalidated secret versions");

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use license_protocol::agent_api::{MachineLicenses, RenewCertificateResponse, SecretStatus};
 use license_protocol::license_keys::LicenseKeySet;
 use license_protocol::rotation::{RotateSecretRequest, RotateSecretResponse};
+use license_protocol::server_trust::{AgentTrust, ServerTrust};
 
 use crate::net::client::ClientError;
 use crate::net::{AgentApi, ConnectError};
@@ -27,6 +28,10 @@ pub trait AgentServer: Send + Sync {
     fn licenses(&self) -> impl Future<Output = Result<MachineLicenses, ClientError>> + Send;
     /// `GET /api/v1/license-keys`, asked only when the secret status announces another set.
     fn license_keys(&self) -> impl Future<Output = Result<LicenseKeySet, ClientError>> + Send;
+    /// `GET /api/v1/server-trust`, asked only when the secret status announces another one.
+    fn server_trust(&self) -> impl Future<Output = Result<ServerTrust, ClientError>> + Send;
+    /// From now on, connect with `trust` (pins and CAs just accepted).
+    fn adopt_trust(&self, trust: AgentTrust, key: Arc<dyn MachineKey>) -> Result<(), ConnectError>;
     /// `POST /api/v1/renew-certificate` with a CSR for the machine's next key.
     fn renew_certificate(
         &self,
@@ -58,6 +63,14 @@ impl AgentServer for AgentApi {
 
     async fn license_keys(&self) -> Result<LicenseKeySet, ClientError> {
         self.current().license_keys().await
+    }
+
+    async fn server_trust(&self) -> Result<ServerTrust, ClientError> {
+        self.current().server_trust().await
+    }
+
+    fn adopt_trust(&self, trust: AgentTrust, key: Arc<dyn MachineKey>) -> Result<(), ConnectError> {
+        AgentApi::adopt_trust(self, trust, key)
     }
 
     async fn renew_certificate(

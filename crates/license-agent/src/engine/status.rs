@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use license_protocol::mgmt::{CertificateView, SecretView, StatusView};
+use license_protocol::mgmt::{CaView, CertificateView, SecretView, StatusView, TrustView};
 
 use super::decide::{renewal_at, Link, Override, Phase};
 use super::server::AgentServer;
@@ -89,7 +89,42 @@ impl<S: AgentServer> Engine<S> {
                     &self.machine.id,
                 )),
             }),
+            trust: Some(self.trust_view()),
             extra: Default::default(),
+        }
+    }
+
+    /// The license keys, server pins and CAs trusted.
+    fn trust_view(&self) -> TrustView {
+        let trust = &self.machine.server_trust;
+        let cas = trust
+            .ca_ders()
+            .iter()
+            .filter_map(|der| {
+                let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+                Some(CaView {
+                    subject: cert.subject().to_string(),
+                    expires_at: rfc3339(cert.validity().not_after.timestamp()),
+                })
+            })
+            .collect();
+        TrustView {
+            license_keys: self
+                .machine
+                .license_keys
+                .states()
+                .map(|(id, retired)| {
+                    let state = if retired { "retired" } else { "trusted" };
+                    (id.to_string(), state.to_string())
+                })
+                .collect(),
+            server_pins: trust.pins().iter().map(ToString::to_string).collect(),
+            retired_server_pins: trust
+                .retired_pins()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            cas,
         }
     }
 

@@ -12,6 +12,7 @@ use license_protocol::license_keys::{AnnouncedKey, KeyId, KeyState, LicenseKeySe
 use license_protocol::mgmt::DegradedSwitch;
 use license_protocol::rotation::{RotateSecretRequest, RotateSecretResponse};
 use license_protocol::secret::{self, Secret, SecretDates};
+use license_protocol::server_trust::{AgentTrust, ServerTrust};
 
 use super::control::{self, ControlError};
 use super::decide::Link;
@@ -209,6 +210,23 @@ impl AgentServer for Arc<Script> {
         })
     }
 
+    async fn server_trust(&self) -> Result<ServerTrust, ClientError> {
+        self.gate()?;
+        Err(ClientError::Refused {
+            status: 404,
+            code: None,
+            message: "no such route".into(),
+        })
+    }
+
+    fn adopt_trust(
+        &self,
+        _trust: AgentTrust,
+        _key: Arc<dyn MachineKey>,
+    ) -> Result<(), crate::net::ConnectError> {
+        Ok(())
+    }
+
     fn reconnect(&self, key: Arc<dyn MachineKey>) -> Result<(), crate::net::ConnectError> {
         *self.machine_key.lock().expect("key") = key.public_key();
         self.reconnects.fetch_add(1, Ordering::SeqCst);
@@ -267,6 +285,8 @@ fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
         reconnects: AtomicU64::new(0),
         clock_offset: std::sync::atomic::AtomicI64::new(0),
     });
+    let ca_pem = script.ca.cert.pem();
+    let pin = license_protocol::pin::CertPin::of_spki_der(b"the server's key");
     let audit = Audit::open(&dir.path().join("audit.log")).expect("audit log");
     let alerts = Alerts::new(audit, machine.to_string(), None, 0);
     let store = FileStore::open(
@@ -292,6 +312,7 @@ fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
             key,
             license_keys: TrustedKeys::pinned(license.verifying_key()),
             certificate,
+            server_trust: AgentTrust::enrolled(pin, &ca_pem).expect("CA"),
         },
         vault: Vault {
             store: Arc::new(store),
@@ -306,6 +327,11 @@ fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
             metrics_file: dir.path().join("metrics.prom"),
             tokens_dir: dir.path().join("tokens"),
             license_keys_file: super::license_keys::TrustFile::new(dir.path()),
+            server_trust_file: crate::net::trust::TrustFile::new(
+                dir.path(),
+                pin,
+                &dir.path().join("ca.pem"),
+            ),
             identity: files,
         },
         tpm: None,

@@ -173,4 +173,11 @@ impl ServerClient {
     ) -> Result<license_protocol::license_keys::LicenseKeySet, ClientError> {
         self.get("/api/v1/license-keys").await
     }
+
+    /// `GET /api/v1/server-trust`: the server's TLS keys and CAs, signed by its license keys.
+    pub async fn server_trust(
+        &self,
+    ) -> Result<license_protocol::server_trust::ServerTrust, ClientError> {
+        self.get("/api/v1/server-trust").await
+    }
 }

@@ -1,17 +1,21 @@
 //! The agent's side of the network: TLS to the license server with the server's key pinned
-//! ([`tls`]), the calls the agent makes ([`client`]: bootstrap, recovery, agent API), and
-//! [`AgentApi`], the daemon's agent-API client, which reconnects with a new identity after its
-//! certificate is renewed.
+//! ([`tls`]), the server keys and CAs trusted ([`trust`]), the calls the agent makes
+//! ([`client`]: bootstrap, recovery, agent API), and [`AgentApi`], the daemon's agent-API
+//! client, which reconnects with a new identity after its certificate is renewed, and with a
+//! new trust after the server announced a rollover.
 
 pub mod client;
 pub mod tls;
+pub mod trust;
 
 use std::sync::{Arc, RwLock};
 
 use crate::config::{AgentConfig, ServerSection};
 use crate::platform::keys::MachineKey;
 use client::{ClientError, ServerClient};
+use license_protocol::server_trust::AgentTrust;
 use tls::TlsError;
+use trust::{TrustError, TrustFile};
 
 /// Why no agent API client could be made.
 #[derive(Debug, thiserror::Error)]
@@ -21,35 +25,46 @@ pub enum ConnectError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error(transparent)]
+    Trust(#[from] TrustError),
 }
 
 /// An mTLS client for the agent API (`[server] url`), the handshake signed by `key` with the
-/// certificate in `client_cert`, the server checked against the pin and the CA.
-fn connect(server: &ServerSection, key: Arc<dyn MachineKey>) -> Result<ServerClient, ConnectError> {
-    let tls = tls::mutual(server.cert_pin, &server.ca_cert, &server.client_cert, key)?;
+/// certificate in `client_cert`, the server checked against the pins and CAs of `trust`.
+fn connect(
+    server: &ServerSection,
+    trust: &AgentTrust,
+    key: Arc<dyn MachineKey>,
+) -> Result<ServerClient, ConnectError> {
+    let tls = tls::mutual(trust, &server.client_cert, key)?;
     Ok(ServerClient::new(&server.url, tls)?)
 }
 
-/// A one-shot mTLS client for the agent API.
+/// A one-shot mTLS client for the agent API, with the server trust held on disk.
 pub fn agent_client(
     config: &AgentConfig,
     key: Arc<dyn MachineKey>,
 ) -> Result<ServerClient, ConnectError> {
-    connect(&config.server, key)
+    let trust = TrustFile::from_config(config).load()?;
+    connect(&config.server, &trust, key)
 }
 
 /// The daemon's agent API client: the current identity's connection, replaced (for new
-/// requests) when the certificate or key changes.
+/// requests) when the certificate or key changes, or the server trust does.
 #[derive(Debug)]
 pub struct AgentApi {
     server: ServerSection,
+    trust: RwLock<AgentTrust>,
     client: RwLock<ServerClient>,
 }
 
 impl AgentApi {
+    /// Connects with the server trust held on disk (`trust`).
     pub fn connect(config: &AgentConfig, key: Arc<dyn MachineKey>) -> Result<Self, ConnectError> {
+        let trust = TrustFile::from_config(config).load()?;
         Ok(Self {
-            client: RwLock::new(connect(&config.server, key)?),
+            client: RwLock::new(connect(&config.server, &trust, key)?),
+            trust: RwLock::new(trust),
             server: config.server.clone(),
         })
     }
@@ -62,10 +77,27 @@ impl AgentApi {
             .clone()
     }
 
+    /// The server trust connections are made with.
+    pub fn trust(&self) -> AgentTrust {
+        self.trust.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Reconnects with `key` and the certificate now at `[server] client_cert`.
     pub fn reconnect(&self, key: Arc<dyn MachineKey>) -> Result<(), ConnectError> {
-        let fresh = connect(&self.server, key)?;
+        let fresh = connect(&self.server, &self.trust(), key)?;
         *self.client.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// Connects from now on with `trust` (a server announcement just accepted).
+    pub fn adopt_trust(
+        &self,
+        trust: AgentTrust,
+        key: Arc<dyn MachineKey>,
+    ) -> Result<(), ConnectError> {
+        let fresh = connect(&self.server, &trust, key)?;
+        *self.client.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        *self.trust.write().unwrap_or_else(|e| e.into_inner()) = trust;
         Ok(())
     }
 }

@@ -3,12 +3,15 @@
 //! Before enrollment the agent knows only the pin (from the installer), so the pin alone
 //! authenticates the server: it names the exact key, which is stronger than any chain. After
 //! enrollment the agent also has the CA: then the chain and the host name are checked *and*
-//! the pin must match, so a server with a valid chain but another key is refused.
+//! the pin must match, so a server with a valid chain but another key is refused. The pins and
+//! CAs are those the agent trusts now (`trust`): enrollment's, then what the server announced
+//! ahead of a TLS key or CA rollover.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use license_protocol::pin::CertPin;
+use license_protocol::server_trust::AgentTrust;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
@@ -33,19 +36,29 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-/// The server's key did not match the pin.
-#[derive(Debug, thiserror::Error)]
-#[error("server key does not match the pinned key {0}")]
-pub struct PinMismatch(pub String);
+/// The server's key did not match the pin (or any of the pins trusted).
+#[derive(thiserror::Error)]
+#[error("server key {presented} does not match the pinned key {pinned}")]
+pub struct PinMismatch {
+    pub presented: String,
+    pub pinned: String,
+}
+
+/// rustls shows a certificate error's cause with `Debug`: make it the sentence.
+impl std::fmt::Debug for PinMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
 
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Checks the pin, and the chain when a CA is known.
+/// Checks the pin (one of the pins trusted), and the chain when a CA is known.
 #[derive(Debug)]
 pub struct PinnedServerVerifier {
-    pin: CertPin,
+    pins: Vec<CertPin>,
     chain: Option<Arc<WebPkiServerVerifier>>,
     provider: Arc<CryptoProvider>,
 }
@@ -61,9 +74,18 @@ impl ServerCertVerifier for PinnedServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let presented = CertPin::of_certificate_der(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        if !presented.matches(&self.pin) {
+        // Every pin is compared (in constant time each), whichever matches.
+        let matched = self
+            .pins
+            .iter()
+            .fold(false, |any, pin| presented.matches(pin) | any);
+        if !matched {
+            let pinned: Vec<String> = self.pins.iter().map(ToString::to_string).collect();
             return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-                rustls::OtherError(Arc::new(PinMismatch(self.pin.to_string()))),
+                rustls::OtherError(Arc::new(PinMismatch {
+                    presented: presented.to_string(),
+                    pinned: pinned.join(" or "),
+                })),
             )));
         }
         if let Some(chain) = &self.chain {
@@ -125,7 +147,7 @@ fn material(path: &Path, message: impl Into<String>) -> TlsError {
 pub fn pin_only(pin: CertPin) -> Result<ClientConfig, TlsError> {
     let provider = provider();
     let verifier = Arc::new(PinnedServerVerifier {
-        pin,
+        pins: vec![pin],
         chain: None,
         provider: provider.clone(),
     });
@@ -136,25 +158,27 @@ pub fn pin_only(pin: CertPin) -> Result<ClientConfig, TlsError> {
         .with_no_client_auth())
 }
 
-/// For the agent API: TLS 1.3 only, chain + host name + pin, and the machine's certificate.
-/// The machine's key signs the handshake through [`MachineKey`], so a TPM key (never exported)
-/// and a file key take the same path.
+/// For the agent API: TLS 1.3 only, chain (to a CA `trust` holds) + host name + pin (one of
+/// `trust`'s), and the machine's certificate. The machine's key signs the handshake through
+/// [`MachineKey`], so a TPM key (never exported) and a file key take the same path.
 pub fn mutual(
-    pin: CertPin,
-    ca_cert: &Path,
+    trust: &AgentTrust,
     client_cert: &Path,
     machine_key: Arc<dyn MachineKey>,
 ) -> Result<ClientConfig, TlsError> {
     let provider = provider();
     let mut roots = RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut read(ca_cert)?.as_slice()) {
-        roots.add(cert.map_err(|e| material(ca_cert, e.to_string()))?)?;
+    for der in trust.ca_ders() {
+        roots.add(CertificateDer::from(der))?;
     }
     let chain = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
-        .map_err(|e| material(ca_cert, e.to_string()))?;
+        .map_err(|e| TlsError::Material {
+            path: "server trust".into(),
+            message: e.to_string(),
+        })?;
     let verifier = Arc::new(PinnedServerVerifier {
-        pin,
+        pins: trust.pins().to_vec(),
         chain: Some(chain),
         provider: provider.clone(),
     });

@@ -1,6 +1,8 @@
 //! The server's keys and their rollover: which master key seals new secrets, the online master
 //! key rollover (`admin keys rotate-master`), the license key rollover and retirement
-//! (`admin keys rotate-license`, `admin keys retire-license`), the serving process's watch on
+//! (`admin keys rotate-license`, `admin keys retire-license`), the TLS key and CA rollovers
+//! (`admin keys rotate-tls|switch-tls|rotate-ca|retire-ca`, see `server_trust`), the serving
+//! process's watch on
 //! its key sets, and `admin keys status` (every key the server holds, what depends on it, what
 //! expires).
 //!
@@ -38,6 +40,7 @@ use crate::datadir::pem_first_der;
 use crate::license_keys::LicenseKeyError;
 use crate::master_keys::{ordinal, MasterKey, MasterKeyError};
 use crate::pki::{self, PkiError};
+use crate::server_trust::{self as rollover, RolloverError, Rollovers};
 use crate::store::audit::{self, NewAuditEvent};
 use crate::store::master_keys::{self as registry, Holder, KeyRecord, KeyState};
 use crate::store::secrets::{self as stored, KeyedCiphertext};
@@ -50,6 +53,14 @@ pub const ROTATE_MASTER_ACTION: &str = "keys.rotate_master";
 pub const ROTATE_LICENSE_ACTION: &str = "keys.rotate_license";
 /// Audit action of a license key retirement.
 pub const RETIRE_LICENSE_ACTION: &str = "keys.retire_license";
+/// Audit action of announcing the next TLS key.
+pub const ROTATE_TLS_ACTION: &str = "keys.rotate_tls";
+/// Audit action of switching to the announced TLS key.
+pub const SWITCH_TLS_ACTION: &str = "keys.switch_tls";
+/// Audit action of a CA rollover.
+pub const ROTATE_CA_ACTION: &str = "keys.rotate_ca";
+/// Audit action of a CA retirement.
+pub const RETIRE_CA_ACTION: &str = "keys.retire_ca";
 /// A serving process silent for longer than this is no longer counted as a holder.
 pub const HOLDER_LIVENESS_SECS: i64 = 30;
 /// How often a serving process reports the keys it holds.
@@ -90,6 +101,14 @@ pub enum KeysError {
     },
     #[error("{0} rows are still under master key {1}")]
     NotDrained(i64, String),
+    #[error(
+        "{count} active machine certificates issued by the previous CA (serial {serial}) can \
+         still renew; each moves to the current CA at its next renewal: wait (`keys status` \
+         counts them), or retire with --force to cut those machines off"
+    )]
+    CaStillNeeded { serial: String, count: usize },
+    #[error(transparent)]
+    Rollover(#[from] RolloverError),
     #[error(transparent)]
     MasterKeys(#[from] MasterKeyError),
     #[error(transparent)]
@@ -106,6 +125,13 @@ impl KeysError {
         match self {
             KeysError::StagedElsewhere(_)
             | KeysError::ReplicasLacking { .. }
+            | KeysError::CaStillNeeded { .. }
+            | KeysError::Rollover(
+                RolloverError::AlreadyStaged(_)
+                | RolloverError::NothingStaged
+                | RolloverError::PreviousCaTrusted(_)
+                | RolloverError::NoPreviousCa,
+            )
             | KeysError::LicenseKeys(
                 LicenseKeyError::RetireCurrent(_) | LicenseKeyError::AlreadyRetired(_),
             ) => ErrorCode::Conflict,
@@ -673,8 +699,8 @@ fn license_key_statuses(keys: &crate::license_keys::LicenseKeys) -> Vec<LicenseK
         .collect()
 }
 
-/// Audits a refused license key command.
-async fn audit_license_refusal(
+/// Audits a refused key command.
+async fn audit_refusal(
     state: &AppState,
     actor: &str,
     action: &str,
@@ -737,7 +763,7 @@ pub async fn retire_license(
     let target = id.to_string();
     if let Err(e) = keys.retire(id, now) {
         let e = KeysError::from(e);
-        audit_license_refusal(state, actor, RETIRE_LICENSE_ACTION, Some(&target), &e).await?;
+        audit_refusal(state, actor, RETIRE_LICENSE_ACTION, Some(&target), &e).await?;
         return Err(e);
     }
     let mut tx = state.store.begin_write().await?;
@@ -763,6 +789,177 @@ pub async fn retire_license(
 }
 
 // ---------------------------------------------------------------------------------------------
+// TLS key and CA rollovers (`server_trust`)
+// ---------------------------------------------------------------------------------------------
+
+/// The outcome of `rotate-tls`, `switch-tls`, `rotate-ca` or `retire-ca`, read back from the
+/// data directory.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerTrustReport {
+    /// The audit action of the step.
+    pub action: &'static str,
+    /// The pin of the key `server.pem` is for (served from the next start).
+    pub server_pin: String,
+    /// Announced ahead of a switch.
+    pub next_pin: Option<String>,
+    pub retired_pins: Vec<String>,
+    pub ca_serial: String,
+    /// Rolled over from, still trusted.
+    pub previous_ca_serial: Option<String>,
+    /// Active machine certificates the previous CA issued that can still renew.
+    pub certificates_needing_previous_ca: usize,
+    pub retired_cas: usize,
+    /// Serving processes read these files at start: restart them (after copying
+    /// `server-trust.json`, `ca.*` and `server.*` to replicas with their own data directory).
+    pub restart_needed: bool,
+}
+
+/// Active machine certificates issued by `previous_ca` (PEM) that can still renew.
+async fn needing(state: &AppState, previous_ca: Option<&str>) -> Result<usize, KeysError> {
+    let Some(ca_der) = previous_ca.and_then(pem_first_der) else {
+        return Ok(0);
+    };
+    let after = Timestamp::now().plus_secs(-state.settings.renew_after_expiry_secs());
+    let pems = certificates::active_pems(state.store.pool(), after).await?;
+    Ok(pems
+        .iter()
+        .filter_map(|pem| pem_first_der(pem))
+        .filter(|der| pki::signed_by(der, &ca_der))
+        .count())
+}
+
+async fn trust_report(
+    state: &AppState,
+    action: &'static str,
+) -> Result<ServerTrustReport, KeysError> {
+    let dir = &state.settings.data_dir;
+    let r = Rollovers::load(dir)?;
+    let read = |path: std::path::PathBuf| {
+        std::fs::read_to_string(&path).map_err(|source| RolloverError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let served = pem_first_der(&read(dir.server_cert())?)
+        .ok_or_else(|| PkiError::BadCertificate("server.pem holds no certificate".into()))?;
+    let server_pin = license_protocol::pin::CertPin::of_certificate_der(&served)
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    Ok(ServerTrustReport {
+        action,
+        server_pin: server_pin.to_string(),
+        next_pin: r.next_pin()?.map(|p| p.to_string()),
+        retired_pins: r.retired_pins.iter().map(ToString::to_string).collect(),
+        ca_serial: rollover::serial_of_pem(&read(dir.ca_cert())?)?,
+        previous_ca_serial: r
+            .previous_ca
+            .as_deref()
+            .map(rollover::serial_of_pem)
+            .transpose()?,
+        certificates_needing_previous_ca: needing(state, r.previous_ca.as_deref()).await?,
+        retired_cas: r.retired_cas.len(),
+        restart_needed: true,
+    })
+}
+
+/// One rollover step: `step` changes the data directory inside the transaction that audits
+/// it (a step whose audit cannot commit is finished by the next load, and audited then by
+/// nobody: the files are the truth, the audit names every step that was asked for).
+async fn trust_step<T>(
+    state: &AppState,
+    actor: &str,
+    action: &'static str,
+    step: impl FnOnce() -> Result<T, RolloverError>,
+    details: impl FnOnce(&T) -> serde_json::Value,
+) -> Result<ServerTrustReport, KeysError> {
+    let now = Timestamp::now();
+    let mut tx = state.store.begin_write().await?;
+    let done = match step() {
+        Ok(done) => done,
+        Err(e) => {
+            drop(tx);
+            let e = KeysError::from(e);
+            audit_refusal(state, actor, action, None, &e).await?;
+            return Err(e);
+        }
+    };
+    let mut details = details(&done);
+    details["data_dir"] = json!(state.settings.data_dir.root().display().to_string());
+    let event = NewAuditEvent::success(now, actor, action, None, details);
+    audit::insert(&mut *tx, &event).await?;
+    tx.commit().await?;
+    trust_report(state, action).await
+}
+
+/// `admin keys rotate-tls`: a new TLS key, announced to agents as next.
+pub async fn rotate_tls(state: &AppState, actor: &str) -> Result<ServerTrustReport, KeysError> {
+    let dir = &state.settings.data_dir;
+    trust_step(
+        state,
+        actor,
+        ROTATE_TLS_ACTION,
+        || rollover::stage_tls(dir, Timestamp::now().0),
+        |pin| json!({"next_pin": pin.to_string()}),
+    )
+    .await
+}
+
+/// `admin keys switch-tls`: the announced key is served (from the next start), the old pin
+/// retired.
+pub async fn switch_tls(state: &AppState, actor: &str) -> Result<ServerTrustReport, KeysError> {
+    let dir = &state.settings.data_dir;
+    let days = state.settings.server_certificate_validity_days;
+    trust_step(
+        state,
+        actor,
+        SWITCH_TLS_ACTION,
+        || rollover::switch_tls(dir, days, Timestamp::now().0),
+        |(old, new)| json!({"old_pin": old.to_string(), "new_pin": new.to_string()}),
+    )
+    .await
+}
+
+/// `admin keys rotate-ca`: a new current CA, cross-signed by the one it replaces.
+pub async fn rotate_ca(state: &AppState, actor: &str) -> Result<ServerTrustReport, KeysError> {
+    let dir = &state.settings.data_dir;
+    let days = state.settings.server_certificate_validity_days;
+    trust_step(
+        state,
+        actor,
+        ROTATE_CA_ACTION,
+        || rollover::rotate_ca(dir, days, Timestamp::now().0),
+        |r| json!({"previous_serial": r.previous_serial, "serial": r.current_serial}),
+    )
+    .await
+}
+
+/// `admin keys retire-ca [--force]`: the previous CA is no longer trusted. Refused while
+/// active machine certificates it issued can still renew, unless `force`.
+pub async fn retire_ca(
+    state: &AppState,
+    actor: &str,
+    force: bool,
+) -> Result<ServerTrustReport, KeysError> {
+    let dir = &state.settings.data_dir;
+    let previous = Rollovers::load(dir)?.previous_ca;
+    let count = needing(state, previous.as_deref()).await?;
+    if count > 0 && !force {
+        let serial = rollover::serial_of_pem(previous.as_deref().unwrap_or_default())?;
+        let e = KeysError::CaStillNeeded { serial, count };
+        audit_refusal(state, actor, RETIRE_CA_ACTION, None, &e).await?;
+        return Err(e);
+    }
+    let days = state.settings.server_certificate_validity_days;
+    trust_step(
+        state,
+        actor,
+        RETIRE_CA_ACTION,
+        || rollover::retire_ca(dir, days, Timestamp::now().0),
+        |serial| json!({"serial": serial, "forced": force, "certificates_cut_off": count}),
+    )
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
 // keys status
 // ---------------------------------------------------------------------------------------------
 
@@ -778,12 +975,25 @@ pub struct CaStatus {
     pub machine_certificates_expiring_soon: i64,
 }
 
+/// The CA rolled over from, still trusted until `retire-ca`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PreviousCaStatus {
+    pub serial: String,
+    pub not_after: Timestamp,
+    /// Active machine certificates it issued that can still renew (0: it can be retired).
+    pub certificates_needing_it: usize,
+}
+
 /// The TLS certificate of the three listeners (this data directory's).
 #[derive(Debug, Clone, Serialize)]
 pub struct TlsStatus {
     pub serial: String,
     /// What agents pin; unchanged by renewals (same key).
     pub pin: String,
+    /// The key announced ahead of a switch (`rotate-tls`).
+    pub next_pin: Option<String>,
+    /// Keys switched away from, refused by agents that heard of the switch.
+    pub retired_pins: Vec<String>,
     pub not_before: Timestamp,
     pub not_after: Timestamp,
     pub renews_at: Timestamp,
@@ -829,6 +1039,8 @@ pub struct MasterKeyStatus {
 pub struct KeysStatus {
     pub now: Timestamp,
     pub ca: CaStatus,
+    pub previous_ca: Option<PreviousCaStatus>,
+    pub retired_cas: usize,
     pub server_tls: TlsStatus,
     pub license_signing_key: SigningKeyStatus,
     pub license_keys: Vec<LicenseKeyStatus>,
@@ -861,9 +1073,29 @@ pub async fn status(state: &AppState) -> Result<KeysStatus, KeysError> {
         .unwrap_or_else(|_| state.keys.server_cert_pem.clone());
     let tls_der = pem_first_der(&tls_pem).ok_or_else(|| bad("server.pem"))?;
     let tls_validity = pki::validity_of(&tls_der)?;
+    let rollovers = Rollovers::load(dir)?;
+    let previous_ca = match rollovers.previous_ca.as_deref() {
+        Some(pem) => {
+            let der = pem_first_der(pem).ok_or_else(|| bad("server-trust.json's previous CA"))?;
+            Some(PreviousCaStatus {
+                serial: pki::serial_of(&der)?,
+                not_after: pki::validity_of(&der)?.not_after,
+                certificates_needing_it: needing(state, Some(pem)).await?,
+            })
+        }
+        None => None,
+    };
     let server_tls = TlsStatus {
         serial: pki::serial_of(&tls_der)?,
-        pin: state.keys.server_pin.to_string(),
+        pin: license_protocol::pin::CertPin::of_certificate_der(&tls_der)
+            .map_err(|e| PkiError::BadCertificate(e.to_string()))?
+            .to_string(),
+        next_pin: rollovers.next_pin()?.map(|p| p.to_string()),
+        retired_pins: rollovers
+            .retired_pins
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
         not_before: tls_validity.not_before,
         not_after: tls_validity.not_after,
         renews_at: tls_validity.renew_at(),
@@ -928,6 +1160,8 @@ pub async fn status(state: &AppState) -> Result<KeysStatus, KeysError> {
     Ok(KeysStatus {
         now,
         ca,
+        previous_ca,
+        retired_cas: rollovers.retired_cas.len(),
         server_tls,
         license_signing_key,
         license_keys,

