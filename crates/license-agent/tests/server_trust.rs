@@ -214,3 +214,103 @@ fn the_tls_key_is_announced_switched_and_the_old_key_refused() {
     });
     validates(&agent, &license, "back with the real server");
 }
+
+#[test]
+fn the_ca_rolls_over_machines_move_at_renewal_and_the_old_ca_retires() {
+    let root = tempfile::tempdir().unwrap();
+    // Machine certificates of 60 s: agents renew within a minute.
+    let mut server = Server::start_with(
+        root.path(),
+        30 * 86_400,
+        7 * 86_400,
+        "certificate_validity_secs = 60",
+    );
+    let pin = server.pin.clone();
+    let old_ca = std::fs::read_to_string(server.dir.join("ca.pem")).unwrap();
+    let mut online = Agent::enroll(&server, root.path(), "online", 3600, |_| {});
+    let mut sleeper = Agent::enroll(&server, root.path(), "sleeper", 3600, |_| {});
+    let licenses: Vec<String> = [&online, &sleeper]
+        .iter()
+        .map(|a| server.issue_license(&a.machine_id, "pos.sale", &[]))
+        .collect();
+    online.start(&[]);
+    sleeper.start(&[]);
+    validates(&online, &licenses[0], "enrolled");
+    validates(&sleeper, &licenses[1], "enrolled");
+    // The sleeper is switched off before the rollover and hears nothing of it.
+    assert_eq!(sleeper.stop().code(), Some(0));
+
+    let rolled = server.admin(&["keys", "rotate-ca"]);
+    assert_eq!(rolled["server_pin"], pin.as_str(), "the TLS key stays");
+    assert!(rolled["previous_ca_serial"].is_string(), "{rolled}");
+    let refused = admin_refused(&server, &["keys", "rotate-ca"]);
+    assert!(refused.contains("retire it"), "{refused}");
+    let new_ca = std::fs::read_to_string(server.dir.join("ca.pem")).unwrap();
+    assert_ne!(new_ca, old_ca);
+    let served = std::fs::read_to_string(server.dir.join("server.pem")).unwrap();
+    assert_eq!(
+        served.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "the leaf, then the new CA cross-signed by the old"
+    );
+    server.kill();
+    server.resume();
+    assert_eq!(server.pin, pin);
+
+    // The online till learns the new CA (cross-signed by the one it holds), keeps working,
+    // and moves to it at its next renewal.
+    wait_until("the online till to trust both CAs", WAIT, || {
+        trusted_cas(&online).len() == 2
+    });
+    let status = server.admin(&["keys", "status"]);
+    assert!(
+        status["previous_ca"]["certificates_needing_it"].as_u64() >= Some(1),
+        "{status}"
+    );
+    wait_until("the online till to renew under the new CA", WAIT, || {
+        issuer_of(&online.dir.join("client.pem")) == subject_of(&new_ca)
+    });
+    validates(&online, &licenses[0], "renewed under the new CA");
+
+    // Retiring the old CA is refused while the sleeper's certificate (old CA) can still renew.
+    let refused = admin_refused(&server, &["keys", "retire-ca"]);
+    assert!(refused.contains("can still renew"), "{refused}");
+
+    // The sleeper comes back (its certificate from the old CA, only the old CA known): the
+    // server's chain leads to the old CA through the cross-certificate, so it connects,
+    // renews under the new CA and learns the new CA.
+    sleeper.start(&[]);
+    wait_until("the sleeper to renew under the new CA", WAIT, || {
+        issuer_of(&sleeper.dir.join("client.pem")) == subject_of(&new_ca)
+    });
+    wait_until("the sleeper to trust both CAs", WAIT, || {
+        trusted_cas(&sleeper).len() == 2
+    });
+    validates(&sleeper, &licenses[1], "the sleeper back");
+
+    // Nothing needs the old CA any more: it retires, the server drops the cross-certificate,
+    // and the tills drop the old CA.
+    let retired = server.admin(&["keys", "retire-ca"]);
+    assert_eq!(retired["retired_cas"], 1);
+    assert!(retired["previous_ca_serial"].is_null());
+    let served = std::fs::read_to_string(server.dir.join("server.pem")).unwrap();
+    assert_eq!(served.matches("BEGIN CERTIFICATE").count(), 1);
+    server.kill();
+    server.resume();
+    for (agent, license) in [(&online, &licenses[0]), (&sleeper, &licenses[1])] {
+        wait_until("the till to drop the old CA", WAIT, || {
+            trusted_cas(agent) == [subject_of(&new_ca)]
+        });
+        let since = now();
+        wait_until("a round after the retirement", WAIT, || {
+            round_since(agent, since)
+        });
+        validates(agent, license, "after the retirement");
+    }
+    let audit = server
+        .admin(&["audit", "list", "--limit", "1000"])
+        .to_string();
+    for action in ["keys.rotate_ca", "keys.retire_ca"] {
+        assert!(audit.contains(action), "{action} audited");
+    }
+}
