@@ -16,9 +16,10 @@
 //! (`tls_switch_from`, `ca_switch`), then the key and certificate files are replaced one by one
 //! (each atomically), then the journal entry is cleared. [`finish`] completes an interrupted
 //! step and is run by every process that loads the data directory, so a crash at any point
-//! leaves a directory that the next start completes. [`finish`] also makes `server.pem` agree
-//! with the keys: issued by the current CA, for `server.key`, followed by the cross-certificate
-//! while there is one.
+//! leaves a directory that the next start completes (tests abort the process at each step
+//! with `LICENSE_SERVER_TEST_CRASH_AT`: `rollover.journaled`, `rollover.half_written`,
+//! `rollover.files_written`). [`finish`] also makes `server.pem` agree with the keys: issued
+//! by the current CA, for `server.key`, followed by the cross-certificate while there is one.
 //!
 //! The announcement agents fetch (`GET /api/v1/server-trust`, [`Announcement`]) is computed
 //! from these files when the server starts; it is signed per request by the license keys.
@@ -38,6 +39,7 @@ use zeroize::Zeroizing;
 use crate::datadir::{pem_first_der, DataDir};
 use crate::key_files;
 use crate::pki::{self, CertificateAuthority, PkiError};
+use crate::service::keys::test_crash;
 
 /// File name inside the data directory.
 pub const FILE_NAME: &str = "server-trust.json";
@@ -243,6 +245,7 @@ pub fn switch_tls(
     r.tls_switch_from = Some(old);
     r.touch(now);
     r.save(dir)?;
+    test_crash("rollover.journaled");
     finish(dir, validity_days)?;
     Ok((old, new))
 }
@@ -276,6 +279,7 @@ pub fn rotate_ca(dir: &DataDir, validity_days: u32, now: i64) -> Result<CaRollov
         });
         r.touch(now);
         r.save(dir)?;
+        test_crash("rollover.journaled");
     }
     let staged = r.ca_switch.as_ref().map(|s| s.cert_pem.clone());
     finish(dir, validity_days)?;
@@ -315,6 +319,7 @@ pub fn finish(dir: &DataDir, validity_days: u32) -> Result<(), RolloverError> {
     if let Some(staged) = r.ca_switch.take() {
         if read(&dir.ca_cert())?.trim() != staged.cert_pem.trim() {
             write(dir, &dir.ca_key(), &staged.key_pem.0, 0o600)?;
+            test_crash("rollover.half_written");
             write(dir, &dir.ca_cert(), &staged.cert_pem, 0o644)?;
         }
         journal_done = true;
@@ -329,6 +334,7 @@ pub fn finish(dir: &DataDir, validity_days: u32) -> Result<(), RolloverError> {
             })?;
         if *read(&dir.server_key())? != *next.0 {
             write(dir, &dir.server_key(), &next.0, 0o600)?;
+            test_crash("rollover.half_written");
         }
         if !r.retired_pins.contains(&from) {
             r.retired_pins.push(from);
@@ -337,6 +343,7 @@ pub fn finish(dir: &DataDir, validity_days: u32) -> Result<(), RolloverError> {
     }
     ensure_server_chain(dir, &r, validity_days)?;
     if journal_done {
+        test_crash("rollover.files_written");
         r.save(dir)?;
     }
     Ok(())

@@ -161,3 +161,87 @@ async fn ca_rollover(db: Db) {
     );
 }
 on_both_databases!(ca_rollover);
+
+/// `admin keys ARGS` killed at `point`: it must not exit successfully.
+fn crashed(server: &TestServer, args: &[&str], point: &str) {
+    let out = std::process::Command::new(common::SERVER)
+        .arg("admin")
+        .arg("--data-dir")
+        .arg(server.data_dir())
+        .args(args)
+        .env("LICENSE_SERVER_TEST_CRASH_AT", point)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} at {point} was not killed");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("test crash at {point}")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A TLS switch and a CA rollover killed at each step: the next start finishes the step, the
+/// server serves the new key (or the chain under the new CA), and a machine enrolled before
+/// verifies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollovers_killed_at_every_step_are_finished_by_the_next_start() {
+    for point in [
+        "rollover.journaled",
+        "rollover.half_written",
+        "rollover.files_written",
+    ] {
+        let mut server = TestServer::start(Db::Sqlite);
+        let old_pin = server.pin();
+        let old_ca = server.ca_pem();
+        let (_client, answer, key) = server.enrolled_machine("Shop", "HW-CRASH").await;
+        let cert = answer["certificate"].as_str().unwrap().to_string();
+
+        let next_pin = server.admin_json(&["keys", "rotate-tls"])["next_pin"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        crashed(&server, &["keys", "switch-tls"], point);
+        server.restart(&[]);
+        assert_eq!(
+            server.pin(),
+            next_pin,
+            "{point}: the switch finished at start"
+        );
+        let client = machine_client(&old_ca, &cert, &key);
+        let offered = announcement(&client, &server.server.agent_url).await;
+        use license_protocol::server_trust::{AnnouncedPin, PinState};
+        assert_eq!(
+            offered.pins,
+            [
+                AnnouncedPin::new(next_pin.parse().unwrap(), PinState::Current),
+                AnnouncedPin::new(old_pin.parse().unwrap(), PinState::Retired),
+            ],
+            "{point}"
+        );
+
+        crashed(&server, &["keys", "rotate-ca"], point);
+        server.restart(&[]);
+        let new_ca = server.ca_pem();
+        assert_ne!(
+            subject(&new_ca),
+            subject(&old_ca),
+            "{point}: the new CA is current"
+        );
+        for trusted in [&old_ca, &new_ca] {
+            let client = machine_client(trusted, &cert, &key);
+            let (status, body) = get(&client, &server.server.agent_url, "/api/v1/secret-status")
+                .await
+                .unwrap();
+            assert_eq!(status, 200, "{point}: {body}");
+        }
+        let status = server.admin_json(&["keys", "status"]);
+        assert!(
+            status["previous_ca"]["serial"].is_string(),
+            "{point}: {status}"
+        );
+        assert!(
+            status["server_tls"]["next_pin"].is_null(),
+            "{point}: {status}"
+        );
+    }
+}

@@ -141,7 +141,9 @@ impl KeysError {
     }
 }
 
-fn test_crash(point: &str) {
+/// Aborts the process at `point` when `LICENSE_SERVER_TEST_CRASH_AT` names it: how tests kill
+/// a rollover at each of its steps.
+pub(crate) fn test_crash(point: &str) {
     if std::env::var("LICENSE_SERVER_TEST_CRASH_AT").is_ok_and(|v| v == point) {
         eprintln!("license-server: test crash at {point}");
         std::process::abort();
