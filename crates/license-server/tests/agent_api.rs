@@ -565,6 +565,7 @@ async fn openapi_lists_every_route() {
         ("post", "/api/v1/rotate-secret/ack"),
         ("get", "/api/v1/secret-status"),
         ("get", "/api/v1/license-keys"),
+        ("get", "/api/v1/server-trust"),
         ("get", "/api/v1/licenses"),
         ("post", "/api/v1/validate-license"),
         ("post", "/api/v1/renew-certificate"),
