@@ -2,12 +2,12 @@
 //! server and agents with real lifetimes (365-day machine certificates, a 730-day server
 //! certificate), every process restarted under libfaketime at each step as if switched off in
 //! between. Through every step the tills (file store and TPM) renew their certificates by
-//! themselves, one till is switched off for 600 days and comes back by itself, the server's certificate renews itself
-//! with the same key (the pins hold), the license signing key rolls over and the old one is
-//! retired as compromised (its token then answers `key_retired`), and a POS client's license
-//! validates after every round.
-//!
-//! Not yet in it: the CA, TLS-key and master-key rollovers.
+//! themselves, one till is switched off for 600 days and comes back by itself, the server's
+//! certificate renews itself with the same key (the pins hold), the master key rolls over, the
+//! license signing key rolls over and the old one is retired as compromised (its token then
+//! answers `key_retired`), the TLS key is announced and switched, the CA rolls over and the old
+//! one retires once every till has moved, and a POS client's license validates after every
+//! round. Every admin command runs at the date of the step.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -87,6 +87,8 @@ fn a_fleet_through_ten_years_renews_everything_by_itself() {
     })
     .collect();
     let start = license_agent::platform::clock::system_now();
+    let mut pin = pin;
+    let mut old_pin = None;
     let mut serials = Vec::new();
     let (mut old_key, mut new_key, mut old_token): (
         Option<String>,
@@ -111,6 +113,44 @@ fn a_fleet_through_ten_years_renews_everything_by_itself() {
             server.pin, pin,
             "{step}: the server's key, hence the agents' pin, holds"
         );
+        let admin = |args: &[&str]| server.admin_with_env(args, &env(&offset));
+        // Year three: the master key rolls over online.
+        if day == 1_200 {
+            let rotated = admin(&["keys", "rotate-master"]);
+            assert_eq!(rotated["new_key_id"], "k2", "{rotated}");
+        }
+        // Years six and seven: the TLS key is announced, then switched to; year seven: the CA
+        // rolls over; year nine, once every till has renewed under the new CA, the old one
+        // retires. Serving processes restart after each step, as the ceremony says.
+        let mut restart = false;
+        if day == 2_400 {
+            admin(&["keys", "rotate-tls"]);
+            restart = true;
+        }
+        if day == 2_550 {
+            let switched = admin(&["keys", "switch-tls"]);
+            old_pin = Some(pin.clone());
+            pin = switched["server_pin"].as_str().unwrap().to_string();
+            restart = true;
+        }
+        if day == 2_700 {
+            admin(&["keys", "rotate-ca"]);
+            restart = true;
+        }
+        if day == 3_300 {
+            let status = admin(&["keys", "status"]);
+            assert_eq!(
+                status["previous_ca"]["certificates_needing_it"], 0,
+                "{step}: every till renewed under the new CA: {status}"
+            );
+            admin(&["keys", "retire-ca"]);
+            restart = true;
+        }
+        if restart {
+            server.kill();
+            server.resume_with_env(&env(&offset));
+            assert_eq!(server.pin, pin, "{step}");
+        }
         // Year five and again half a year later: the license signing key rolls over; year six:
         // the second key is retired as compromised, and a token it signed stops validating.
         if day == 1_800 || day == 1_950 {
@@ -164,6 +204,30 @@ fn a_fleet_through_ten_years_renews_everything_by_itself() {
             );
         }
         serials.push(certificate(&tills[0].0).serial);
+    }
+    // The end: every till trusts the new TLS key only and the new CA only, and holds a
+    // certificate it issued.
+    let ca = std::fs::read_to_string(server.dir.join("ca.pem")).unwrap();
+    let ca_subject = {
+        let (_, p) = x509_parser::pem::parse_x509_pem(ca.as_bytes()).unwrap();
+        let (_, c) = x509_parser::parse_x509_certificate(&p.contents).unwrap();
+        c.subject().to_string()
+    };
+    for (agent, _) in &tills {
+        let trust: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(agent.dir.join("state/server-trust.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(trust["pins"], serde_json::json!([pin]), "{trust}");
+        assert_eq!(
+            trust["retired_pins"],
+            serde_json::json!([old_pin.clone().unwrap()])
+        );
+        assert_eq!(trust["cas"].as_array().unwrap().len(), 1, "{trust}");
+        let pem = std::fs::read_to_string(agent.dir.join("client.pem")).unwrap();
+        let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let (_, c) = x509_parser::parse_x509_certificate(&p.contents).unwrap();
+        assert_eq!(c.issuer().to_string(), ca_subject);
     }
     serials.dedup();
     assert!(

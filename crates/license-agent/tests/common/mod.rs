@@ -218,12 +218,18 @@ impl Server {
     }
 
     pub fn admin(&self, args: &[&str]) -> Value {
+        self.admin_with_env(args, &[])
+    }
+
+    /// Like [`Server::admin`], with extra environment (e.g. [`faketime`]).
+    pub fn admin_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Value {
         let out = Command::new(bin("license-server"))
             .arg("admin")
             .arg("--data-dir")
             .arg(&self.dir)
             .arg("--json")
             .args(args)
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         assert!(
