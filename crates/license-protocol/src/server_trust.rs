@@ -21,8 +21,9 @@
 //! use license_protocol::license_keys::TrustedKeys;
 //! use license_protocol::server_trust::{AgentTrust, AnnouncedPin, PinState, ServerTrust};
 //! # use license_protocol::pin::CertPin;
-//! # let ca_pem = rcgen::CertificateParams::default()
-//! #     .self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().pem();
+//! # let mut ca = rcgen::CertificateParams::default();
+//! # ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+//! # let ca_pem = ca.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().pem();
 //! let license_key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
 //! let (old, new) = (CertPin::of_spki_der(b"old"), CertPin::of_spki_der(b"new"));
 //! let mut trust = AgentTrust::enrolled(old, &ca_pem).unwrap();
@@ -140,7 +141,7 @@ pub enum ServerTrustError {
     NoCurrentCa,
     #[error("CA certificate {0} is not one PEM CA certificate")]
     BadCa(usize),
-    #[error("the cross-certificate of CA {0} is not that CA's name and key")]
+    #[error("the cross-certificate of CA {0} is not one PEM certificate")]
     BadCross(usize),
     #[error(
         "CA {0} is new to this agent and not cross-signed by a CA it trusts (announced without \
