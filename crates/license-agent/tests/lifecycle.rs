@@ -629,7 +629,11 @@ fn a_server_failing_the_pin_is_refused_and_the_old_secret_kept() {
     wait_until("rotation failures", WAIT, || {
         agent.state()["consecutive_failures"].as_u64().unwrap_or(0) >= 1
     });
-    assert!(agent.log().contains("PinMismatch"), "{}", agent.log());
+    assert!(
+        agent.log().contains("does not match the pinned key"),
+        "{}",
+        agent.log()
+    );
     assert_eq!(
         agent.newest_version(),
         held,

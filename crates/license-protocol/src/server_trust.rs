@@ -234,6 +234,10 @@ impl ServerTrust {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentTrust {
+    /// The pin this trust started from (enrollment's): a configuration that names another
+    /// one was re-enrolled or edited, and starts over from it.
+    #[serde(default)]
+    enrolled_pin: Option<CertPin>,
     /// Pins the server's key may match.
     pins: Vec<CertPin>,
     /// Pins seen retired: never trusted again.
@@ -255,6 +259,7 @@ impl AgentTrust {
             return Err(ServerTrustError::BadCa(0));
         }
         Ok(Self {
+            enrolled_pin: Some(pin),
             pins: vec![pin],
             retired_pins: Vec::new(),
             cas,
@@ -262,6 +267,11 @@ impl AgentTrust {
             issued_at: None,
             digest: None,
         })
+    }
+
+    /// The pin this trust started from.
+    pub fn enrolled_pin(&self) -> Option<CertPin> {
+        self.enrolled_pin
     }
 
     pub fn pins(&self) -> &[CertPin] {
@@ -370,6 +380,7 @@ impl AgentTrust {
             return Err(ServerTrustError::NothingLeft("CA"));
         }
         *self = Self {
+            enrolled_pin: self.enrolled_pin,
             pins,
             retired_pins,
             cas,

@@ -477,6 +477,14 @@ async fn admin_command(
     Ok(())
 }
 
+fn trust_report(report: &keys::ServerTrustReport, json: bool) {
+    if json {
+        output::json(report);
+    } else {
+        output::server_trust_report(report);
+    }
+}
+
 async fn keys_command(
     state: &AppState,
     actor: &str,
@@ -526,22 +534,11 @@ async fn keys_command(
                 output::license_keys_report(&report);
             }
         }
-        KeysCommand::RotateTls
-        | KeysCommand::SwitchTls
-        | KeysCommand::RotateCa
-        | KeysCommand::RetireCa { .. } => {
-            let report = match command {
-                KeysCommand::RotateTls => keys::rotate_tls(state, actor).await?,
-                KeysCommand::SwitchTls => keys::switch_tls(state, actor).await?,
-                KeysCommand::RotateCa => keys::rotate_ca(state, actor).await?,
-                KeysCommand::RetireCa { force } => keys::retire_ca(state, actor, force).await?,
-                _ => unreachable!("matched above"),
-            };
-            if json {
-                output::json(&report);
-            } else {
-                output::server_trust_report(&report);
-            }
+        KeysCommand::RotateTls => trust_report(&keys::rotate_tls(state, actor).await?, json),
+        KeysCommand::SwitchTls => trust_report(&keys::switch_tls(state, actor).await?, json),
+        KeysCommand::RotateCa => trust_report(&keys::rotate_ca(state, actor).await?, json),
+        KeysCommand::RetireCa { force } => {
+            trust_report(&keys::retire_ca(state, actor, force).await?, json);
         }
         KeysCommand::RetireLicense { key_id } => {
             let report = keys::retire_license(state, actor, key_id).await?;

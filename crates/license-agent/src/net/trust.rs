@@ -1,6 +1,7 @@
 //! The server keys and CAs this agent trusts (`license_protocol::server_trust`), kept in
 //! `state_dir/server-trust.json`: until the server has announced anything, what enrollment
-//! gave (`[server] cert_pin` and `[server] ca_cert`). The engine follows the server's
+//! gave (`[server] cert_pin` and `[server] ca_cert`), and again whenever the configured pin is
+//! not the one the file started from. The engine follows the server's
 //! announcements (`engine::server_trust`); every connection to the agent API is made with the
 //! trust held ([`super::AgentApi`]). Public material only.
 
@@ -58,20 +59,34 @@ impl TrustFile {
         &self.path
     }
 
-    /// The trust announced and accepted so far, or enrollment's.
+    /// The trust announced and accepted so far, or enrollment's: when there is no file yet,
+    /// and when the file started from another pin than the configured one (the machine was
+    /// enrolled again, or `cert_pin` edited: the configuration wins).
     pub fn load(&self) -> Result<AgentTrust, TrustError> {
-        let io = |path: &Path| {
-            let path = path.display().to_string();
-            move |source| TrustError::Io { path, source }
+        let bytes = match std::fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return self.enrolled(),
+            Err(source) => {
+                return Err(TrustError::Io {
+                    path: self.path.display().to_string(),
+                    source,
+                })
+            }
         };
-        match std::fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| TrustError::Malformed {
+        let held: AgentTrust =
+            serde_json::from_slice(&bytes).map_err(|e| TrustError::Malformed {
                 path: self.path.display().to_string(),
                 message: e.to_string(),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.enrolled(),
-            Err(e) => Err(io(&self.path)(e)),
+            })?;
+        if held.enrolled_pin() != Some(self.pin) {
+            tracing::warn!(
+                path = %self.path.display(),
+                configured = %self.pin,
+                "the configured server pin is not the one server-trust.json started from; starting over from the configuration"
+            );
+            return self.enrolled();
         }
+        Ok(held)
     }
 
     /// What enrollment gave: the configured pin and CA.

@@ -2,9 +2,8 @@
 //! key rollover (`admin keys rotate-master`), the license key rollover and retirement
 //! (`admin keys rotate-license`, `admin keys retire-license`), the TLS key and CA rollovers
 //! (`admin keys rotate-tls|switch-tls|rotate-ca|retire-ca`, see `server_trust`), the serving
-//! process's watch on
-//! its key sets, and `admin keys status` (every key the server holds, what depends on it, what
-//! expires).
+//! process's watch on its key sets, and `admin keys status` (every key the server holds, what
+//! depends on it, what expires).
 //!
 //! A master key rollover goes staged → current → re-encrypted → retired, and each step is
 //! recorded before the next starts, so running the command again after it was killed anywhere
