@@ -363,6 +363,11 @@ pub fn keys_status(s: &KeysStatus) {
     println!("CA certificate");
     println!("  serial       {}", s.ca.serial);
     println!(
+        "  issued       {} ({} old)",
+        s.ca.not_before.rfc3339(),
+        span(now, s.ca.not_before)
+    );
+    println!(
         "  not after    {} ({})",
         s.ca.not_after.rfc3339(),
         ahead(s.ca.not_after)
@@ -396,6 +401,11 @@ pub fn keys_status(s: &KeysStatus) {
         println!("  retired pin  {pin}");
     }
     println!("  serial       {}", s.server_tls.serial);
+    println!(
+        "  issued       {} ({} old)",
+        s.server_tls.not_before.rfc3339(),
+        span(now, s.server_tls.not_before)
+    );
     println!(
         "  not after    {} ({})",
         s.server_tls.not_after.rfc3339(),

@@ -70,6 +70,11 @@ struct Script {
     key_set: Mutex<Option<LicenseKeySet>>,
     /// `GET /api/v1/license-keys` calls.
     key_set_fetches: AtomicU64,
+    /// The server trust it announces (none: an older server), its fetches, and the trusts the
+    /// engine adopted.
+    trust: Mutex<Option<ServerTrust>>,
+    trust_fetches: AtomicU64,
+    adopted: Mutex<Vec<AgentTrust>>,
     machine: MachineId,
     /// The key of the certificate presented: secrets are sealed to it.
     machine_key: Mutex<p256::PublicKey>,
@@ -121,6 +126,7 @@ impl AgentServer for Arc<Script> {
             "server_time": crate::platform::clock::system_now()
                 + self.clock_offset.load(Ordering::SeqCst),
             "license_keys": self.key_set.lock().expect("set").as_ref().map(LicenseKeySet::digest),
+            "server_trust": self.trust.lock().expect("trust").as_ref().map(ServerTrust::digest),
         }))
         .expect("a status"))
     }
@@ -212,18 +218,24 @@ impl AgentServer for Arc<Script> {
 
     async fn server_trust(&self) -> Result<ServerTrust, ClientError> {
         self.gate()?;
-        Err(ClientError::Refused {
-            status: 404,
-            code: None,
-            message: "no such route".into(),
-        })
+        self.trust_fetches.fetch_add(1, Ordering::SeqCst);
+        self.trust
+            .lock()
+            .expect("trust")
+            .clone()
+            .ok_or_else(|| ClientError::Refused {
+                status: 404,
+                code: None,
+                message: "no such route".into(),
+            })
     }
 
     fn adopt_trust(
         &self,
-        _trust: AgentTrust,
+        trust: AgentTrust,
         _key: Arc<dyn MachineKey>,
     ) -> Result<(), crate::net::ConnectError> {
+        self.adopted.lock().expect("adopted").push(trust);
         Ok(())
     }
 
@@ -271,6 +283,9 @@ fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
         license: Mutex::new(license.clone()),
         key_set: Mutex::default(),
         key_set_fetches: AtomicU64::new(0),
+        trust: Mutex::default(),
+        trust_fetches: AtomicU64::new(0),
+        adopted: Mutex::default(),
         machine,
         machine_key: Mutex::new(key.public_key()),
         reachable: AtomicBool::new(true),
@@ -754,4 +769,49 @@ async fn a_key_set_not_signed_by_a_trusted_key_is_refused_once_and_the_old_trust
         f.engine.vault.state.consecutive_failures, 0,
         "the round went on"
     );
+}
+
+#[tokio::test]
+async fn a_server_trust_announcement_is_refused_once_unless_signed_then_adopted_and_kept() {
+    use license_protocol::server_trust::{AnnouncedCa, AnnouncedPin, PinState};
+    let mut f = fixture(DegradedPolicy::Allow);
+    let license = f.script.license.lock().expect("key").clone();
+    let ca_pem = f.script.ca.cert.pem();
+    let current = f.engine.machine.server_trust.pins()[0];
+    let next = license_protocol::pin::CertPin::of_spki_der(b"the next key");
+    let pins = vec![
+        AnnouncedPin::new(current, PinState::Current),
+        AnnouncedPin::new(next, PinState::Next),
+    ];
+    let cas = vec![AnnouncedCa::current(&ca_pem)];
+    let fetched = |f: &Fixture| f.script.trust_fetches.load(Ordering::SeqCst);
+
+    // Signed by a key the agent does not trust: refused, alerted once, not fetched again.
+    let intruder = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    *f.script.trust.lock().expect("trust") =
+        Some(ServerTrust::sign(pins.clone(), cas.clone(), 10, &[&intruder]));
+    f.engine.tick().await;
+    f.engine.tick().await;
+    assert_eq!(fetched(&f), 1);
+    assert_eq!(
+        audit_text(&f).matches("alert.server_trust_refused").count(),
+        1
+    );
+    assert_eq!(f.engine.machine.server_trust.pins(), &[current]);
+    assert!(f.script.adopted.lock().expect("adopted").is_empty());
+    assert_eq!(f.engine.vault.state.consecutive_failures, 0, "the round went on");
+
+    // Signed by the license key: adopted (the connection remade with it) and kept on disk.
+    let signed = ServerTrust::sign(pins, cas, 20, &[&license]);
+    *f.script.trust.lock().expect("trust") = Some(signed.clone());
+    f.engine.tick().await;
+    f.engine.tick().await;
+    assert_eq!(fetched(&f), 2, "fetched once per announced digest");
+    assert_eq!(f.engine.machine.server_trust.pins(), &[current, next]);
+    let adopted = f.script.adopted.lock().expect("adopted").clone();
+    assert_eq!(adopted.len(), 1);
+    assert_eq!(adopted[0].digest(), Some(signed.digest().as_str()));
+    let on_disk = f.engine.settings.server_trust_file.load().expect("trust file");
+    assert_eq!(on_disk, f.engine.machine.server_trust);
+    assert!(audit_text(&f).contains("server.trust"));
 }
