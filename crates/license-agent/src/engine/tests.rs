@@ -788,8 +788,12 @@ async fn a_server_trust_announcement_is_refused_once_unless_signed_then_adopted_
 
     // Signed by a key the agent does not trust: refused, alerted once, not fetched again.
     let intruder = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
-    *f.script.trust.lock().expect("trust") =
-        Some(ServerTrust::sign(pins.clone(), cas.clone(), 10, &[&intruder]));
+    *f.script.trust.lock().expect("trust") = Some(ServerTrust::sign(
+        pins.clone(),
+        cas.clone(),
+        10,
+        &[&intruder],
+    ));
     f.engine.tick().await;
     f.engine.tick().await;
     assert_eq!(fetched(&f), 1);
@@ -799,7 +803,10 @@ async fn a_server_trust_announcement_is_refused_once_unless_signed_then_adopted_
     );
     assert_eq!(f.engine.machine.server_trust.pins(), &[current]);
     assert!(f.script.adopted.lock().expect("adopted").is_empty());
-    assert_eq!(f.engine.vault.state.consecutive_failures, 0, "the round went on");
+    assert_eq!(
+        f.engine.vault.state.consecutive_failures, 0,
+        "the round went on"
+    );
 
     // Signed by the license key: adopted (the connection remade with it) and kept on disk.
     let signed = ServerTrust::sign(pins, cas, 20, &[&license]);
@@ -811,7 +818,12 @@ async fn a_server_trust_announcement_is_refused_once_unless_signed_then_adopted_
     let adopted = f.script.adopted.lock().expect("adopted").clone();
     assert_eq!(adopted.len(), 1);
     assert_eq!(adopted[0].digest(), Some(signed.digest().as_str()));
-    let on_disk = f.engine.settings.server_trust_file.load().expect("trust file");
+    let on_disk = f
+        .engine
+        .settings
+        .server_trust_file
+        .load()
+        .expect("trust file");
     assert_eq!(on_disk, f.engine.machine.server_trust);
     assert!(audit_text(&f).contains("server.trust"));
 }
