@@ -202,10 +202,15 @@ impl Store {
             Some(queue) => Some(queue.clone().lock_owned().await),
             None => None,
         };
-        Ok(WriteTx {
-            tx: self.pool.begin().await?,
-            _turn: turn,
-        })
+        // On SQLite the write lock is taken at BEGIN (IMMEDIATE), waiting in busy_timeout for
+        // another process's writer (an `admin` command beside `serve`): a deferred transaction
+        // that read first would instead fail at its first write with "database is locked"
+        // (SQLITE_BUSY_SNAPSHOT), without waiting, whenever another process wrote since its read.
+        let tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
+        Ok(WriteTx { tx, _turn: turn })
     }
 
     /// Connects and brings the schema up to date.
@@ -233,5 +238,38 @@ impl Store {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Timestamp;
+
+    /// Two stores on one SQLite file are two processes (`serve` and an `admin` command): a
+    /// write transaction that read first must still commit when the other wrote meanwhile —
+    /// the other waits for it instead.
+    #[tokio::test]
+    async fn writers_in_two_processes_wait_for_each_other_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("license.db").display());
+        let (a, b) = (
+            Store::open(&url).await.unwrap(),
+            Store::open(&url).await.unwrap(),
+        );
+        let mut ta = a.begin_write().await.unwrap();
+        clients::list(&mut *ta).await.unwrap();
+        let other = tokio::spawn(async move {
+            let mut tb = b.begin_write().await?;
+            clients::create(&mut tb, "b", "written by the other", Timestamp::now()).await?;
+            tb.commit().await
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        clients::create(&mut ta, "a", "read, then written", Timestamp::now())
+            .await
+            .unwrap();
+        ta.commit().await.unwrap();
+        other.await.unwrap().unwrap();
+        assert_eq!(clients::list(a.pool()).await.unwrap().len(), 2);
     }
 }
