@@ -250,6 +250,9 @@ fn write_status(out: &mut impl Write, s: &StatusView) -> io::Result<()> {
         Some(since) => writeln!(out, ", since {since}")?,
         None => writeln!(out)?,
     }
+    if let Some(since) = &s.machine_revoked_since {
+        writeln!(out, "REVOKED          by the server since {since}")?;
+    }
     writeln!(out, "server contact   {}", or_never(&s.last_server_contact))?;
     writeln!(out, "last rotation    {}", or_never(&s.last_rotation))?;
     writeln!(
@@ -385,6 +388,7 @@ mod tests {
             clock_rollback_secs: 0,
             certificate: None,
             trust: None,
+            machine_revoked_since: None,
             extra: BTreeMap::new(),
         }
     }

@@ -35,6 +35,8 @@ pub enum AlertKind {
     LicenseKeysRefused,
     /// The server announced TLS keys or CAs this agent refused (the old trust is kept).
     ServerTrustRefused,
+    /// The server refuses this machine (or its certificate) as revoked.
+    MachineRevoked,
 }
 
 impl AlertKind {
@@ -49,6 +51,7 @@ impl AlertKind {
             AlertKind::UnauthorizedAccess => "unauthorized_access",
             AlertKind::LicenseKeysRefused => "license_keys_refused",
             AlertKind::ServerTrustRefused => "server_trust_refused",
+            AlertKind::MachineRevoked => "machine_revoked",
         }
     }
 }

@@ -147,6 +147,20 @@ pub struct AgentSection {
     /// rotation is overdue (until their grace ends); `deny`: fail closed instead.
     #[serde(default)]
     pub degraded_mode: DegradedPolicy,
+    /// When the server refuses this machine as revoked: `deny` validations at once (answer
+    /// `machine_revoked`) until it is restored; `grace`: keep validating with the secrets held
+    /// until their grace ends.
+    #[serde(default)]
+    pub on_machine_revoked: RevokedPolicy,
+}
+
+/// What a revoked machine's validations answer (`[agent] on_machine_revoked`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RevokedPolicy {
+    #[default]
+    Deny,
+    Grace,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,11 +22,13 @@ pub struct Snapshot {
     pub last_rotation: i64,
     /// Seconds until the machine certificate expires (negative once it has).
     pub certificate_expiry_seconds: i64,
+    /// The server refuses this machine as revoked.
+    pub machine_revoked: bool,
 }
 
 impl Snapshot {
     pub fn render(&self) -> String {
-        let metrics: [(&str, &str, &str, i64); 10] = [
+        let metrics: [(&str, &str, &str, i64); 11] = [
             (
                 "license_agent_secrets_active",
                 "gauge",
@@ -91,6 +93,12 @@ impl Snapshot {
                 "Seconds until the machine certificate expires (renewed at 2/3 of its life).",
                 self.certificate_expiry_seconds,
             ),
+            (
+                "license_agent_machine_revoked",
+                "gauge",
+                "1 while the server refuses this machine as revoked.",
+                i64::from(self.machine_revoked),
+            ),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in metrics {
@@ -131,6 +139,7 @@ mod tests {
             "license_agent_tpm_available",
             "license_agent_last_rotation",
             "license_agent_certificate_expiry_seconds",
+            "license_agent_machine_revoked",
         ] {
             assert!(
                 text.contains(&format!("# HELP {name} "))
@@ -141,6 +150,6 @@ mod tests {
         assert!(text.contains("license_agent_secrets_active 1\n"));
         assert!(text.contains("license_agent_tpm_available 1\n"));
         assert!(text.contains("license_agent_last_rotation 42\n"));
-        assert_eq!(text.lines().count(), 30);
+        assert_eq!(text.lines().count(), 33);
     }
 }

@@ -75,6 +75,9 @@ stable_codes! {
         ReplayedNonce => "replayed_nonce",
         /// Rotation is overdue and degraded mode is forbidden: validations fail closed.
         DegradedModeDisabled => "degraded_mode_disabled",
+        /// The server revoked this machine (or its certificate), and the agent's policy
+        /// (`on_machine_revoked = "deny"`, the default) fails closed until it is restored.
+        MachineRevoked => "machine_revoked",
         /// The request is not valid JSON or misses a field.
         BadRequest => "bad_request",
         /// The `op` is not one this agent knows.

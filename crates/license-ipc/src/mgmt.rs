@@ -188,6 +188,9 @@ pub struct StatusView {
     /// What the agent trusts of the server (absent from agents older than key rollovers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust: Option<TrustView>,
+    /// Since when the server refuses this machine as revoked (RFC 3339); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_revoked_since: Option<String>,
     pub extra: BTreeMap<String, String>,
 }
 

@@ -1,8 +1,9 @@
 //! The server's data directory: configuration, key material and (by default) the SQLite file.
 //!
 //! ```text
-//! DATA_DIR/
-//!   server.toml            configuration (ServerConfig)
+//! DATA_DIR/                (0700)
+//!   server.toml            configuration (ServerConfig; 0600: the database URL may carry a
+//!                          password)
 //!   ca.pem     ca.key      internal CA (key 0600)
 //!   server.pem server.key  TLS certificate of all three listeners (key 0600); server.pem is
 //!                          replaced atomically when the certificate renews itself, and
@@ -170,7 +171,19 @@ impl DataDir {
 
     pub fn load_config(&self) -> Result<ServerConfig, DataDirError> {
         self.check_initialized()?;
-        Ok(ServerConfig::load(&self.config())?)
+        let config = ServerConfig::load(&self.config())?;
+        if config.database_url.as_deref().is_some_and(url_has_password) {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(self.config()).map_or(0, |m| m.permissions().mode());
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %self.config().display(),
+                    mode = format!("{:o}", mode & 0o777),
+                    "server.toml holds a database password and is readable by others: chmod 600 it"
+                );
+            }
+        }
+        Ok(config)
     }
 
     /// Creates the CA, the TLS certificate, the license signing key, the master key and the
@@ -190,6 +203,13 @@ impl DataDir {
             }
         }
         std::fs::create_dir_all(&self.root).map_err(Self::io_err(&self.root))?;
+        // The directory holds the keys and the configuration (with the database URL, which
+        // may carry a password): the service's user only.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))
+                .map_err(Self::io_err(&self.root))?;
+        }
         std::fs::create_dir_all(self.downloads()).map_err(Self::io_err(&self.root))?;
 
         let ca =
@@ -216,7 +236,8 @@ impl DataDir {
         license_keys.write(&self.root)?;
         master.write(&self.root)?;
         // Written last: its presence marks a complete initialization.
-        self.write_new(&self.config(), config.to_toml().as_bytes(), 0o644)?;
+        // 0600: `database_url` may carry a password.
+        self.write_new(&self.config(), config.to_toml().as_bytes(), 0o600)?;
 
         Ok(InitReport {
             server_pin: CertPin::of_certificate_der(&server_cert.der).map_err(|e| {
@@ -319,10 +340,50 @@ pub(crate) fn short_random() -> String {
     hex::encode(b)
 }
 
+/// Whether a database URL carries a password (`scheme://user:password@host/…`).
+fn url_has_password(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+}
+
 /// DER of the first certificate in a PEM string.
 pub fn pem_first_der(pem: &str) -> Option<Vec<u8>> {
     rustls_pemfile::certs(&mut pem.as_bytes())
         .next()?
         .ok()
         .map(|c| c.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn init_keeps_the_directory_and_the_configuration_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path().join("data"));
+        let mut config = ServerConfig::new("localhost".into());
+        config.database_url = Some("postgres://lsa:s3cret@db.example/lsa".into());
+        dir.init(&config, &["localhost".into()], &[]).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(dir.root()), 0o700);
+        assert_eq!(mode(&dir.config()), 0o600);
+        assert_eq!(mode(&dir.ca_key()), 0o600);
+        assert_eq!(mode(&dir.server_key()), 0o600);
+    }
+
+    #[test]
+    fn finds_passwords_in_database_urls() {
+        assert!(url_has_password("postgres://lsa:s3cret@db/lsa"));
+        assert!(url_has_password("postgres://lsa:p%40ss@db:5432/lsa?sslmode=require"));
+        assert!(!url_has_password("postgres://lsa@db/lsa"));
+        assert!(!url_has_password("postgres://db/lsa?user=a:b"));
+        assert!(!url_has_password("sqlite:///var/lib/license-server/license.db"));
+    }
 }

@@ -107,6 +107,11 @@ fn tls12_roots(ca_pem: &str) -> rustls::RootCertStore {
 
 /// A client certificate signed by the server's own CA but never issued through enrollment.
 fn forge_with_server_ca(server: &TestServer, cn: &str) -> (String, String) {
+    forge_with_serial(server, cn, None)
+}
+
+/// A certificate for `cn` signed with the server's CA key (stolen), with `serial` when given.
+fn forge_with_serial(server: &TestServer, cn: &str, serial: Option<&str>) -> (String, String) {
     let ca_pem = server.ca_pem();
     let ca_key = rcgen::KeyPair::from_pem(
         &std::fs::read_to_string(server.data_dir().join("ca.key")).unwrap(),
@@ -123,6 +128,13 @@ fn forge_with_server_ca(server: &TestServer, cn: &str) -> (String, String) {
         .push(rcgen::DnType::CommonName, cn);
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
+    if let Some(serial) = serial {
+        let bytes: Vec<u8> = (0..serial.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&serial[i..i + 2], 16).unwrap())
+            .collect();
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&bytes));
+    }
     let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
     (cert.pem(), key.serialize_pem())
 }
@@ -154,6 +166,25 @@ async fn malformed_or_unknown_cn_is_refused() {
         (status, body["error"].as_str()),
         (403, Some("unknown_certificate"))
     );
+
+    // With the CA key and a machine's public certificate, a certificate with its CN and serial
+    // but another key: refused, and the genuine one still served.
+    let (_client, answer, genuine_key) = server.enrolled_machine("Victim", "HW-VICTIM").await;
+    let genuine = answer["certificate"].as_str().unwrap();
+    let cn = format!(
+        "{}:{}",
+        answer["client_id"].as_str().unwrap(),
+        answer["machine_id"].as_str().unwrap()
+    );
+    let (forged, forged_key) =
+        forge_with_serial(&server, &cn, Some(answer["serial"].as_str().unwrap()));
+    let (status, body) = server.secret_status(url, &forged, &forged_key).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("unknown_certificate")),
+        "{body}"
+    );
+    assert_eq!(server.secret_status(url, genuine, &genuine_key).await.0, 200);
 }
 
 async fn revoking_one_machine_blocks_only_that_machine(db: Db) {

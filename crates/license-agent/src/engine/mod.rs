@@ -19,6 +19,7 @@
 //! - [`licenses`]: token files for POS applications
 //! - [`license_keys`]: the license keys trusted, learned from the server's signed key sets
 //! - [`renewal`]: a new certificate for the machine key
+//! - [`revoked`]: what a machine the server revoked does
 //! - [`state`]: `state.json`, what the agent knows besides the secrets
 
 pub mod control;
@@ -26,6 +27,7 @@ pub mod decide;
 pub mod license_keys;
 pub mod licenses;
 pub mod renewal;
+pub mod revoked;
 pub mod round;
 pub mod server;
 pub mod server_trust;
@@ -43,7 +45,7 @@ use license_protocol::identity::{ClientId, MachineId};
 
 use crate::alerts::{AlertKind, Alerts};
 use crate::audit::{agent_event, Audit};
-use crate::config::{AgentConfig, DegradedPolicy};
+use crate::config::{AgentConfig, DegradedPolicy, RevokedPolicy};
 use crate::platform::blocking;
 use crate::platform::keys::MachineKey;
 use crate::platform::tpm::Tpm;
@@ -98,6 +100,8 @@ pub struct EngineSettings {
     pub poll_interval: u64,
     /// The configured degraded-mode policy (`degraded auto` returns to it).
     pub degraded_policy: DegradedPolicy,
+    /// What validations answer while the server refuses this machine as revoked.
+    pub revoked_policy: RevokedPolicy,
     pub metrics_file: PathBuf,
     pub tokens_dir: PathBuf,
     /// `state_dir/license-keys.json`: the license keys trusted.
@@ -118,6 +122,7 @@ impl EngineSettings {
                 .poll_interval
                 .min(config.agent.rotation_interval.max(1)),
             degraded_policy: config.agent.degraded_mode,
+            revoked_policy: config.agent.on_machine_revoked,
             metrics_file: config.agent.metrics_file.clone(),
             tokens_dir: config.agent.state_dir.join("tokens"),
             license_keys_file: license_keys::TrustFile::new(&config.agent.state_dir),
@@ -197,7 +202,7 @@ impl<S: AgentServer> Engine<S> {
         let mut keyring = parts.validator.keyring();
         keyring.set_retired_through(parts.vault.state.retired_through);
         parts.validator.set_keyring(keyring);
-        Self {
+        let engine = Self {
             server: parts.server,
             machine: parts.machine,
             vault: parts.vault,
@@ -209,7 +214,10 @@ impl<S: AgentServer> Engine<S> {
                 link,
                 ..Health::default()
             },
-        }
+        };
+        // A till revoked before it stopped stays closed from its first validation.
+        engine.apply_revoked_policy();
+        engine
     }
 
     fn audit(&self) -> &Audit {
@@ -227,7 +235,9 @@ impl<S: AgentServer> Engine<S> {
         self.settings.rotation_interval = fresh.rotation_interval;
         self.settings.poll_interval = fresh.poll_interval;
         self.settings.degraded_policy = fresh.degraded_policy;
+        self.settings.revoked_policy = fresh.revoked_policy;
         self.set_override(self.health.overridden);
+        self.apply_revoked_policy();
     }
 
     /// An administrator's degraded-mode switch.
@@ -403,6 +413,7 @@ impl<S: AgentServer> Engine<S> {
 
     /// One round of work; returns how long to wait before the next.
     pub async fn tick(&mut self) -> Duration {
+        self.apply_revoked_policy();
         self.follow_tpm_clock().await;
         self.purge().await;
         self.check_expiry().await;
@@ -425,6 +436,7 @@ impl<S: AgentServer> Engine<S> {
     }
 
     async fn back_online(&mut self) {
+        self.machine_restored().await;
         if let Link::Degraded { .. } = self.link() {
             tracing::info!("server reachable again: degraded mode ended");
             self.audit()
@@ -439,6 +451,9 @@ impl<S: AgentServer> Engine<S> {
 
     async fn round_failed(&mut self, e: RotationError) -> Duration {
         let now = self.validator.clock.now();
+        if let Some(code) = revoked::revocation(&e) {
+            self.machine_revoked(code, now).await;
+        }
         self.health.rotations_failed += 1;
         self.audit()
             .note(agent_event("secret.rotate", Outcome::Error).detail("reason", e.to_string()))

@@ -62,6 +62,10 @@ pub struct AgentState {
     /// restart, beside the high-water mark.
     #[serde(default)]
     pub server_time: Option<i64>,
+    /// Since when the server refuses this machine as revoked (Unix seconds); cleared when it
+    /// answers again. Kept across restarts, so a revoked till stays closed while offline.
+    #[serde(default)]
+    pub machine_revoked_since: Option<i64>,
 }
 
 /// How a load went, for the log and the audit.

@@ -90,6 +90,7 @@ impl<S: AgentServer> Engine<S> {
                 )),
             }),
             trust: Some(self.trust_view()),
+            machine_revoked_since: state.machine_revoked_since.map(rfc3339),
             extra: Default::default(),
         }
     }
@@ -154,6 +155,7 @@ impl<S: AgentServer> Engine<S> {
             tpm_available: self.vault.state.tpm_available,
             last_rotation: self.vault.state.last_rotation.unwrap_or(0),
             certificate_expiry_seconds: self.machine.certificate.not_after - now,
+            machine_revoked: self.vault.state.machine_revoked_since.is_some(),
         }
     }
 

@@ -158,7 +158,9 @@ impl ManagementSocket {
                 serde_json::json!({ "text": text })
             }
             MgmtRequest::Validate { license_token, .. } => {
-                let answer = self.validator.validate(&license_token, Nonce::random());
+                let answer = self
+                    .validator
+                    .validate_with_subject(&license_token, Nonce::random());
                 to_json(&audited(&self.audit, actor, answer).await)
             }
             MgmtRequest::Rotate { .. } => {

@@ -16,7 +16,7 @@ use super::listener::{Connection, Frame, Handler};
 use crate::access::{Access, Peer, SharedAccess};
 use crate::alerts::{AlertKind, Alerts};
 use crate::audit::Audit;
-use crate::validation::Validator;
+use crate::validation::{Subject, Validator};
 
 /// The validation socket's connections.
 #[derive(Debug)]
@@ -70,13 +70,16 @@ impl Handler for ValidationSocket {
                 Ok(Request::ValidateLicense {
                     license_token,
                     nonce,
-                }) => self.validator.validate(&license_token, nonce),
-                Err((error, nonce)) => Response::invalid(error.reason(), nonce),
+                }) => self.validator.validate_with_subject(&license_token, nonce),
+                Err((error, nonce)) => (
+                    Response::invalid(error.reason(), nonce),
+                    Subject::default(),
+                ),
             };
             let response = if self.audit_validations {
                 audited(&self.audit, actor, response).await
             } else {
-                response
+                response.0
             };
             conn.send(&response).await?;
         }
@@ -84,14 +87,26 @@ impl Handler for ValidationSocket {
 }
 
 /// Records the answer durably before it is sent (also used by the management `validate`); an
-/// answer that cannot be recorded is not given (`internal` instead).
-pub async fn audited(audit: &Audit, actor: Actor, response: Response) -> Response {
-    let event = match &response {
+/// answer that cannot be recorded is not given (`internal` instead). The record names the
+/// license and the secret version when they could be read, and the verdict; never the token.
+pub async fn audited(
+    audit: &Audit,
+    actor: Actor,
+    (response, subject): (Response, Subject),
+) -> Response {
+    // The verdict: the outcome, and the reason of a refusal.
+    let mut event = match &response {
         Response::Valid(_) => Event::new("license.validate", Outcome::Success),
         Response::Invalid(refusal) => Event::new("license.validate", Outcome::Refused)
             .detail("reason", refusal.reason.as_str()),
     }
     .actor(actor);
+    if let Some(id) = subject.license_id {
+        event = event.detail("license_id", id.to_string());
+    }
+    if let Some(version) = subject.secret_version {
+        event = event.detail("secret_version", version);
+    }
     match audit.durable(event).await {
         Ok(()) => response,
         Err(e) => {

@@ -39,6 +39,26 @@ const MAX_CACHED_TOKENS: usize = 10_000;
 /// A verified token: the secret version it is under and its claims.
 type Verified = (u64, Arc<LicenseClaims>);
 
+/// What a validation was about, for its audit record (never the token itself): the license and
+/// the secret version, as far as they could be read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Subject {
+    pub license_id: Option<uuid::Uuid>,
+    pub secret_version: Option<u64>,
+}
+
+impl Subject {
+    /// A refused token: the license named by the refusal, the version from the clear header.
+    fn refused(license_token: &str, license_id: Option<uuid::Uuid>) -> Self {
+        Self {
+            license_id,
+            secret_version: license_protocol::token::decode(license_token)
+                .ok()
+                .map(|(header, _)| header.secret_version),
+        }
+    }
+}
+
 /// Counters exported as metrics.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -62,6 +82,8 @@ pub struct Validator {
     degraded: AtomicBool,
     /// Whether degraded mode is forbidden (validations fail closed while degraded).
     deny_degraded: AtomicBool,
+    /// The server revoked this machine and the policy fails closed.
+    machine_revoked: AtomicBool,
     pub counters: Counters,
 }
 
@@ -85,6 +107,7 @@ impl Validator {
             replay_window_secs: i64::try_from(replay_window_secs).unwrap_or(i64::MAX),
             degraded: AtomicBool::new(false),
             deny_degraded: AtomicBool::new(degraded_policy == DegradedPolicy::Deny),
+            machine_revoked: AtomicBool::new(false),
             counters: Counters::default(),
         }
     }
@@ -157,22 +180,33 @@ impl Validator {
         }
     }
 
+    /// Fails every validation closed (`machine_revoked`) while `denied`: the server revoked
+    /// this machine and the policy says so (`engine`).
+    pub fn set_machine_revoked(&self, denied: bool) {
+        self.machine_revoked.store(denied, Ordering::Release);
+    }
+
     pub fn is_degraded(&self) -> bool {
         self.degraded.load(Ordering::Acquire)
     }
 
     /// Answers one `validate_license` request.
     pub fn validate(&self, license_token: &str, nonce: Nonce) -> Response {
+        self.validate_with_subject(license_token, nonce).0
+    }
+
+    /// [`Validator::validate`], with what the validation was about (for its audit record).
+    pub fn validate_with_subject(&self, license_token: &str, nonce: Nonce) -> (Response, Subject) {
         self.counters
             .validations_total
             .fetch_add(1, Ordering::Relaxed);
-        let answer = self.check(license_token, nonce);
+        let (answer, subject) = self.check(license_token, nonce);
         if matches!(answer, Response::Invalid(_)) {
             self.counters
                 .validations_failed
                 .fetch_add(1, Ordering::Relaxed);
         }
-        answer
+        (answer, subject)
     }
 
     /// What this machine knows of a secret version now; `take` picks what of the secret the
@@ -208,7 +242,7 @@ impl Validator {
     }
 
     /// The verdict, from the cache of verified tokens when the token was seen before.
-    fn verdict(&self, license_token: &str, now: i64) -> Result<Arc<LicenseClaims>, Refusal> {
+    fn verdict(&self, license_token: &str, now: i64) -> Result<Verified, Refusal> {
         let key: [u8; 32] = Sha256::digest(license_token.as_bytes()).into();
         let cached = self
             .cache
@@ -219,7 +253,7 @@ impl Validator {
         if let Some((version, claims)) = cached {
             let ((), state) = self.standing(version, now, |_| ()).settle()?;
             verdict::judge(&claims, state, |id| self.is_revoked(id), now)?;
-            return Ok(claims);
+            return Ok((version, claims));
         }
         let license_keys = self
             .license_keys
@@ -240,32 +274,48 @@ impl Validator {
             cache.clear();
         }
         cache.insert(key, (verified.version, claims.clone()));
-        Ok(claims)
+        Ok((verified.version, claims))
     }
 
-    fn check(&self, license_token: &str, nonce: Nonce) -> Response {
+    fn check(&self, license_token: &str, nonce: Nonce) -> (Response, Subject) {
         let now = self.clock.now();
         let echo = Some(nonce.to_string());
-        if !self
+        let before = if !self
             .replay
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .record(nonce.0, now, self.replay_window_secs)
         {
-            return Response::invalid(Reason::ReplayedNonce, echo);
-        }
-        if self.deny_degraded.load(Ordering::Acquire) && self.is_degraded() {
-            return Response::invalid(Reason::DegradedModeDisabled, echo);
+            Some(Reason::ReplayedNonce)
+        } else if self.machine_revoked.load(Ordering::Acquire) {
+            Some(Reason::MachineRevoked)
+        } else if self.deny_degraded.load(Ordering::Acquire) && self.is_degraded() {
+            Some(Reason::DegradedModeDisabled)
+        } else {
+            None
+        };
+        if let Some(reason) = before {
+            let subject = Subject::refused(license_token, None);
+            return (Response::invalid(reason, echo), subject);
         }
         match self.verdict(license_token, now) {
-            Ok(claims) => Response::Valid(ValidAnswer {
-                valid: true,
-                expires_at: claims.expires_at.map(rfc3339),
-                features: claims.features.clone(),
-                metadata: claims.metadata.clone(),
-                nonce: nonce.to_string(),
-            }),
-            Err(refusal) => Response::invalid(refusal.reason, echo),
+            Ok((version, claims)) => (
+                Response::Valid(ValidAnswer {
+                    valid: true,
+                    expires_at: claims.expires_at.map(rfc3339),
+                    features: claims.features.clone(),
+                    metadata: claims.metadata.clone(),
+                    nonce: nonce.to_string(),
+                }),
+                Subject {
+                    license_id: Some(claims.license_id),
+                    secret_version: Some(version),
+                },
+            ),
+            Err(refusal) => (
+                Response::invalid(refusal.reason, echo),
+                Subject::refused(license_token, refusal.license_id),
+            ),
         }
     }
 }

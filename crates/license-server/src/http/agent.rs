@@ -105,6 +105,14 @@ pub async fn authenticate(
         }
         Err(e) => return ApiFailure::from(e).into_response(),
     };
+    // The serial names a certificate; the one presented must be that very certificate (one
+    // signed with a stolen CA key under a known serial is not).
+    if auth.der != peer.der {
+        return refuse(
+            ErrorCode::UnknownCertificate,
+            "certificate is not the one this server issued under its serial",
+        );
+    }
     if auth.machine_id != identity.machine_id.to_string()
         || auth.client_id != identity.client_id.to_string()
     {

@@ -46,6 +46,8 @@ pub struct PeerCertificate {
     /// DER SubjectPublicKeyInfo of the certificate's key: it verifies the machine's signed
     /// rotate requests, and secrets are sealed to it.
     pub spki_der: Vec<u8>,
+    /// The whole certificate (DER), compared with the one issued under its serial.
+    pub der: Vec<u8>,
 }
 
 impl PeerCertificate {
@@ -61,6 +63,7 @@ impl PeerCertificate {
             serial: hex::encode(cert.raw_serial()),
             identity: cn.ok_or(IdentityError::NoCommonName).and_then(str::parse),
             spki_der: cert.public_key().raw.to_vec(),
+            der: der.to_vec(),
         })
     }
 }
