@@ -22,7 +22,11 @@ fn status(agent: &Agent) -> Value {
         .args(["status", "--json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -62,12 +66,16 @@ fn a_revoked_machine_fails_closed_until_restored() {
     // never the token.
     let record: Value = audit(&strict)
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|e| e["event"] == "license.validate")
-        .last()
+        .find(|e| e["event"] == "license.validate")
         .unwrap();
     assert_eq!(record["outcome"], "success", "{record}");
-    assert_eq!(record["details"]["license_id"], licenses[0].as_str(), "{record}");
+    assert_eq!(
+        record["details"]["license_id"],
+        licenses[0].as_str(),
+        "{record}"
+    );
     assert_eq!(
         record["details"]["secret_version"].as_u64(),
         Some(strict.newest_version()),
@@ -83,9 +91,9 @@ fn a_revoked_machine_fails_closed_until_restored() {
     });
     let refused: Value = audit(&strict)
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|e| e["event"] == "license.validate")
-        .last()
+        .find(|e| e["event"] == "license.validate")
         .unwrap();
     assert_eq!(refused["outcome"], "refused", "{refused}");
     assert_eq!(refused["details"]["reason"], "machine_revoked", "{refused}");
@@ -108,7 +116,10 @@ fn a_revoked_machine_fails_closed_until_restored() {
     }
     // Several rounds later: still one alert.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(audit(&strict).matches("\"alert.machine_revoked\"").count(), 1);
+    assert_eq!(
+        audit(&strict).matches("\"alert.machine_revoked\"").count(),
+        1
+    );
 
     // Restarted while the server is away: still closed (kept in state.json).
     server.kill();

@@ -381,9 +381,13 @@ mod tests {
     #[test]
     fn finds_passwords_in_database_urls() {
         assert!(url_has_password("postgres://lsa:s3cret@db/lsa"));
-        assert!(url_has_password("postgres://lsa:p%40ss@db:5432/lsa?sslmode=require"));
+        assert!(url_has_password(
+            "postgres://lsa:p%40ss@db:5432/lsa?sslmode=require"
+        ));
         assert!(!url_has_password("postgres://lsa@db/lsa"));
         assert!(!url_has_password("postgres://db/lsa?user=a:b"));
-        assert!(!url_has_password("sqlite:///var/lib/license-server/license.db"));
+        assert!(!url_has_password(
+            "sqlite:///var/lib/license-server/license.db"
+        ));
     }
 }

@@ -184,7 +184,10 @@ async fn malformed_or_unknown_cn_is_refused() {
         (403, Some("unknown_certificate")),
         "{body}"
     );
-    assert_eq!(server.secret_status(url, genuine, &genuine_key).await.0, 200);
+    assert_eq!(
+        server.secret_status(url, genuine, &genuine_key).await.0,
+        200
+    );
 }
 
 async fn revoking_one_machine_blocks_only_that_machine(db: Db) {

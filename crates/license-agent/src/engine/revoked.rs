@@ -52,7 +52,11 @@ impl<S: AgentServer> Engine<S> {
             RevokedPolicy::Deny => "deny",
             RevokedPolicy::Grace => "grace",
         };
-        tracing::error!(code = code.as_str(), policy, "the server revoked this machine");
+        tracing::error!(
+            code = code.as_str(),
+            policy,
+            "the server revoked this machine"
+        );
         self.audit()
             .note(
                 agent_event("machine.revoked", Outcome::Error)

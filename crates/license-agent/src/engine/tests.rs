@@ -339,6 +339,7 @@ fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
             rotation_interval: 3_600,
             poll_interval: 60,
             degraded_policy: policy,
+            revoked_policy: crate::config::RevokedPolicy::Deny,
             metrics_file: dir.path().join("metrics.prom"),
             tokens_dir: dir.path().join("tokens"),
             license_keys_file: super::license_keys::TrustFile::new(dir.path()),

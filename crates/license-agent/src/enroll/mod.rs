@@ -22,8 +22,8 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use crate::config::{
-    AgentConfig, AgentSection, DegradedPolicy, IpcSection, ManagementSection, ServerSection,
-    TpmSection,
+    AgentConfig, AgentSection, DegradedPolicy, IpcSection, ManagementSection, RevokedPolicy,
+    ServerSection, TpmSection,
 };
 use crate::net::client::{ClientError, ServerClient};
 use crate::net::tls::{self, TlsError};
@@ -234,6 +234,7 @@ fn agent_config(opts: &EnrollOptions, answer: &BootstrapResponse, dir: &Path) ->
             audit_log: None,
             danger_unaudited_validations: false,
             degraded_mode: DegradedPolicy::Allow,
+            on_machine_revoked: RevokedPolicy::Deny,
         },
         tpm: TpmSection {
             fallback_encrypted_storage: opts.state_dir.join("secret.enc"),

@@ -71,10 +71,9 @@ impl Handler for ValidationSocket {
                     license_token,
                     nonce,
                 }) => self.validator.validate_with_subject(&license_token, nonce),
-                Err((error, nonce)) => (
-                    Response::invalid(error.reason(), nonce),
-                    Subject::default(),
-                ),
+                Err((error, nonce)) => {
+                    (Response::invalid(error.reason(), nonce), Subject::default())
+                }
             };
             let response = if self.audit_validations {
                 audited(&self.audit, actor, response).await
