@@ -529,3 +529,87 @@ async fn bootstrap_is_rate_limited_per_ip() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// Adds `addr` to the loopback interface (the tests run as root), removed again on drop.
+struct LoopbackAddr(&'static str);
+
+impl LoopbackAddr {
+    fn add(addr: &'static str) -> Self {
+        let out = std::process::Command::new("ip")
+            .args(["-6", "addr", "add", &format!("{addr}/128"), "dev", "lo"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() || String::from_utf8_lossy(&out.stderr).contains("exists"),
+            "ip addr add {addr}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(addr)
+    }
+}
+
+impl Drop for LoopbackAddr {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["-6", "addr", "del", &format!("{}/128", self.0), "dev", "lo"])
+            .output();
+    }
+}
+
+/// A /64 is one subscriber: its addresses share one bootstrap quota; another /64 has its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_quota_is_per_ipv6_slash_64() {
+    let sources = [
+        LoopbackAddr::add("fd00:51:64::a"),
+        LoopbackAddr::add("fd00:51:64::b"),
+        LoopbackAddr::add("fd00:51:65::a"),
+    ];
+    let server = TestServer::start_with(
+        Db::Sqlite,
+        &[
+            "--bootstrap-rate-per-minute",
+            "3",
+            "--public-listen",
+            "[::]:0",
+        ],
+    );
+    let port: u16 = server.server.ready["public"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let target: std::net::SocketAddr = format!("[fd00:51:64::a]:{port}").parse().unwrap();
+    let from = |source: &str| {
+        reqwest::Client::builder()
+            .use_preconfigured_tls(common::tls_config(&server.ca_pem(), None, false))
+            .local_address(source.parse::<std::net::IpAddr>().unwrap())
+            .resolve("localhost", target)
+            .build()
+            .unwrap()
+    };
+    let body =
+        json!({"token": "lit_nope", "hostname": "pos", "hardware_id": "HW", "arch": "amd64"});
+    let post = |client: reqwest::Client| {
+        let body = body.clone();
+        async move {
+            client
+                .post(format!("https://localhost:{port}/api/public/bootstrap"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    // Three from one address of the /64, then one from another address of it: refused.
+    for _ in 0..3 {
+        assert_eq!(post(from(sources[0].0)).await, 401);
+    }
+    assert_eq!(post(from(sources[1].0)).await, 429, "same /64, same quota");
+    // Another /64 has a quota of its own.
+    assert_eq!(post(from(sources[2].0)).await, 401);
+}

@@ -27,8 +27,24 @@ pub const MAX_PUBLIC_BODY_BYTES: usize = 64 * 1024;
 /// The installer lives with the packaging it installs (`packaging/install.sh`).
 const INSTALL_SH: &str = include_str!("../../../../packaging/install.sh");
 
-/// Per-IP limiter on bootstrap and recovery requests (one quota for both).
+/// Per-address limiter on bootstrap and recovery requests (one quota for both), keyed by
+/// [`rate_key`].
 pub type BootstrapLimiter = Arc<DefaultKeyedRateLimiter<IpAddr>>;
+
+/// Whom a quota belongs to: an IPv4 address, or an IPv6 /64 — the prefix one subscriber
+/// holds, so that walking through its 2^64 addresses earns no extra quota. An IPv4-mapped
+/// IPv6 address counts as its IPv4 address.
+pub fn rate_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !u128::from(u64::MAX),
+            )),
+        },
+    }
+}
 
 pub fn bootstrap_limiter(per_minute: u32) -> BootstrapLimiter {
     let per_minute = NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN);
@@ -46,7 +62,7 @@ pub async fn rate_limit(
     next: Next,
 ) -> Response {
     if RATE_LIMITED_PATHS.contains(&req.uri().path())
-        && limiter.check_key(&conn.remote.ip()).is_err()
+        && limiter.check_key(&rate_key(conn.remote.ip())).is_err()
     {
         let message = "too many enrollment attempts from this address; retry in a minute";
         let mut response = ApiFailure::refused(ErrorCode::RateLimited, message).into_response();
@@ -192,4 +208,22 @@ async fn openapi_json(Extension(doc): Extension<super::OpenApiDocument>) -> impl
         [(header::CONTENT_TYPE, "application/json")],
         doc.0.as_ref().clone(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotas_are_per_ipv4_address_and_per_ipv6_slash_64() {
+        let key = |s: &str| rate_key(s.parse().unwrap());
+        assert_eq!(key("203.0.113.7"), key("203.0.113.7"));
+        assert_ne!(key("203.0.113.7"), key("203.0.113.8"));
+        assert_eq!(
+            key("2001:db8:1:2::1"),
+            key("2001:db8:1:2:ffff:ffff:ffff:ffff")
+        );
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:203.0.113.7"), key("203.0.113.7"));
+    }
 }

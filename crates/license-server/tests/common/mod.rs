@@ -146,19 +146,18 @@ impl ServerProcess {
             .append(true)
             .open(data_dir.join("serve.stderr"))
             .unwrap();
+        // Every listener on a free loopback port, unless `extra` says otherwise.
+        let listens: Vec<&str> = ["--public-listen", "--agent-listen", "--admin-listen"]
+            .into_iter()
+            .filter(|flag| !extra.contains(flag))
+            .flat_map(|flag| [flag, "127.0.0.1:0"])
+            .collect();
         let mut child = Command::new(SERVER)
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args([
-                "--public-listen",
-                "127.0.0.1:0",
-                "--agent-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--json",
-            ])
+            .args(listens)
+            .arg("--json")
             .args(extra)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
