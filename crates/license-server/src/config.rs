@@ -31,6 +31,10 @@ pub const DEFAULT_SERVER_CERTIFICATE_CHECK_INTERVAL_SECS: u64 = 3600;
 pub const DEFAULT_INSTALL_TOKEN_TTL_SECS: u64 = 24 * 3600;
 /// Bootstrap requests allowed per client IP and minute.
 pub const DEFAULT_BOOTSTRAP_RATE_PER_MINUTE: u32 = 30;
+/// Connections per IPv4 address or IPv6 /64 and listener.
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: u32 = 64;
+/// Seconds a write may make no progress before the connection is closed.
+pub const DEFAULT_WRITE_STALL_TIMEOUT_SECS: u64 = 30;
 /// A new secret version is valid 2 days from its issue (`valid_until = valid_from + this`).
 pub const DEFAULT_SECRET_VALIDITY_SECS: u64 = 2 * 86_400;
 /// Tokens under a secret keep validating 7 days past its `valid_until` (`grace_until`).
@@ -78,6 +82,12 @@ fn default_ttl() -> u64 {
 }
 fn default_rate() -> u32 {
     DEFAULT_BOOTSTRAP_RATE_PER_MINUTE
+}
+fn default_per_address() -> u32 {
+    DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
+}
+fn default_write_stall() -> u64 {
+    DEFAULT_WRITE_STALL_TIMEOUT_SECS
 }
 fn default_secret_validity() -> u64 {
     DEFAULT_SECRET_VALIDITY_SECS
@@ -128,6 +138,14 @@ pub struct ServerConfig {
     pub install_token_ttl_secs: u64,
     #[serde(default = "default_rate")]
     pub bootstrap_rate_per_minute: u32,
+    /// Connections one IPv4 address or IPv6 /64 may hold open on each listener (0: no cap,
+    /// e.g. behind a TCP load balancer that caps per client itself).
+    #[serde(default = "default_per_address")]
+    pub max_connections_per_address: u32,
+    /// A connection whose peer stops reading (a write making no progress) is closed after
+    /// this many seconds.
+    #[serde(default = "default_write_stall")]
+    pub write_stall_timeout_secs: u64,
     /// Lifetime of a secret version from its issue to `valid_until`, in seconds.
     #[serde(default = "default_secret_validity")]
     pub secret_validity_secs: u64,
@@ -153,6 +171,8 @@ impl ServerConfig {
             server_certificate_check_interval_secs: DEFAULT_SERVER_CERTIFICATE_CHECK_INTERVAL_SECS,
             install_token_ttl_secs: DEFAULT_INSTALL_TOKEN_TTL_SECS,
             bootstrap_rate_per_minute: DEFAULT_BOOTSTRAP_RATE_PER_MINUTE,
+            max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            write_stall_timeout_secs: DEFAULT_WRITE_STALL_TIMEOUT_SECS,
             secret_validity_secs: DEFAULT_SECRET_VALIDITY_SECS,
             secret_grace_secs: DEFAULT_SECRET_GRACE_SECS,
         }
@@ -224,6 +244,12 @@ impl ServerConfig {
             return Err(ConfigError::Invalid {
                 key: "bootstrap_rate_per_minute",
                 message: "must be at least 1".into(),
+            });
+        }
+        if !(1..=3_600).contains(&self.write_stall_timeout_secs) {
+            return Err(ConfigError::Invalid {
+                key: "write_stall_timeout_secs",
+                message: "must be between 1 and 3600".into(),
             });
         }
         if self.secret_validity_secs == 0 || self.secret_validity_secs > MAX_SECRET_DURATION_SECS {

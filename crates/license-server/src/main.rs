@@ -278,6 +278,8 @@ async fn load_state(
             data_dir: dir.clone(),
             install_token_ttl_secs: config.install_token_ttl_secs,
             bootstrap_rate_per_minute: config.bootstrap_rate_per_minute,
+            max_connections_per_address: config.max_connections_per_address,
+            write_stall_timeout_secs: config.write_stall_timeout_secs,
             downloads_dir: dir.downloads(),
             secret_validity_secs: secs(config.secret_validity_secs),
             secret_grace_secs: secs(config.secret_grace_secs),
@@ -290,7 +292,42 @@ fn secs(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
+/// Raises the soft limit on open files to the hard limit: three listeners of up to 1024
+/// connections each, the database pool and the data files must fit, and running out on one
+/// listener would also stop `accept` on the others. Returns the limit now in force.
+#[allow(unsafe_code)]
+fn raise_open_files_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read or write the struct passed by reference.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    Some(limit.rlim_cur)
+}
+
 async fn serve(args: ServeArgs) -> Result<(), MainError> {
+    match raise_open_files_limit() {
+        Some(n) if n < 4096 => tracing::warn!(
+            limit = n,
+            "few open files allowed (RLIMIT_NOFILE); raise LimitNOFILE for the service"
+        ),
+        Some(n) => tracing::debug!(limit = n, "open files limit"),
+        None => tracing::warn!("cannot read RLIMIT_NOFILE"),
+    }
     let dir = DataDir::new(&args.data_dir);
     let mut config = dir.load_config()?;
     apply_listen(&mut config, &args.listen);

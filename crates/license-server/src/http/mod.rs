@@ -223,16 +223,28 @@ pub async fn run(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let limits = listener::Limits {
+        per_address: usize::try_from(state.settings.max_connections_per_address)
+            .unwrap_or(usize::MAX),
+        write_stall: std::time::Duration::from_secs(state.settings.write_stall_timeout_secs),
+    };
     let servers = async {
         tokio::join!(
             listener::serve(
                 listeners.public,
                 public_tls,
                 public,
+                limits,
                 stopped(stop_rx.clone()),
             ),
-            listener::serve(listeners.agent, agent_tls, agent, stopped(stop_rx.clone())),
-            listener::serve(listeners.admin, admin_tls, admin, stopped(stop_rx)),
+            listener::serve(
+                listeners.agent,
+                agent_tls,
+                agent,
+                limits,
+                stopped(stop_rx.clone()),
+            ),
+            listener::serve(listeners.admin, admin_tls, admin, limits, stopped(stop_rx)),
         );
     };
     tokio::pin!(servers);

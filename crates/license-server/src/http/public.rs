@@ -168,8 +168,25 @@ async fn download(
         return Err(not_found());
     }
     let path = state.settings.downloads_dir.join(&channel).join(&file);
-    let bytes = tokio::fs::read(&path).await.map_err(|_| not_found())?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+    // Streamed in chunks: a download holds one chunk in memory, not the file, however many
+    // clients ask at once (and one that stops reading is cut off by the listener).
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|_| not_found())?;
+    let meta = file.metadata().await.map_err(|_| not_found())?;
+    if !meta.is_file() {
+        return Err(not_found());
+    }
+    let body =
+        axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, meta.len().to_string()),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 #[derive(serde::Serialize, utoipa::ToSchema)]

@@ -55,6 +55,10 @@ pub struct Settings {
     pub data_dir: DataDir,
     pub install_token_ttl_secs: u64,
     pub bootstrap_rate_per_minute: u32,
+    /// Connections per IPv4 address or IPv6 /64 and listener (0: no cap).
+    pub max_connections_per_address: u32,
+    /// Seconds a write may make no progress before its connection is closed.
+    pub write_stall_timeout_secs: u64,
     pub downloads_dir: PathBuf,
     /// `valid_until - valid_from` of a new secret version, seconds.
     pub secret_validity_secs: i64,

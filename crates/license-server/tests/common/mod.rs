@@ -188,6 +188,11 @@ impl ServerProcess {
         }
     }
 
+    /// The serving process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops with SIGTERM and waits: the server must drain and exit 0.
     pub fn stop(mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")
