@@ -16,6 +16,8 @@ use crate::{MainError, EXIT_OK, EXIT_TAMPERED};
 
 /// Default path of the current audit log file (DESIGN.md §3.4).
 pub const DEFAULT_AUDIT_LOG: &str = "/var/log/license-agent/audit.log";
+/// Where the agent keeps the audit log's anchor (`audit_anchor`).
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/license-agent/state.json";
 
 /// `audit` subcommands.
 #[derive(Debug, Subcommand)]
@@ -37,13 +39,33 @@ pub struct LogArg {
 pub struct VerifyArgs {
     #[command(flatten)]
     log: LogArg,
-    /// Also require the log to reach this seq (from the agent's state file): detects trailing
-    /// entries removed.
+    /// Require the log to reach this seq (instead of the anchor in the agent's state file):
+    /// detects trailing entries removed.
     #[arg(long, value_name = "SEQ", requires = "anchor_hash")]
     anchor_seq: Option<u64>,
     /// Hash the entry `--anchor-seq` must have.
     #[arg(long, value_name = "HEX", requires = "anchor_seq")]
     anchor_hash: Option<String>,
+    /// The agent's state file, whose `audit_anchor` is checked by default.
+    #[arg(long, value_name = "PATH", env = "LICENSE_AGENT_STATE", default_value = DEFAULT_STATE_FILE)]
+    state: PathBuf,
+    /// Check the chain only, not the anchor.
+    #[arg(long, conflicts_with_all = ["anchor_seq", "anchor_hash"])]
+    no_anchor: bool,
+}
+
+/// The anchor in the agent's state file, or why there is none.
+fn state_anchor(path: &std::path::Path) -> Result<Anchor, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let state: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let anchor = &state["audit_anchor"];
+    match (anchor[0].as_u64(), anchor[1].as_str()) {
+        (Some(seq), Some(hash)) => Ok(Anchor {
+            seq,
+            hash: hash.to_string(),
+        }),
+        _ => Err(format!("{} holds no audit_anchor", path.display())),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -70,7 +92,16 @@ fn run_verify(args: VerifyArgs, json: bool) -> Result<u8, MainError> {
     let path = args.log.log;
     let report = match (args.anchor_seq, args.anchor_hash) {
         (Some(seq), Some(hash)) => verify_with_anchor(&path, &Anchor { seq, hash })?,
-        _ => verify(&path)?,
+        _ if args.no_anchor => verify(&path)?,
+        _ => match state_anchor(&args.state) {
+            Ok(anchor) => verify_with_anchor(&path, &anchor)?,
+            Err(why) => {
+                eprintln!(
+                    "note: {why}; checking the chain without the anchor (entries removed from the end would go unnoticed)"
+                );
+                verify(&path)?
+            }
+        },
     };
     if report.files.is_empty() {
         return Err(MainError::NoLog(path));

@@ -37,6 +37,9 @@ pub enum AlertKind {
     ServerTrustRefused,
     /// The server refuses this machine (or its certificate) as revoked.
     MachineRevoked,
+    /// At start, the audit log no longer matches the anchor the agent saved (entries removed
+    /// from its end, replaced, or its files deleted).
+    AuditLogTampered,
 }
 
 impl AlertKind {
@@ -52,6 +55,7 @@ impl AlertKind {
             AlertKind::LicenseKeysRefused => "license_keys_refused",
             AlertKind::ServerTrustRefused => "server_trust_refused",
             AlertKind::MachineRevoked => "machine_revoked",
+            AlertKind::AuditLogTampered => "audit_log_tampered",
         }
     }
 }

@@ -237,6 +237,36 @@ fn load_state(config: &AgentConfig) -> (StateFile, AgentState) {
     (file, state)
 }
 
+/// Checks the audit log against the anchor the last run saved (its last `(seq, hash)` in
+/// state.json): a log cut short, an entry replaced, or files removed since show here, and raise
+/// the `audit_log_tampered` alert. The agent starts all the same: the alert and its own audit
+/// record are the evidence, and refusing to start would only stop the tills.
+async fn check_audit_anchor(path: &std::path::Path, state: &AgentState, alerts: &Alerts) {
+    let Some((seq, hash)) = state.audit_anchor.clone() else {
+        return;
+    };
+    let anchor = license_audit::Anchor { seq, hash };
+    let checked = {
+        let path = path.to_path_buf();
+        blocking::run(move || license_audit::verify_with_anchor(&path, &anchor)).await
+    };
+    let problem = match checked {
+        Ok(report) => match report.problem {
+            Some(problem) => problem.to_string(),
+            None => return,
+        },
+        Err(e) => e.to_string(),
+    };
+    tracing::error!(%problem, "the audit log does not match its anchor in state.json");
+    alerts
+        .raise(
+            AlertKind::AuditLogTampered,
+            "the audit log does not match the anchor saved by the last run",
+            serde_json::json!({"problem": problem, "anchor_seq": seq}),
+        )
+        .await;
+}
+
 /// The clock for expiry decisions, never earlier than the latest time this machine has seen
 /// attested: the high-water mark and the server's last time (state.json), the audit log's
 /// last entry, the newest secret's `valid_from` (signed by the server). Losing state.json
@@ -300,6 +330,9 @@ fn start_sockets(
         }),
         Limits {
             max_connections: config.ipc.max_connections,
+            // Half the slots for one uid: a flood from one user leaves the POS application
+            // (another uid) the other half.
+            max_per_uid: (config.ipc.max_connections / 2).max(1),
             idle_timeout,
         },
         stop.clone(),
@@ -325,6 +358,7 @@ fn start_sockets(
         }),
         Limits {
             max_connections: management::MAX_CONNECTIONS,
+            max_per_uid: management::MAX_CONNECTIONS_PER_UID,
             idle_timeout,
         },
         stop.clone(),
@@ -383,6 +417,7 @@ pub async fn run(
             message: "not an ed25519:<base64> key".into(),
         })?;
     let (state_file, state) = load_state(&config);
+    check_audit_anchor(&audit_path, &state, &alerts).await;
     let store = open_store(&config, tpm.clone())?;
     // Secrets live in pages locked in RAM; say so now if this process may not lock memory.
     if !license_protocol::secret::Secret::from_bytes([0; 32]).is_locked() {

@@ -322,3 +322,145 @@ fn admin_actions_are_refused_while_they_cannot_be_audited() {
         String::from_utf8_lossy(&verify.stdout)
     );
 }
+
+/// Holds `n` connections to `socket` as `uid`, each sending an empty frame every second, and
+/// reconnecting whenever the agent closes one: the lock-out attempt of the adversarial review.
+const LOCKER: &str = r#"
+import socket, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+def connect():
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+    except OSError:
+        return None
+    return s
+held = [connect() for _ in range(n)]
+print("ready", flush=True)
+while True:
+    for i, s in enumerate(held):
+        try:
+            if s is None:
+                raise OSError
+            s.sendall(b"\0\0\0\0")
+        except OSError:
+            held[i] = connect()
+    time.sleep(1)
+"#;
+
+#[test]
+fn a_local_user_cannot_lock_root_out_of_the_management_socket() {
+    use std::io::BufRead as _;
+    let root = tempfile::tempdir().unwrap();
+    let public = public_dir();
+    let socket = public.path().join("mgmt.sock");
+    let server = Server::start(root.path(), 3600, 3600);
+    let mut agent = managed_agent(&server, root.path(), &socket, |_| {});
+    agent.start(&[]);
+
+    // A stranger holds every slot the socket has, sending empty frames to stay alive.
+    let mut locker = Command::new("setpriv")
+        .args([
+            &format!("--reuid={STRANGER}"),
+            &format!("--regid={STRANGER}"),
+            "--clear-groups",
+            "python3",
+            "-c",
+            LOCKER,
+        ])
+        .arg(&socket)
+        .arg("16")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(locker.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    std::thread::sleep(Duration::from_secs(3));
+
+    // Root and the reader still get in, every time.
+    for _ in 0..5 {
+        let status = cli(&socket, 0, &["--json", "status"]);
+        assert!(
+            status.status.success(),
+            "root locked out: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        assert!(cli(&socket, READER, &["status"]).status.success());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // The stranger's connections are refused, audited, and closed.
+    let refused = audit_events(&agent, "mgmt.connect");
+    assert!(
+        refused.iter().any(|e| e["actor"]["uid"] == STRANGER),
+        "{refused:?}"
+    );
+    let _ = locker.kill();
+    let _ = locker.wait();
+}
+
+/// Entries cut from the end of the audit log: `audit verify` catches it by default (from the
+/// anchor in state.json), and so does the agent at its next start (`audit_log_tampered`).
+#[test]
+fn entries_cut_from_the_end_of_the_audit_log_are_caught() {
+    let root = tempfile::tempdir().unwrap();
+    let public = public_dir();
+    let socket = public.path().join("mgmt.sock");
+    let server = Server::start(root.path(), 3600, 3600);
+    let mut agent = managed_agent(&server, root.path(), &socket, |_| {});
+    let license = server.issue_license(&agent.machine_id, "pos.sale", &[]);
+    agent.start(&[]);
+    wait_until("a token", WAIT, || agent.token(&license).is_some());
+    let token = agent.token(&license).unwrap();
+    for _ in 0..5 {
+        assert!(agent.validate(&token).valid);
+    }
+    assert_eq!(agent.stop().code(), Some(0));
+
+    let log = agent.dir.join("log/audit.log");
+    let state = agent.dir.join("state/state.json");
+    let verify = |extra: &[&str]| {
+        Command::new(bin("license-agent-cli"))
+            .args(["audit", "verify", "--log"])
+            .arg(&log)
+            .arg("--state")
+            .arg(&state)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let intact = verify(&[]);
+    assert_eq!(intact.status.code(), Some(0), "{}", String::from_utf8_lossy(&intact.stdout));
+
+    // Cut every entry from the anchor on: the chain that is left is intact.
+    let anchor = agent.state()["audit_anchor"][0].as_u64().unwrap();
+    let kept: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|e| e["seq"].as_u64())
+                .is_some_and(|seq| seq < anchor)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&log, kept.concat()).unwrap();
+    let cut = verify(&[]);
+    assert_eq!(cut.status.code(), Some(1), "{}", String::from_utf8_lossy(&cut.stdout));
+    assert!(String::from_utf8_lossy(&cut.stdout).contains("removed"));
+    assert_eq!(
+        verify(&["--no-anchor"]).status.code(),
+        Some(0),
+        "the chain alone cannot tell"
+    );
+
+    agent.start(&[]);
+    wait_until("the tamper alert", WAIT, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("\"alert.audit_log_tampered\"")
+    });
+}

@@ -3,14 +3,16 @@
 //! frames read within an idle timeout, and a drain at shutdown. What a connection *means* is
 //! the [`Handler`]'s business ([`super::validation`], [`super::management`]).
 //!
-//! Misbehaving peers never disturb other connections: connections beyond the limit are closed
-//! at accept, a peer silent (or trickling) past the idle timeout is closed, a frame announced
-//! over 64 KiB is reported to the handler as [`Frame::TooLarge`] (the stream cannot be
-//! resynchronised after it), an empty one as [`Frame::Empty`].
+//! Misbehaving peers never disturb other connections: connections beyond the limit, or beyond
+//! one uid's share of it ([`Limits::max_per_uid`]), are closed at accept, a peer silent (or
+//! trickling) past the idle timeout is closed, so is one that does not read its answers within
+//! it, a frame announced over 64 KiB is reported to the handler as [`Frame::TooLarge`] (the
+//! stream cannot be resynchronised after it), an empty one as [`Frame::Empty`].
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use license_protocol::ipc::{encode_frame, frame_len, FrameError};
@@ -30,7 +32,48 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_connections: usize,
+    /// Connections one uid may hold at once: whoever floods the socket takes its own share,
+    /// not every slot.
+    pub max_per_uid: usize,
+    /// How long a peer may stay silent, or leave an answer unread.
     pub idle_timeout: Duration,
+}
+
+/// Open connections by uid.
+#[derive(Debug, Default)]
+struct PerUid(Mutex<HashMap<u32, usize>>);
+
+/// One connection counted against its uid; uncounted on drop.
+struct UidSlot {
+    counts: Arc<PerUid>,
+    uid: u32,
+}
+
+impl PerUid {
+    fn acquire(self: &Arc<Self>, uid: u32, limit: usize) -> Option<UidSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(uid).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(UidSlot {
+            counts: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut open = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.uid) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.uid);
+            }
+        }
+    }
 }
 
 /// One frame read from a connection, or why there is none.
@@ -64,10 +107,17 @@ impl Connection {
         }
     }
 
-    /// Writes one JSON frame.
+    /// Writes one JSON frame; a peer that does not read it within the idle timeout is
+    /// dropped (an error ends the connection).
     pub async fn send(&mut self, value: &impl serde::Serialize) -> std::io::Result<()> {
         let json = serde_json::to_vec(value).map_err(std::io::Error::other)?;
-        self.stream.write_all(&encode_frame(&json)).await
+        match tokio::time::timeout(self.idle, self.stream.write_all(&encode_frame(&json))).await {
+            Ok(written) => written,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the peer does not read its answers",
+            )),
+        }
     }
 }
 
@@ -163,6 +213,7 @@ impl Listener {
         stop: watch::Receiver<bool>,
     ) {
         let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let per_uid = Arc::new(PerUid::default());
         loop {
             let stream = tokio::select! {
                 () = stopped(stop.clone()) => break,
@@ -175,13 +226,6 @@ impl Listener {
                     }
                 },
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(
-                    socket = H::NAME,
-                    "connection limit reached; closing a new connection"
-                );
-                continue;
-            };
             let peer = match stream.peer_cred() {
                 Ok(cred) => Peer {
                     uid: cred.uid(),
@@ -193,6 +237,21 @@ impl Listener {
                     continue;
                 }
             };
+            let Some(uid_slot) = per_uid.acquire(peer.uid, limits.max_per_uid) else {
+                tracing::warn!(
+                    socket = H::NAME,
+                    uid = peer.uid,
+                    "this uid holds its share of the connections; closing a new one"
+                );
+                continue;
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(
+                    socket = H::NAME,
+                    "connection limit reached; closing a new connection"
+                );
+                continue;
+            };
             let conn = Connection {
                 stream,
                 idle: limits.idle_timeout,
@@ -200,7 +259,7 @@ impl Listener {
             };
             let handler = handler.clone();
             tokio::spawn(async move {
-                let _slot = slot;
+                let _slots = (slot, uid_slot);
                 if let Err(e) = handler.connection(conn, peer).await {
                     tracing::debug!(error = %e, socket = H::NAME, "connection ended");
                 }

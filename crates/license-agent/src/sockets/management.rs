@@ -24,6 +24,8 @@ use crate::validation::Validator;
 
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 16;
+/// Connections one uid may hold at once: no user can lock the others (root) out.
+pub const MAX_CONNECTIONS_PER_UID: usize = 4;
 
 /// The management socket's connections.
 #[derive(Debug)]
@@ -58,7 +60,18 @@ impl Handler for ManagementSocket {
             let payload = match conn.read_frame().await? {
                 Frame::Payload(payload) => payload,
                 Frame::Closed | Frame::TooLarge => return Ok(()),
-                Frame::Empty => continue,
+                Frame::Empty => {
+                    conn.send(&MgmtResponse::err(
+                        MgmtErrorCode::BadRequest,
+                        "empty frame: a request is a JSON object",
+                    ))
+                    .await?;
+                    if role == Role::None {
+                        self.refused_peer(actor).await;
+                        return Ok(());
+                    }
+                    continue;
+                }
             };
             let response = match serde_json::from_slice::<MgmtRequest>(&payload) {
                 Ok(request) => self.handle(actor, role, request).await,
@@ -70,6 +83,10 @@ impl Handler for ManagementSocket {
                 }
             };
             conn.send(&response).await?;
+            // A peer with no role got its one answer (audited, alerted): it is not kept.
+            if role == Role::None {
+                return Ok(());
+            }
         }
     }
 }
@@ -92,6 +109,25 @@ fn refusal(role: Role, request: &MgmtRequest, token: Option<&str>) -> Option<&'s
 }
 
 impl ManagementSocket {
+    /// A peer with no role that sent no request: audited (and alerted) before it is closed.
+    async fn refused_peer(&self, actor: Actor) {
+        let message = "this uid may not use the management interface";
+        self.alerts
+            .raise(
+                AlertKind::UnauthorizedAccess,
+                &format!("management connection refused: {message}"),
+                serde_json::json!({"uid": actor.uid}),
+            )
+            .await;
+        self.audit
+            .note(
+                Event::new("mgmt.connect", Outcome::Refused)
+                    .actor(actor)
+                    .detail("reason", message),
+            )
+            .await;
+    }
+
     async fn handle(&self, actor: Actor, role: Role, request: MgmtRequest) -> MgmtResponse {
         let name = format!("mgmt.{}", request.name());
         if let Some(message) = refusal(role, &request, self.token.as_deref().map(String::as_str)) {
