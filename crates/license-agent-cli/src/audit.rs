@@ -56,8 +56,10 @@ pub struct VerifyArgs {
 
 /// The anchor in the agent's state file, or why there is none.
 fn state_anchor(path: &std::path::Path) -> Result<Anchor, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let state: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let state: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let anchor = &state["audit_anchor"];
     match (anchor[0].as_u64(), anchor[1].as_str()) {
         (Some(seq), Some(hash)) => Ok(Anchor {

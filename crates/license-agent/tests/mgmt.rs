@@ -364,7 +364,8 @@ fn a_local_user_cannot_lock_root_out_of_the_management_socket() {
             &format!("--reuid={STRANGER}"),
             &format!("--regid={STRANGER}"),
             "--clear-groups",
-            "python3",
+            // The system's Python: another user cannot reach root's (e.g. pyenv shims).
+            "/usr/bin/python3",
             "-c",
             LOCKER,
         ])
@@ -373,8 +374,18 @@ fn a_local_user_cannot_lock_root_out_of_the_management_socket() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let stdout = locker.stdout.take().unwrap();
+    // Killed however the test ends (its output must not outlive the test).
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _locker = Kill(locker);
     let mut line = String::new();
-    std::io::BufReader::new(locker.stdout.take().unwrap())
+    std::io::BufReader::new(stdout)
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line.trim(), "ready");
@@ -397,8 +408,6 @@ fn a_local_user_cannot_lock_root_out_of_the_management_socket() {
         refused.iter().any(|e| e["actor"]["uid"] == STRANGER),
         "{refused:?}"
     );
-    let _ = locker.kill();
-    let _ = locker.wait();
 }
 
 /// Entries cut from the end of the audit log: `audit verify` catches it by default (from the
@@ -432,7 +441,12 @@ fn entries_cut_from_the_end_of_the_audit_log_are_caught() {
             .unwrap()
     };
     let intact = verify(&[]);
-    assert_eq!(intact.status.code(), Some(0), "{}", String::from_utf8_lossy(&intact.stdout));
+    assert_eq!(
+        intact.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&intact.stdout)
+    );
 
     // Cut every entry from the anchor on: the chain that is left is intact.
     let anchor = agent.state()["audit_anchor"][0].as_u64().unwrap();
@@ -449,7 +463,12 @@ fn entries_cut_from_the_end_of_the_audit_log_are_caught() {
         .collect();
     std::fs::write(&log, kept.concat()).unwrap();
     let cut = verify(&[]);
-    assert_eq!(cut.status.code(), Some(1), "{}", String::from_utf8_lossy(&cut.stdout));
+    assert_eq!(
+        cut.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&cut.stdout)
+    );
     assert!(String::from_utf8_lossy(&cut.stdout).contains("removed"));
     assert_eq!(
         verify(&["--no-anchor"]).status.code(),
