@@ -21,8 +21,10 @@ PREFIX="${LICENSE_AGENT_PREFIX:-}"
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
 
-TOKEN="${1:-}"
-[ -n "$TOKEN" ] || { echo "usage: install.sh TOKEN" >&2; exit 2; }
+# The token as the seed's one-liner gives it, or from LICENSE_AGENT_TOKEN (which keeps it out
+# of this shell's command line, visible in `ps`).
+TOKEN="${1:-${LICENSE_AGENT_TOKEN:-}}"
+[ -n "$TOKEN" ] || { echo "usage: install.sh TOKEN (or LICENSE_AGENT_TOKEN=… in the environment)" >&2; exit 2; }
 [ "$(uname -s)" = Linux ] || die "only Linux is supported"
 case "$(uname -m)" in
   x86_64|amd64) ARCH=amd64 ;;
@@ -67,12 +69,14 @@ if [ -z "$PREFIX" ] && [ -e /dev/tpmrm0 ]; then
 fi
 
 say "enrolling this machine (key generated locally, server pinned)"
-set -- enroll --server "$SERVER_URL" --server-pin "$SERVER_PIN" --token "$TOKEN" \
+# The token goes to the agent through its environment, never its command line.
+set -- enroll --server "$SERVER_URL" --server-pin "$SERVER_PIN" \
   --config "$ETC_DIR/config.toml" --state-dir "$STATE_DIR" --log-dir "$LOG_DIR" $TPM_ARGS
 if [ -n "${LICENSE_AGENT_HARDWARE_ID:-}" ]; then
   set -- "$@" --hardware-id "$LICENSE_AGENT_HARDWARE_ID"
 fi
-"$BIN_DIR/license-agent" "$@"
+LICENSE_AGENT_TOKEN="$TOKEN" "$BIN_DIR/license-agent" "$@"
+unset TOKEN
 
 say "installing systemd unit"
 cat > "$UNIT_DIR/license-agent.service" <<UNIT

@@ -483,3 +483,92 @@ fn entries_cut_from_the_end_of_the_audit_log_are_caught() {
             .contains("\"alert.audit_log_tampered\"")
     });
 }
+
+/// Holds one connection to the validation socket and sends a request each time a line arrives
+/// on stdin, printing the answer's reason (or `closed`).
+const HOLDER: &str = r#"
+import json, os, socket, struct, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+print("ready", flush=True)
+for _ in sys.stdin:
+    body = json.dumps({"op": "validate_license", "license_token": "bm90LWEtdG9rZW4=",
+                       "nonce": os.urandom(16).hex()}).encode()
+    try:
+        s.sendall(struct.pack(">I", len(body)) + body)
+        head = s.recv(4)
+        if len(head) < 4:
+            raise OSError
+        (n,) = struct.unpack(">I", head)
+        data = b""
+        while len(data) < n:
+            data += s.recv(n - len(data))
+        print(json.loads(data).get("reason"), flush=True)
+    except OSError:
+        print("closed", flush=True)
+"#;
+
+/// A uid removed from `ipc.allowed_uids` by a reload loses the connection it holds open.
+#[test]
+fn a_reload_that_removes_a_uid_closes_its_open_validation_session() {
+    use std::io::{BufRead as _, Write as _};
+    let root = tempfile::tempdir().unwrap();
+    let public = public_dir();
+    let socket = public.path().join("agent.sock");
+    let server = Server::start(root.path(), 3600, 3600);
+    let ipc_socket = socket.display().to_string();
+    let mut agent = Agent::enroll(&server, root.path(), "pos1", 3600, move |t| {
+        t["ipc"]["socket"] = toml::Value::String(ipc_socket);
+        t["ipc"]["allowed_uids"] = toml::Value::Array(vec![
+            toml::Value::Integer(0),
+            toml::Value::Integer(STRANGER.into()),
+        ]);
+    });
+    agent.start(&[]);
+
+    let mut holder = Command::new("setpriv")
+        .args([
+            &format!("--reuid={STRANGER}"),
+            &format!("--regid={STRANGER}"),
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            HOLDER,
+        ])
+        .arg(&socket)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = holder.stdin.take().unwrap();
+    let mut output = std::io::BufReader::new(holder.stdout.take().unwrap());
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _holder = Kill(holder);
+    let mut ready = String::new();
+    output.read_line(&mut ready).unwrap();
+    assert_eq!(ready.trim(), "ready");
+    let mut ask = || {
+        writeln!(input).unwrap();
+        let mut line = String::new();
+        output.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    assert_eq!(ask(), "malformed", "allowed: the token itself is judged");
+
+    // The uid is removed from the allow-list and the agent reloads.
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    let mut table: toml::Table = text.parse().unwrap();
+    table["ipc"]["allowed_uids"] = toml::Value::Array(vec![toml::Value::Integer(0)]);
+    std::fs::write(&agent.config, toml::to_string(&table).unwrap()).unwrap();
+    agent.signal("HUP");
+    wait_until("the reload", WAIT, || agent.log().contains("reload"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(ask(), "not_authorized", "the open session loses its access");
+    assert_eq!(ask(), "closed");
+}

@@ -55,7 +55,9 @@ impl Handler for ManagementSocket {
 
     async fn connection(self: Arc<Self>, mut conn: Connection, peer: Peer) -> std::io::Result<()> {
         let actor = peer.actor();
-        let role = Access::current(&self.access).role(&peer);
+        // Decided again for every request: a reload that takes a uid's role away applies to
+        // the connections it holds too.
+        let role_now = || Access::current(&self.access).role(&peer);
         loop {
             let payload = match conn.read_frame().await? {
                 Frame::Payload(payload) => payload,
@@ -66,13 +68,14 @@ impl Handler for ManagementSocket {
                         "empty frame: a request is a JSON object",
                     ))
                     .await?;
-                    if role == Role::None {
+                    if role_now() == Role::None {
                         self.refused_peer(actor).await;
                         return Ok(());
                     }
                     continue;
                 }
             };
+            let role = role_now();
             let response = match serde_json::from_slice::<MgmtRequest>(&payload) {
                 Ok(request) => self.handle(actor, role, request).await,
                 Err(e) => {

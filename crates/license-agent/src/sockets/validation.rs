@@ -53,6 +53,18 @@ impl Handler for ValidationSocket {
         }
         loop {
             let payload = match conn.read_frame().await? {
+                // Access is decided again for every request: a uid removed from the allow-lists
+                // by a reload loses the connections it holds at their next request.
+                Frame::Payload(_) if !Access::current(&self.access).may_validate(&peer) => {
+                    let event = Event::new("ipc.peer_refused", Outcome::Refused)
+                        .actor(actor)
+                        .detail("gid", peer.gid)
+                        .detail("reason", "access withdrawn by a reload");
+                    let _ = self.audit.durable(event).await;
+                    return conn
+                        .send(&Response::invalid(Reason::NotAuthorized, None))
+                        .await;
+                }
                 Frame::Payload(payload) => payload,
                 Frame::Closed => return Ok(()),
                 Frame::TooLarge => {
