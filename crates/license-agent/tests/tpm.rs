@@ -427,3 +427,57 @@ fn leftover_objects_are_flushed_only_by_the_holder_of_the_tpm_lock() {
         b"leftovers"
     );
 }
+
+/// When the TPM takes over the secrets the file store held, the file store keeps none: its
+/// `secret.enc` would otherwise keep versions destroyed later readable with `secret.key`.
+#[test]
+fn the_tpm_taking_over_leaves_no_secret_in_the_file_store() {
+    use license_agent::stores::fallback::FallbackStore;
+    use license_agent::stores::file::FileStore;
+    use license_agent::stores::tpm::TpmStore;
+    use license_agent::stores::{SecretStore as _, StoredSecret};
+
+    let fx = Fixture::new();
+    let swtpm = Swtpm::start(&fx.tpm_state("tpm"));
+    let machine = MachineId::new_random();
+    let (enc, key) = (fx.agent().join("secret.enc"), fx.agent().join("secret.key"));
+    let secrets = |versions: &[u64]| -> Vec<StoredSecret> {
+        versions
+            .iter()
+            .map(|&version| StoredSecret {
+                version,
+                dates: SecretDates {
+                    valid_from: 1,
+                    valid_until: 2,
+                    grace_until: 3,
+                },
+                secret: Secret::from_bytes([version as u8; 32]),
+            })
+            .collect()
+    };
+    // A till that ran on the file store (no TPM then).
+    let file = FileStore::open(&enc, &key, 1_000, machine).unwrap();
+    file.save(&secrets(&[1, 2])).unwrap();
+    assert!(enc.exists());
+
+    // Its next start finds a TPM: the secrets move into it, and secret.enc goes.
+    let tpm = open(&swtpm, fx.agent());
+    let store = FallbackStore::new(
+        Some(TpmStore::new(tpm.clone(), &fx.agent().join("sealed.json"), machine)),
+        FileStore::open(&enc, &key, 1_000, machine).unwrap(),
+    );
+    let loaded = store.load().unwrap();
+    assert_eq!(loaded.iter().map(|s| s.version).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(store.kind(), "tpm");
+    assert!(!enc.exists(), "secret.enc left behind after the TPM took over");
+    // Version 1 destroyed later: nothing readable with secret.key holds it.
+    store.save(&secrets(&[2])).unwrap();
+    let leftover = FileStore::open(&enc, &key, 1_000, machine).unwrap();
+    assert!(leftover.load().unwrap().is_empty());
+    // And a later start (the TPM store exists) reads it from the TPM.
+    let again = FallbackStore::new(
+        Some(TpmStore::new(tpm, &fx.agent().join("sealed.json"), machine)),
+        FileStore::open(&enc, &key, 1_000, machine).unwrap(),
+    );
+    assert_eq!(again.load().unwrap().len(), 1);
+}

@@ -2,6 +2,11 @@
 //! when it does not (seed §8.1). A TPM failure at any point switches to the file store for
 //! good (until restart), with an alert; validations never depend on it since unsealed secrets
 //! are already in memory.
+//!
+//! While the TPM holds the secrets the file store holds none: once the TPM store has them (its
+//! first start takes over what the file store held, or a later start after a fallback), the
+//! file store's `secret.enc` is removed, so versions destroyed since are not left readable with
+//! `secret.key`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -25,6 +30,13 @@ impl FallbackStore {
     /// Whether the TPM is in use right now.
     pub fn tpm_available(&self) -> bool {
         self.tpm_ok.load(Ordering::Acquire)
+    }
+
+    /// Removes the file store's secrets while the TPM holds them (see the module docs).
+    fn clear_file_store(&self) {
+        if let Err(e) = self.file.clear() {
+            tracing::error!(error = %e, "cannot remove the file store the TPM took over from");
+        }
     }
 
     fn fall_back(&self, error: &StoreError) {
@@ -51,12 +63,17 @@ impl SecretStore for FallbackStore {
                 if !existing.is_empty() {
                     if let Err(e) = tpm.save(&existing) {
                         self.fall_back(&e);
+                        return Ok(existing);
                     }
                 }
+                self.clear_file_store();
                 return Ok(existing);
             }
             match tpm.load() {
-                Ok(secrets) => return Ok(secrets),
+                Ok(secrets) => {
+                    self.clear_file_store();
+                    return Ok(secrets);
+                }
                 Err(e @ StoreError::Corrupt { .. }) => return Err(e),
                 Err(e) => self.fall_back(&e),
             }

@@ -144,6 +144,22 @@ impl FileStore {
             key,
         })
     }
+
+    /// Removes the store's file (its directory synced): nothing of the secrets it held is left
+    /// readable with the key file. A later [`SecretStore::save`] writes it anew.
+    pub fn clear(&self) -> Result<(), StoreError> {
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(&self.path)(e)),
+        }
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(dir))?;
+        }
+        Ok(())
+    }
 }
 
 impl SecretStore for FileStore {
