@@ -463,13 +463,20 @@ fn the_tpm_taking_over_leaves_no_secret_in_the_file_store() {
     // Its next start finds a TPM: the secrets move into it, and secret.enc goes.
     let tpm = open(&swtpm, fx.agent());
     let store = FallbackStore::new(
-        Some(TpmStore::new(tpm.clone(), &fx.agent().join("sealed.json"), machine)),
+        Some(TpmStore::new(
+            tpm.clone(),
+            &fx.agent().join("sealed.json"),
+            machine,
+        )),
         FileStore::open(&enc, &key, 1_000, machine).unwrap(),
     );
     let loaded = store.load().unwrap();
     assert_eq!(loaded.iter().map(|s| s.version).collect::<Vec<_>>(), [1, 2]);
     assert_eq!(store.kind(), "tpm");
-    assert!(!enc.exists(), "secret.enc left behind after the TPM took over");
+    assert!(
+        !enc.exists(),
+        "secret.enc left behind after the TPM took over"
+    );
     // Version 1 destroyed later: nothing readable with secret.key holds it.
     store.save(&secrets(&[2])).unwrap();
     let leftover = FileStore::open(&enc, &key, 1_000, machine).unwrap();
