@@ -323,6 +323,42 @@ fn admin_actions_are_refused_while_they_cannot_be_audited() {
     );
 }
 
+/// A Python `script` run as `uid` (the system's Python: another user cannot reach root's, e.g.
+/// pyenv shims) with `args`, stdin and stdout piped; killed when the returned guard drops,
+/// however the test ends.
+fn python_as(
+    uid: u32,
+    script: &str,
+    args: &[&std::ffi::OsStr],
+) -> (Killed, std::process::ChildStdin, std::process::ChildStdout) {
+    let mut child = Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            script,
+        ])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (stdin, stdout) = (child.stdin.take().unwrap(), child.stdout.take().unwrap());
+    (Killed(child), stdin, stdout)
+}
+
+/// Kills its process on drop.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Holds `n` connections to `socket` as `uid`, each sending an empty frame every second, and
 /// reconnecting whenever the agent closes one: the lock-out attempt of the adversarial review.
 const LOCKER: &str = r#"
@@ -359,31 +395,8 @@ fn a_local_user_cannot_lock_root_out_of_the_management_socket() {
     agent.start(&[]);
 
     // A stranger holds every slot the socket has, sending empty frames to stay alive.
-    let mut locker = Command::new("setpriv")
-        .args([
-            &format!("--reuid={STRANGER}"),
-            &format!("--regid={STRANGER}"),
-            "--clear-groups",
-            // The system's Python: another user cannot reach root's (e.g. pyenv shims).
-            "/usr/bin/python3",
-            "-c",
-            LOCKER,
-        ])
-        .arg(&socket)
-        .arg("16")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = locker.stdout.take().unwrap();
-    // Killed however the test ends (its output must not outlive the test).
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _locker = Kill(locker);
+    let (_locker, _stdin, stdout) =
+        python_as(STRANGER, LOCKER, &[socket.as_os_str(), "16".as_ref()]);
     let mut line = String::new();
     std::io::BufReader::new(stdout)
         .read_line(&mut line)
@@ -526,30 +539,8 @@ fn a_reload_that_removes_a_uid_closes_its_open_validation_session() {
     });
     agent.start(&[]);
 
-    let mut holder = Command::new("setpriv")
-        .args([
-            &format!("--reuid={STRANGER}"),
-            &format!("--regid={STRANGER}"),
-            "--clear-groups",
-            "/usr/bin/python3",
-            "-c",
-            HOLDER,
-        ])
-        .arg(&socket)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = holder.stdin.take().unwrap();
-    let mut output = std::io::BufReader::new(holder.stdout.take().unwrap());
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _holder = Kill(holder);
+    let (_holder, mut input, stdout) = python_as(STRANGER, HOLDER, &[socket.as_os_str()]);
+    let mut output = std::io::BufReader::new(stdout);
     let mut ready = String::new();
     output.read_line(&mut ready).unwrap();
     assert_eq!(ready.trim(), "ready");

@@ -7,27 +7,15 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::{bin, reason, wait_until, Agent, Server};
+use common::{reason, wait_until, Agent, Server};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
 
 fn status(agent: &Agent) -> Value {
-    let out = Command::new(bin("license-agent-cli"))
-        .arg("--socket")
-        .arg(agent.dir.join("mgmt.sock"))
-        .args(["status", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    agent.mgmt_status()
 }
 
 fn token(agent: &Agent, license: &str) -> String {

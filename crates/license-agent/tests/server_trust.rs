@@ -15,20 +15,8 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-/// `license-agent-cli status --json` over the agent's management socket.
 fn status(agent: &Agent) -> Value {
-    let out = Command::new(bin("license-agent-cli"))
-        .arg("--socket")
-        .arg(agent.dir.join("mgmt.sock"))
-        .args(["status", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    agent.mgmt_status()
 }
 
 fn strings(v: &Value) -> Vec<String> {

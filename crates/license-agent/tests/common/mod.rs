@@ -454,6 +454,23 @@ impl Agent {
             .unwrap()
     }
 
+    /// `license-agent-cli status --json` over the management socket (the test config puts it
+    /// at `dir/mgmt.sock`).
+    pub fn mgmt_status(&self) -> Value {
+        let out = Command::new(bin("license-agent-cli"))
+            .arg("--socket")
+            .arg(self.dir.join("mgmt.sock"))
+            .args(["status", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     /// `license-agent status --json`.
     pub fn status(&self) -> Value {
         let out = Command::new(bin("license-agent"))
