@@ -327,6 +327,7 @@ fn start_sockets(
             alerts: alerts.clone(),
             audit_validations: !config.agent.danger_unaudited_validations,
             access: access.clone(),
+            refusals: Default::default(),
         }),
         Limits {
             max_connections: config.ipc.max_connections,

@@ -563,3 +563,75 @@ fn a_reload_that_removes_a_uid_closes_its_open_validation_session() {
     assert_eq!(ask(), "not_authorized", "the open session loses its access");
     assert_eq!(ask(), "closed");
 }
+
+/// Connects to the validation socket `n` times, one request each, as fast as it can.
+const KNOCKER: &str = r#"
+import json, os, socket, struct, sys
+path, n = sys.argv[1], int(sys.argv[2])
+served = 0  # answers other than not_authorized (a closed connection is a refusal too)
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    body = json.dumps({"op": "validate_license", "license_token": "x", "nonce": os.urandom(16).hex()}).encode()
+    try:
+        s.sendall(struct.pack(">I", len(body)) + body)
+        head = s.recv(4)
+        if len(head) == 4:
+            (k,) = struct.unpack(">I", head)
+            if json.loads(s.recv(k)).get("reason") != "not_authorized":
+                served += 1
+    except OSError:
+        pass
+    s.close()
+print(served, flush=True)
+"#;
+
+/// A local user knocking on the validation socket over and over costs one audit record and one
+/// alert a minute, not two fsynced records per connection; the POS application is served.
+#[test]
+fn refused_peers_are_recorded_once_a_minute_and_the_pos_application_served() {
+    use std::io::BufRead as _;
+    let root = tempfile::tempdir().unwrap();
+    let public = public_dir();
+    let socket = public.path().join("agent.sock");
+    let server = Server::start(root.path(), 3600, 3600);
+    let ipc_socket = socket.display().to_string();
+    let mut agent = Agent::enroll(&server, root.path(), "pos1", 3600, move |t| {
+        t["ipc"]["socket"] = toml::Value::String(ipc_socket);
+    });
+    agent.socket = socket.clone();
+    let license = server.issue_license(&agent.machine_id, "pos.sale", &[]);
+    agent.start(&[]);
+    wait_until("a token", WAIT, || agent.token(&license).is_some());
+    let token = agent.token(&license).unwrap();
+
+    let (_knocker, _stdin, stdout) =
+        python_as(STRANGER, KNOCKER, &[socket.as_os_str(), "300".as_ref()]);
+    for _ in 0..50 {
+        assert!(agent.validate(&token).valid);
+    }
+    let mut served = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut served)
+        .unwrap();
+    assert_eq!(served.trim(), "0", "every knock refused");
+
+    let audit = std::fs::read_to_string(agent.dir.join("log/audit.log")).unwrap();
+    let entries: Vec<Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect();
+    let refusals = entries
+        .iter()
+        .filter(|e| e["event"] == "ipc.peer_refused" && e["actor"]["uid"] == STRANGER)
+        .count();
+    let alerts = entries
+        .iter()
+        .filter(|e| e["event"] == "alert.unauthorized_access" && e["details"]["uid"] == STRANGER)
+        .count();
+    assert_eq!(
+        (refusals, alerts),
+        (1, 1),
+        "one record and one alert for 300 refusals"
+    );
+}

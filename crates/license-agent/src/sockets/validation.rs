@@ -6,8 +6,16 @@
 //! A frame over 64 KiB is answered `frame_too_large` and the connection closed (it cannot be
 //! resynchronised); bad JSON and unknown ops are answered and the connection kept. Limits,
 //! timeouts and the drain are the [`listener`](super::listener)'s.
+//!
+//! A refused peer is answered `not_authorized` and closed. Refusals are recorded per uid and
+//! [`REFUSAL_WINDOW`]: the first of a window raises the alert and writes the audit entry (with
+//! how many were only counted in the window before), the others are counted — so a local user
+//! flooding the socket costs one record a minute, not two per connection, and cannot flush the
+//! audit log's history with refusals.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use license_audit::{Actor, Event, Outcome};
 use license_protocol::ipc::{parse_request, Reason, Request, Response};
@@ -17,6 +25,39 @@ use crate::access::{Access, Peer, SharedAccess};
 use crate::alerts::{AlertKind, Alerts};
 use crate::audit::Audit;
 use crate::validation::{Subject, Validator};
+
+/// How long the refusals of one uid are coalesced into one record.
+pub const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
+
+/// Refused peers by uid: when the current window started and how many were only counted.
+#[derive(Debug, Default)]
+pub struct Refusals(Mutex<HashMap<u32, (Instant, u64)>>);
+
+impl Refusals {
+    /// `Some(counted)` when this refusal opens a new window and is to be recorded (`counted`:
+    /// the refusals only counted in the window before); `None` when it is only counted.
+    pub fn note(&self, uid: u32, now: Instant) -> Option<u64> {
+        let mut windows = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if windows.len() > 4096 {
+            windows.clear(); // uids are few; a map this large is garbage
+        }
+        match windows.get_mut(&uid) {
+            Some((started, counted)) if now.duration_since(*started) < REFUSAL_WINDOW => {
+                *counted += 1;
+                None
+            }
+            Some(window) => {
+                let counted = window.1;
+                *window = (now, 0);
+                Some(counted)
+            }
+            None => {
+                windows.insert(uid, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
 
 /// The validation socket's connections.
 #[derive(Debug)]
@@ -28,6 +69,39 @@ pub struct ValidationSocket {
     pub audit_validations: bool,
     /// Who may connect (reloadable).
     pub access: SharedAccess,
+    /// Refused peers, coalesced per uid.
+    pub refusals: Refusals,
+}
+
+impl ValidationSocket {
+    /// Answers a refused peer `not_authorized` (the connection then ends), recording the
+    /// refusal when it opens a new window (see the module docs). The record is not waited
+    /// for: nothing is validated for this peer.
+    async fn refuse(&self, mut conn: Connection, peer: &Peer, why: &str) -> std::io::Result<()> {
+        if let Some(counted) = self.refusals.note(peer.uid, Instant::now()) {
+            self.alerts
+                .raise(
+                    AlertKind::UnauthorizedAccess,
+                    &format!("validation socket: peer refused ({why})"),
+                    serde_json::json!({
+                        "uid": peer.uid, "gid": peer.gid, "pid": peer.pid,
+                        "refused_before_in_window": counted,
+                    }),
+                )
+                .await;
+            self.audit
+                .note(
+                    Event::new("ipc.peer_refused", Outcome::Refused)
+                        .actor(peer.actor())
+                        .detail("gid", peer.gid)
+                        .detail("reason", why)
+                        .detail("refused_before_in_window", counted),
+                )
+                .await;
+        }
+        conn.send(&Response::invalid(Reason::NotAuthorized, None))
+            .await
+    }
 }
 
 impl Handler for ValidationSocket {
@@ -36,19 +110,8 @@ impl Handler for ValidationSocket {
     async fn connection(self: Arc<Self>, mut conn: Connection, peer: Peer) -> std::io::Result<()> {
         let actor = peer.actor();
         if !Access::current(&self.access).may_validate(&peer) {
-            self.alerts
-                .raise(
-                    AlertKind::UnauthorizedAccess,
-                    "validation socket: peer refused (not in ipc.allowed_uids/allowed_gids)",
-                    serde_json::json!({"uid": peer.uid, "gid": peer.gid, "pid": peer.pid}),
-                )
-                .await;
-            let event = Event::new("ipc.peer_refused", Outcome::Refused)
-                .actor(actor)
-                .detail("gid", peer.gid);
-            let _ = self.audit.durable(event).await;
-            return conn
-                .send(&Response::invalid(Reason::NotAuthorized, None))
+            return self
+                .refuse(conn, &peer, "not in ipc.allowed_uids/allowed_gids")
                 .await;
         }
         loop {
@@ -56,13 +119,8 @@ impl Handler for ValidationSocket {
                 // Access is decided again for every request: a uid removed from the allow-lists
                 // by a reload loses the connections it holds at their next request.
                 Frame::Payload(_) if !Access::current(&self.access).may_validate(&peer) => {
-                    let event = Event::new("ipc.peer_refused", Outcome::Refused)
-                        .actor(actor)
-                        .detail("gid", peer.gid)
-                        .detail("reason", "access withdrawn by a reload");
-                    let _ = self.audit.durable(event).await;
-                    return conn
-                        .send(&Response::invalid(Reason::NotAuthorized, None))
+                    return self
+                        .refuse(conn, &peer, "access withdrawn by a reload")
                         .await;
                 }
                 Frame::Payload(payload) => payload,
@@ -124,5 +182,31 @@ pub async fn audited(
             tracing::error!(error = %e, "validation not answered: its audit record could not be written");
             Response::invalid(Reason::Internal, response.nonce().map(str::to_string))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_recorded_once_per_uid_and_window() {
+        let refusals = Refusals::default();
+        let t0 = Instant::now();
+        assert_eq!(refusals.note(1000, t0), Some(0));
+        for i in 1..=50 {
+            assert_eq!(refusals.note(1000, t0 + Duration::from_millis(i)), None);
+        }
+        assert_eq!(
+            refusals.note(2000, t0),
+            Some(0),
+            "another uid has its own window"
+        );
+        assert_eq!(
+            refusals.note(1000, t0 + REFUSAL_WINDOW),
+            Some(50),
+            "the next window's record counts the ones only counted"
+        );
+        assert_eq!(refusals.note(1000, t0 + REFUSAL_WINDOW), None);
     }
 }
