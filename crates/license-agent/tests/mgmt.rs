@@ -497,6 +497,25 @@ fn entries_cut_from_the_end_of_the_audit_log_are_caught() {
     });
 }
 
+/// An agent whose validation socket is at `socket` (in a directory every uid can reach), with
+/// `allowed_uids` when given.
+fn agent_on_socket(server: &Server, root: &Path, socket: &Path, allowed: Option<&[u32]>) -> Agent {
+    let ipc_socket = socket.display().to_string();
+    let allowed: Option<Vec<toml::Value>> = allowed.map(|uids| {
+        uids.iter()
+            .map(|&u| toml::Value::Integer(u.into()))
+            .collect()
+    });
+    let mut agent = Agent::enroll(server, root, "pos1", 3600, move |t| {
+        t["ipc"]["socket"] = toml::Value::String(ipc_socket);
+        if let Some(uids) = allowed {
+            t["ipc"]["allowed_uids"] = toml::Value::Array(uids);
+        }
+    });
+    agent.socket = socket.to_path_buf();
+    agent
+}
+
 /// Holds one connection to the validation socket and sends a request each time a line arrives
 /// on stdin, printing the answer's reason (or `closed`).
 const HOLDER: &str = r#"
@@ -529,14 +548,7 @@ fn a_reload_that_removes_a_uid_closes_its_open_validation_session() {
     let public = public_dir();
     let socket = public.path().join("agent.sock");
     let server = Server::start(root.path(), 3600, 3600);
-    let ipc_socket = socket.display().to_string();
-    let mut agent = Agent::enroll(&server, root.path(), "pos1", 3600, move |t| {
-        t["ipc"]["socket"] = toml::Value::String(ipc_socket);
-        t["ipc"]["allowed_uids"] = toml::Value::Array(vec![
-            toml::Value::Integer(0),
-            toml::Value::Integer(STRANGER.into()),
-        ]);
-    });
+    let mut agent = agent_on_socket(&server, root.path(), &socket, Some(&[0, STRANGER]));
     agent.start(&[]);
 
     let (_holder, mut input, stdout) = python_as(STRANGER, HOLDER, &[socket.as_os_str()]);
@@ -595,11 +607,7 @@ fn refused_peers_are_recorded_once_a_minute_and_the_pos_application_served() {
     let public = public_dir();
     let socket = public.path().join("agent.sock");
     let server = Server::start(root.path(), 3600, 3600);
-    let ipc_socket = socket.display().to_string();
-    let mut agent = Agent::enroll(&server, root.path(), "pos1", 3600, move |t| {
-        t["ipc"]["socket"] = toml::Value::String(ipc_socket);
-    });
-    agent.socket = socket.clone();
+    let mut agent = agent_on_socket(&server, root.path(), &socket, None);
     let license = server.issue_license(&agent.machine_id, "pos.sale", &[]);
     agent.start(&[]);
     wait_until("a token", WAIT, || agent.token(&license).is_some());

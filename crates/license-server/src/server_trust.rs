@@ -233,14 +233,7 @@ pub fn switch_tls(
     let new = r.next_pin()?.ok_or(RolloverError::NothingStaged)?;
     let old = match r.tls_switch_from {
         Some(old) => old, // an interrupted switch, run again
-        None => {
-            let served = read(&dir.server_cert())?;
-            let der = pem_first_der(&served).ok_or_else(|| {
-                PkiError::BadCertificate("server.pem holds no certificate".into())
-            })?;
-            CertPin::of_certificate_der(&der)
-                .map_err(|e| PkiError::BadCertificate(e.to_string()))?
-        }
+        None => served_pin(dir)?,
     };
     r.tls_switch_from = Some(old);
     r.touch(now);
@@ -302,6 +295,19 @@ pub fn retire_ca(dir: &DataDir, validity_days: u32, now: i64) -> Result<String, 
     r.save(dir)?;
     finish(dir, validity_days)?;
     Ok(serial)
+}
+
+/// The pin of the key `server.pem` is for.
+pub fn served_pin(dir: &DataDir) -> Result<CertPin, RolloverError> {
+    let served = read(&dir.server_cert())?;
+    let der = pem_first_der(&served)
+        .ok_or_else(|| PkiError::BadCertificate("server.pem holds no certificate".into()))?;
+    Ok(CertPin::of_certificate_der(&der).map_err(|e| PkiError::BadCertificate(e.to_string()))?)
+}
+
+/// Lowercase hex serial of the first certificate in `ca.pem`.
+pub fn ca_serial(dir: &DataDir) -> Result<String, RolloverError> {
+    serial_of_pem(&read(&dir.ca_cert())?)
 }
 
 /// Lowercase hex serial of the first certificate in `pem`.

@@ -835,22 +835,12 @@ async fn trust_report(
 ) -> Result<ServerTrustReport, KeysError> {
     let dir = &state.settings.data_dir;
     let r = Rollovers::load(dir)?;
-    let read = |path: std::path::PathBuf| {
-        std::fs::read_to_string(&path).map_err(|source| RolloverError::Io {
-            path: path.display().to_string(),
-            source,
-        })
-    };
-    let served = pem_first_der(&read(dir.server_cert())?)
-        .ok_or_else(|| PkiError::BadCertificate("server.pem holds no certificate".into()))?;
-    let server_pin = license_protocol::pin::CertPin::of_certificate_der(&served)
-        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
     Ok(ServerTrustReport {
         action,
-        server_pin: server_pin.to_string(),
+        server_pin: rollover::served_pin(dir)?.to_string(),
         next_pin: r.next_pin()?.map(|p| p.to_string()),
         retired_pins: r.retired_pins.iter().map(ToString::to_string).collect(),
-        ca_serial: rollover::serial_of_pem(&read(dir.ca_cert())?)?,
+        ca_serial: rollover::ca_serial(dir)?,
         previous_ca_serial: r
             .previous_ca
             .as_deref()
