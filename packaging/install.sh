@@ -75,6 +75,16 @@ set -- enroll --server "$SERVER_URL" --server-pin "$SERVER_PIN" \
 if [ -n "${LICENSE_AGENT_HARDWARE_ID:-}" ]; then
   set -- "$@" --hardware-id "$LICENSE_AGENT_HARDWARE_ID"
 fi
+if [ -z "$PREFIX" ]; then
+  # POS applications' users join this group to reach the validation socket (0660).
+  set -- "$@" --socket-group license-clients
+fi
+if [ -e "$ETC_DIR/config.toml" ]; then
+  # Re-running the installer: the machine's current key signs the request, which is what lets
+  # it take its own machine over again (a wiped machine needs a token bound to it instead).
+  say "this machine is enrolled already: enrolling it again, signed by its current key"
+  set -- "$@" --force
+fi
 LICENSE_AGENT_TOKEN="$TOKEN" "$BIN_DIR/license-agent" "$@"
 unset TOKEN
 
@@ -89,7 +99,7 @@ Wants=network-online.target
 Type=notify
 User=license-agent
 Group=license-agent
-SupplementaryGroups=tss
+SupplementaryGroups=tss license-clients
 ExecStart=/usr/bin/license-agent run --config /etc/license-agent/config.toml
 ExecReload=/bin/kill -HUP \$MAINPID
 Restart=on-failure
@@ -198,6 +208,7 @@ if [ -z "$PREFIX" ] && [ "$(cat /sys/module/apparmor/parameters/enabled 2>/dev/n
 fi
 
 if [ -z "$PREFIX" ]; then
+  getent group license-clients >/dev/null || groupadd -r license-clients
   id license-agent >/dev/null 2>&1 || useradd -r -s /usr/sbin/nologin -d /var/lib/license-agent license-agent
   chown -R license-agent:license-agent "$STATE_DIR" "$LOG_DIR" "$ETC_DIR"
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then

@@ -40,6 +40,9 @@ pub enum AlertKind {
     /// At start, the audit log no longer matches the anchor the agent saved (entries removed
     /// from its end, replaced, or its files deleted).
     AuditLogTampered,
+    /// Half the audit log's kept files rotated away within a day: someone is flushing its
+    /// history.
+    AuditLogFlooded,
 }
 
 impl AlertKind {
@@ -56,6 +59,7 @@ impl AlertKind {
             AlertKind::ServerTrustRefused => "server_trust_refused",
             AlertKind::MachineRevoked => "machine_revoked",
             AlertKind::AuditLogTampered => "audit_log_tampered",
+            AlertKind::AuditLogFlooded => "audit_log_flooded",
         }
     }
 }

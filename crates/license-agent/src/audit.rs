@@ -17,13 +17,25 @@ use crate::platform::blocking;
 #[derive(Debug, Clone)]
 pub struct Audit {
     log: Arc<AuditLog>,
+    keep_files: u32,
 }
 
 impl Audit {
+    /// Opens the log with the default file size and retention.
     pub fn open(path: &Path) -> Result<Self, AuditError> {
+        Self::open_with(path, LogOptions::default())
+    }
+
+    pub fn open_with(path: &Path, options: LogOptions) -> Result<Self, AuditError> {
         Ok(Self {
-            log: Arc::new(AuditLog::open(path, LogOptions::default())?),
+            keep_files: options.keep_files,
+            log: Arc::new(AuditLog::open(path, options)?),
         })
+    }
+
+    /// Rotations since the log was opened, and how many rotated files it keeps.
+    pub fn rotations(&self) -> (u64, u32) {
+        (self.log.stats().rotations, self.keep_files)
     }
 
     /// Appends and waits until the record is durable; the error says why it is not.

@@ -130,7 +130,8 @@ pub struct EnrollArgs {
     /// Let the server generate the key pair (seed mode) instead of sending a CSR.
     #[arg(long)]
     server_generated_key: bool,
-    /// Enroll again even if a config exists (same hardware id → same machine, new certificate).
+    /// Enroll again even if a config exists (same hardware id → same machine, new key and
+    /// certificate; the machine's current key, when still usable, signs the request).
     #[arg(long)]
     force: bool,
     /// Validation socket for POS applications [default: /run/license-agent/agent.sock].
@@ -139,6 +140,10 @@ pub struct EnrollArgs {
     /// UID allowed to validate licenses on the socket (repeatable; the POS application's user).
     #[arg(long = "allow-uid", value_name = "UID")]
     allowed_uids: Vec<u32>,
+    /// Group of the validation socket file (name or number), whose members may connect (the
+    /// socket is 0660) [default: the agent's primary group].
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
     /// Make the machine key inside the TPM (non-exportable) reached through this TCTI,
     /// e.g. `device:/dev/tpmrm0`; also enables the TPM secret store.
     #[arg(long, value_name = "TCTI")]
@@ -162,6 +167,7 @@ impl EnrollArgs {
             force: self.force,
             socket: self.socket,
             allowed_uids: self.allowed_uids,
+            socket_group: self.socket_group,
             tpm_tcti: self.tpm,
         }
     }
@@ -280,6 +286,7 @@ pub fn check_config(config_path: &Path) -> Result<(), CommandError> {
             source,
         })?;
     }
+    config.ipc.socket_gid()?;
     println!(
         "config OK: machine {} of client {}",
         config.agent.id, config.agent.client_id

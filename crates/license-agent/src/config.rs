@@ -136,6 +136,13 @@ pub struct AgentSection {
     /// The tamper-evident audit log (default: `log_dir/audit.log`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_log: Option<PathBuf>,
+    /// Size at which the audit log's current file is rotated (bytes, default 8 MiB).
+    #[serde(default = "default_audit_max_file_bytes")]
+    pub audit_max_file_bytes: u64,
+    /// Rotated audit files kept (`audit.log.1` …, default 7); older ones are deleted. Half of
+    /// them rotated away within a day raises the `audit_log_flooded` alert.
+    #[serde(default = "default_audit_keep_files")]
+    pub audit_keep_files: u32,
     /// For benchmarks only: answer validations without auditing them. Everything else is
     /// still audited.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -189,12 +196,76 @@ pub struct IpcSection {
     pub idle_timeout: u64,
     #[serde(default = "default_replay_window")]
     pub replay_window: u64,
+    /// Mode of the socket file, an octal string (default `"0660"`): only the agent's user and
+    /// the socket's group can connect at all; the allow-lists then decide per peer.
+    #[serde(default)]
+    pub socket_mode: SocketMode,
+    /// Group of the socket file, a name or a number (default: the agent's primary group). The
+    /// POS applications' users are its members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
+}
+
+/// Permission bits of a socket file, written in config files as an octal string (`"0660"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketMode(pub u32);
+
+impl SocketMode {
+    /// The validation socket's default: owner and group.
+    pub const DEFAULT: SocketMode = SocketMode(0o660);
+}
+
+impl Default for SocketMode {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl std::str::FromStr for SocketMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let digits = s.strip_prefix("0o").unwrap_or(s);
+        match u32::from_str_radix(digits, 8) {
+            Ok(mode) if !digits.is_empty() && mode <= 0o777 => Ok(SocketMode(mode)),
+            _ => Err(format!(
+                "`{s}` is not a permission mode: an octal string from \"0000\" to \"0777\", e.g. \"0660\""
+            )),
+        }
+    }
+}
+
+impl Serialize for SocketMode {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format!("{:04o}", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for SocketMode {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl IpcSection {
+    /// The gid `socket_group` names, looked up in the system's group database.
+    pub fn socket_gid(&self) -> Result<Option<u32>, ConfigError> {
+        let Some(group) = &self.socket_group else {
+            return Ok(None);
+        };
+        crate::platform::files::group_id(group)
+            .map(Some)
+            .ok_or_else(|| invalid("ipc.socket_group", format!("no group named `{group}`")))
+    }
 }
 
 impl Default for IpcSection {
     fn default() -> Self {
         Self {
             socket: default_socket(),
+            socket_mode: SocketMode::DEFAULT,
+            socket_group: None,
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -204,6 +275,12 @@ impl Default for IpcSection {
     }
 }
 
+fn default_audit_max_file_bytes() -> u64 {
+    license_audit::DEFAULT_MAX_FILE_BYTES
+}
+fn default_audit_keep_files() -> u32 {
+    license_audit::DEFAULT_KEEP_FILES
+}
 fn default_metrics_file() -> PathBuf {
     Path::new(DEFAULT_STATE_DIR).join("metrics.prom")
 }
@@ -397,8 +474,20 @@ impl AgentConfig {
                 "must be at least agent.rotation_interval",
             ));
         }
+        // Room for a few of the largest entries per file.
+        let min_audit_file = 4 * license_audit::MAX_ENTRY_BYTES as u64;
+        if self.agent.audit_max_file_bytes < min_audit_file {
+            return Err(invalid(
+                "agent.audit_max_file_bytes",
+                format!("must be at least {min_audit_file} bytes"),
+            ));
+        }
         let positive = [
             ("agent.poll_interval", self.agent.poll_interval),
+            (
+                "agent.audit_keep_files",
+                u64::from(self.agent.audit_keep_files),
+            ),
             ("ipc.max_connections", self.ipc.max_connections as u64),
             ("ipc.idle_timeout", self.ipc.idle_timeout),
             ("ipc.replay_window", self.ipc.replay_window),
@@ -439,6 +528,22 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_modes_are_octal_strings() {
+        assert_eq!("0660".parse(), Ok(SocketMode(0o660)));
+        assert_eq!("666".parse(), Ok(SocketMode(0o666)));
+        assert_eq!("0o600".parse(), Ok(SocketMode(0o600)));
+        for bad in ["", "0999", "1777", "rw-rw----", "-1"] {
+            let err = bad.parse::<SocketMode>().unwrap_err();
+            assert!(err.contains("octal"), "{bad}: {err}");
+        }
+        let ipc = IpcSection::default();
+        let text = toml::to_string(&ipc).unwrap();
+        assert!(text.contains("socket_mode = \"0660\""), "{text}");
+        let back: IpcSection = toml::from_str(&text).unwrap();
+        assert_eq!(back.socket_mode, SocketMode::DEFAULT);
+    }
 
     fn sample() -> String {
         r#"

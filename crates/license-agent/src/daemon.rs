@@ -43,6 +43,8 @@ pub enum DaemonError {
     Key { key: &'static str, message: String },
     #[error("secret store: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -319,7 +321,9 @@ fn start_sockets(
     stop: &watch::Receiver<bool>,
 ) -> Result<Sockets, DaemonError> {
     let idle_timeout = Duration::from_secs(config.ipc.idle_timeout);
-    let validation = Listener::bind(&config.ipc.socket).map_err(io_error(&config.ipc.socket))?;
+    let gid = config.ipc.socket_gid()?;
+    let validation = Listener::bind(&config.ipc.socket, config.ipc.socket_mode.0, gid)
+        .map_err(io_error(&config.ipc.socket))?;
     let validation_task = tokio::spawn(validation.serve(
         Arc::new(ValidationSocket {
             validator: validator.clone(),
@@ -345,8 +349,10 @@ fn start_sockets(
         None => None,
     };
     let (control, control_rx) = control::channel();
-    let mgmt =
-        Listener::bind(&config.management.socket).map_err(io_error(&config.management.socket))?;
+    // Anyone may connect: roles are decided per peer, and a peer without one gets one answer
+    // and is closed (root must reach it whatever the file's owner and group).
+    let mgmt = Listener::bind(&config.management.socket, 0o666, None)
+        .map_err(io_error(&config.management.socket))?;
     let mgmt_task = tokio::spawn(mgmt.serve(
         Arc::new(ManagementSocket {
             access: access.clone(),
@@ -385,7 +391,12 @@ pub async fn run(
     let audit_path = config.audit_log_path();
     // Read before this run writes to it: the last time the log saw is a floor for "now".
     let audit_floor = license_audit::last_entry_time(&audit_path).ok().flatten();
-    let audit = Audit::open(&audit_path).map_err(|source| DaemonError::Audit {
+    let options = license_audit::LogOptions {
+        max_file_bytes: config.agent.audit_max_file_bytes,
+        keep_files: config.agent.audit_keep_files,
+        ..license_audit::LogOptions::default()
+    };
+    let audit = Audit::open_with(&audit_path, options).map_err(|source| DaemonError::Audit {
         path: audit_path.display().to_string(),
         source,
     })?;

@@ -72,6 +72,8 @@ fn each_alert_reaches_the_audit_log_the_journal_form_and_the_webhook() {
     let socket_text = socket.display().to_string();
     let mut agent = Agent::enroll(&server, root.path(), "pos1", 3600, move |t| {
         t["ipc"]["socket"] = toml::Value::String(socket_text);
+        // Open to every local user, so the per-peer check is what refuses (and alerts).
+        t["ipc"]["socket_mode"] = toml::Value::String("0666".into());
         let mut alerts = toml::Table::new();
         alerts.insert("webhook_url".into(), toml::Value::String(url));
         t.insert("alerts".into(), toml::Value::Table(alerts));
@@ -221,4 +223,46 @@ fn degraded_mode_for_more_than_a_day_is_alerted() {
         agent.validate(&agent.token(&license).unwrap()).valid,
         "still serving in degraded mode"
     );
+}
+
+/// Finding 6: the audit log's whole history could be flushed by a flood of records without
+/// anyone noticing. Half the kept files rotated away within a day raises `audit_log_flooded`
+/// (here with 64 KiB files, so a few hundred validations do it); an ordinary pace does not.
+#[test]
+fn an_audit_log_rotating_abnormally_fast_raises_an_alert() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(root.path(), 3600, 3600);
+    let mut agent = Agent::enroll(&server, root.path(), "pos1", 3600, |t| {
+        t["agent"]["audit_max_file_bytes"] = toml::Value::Integer(65_536);
+        t["agent"]["audit_keep_files"] = toml::Value::Integer(7);
+    });
+    let license = server.issue_license(&agent.machine_id, "pos.sale", &[]);
+    agent.start(&[]);
+    wait_until("a token", WAIT, || agent.token(&license).is_some());
+    let token = agent.token(&license).unwrap();
+    for _ in 0..20 {
+        assert!(agent.validate(&token).valid);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !audited(&agent, "alert.audit_log_flooded"),
+        "not at an ordinary pace"
+    );
+
+    let mut validations = 0;
+    wait_until("audit_log_flooded", WAIT, || {
+        for _ in 0..100 {
+            assert!(agent.validate(&token).valid);
+        }
+        validations += 100;
+        audited(&agent, "alert.audit_log_flooded")
+    });
+    let rotated = (1..=7)
+        .filter(|n| agent.dir.join(format!("log/audit.log.{n}")).exists())
+        .count();
+    assert!(
+        rotated >= 4,
+        "{rotated} rotated files after {validations} validations"
+    );
+    assert!(agent.log().contains("audit_log_flooded"));
 }

@@ -305,6 +305,8 @@ fn ipc_refuses_replays_bad_frames_strangers_and_other_machines_tokens() {
     let socket = public_dir.path().join("agent.sock");
     let mut agent = Agent::enroll(&server, root.path(), "pos1", 3600, |t| {
         t["ipc"]["socket"] = toml::Value::String(socket.display().to_string());
+        // Open to every local user, so the per-peer check below is what refuses.
+        t["ipc"]["socket_mode"] = toml::Value::String("0666".into());
     });
     agent.socket = socket.clone();
     let mut other = Agent::enroll(&server, root.path(), "pos2", 3600, |_| {});

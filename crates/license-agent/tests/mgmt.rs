@@ -331,11 +331,25 @@ fn python_as(
     script: &str,
     args: &[&std::ffi::OsStr],
 ) -> (Killed, std::process::ChildStdin, std::process::ChildStdout) {
+    python_as_member(uid, None, script, args)
+}
+
+/// [`python_as`], with `group` as the process's one supplementary group.
+fn python_as_member(
+    uid: u32,
+    group: Option<u32>,
+    script: &str,
+    args: &[&std::ffi::OsStr],
+) -> (Killed, std::process::ChildStdin, std::process::ChildStdout) {
+    let groups = match group {
+        Some(gid) => format!("--groups={gid}"),
+        None => "--clear-groups".to_string(),
+    };
     let mut child = Command::new("setpriv")
         .args([
             &format!("--reuid={uid}"),
             &format!("--regid={uid}"),
-            "--clear-groups",
+            &groups,
             "/usr/bin/python3",
             "-c",
             script,
@@ -508,6 +522,8 @@ fn agent_on_socket(server: &Server, root: &Path, socket: &Path, allowed: Option<
     });
     let mut agent = Agent::enroll(server, root, "pos1", 3600, move |t| {
         t["ipc"]["socket"] = toml::Value::String(ipc_socket);
+        // Open to every local user: these tests exercise the per-peer defences behind the mode.
+        t["ipc"]["socket_mode"] = toml::Value::String("0666".into());
         if let Some(uids) = allowed {
             t["ipc"]["allowed_uids"] = toml::Value::Array(uids);
         }
@@ -641,5 +657,103 @@ fn refused_peers_are_recorded_once_a_minute_and_the_pos_application_served() {
         (refusals, alerts),
         (1, 1),
         "one record and one alert for 300 refusals"
+    );
+}
+
+/// Tries one validation and prints its reason, `valid`, or the connect error's name.
+const ONE_VALIDATION: &str = r#"
+import json, os, socket, struct, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print(type(e).__name__, flush=True)
+    sys.exit(0)
+body = json.dumps({"op": "validate_license", "license_token": sys.argv[2],
+                   "nonce": os.urandom(16).hex()}).encode()
+s.sendall(struct.pack(">I", len(body)) + body)
+(n,) = struct.unpack(">I", s.recv(4))
+answer = json.loads(s.recv(n))
+print("valid" if answer.get("valid") else answer.get("reason"), flush=True)
+"#;
+
+/// Finding 6: the validation socket was 0666, so any local user could knock (and cost audit
+/// records). It is 0660 with a group: other users cannot even connect, members of the group can
+/// and are then checked against the allow-lists.
+#[test]
+fn validation_socket_admits_only_its_group() {
+    use std::io::BufRead as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let root = tempfile::tempdir().unwrap();
+    let public = public_dir();
+    let socket = public.path().join("agent.sock");
+    let server = Server::start(root.path(), 3600, 3600);
+    let socket_text = socket.display().to_string();
+    let mut agent = Agent::enroll(&server, root.path(), "pos1", 3600, move |t| {
+        t["ipc"]["socket"] = toml::Value::String(socket_text);
+        let ipc = t["ipc"].as_table_mut().unwrap();
+        ipc.insert(
+            "socket_group".into(),
+            toml::Value::String(STRANGER.to_string()),
+        );
+        t["ipc"]["allowed_uids"] = toml::Value::Array(vec![
+            toml::Value::Integer(0),
+            toml::Value::Integer(READER.into()),
+        ]);
+    });
+    agent.socket = socket.clone();
+    let license = server.issue_license(&agent.machine_id, "pos.sale", &[]);
+    agent.start(&[]);
+    wait_until("a token", WAIT, || agent.token(&license).is_some());
+    let token = agent.token(&license).unwrap();
+
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, STRANGER));
+    let attempt = |uid: u32, group: Option<u32>| {
+        let (_child, _stdin, stdout) = python_as_member(
+            uid,
+            group,
+            ONE_VALIDATION,
+            &[socket.as_os_str(), token.as_ref()],
+        );
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        line.trim().to_string()
+    };
+    // Allowed by uid but not in the group: the kernel refuses the connection.
+    assert_eq!(attempt(READER, None), "PermissionError");
+    // In the group and allowed: served.
+    assert_eq!(attempt(READER, Some(STRANGER)), "valid");
+    // In the group but not allowed: refused by the per-peer check.
+    assert_eq!(attempt(STRANGER, Some(STRANGER)), "not_authorized");
+    assert!(
+        agent.validate(&token).valid,
+        "the agent's own user still served"
+    );
+
+    // A group that does not exist is named at start.
+    agent.stop();
+    let mut table: toml::Table = std::fs::read_to_string(&agent.config)
+        .unwrap()
+        .parse()
+        .unwrap();
+    table["ipc"]
+        .as_table_mut()
+        .unwrap()
+        .insert("socket_group".into(), "no-such-group-here".into());
+    std::fs::write(&agent.config, toml::to_string(&table).unwrap()).unwrap();
+    let out = Command::new(bin("license-agent"))
+        .args(["check-config", "--config"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("ipc.socket_group")
+            && stderr.contains("no-such-group-here"),
+        "{stderr}"
     );
 }

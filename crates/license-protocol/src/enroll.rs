@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::{ClientId, MachineId};
 use crate::pin::CertPin;
+use crate::rotation::SignatureError;
 
 /// Longest hostname accepted (DNS limit).
 pub const MAX_HOSTNAME_LEN: usize = 253;
@@ -209,6 +210,63 @@ pub struct BootstrapRequest {
     /// generates the key pair and returns `private_key` once (seed mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub csr: Option<String>,
+    /// Re-enrollment of a machine the server already knows by this hardware id: base64 of a
+    /// DER ECDSA P-256 signature, by the key of the machine's latest certificate, over
+    /// [`reenrollment_message`]. Without it (or an install token bound to that machine) the
+    /// server refuses to let this request take the machine over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_key_signature: Option<String>,
+}
+
+impl BootstrapRequest {
+    /// What the machine's previous key signs to re-enroll it (`previous_key_signature`): a
+    /// domain label, then the SHA-256 of the install token (single use, so a signature cannot
+    /// be replayed with another token), the hardware id, and the SHA-256 of the CSR as sent
+    /// (empty without one), one per line.
+    pub fn reenrollment_message(&self) -> Vec<u8> {
+        use sha2::{Digest as _, Sha256};
+        let hex = |bytes: &[u8]| -> String {
+            Sha256::digest(bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        format!(
+            "license-agent re-enrollment v1\n{}\n{}\n{}\n",
+            hex(self.token.as_str().as_bytes()),
+            self.hardware_id.as_str(),
+            hex(self.csr.as_deref().unwrap_or("").as_bytes()),
+        )
+        .into_bytes()
+    }
+
+    /// Sets `previous_key_signature` from an ECDSA signature over
+    /// [`Self::reenrollment_message`] (SHA-256 of it, signed wherever the key lives).
+    pub fn set_previous_key_signature(&mut self, signature: &p256::ecdsa::Signature) {
+        use base64::Engine as _;
+        self.previous_key_signature =
+            Some(base64::engine::general_purpose::STANDARD.encode(signature.to_der().as_bytes()));
+    }
+
+    /// Checks `previous_key_signature` against the SubjectPublicKeyInfo of the machine's
+    /// latest certificate.
+    pub fn verify_previous_key(&self, spki_der: &[u8]) -> Result<(), SignatureError> {
+        use base64::Engine as _;
+        use p256::ecdsa::signature::Verifier as _;
+        use p256::pkcs8::DecodePublicKey as _;
+        let signature = self
+            .previous_key_signature
+            .as_deref()
+            .ok_or(SignatureError::Malformed)?;
+        let key = p256::ecdsa::VerifyingKey::from_public_key_der(spki_der)
+            .map_err(|_| SignatureError::UnsupportedKey)?;
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(signature)
+            .map_err(|_| SignatureError::Malformed)?;
+        let sig = p256::ecdsa::Signature::from_der(&der).map_err(|_| SignatureError::Malformed)?;
+        key.verify(&self.reenrollment_message(), &sig)
+            .map_err(|_| SignatureError::Invalid)
+    }
 }
 
 /// `POST /api/public/bootstrap` response.

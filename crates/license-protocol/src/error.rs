@@ -41,6 +41,9 @@ stable_codes! {
         RateLimited => "rate_limited",
         /// The machine is revoked (enrollment, recovery, or any agent request).
         MachineRevoked => "machine_revoked",
+        /// Another machine is enrolled with this hardware id: re-enrolling it takes a signature
+        /// by its key or an install token bound to it.
+        MachineAlreadyEnrolled => "machine_already_enrolled",
 
         // --- agent listener: the presented certificate ----------------------------------------
         /// No client certificate was presented.
@@ -101,7 +104,7 @@ mod tests {
     use super::*;
 
     /// Every code but `Unrecognized`, which the server never sends.
-    const SENT: [ErrorCode; 29] = [
+    const SENT: [ErrorCode; 30] = [
         ErrorCode::InvalidRequest,
         ErrorCode::UnsupportedMediaType,
         ErrorCode::BodyTooLarge,
@@ -114,6 +117,7 @@ mod tests {
         ErrorCode::RecoveryRefused,
         ErrorCode::RateLimited,
         ErrorCode::MachineRevoked,
+        ErrorCode::MachineAlreadyEnrolled,
         ErrorCode::CertificateRequired,
         ErrorCode::BadCertificateCn,
         ErrorCode::UnknownCertificate,

@@ -221,6 +221,10 @@ pub enum TokenCommand {
         /// Lifetime, e.g. 24h, 30m, 2d [default: 24h].
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<std::time::Duration>,
+        /// Bind the token to this machine of the client: it re-enrolls that machine (a wiped or
+        /// replaced till) under whatever hardware id it reports, with a new key.
+        #[arg(long = "machine", value_name = "MACHINE_ID")]
+        machine: Option<String>,
     },
     List {
         #[arg(long = "client", value_name = "CLIENT_ID")]

@@ -428,9 +428,13 @@ async fn admin_command(
             print(json, &admin.create_client(&name).await?)
         }
         AdminCommand::Client(ClientCommand::List) => print(json, &admin.list_clients().await?),
-        AdminCommand::Token(TokenCommand::Create { client, ttl }) => {
+        AdminCommand::Token(TokenCommand::Create {
+            client,
+            ttl,
+            machine,
+        }) => {
             let created = admin
-                .create_install_token(&client, ttl.map(|d| d.as_secs()))
+                .create_install_token(&client, ttl.map(|d| d.as_secs()), machine.as_deref())
                 .await?;
             if json {
                 output::json(&created);
@@ -439,6 +443,9 @@ async fn admin_command(
                     "Install token for client {} (shown once, expires {}):",
                     created.record.client_id, created.record.expires_at
                 );
+                if let Some(machine) = &created.record.machine_id {
+                    println!("  (bound to machine {machine}: it re-enrolls that machine)");
+                }
                 println!("  {}", created.token);
                 println!("Install on the machine, as root:");
                 println!("  {}", created.install_command);

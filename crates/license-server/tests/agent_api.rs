@@ -253,10 +253,27 @@ async fn revoking_one_machine_blocks_only_that_machine(db: Db) {
     assert!(String::from_utf8_lossy(&twice.stderr).contains("is revoked, not active"));
     let missing = server.admin(&["cert", "restore", "abcdef"]);
     assert_eq!(missing.status.code(), Some(3));
-    // Once the machine has a newer certificate, the old one cannot come back.
-    server
-        .enroll_http(&server.new_token(&client), "TILL-A")
+    // The key of a revoked certificate cannot re-enroll its machine; a token an administrator
+    // bound to the machine can.
+    let (status, body, _) = server
+        .bootstrap_http(&server.new_token(&client), "TILL-A", Some(&key_a))
         .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("machine_already_enrolled"))
+    );
+    let bound = server.admin_json(&[
+        "token",
+        "create",
+        "--client",
+        &client,
+        "--machine",
+        machine_a,
+    ]);
+    server
+        .enroll_http(bound["token"].as_str().unwrap(), "TILL-A")
+        .await;
+    // Once the machine has a newer certificate, the old one cannot come back.
     let restore = server.admin(&["cert", "restore", serial_a]);
     assert_eq!(restore.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&restore.stderr).contains("another active certificate"));
@@ -665,7 +682,7 @@ async fn install_sh_installs_under_a_prefix() {
     let url = format!("{}/install.sh", server.server.public_url);
 
     // Exactly the seed's one-liner (sudo aside), with the prefix so nothing outside the temp dir changes.
-    let run = |pin: &str, hw: &str| {
+    let run_with = |prefix: &std::path::Path, token: &str, pin: &str, hw: &str| {
         Command::new("bash")
             .args([
                 "-o",
@@ -673,11 +690,12 @@ async fn install_sh_installs_under_a_prefix() {
                 "-c",
                 &format!("curl -fsSL -k --pinnedpubkey '{pin}' {url} | bash -s -- {token}"),
             ])
-            .env("LICENSE_AGENT_PREFIX", &prefix)
+            .env("LICENSE_AGENT_PREFIX", prefix)
             .env("LICENSE_AGENT_HARDWARE_ID", hw)
             .output()
             .unwrap()
     };
+    let run = |pin: &str, hw: &str| run_with(&prefix, &token, pin, hw);
     let wrong = run(
         "sha256//AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
         "HW-X",
@@ -775,6 +793,64 @@ async fn install_sh_installs_under_a_prefix() {
         status.status.success(),
         "{}",
         String::from_utf8_lossy(&status.stderr)
+    );
+
+    // Run again on the same till (a new token): the machine's key signs the re-enrollment, the
+    // machine is the same. From another root (a wiped disk: no key) with the same hardware id it
+    // is refused, and the message says what an administrator does about it.
+    let machine_id = machines[0]["id"].as_str().unwrap().to_string();
+    let again = run_with(
+        &prefix,
+        &server.new_token(&client),
+        &curl_pin,
+        "INSTALL-HW-1",
+    );
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.status.success() && stdout.contains("enrolled already"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let machines = server.admin_json(&["machine", "list"]);
+    assert_eq!(machines.as_array().unwrap().len(), 1);
+    assert_eq!(machines[0]["id"], machine_id.as_str());
+    assert_ne!(machines[0]["certificate_serial"], Value::Null);
+    let wiped = server.dir.path().join("wiped");
+    let takeover = run_with(
+        &wiped,
+        &server.new_token(&client),
+        &curl_pin,
+        "INSTALL-HW-1",
+    );
+    let stderr = String::from_utf8_lossy(&takeover.stderr);
+    assert!(
+        !takeover.status.success()
+            && stderr.contains("machine_already_enrolled")
+            && stderr.contains("--machine"),
+        "{stderr}"
+    );
+    let bound = server.admin_json(&[
+        "token",
+        "create",
+        "--client",
+        &client,
+        "--machine",
+        &machine_id,
+    ]);
+    let rebound = run_with(
+        &wiped,
+        bound["token"].as_str().unwrap(),
+        &curl_pin,
+        "INSTALL-HW-1",
+    );
+    assert!(
+        rebound.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebound.stderr)
+    );
+    assert_eq!(
+        server.admin_json(&["machine", "list"])[0]["id"],
+        machine_id.as_str()
     );
 
     // Missing downloads are a clear 404, not a crash.

@@ -317,9 +317,11 @@ async fn re_enrollment_reuses_machine(db: Db) {
     let (first, key1) = server
         .enroll_http(&server.new_token(&client), "SAME-HW")
         .await;
-    let (second, key2) = server
-        .enroll_http(&server.new_token(&client), "SAME-HW")
+    // Re-enrolling takes the machine's current key (the installer run again on the till).
+    let (status, second, key2) = server
+        .bootstrap_http(&server.new_token(&client), "SAME-HW", Some(&key1))
         .await;
+    assert_eq!(status, 200, "{second}");
     assert_eq!(first["machine_id"], second["machine_id"]);
     assert_ne!(first["serial"], second["serial"]);
     let machine = first["machine_id"].as_str().unwrap();

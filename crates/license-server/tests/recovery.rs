@@ -111,7 +111,7 @@ async fn bootstrap_returns_a_recovery_token_per_enrollment(db: Db) {
     let server = TestServer::start(db);
     let client = server.new_client("Tokens");
     // CSR mode.
-    let (first, _) = server.enroll_http(&server.new_token(&client), "HW-1").await;
+    let (first, first_key) = server.enroll_http(&server.new_token(&client), "HW-1").await;
     let first_token = token_of(&first);
     let machine = first["machine_id"].as_str().unwrap().to_string();
     // Server-key mode.
@@ -126,7 +126,10 @@ async fn bootstrap_returns_a_recovery_token_per_enrollment(db: Db) {
     let seed: Value = r.json().await.unwrap();
     let seed_token = token_of(&seed);
     // Re-enrollment mints a new token and voids the previous one.
-    let (again, _) = server.enroll_http(&server.new_token(&client), "HW-1").await;
+    let (status, again, _) = server
+        .bootstrap_http(&server.new_token(&client), "HW-1", Some(&first_key))
+        .await;
+    assert_eq!(status, 200, "{again}");
     assert_eq!(again["machine_id"], machine.as_str());
     let again_token = token_of(&again);
     assert_ne!(again_token, first_token);

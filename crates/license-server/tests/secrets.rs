@@ -46,6 +46,7 @@ struct Delivered {
 
 /// A minimal agent: the machine's key, its certificate, the pinned license key.
 struct Machine {
+    key_pem: String,
     http: reqwest::Client,
     url: String,
     id: MachineId,
@@ -59,9 +60,15 @@ impl Machine {
         let (answer, key_pem) = server
             .enroll_http(&server.new_token(client_id), hardware_id)
             .await;
+        Self::from_answer(server, &answer, key_pem)
+    }
+
+    /// The machine a bootstrap answer enrolled, with the key its CSR was made for.
+    fn from_answer(server: &TestServer, answer: &Value, key_pem: String) -> Self {
         let secret_key = p256::SecretKey::from_pkcs8_pem(&key_pem).unwrap();
         Self {
             http: server.mtls_client(answer["certificate"].as_str().unwrap(), &key_pem),
+            key_pem,
             url: server.server.agent_url.clone(),
             id: answer["machine_id"].as_str().unwrap().parse().unwrap(),
             signing: p256::ecdsa::SigningKey::from(&secret_key),
@@ -761,6 +768,162 @@ async fn force_rotation_is_seen_until_the_next_ack(db: Db) {
     assert_eq!(unknown.status.code(), Some(3));
 }
 on_both_databases!(force_rotation_is_seen_until_the_next_ack);
+
+/// Finding 4 of the adversarial review: an install token of the client and a till's hardware id
+/// (world-readable in `/etc/machine-id`) took the till over, its pending secret re-sealed to the
+/// attacker's key. A known machine is re-enrolled only with a signature by its key or with a
+/// token an administrator bound to it, and a secret issued to one key never goes to another.
+async fn reenrollment_takes_a_machine_over_only_with_its_key_or_a_bound_token(db: Db) {
+    let server = TestServer::start(db);
+    let client = server.new_client("Takeover");
+    let victim = Machine::enroll(&server, &client, "VICTIM-HW").await;
+    let machine_id = victim.id();
+    let first = victim.rotate_and_ack(0).await;
+    let pending = victim.rotate(first.version).await;
+
+    // Another token of the client and the victim's hardware id: refused, unsigned or signed by
+    // any key but the victim's, and the victim keeps working.
+    let stranger = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    for previous in [None, Some(stranger.as_str())] {
+        let (status, body, _) = server
+            .bootstrap_http(&server.new_token(&client), "VICTIM-HW", previous)
+            .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (409, Some("machine_already_enrolled")),
+            "{body}"
+        );
+        assert!(
+            body["message"].as_str().unwrap().contains("--machine"),
+            "{body}"
+        );
+        assert!(!body.to_string().contains(&machine_id), "{body}");
+    }
+    assert_eq!(
+        victim.status().await["pending_version"],
+        pending.version,
+        "victim still served"
+    );
+    let refused: Vec<Value> = audit(&server)
+        .into_iter()
+        .filter(|e| e["action"] == "machine.enroll" && e["outcome"] == "refused")
+        .collect();
+    let causes: Vec<&str> = refused
+        .iter()
+        .map(|e| e["details"]["cause"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        causes,
+        ["no_previous_key_signature", "bad_previous_key_signature"]
+    );
+    assert!(refused.iter().all(|e| e["target"] == machine_id.as_str()));
+
+    // The till itself re-enrolls (the installer run again): its current key signs the request.
+    let (status, answer, new_key) = server
+        .bootstrap_http(
+            &server.new_token(&client),
+            "VICTIM-HW",
+            Some(&victim.key_pem),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["machine_id"], machine_id.as_str());
+    let (status, body) = victim.get("/api/v1/secret-status").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("certificate_superseded"))
+    );
+    let reenrolled = Machine::from_answer(&server, &answer, new_key);
+    let event = audit(&server)
+        .into_iter()
+        .rev()
+        .find(|e| e["action"] == "machine.enroll" && e["outcome"] == "success")
+        .unwrap();
+    assert_eq!(event["details"]["reenrollment"], "previous_key");
+    assert_eq!(
+        event["details"]["invalidated_pending_versions"],
+        json!([pending.version])
+    );
+    // The version sealed to the old key is not re-sent to the new one: a new version is issued.
+    let status = reenrolled.status().await;
+    assert_eq!(status["rotation_requested"], true, "{status}");
+    assert!(status["pending_version"].is_null(), "{status}");
+    let next = reenrolled.rotate(first.version).await;
+    assert!(
+        next.version > pending.version,
+        "{} after {}",
+        next.version,
+        pending.version
+    );
+    let (status, body) = reenrolled.ack(pending.version).await;
+    assert_eq!(status, 409, "{body}");
+
+    // A wiped till (no key left): an administrator binds a token to the machine, which then
+    // re-enrolls it under the hardware id it now reports, without any signature.
+    let bound = server.admin_json(&[
+        "token",
+        "create",
+        "--client",
+        &client,
+        "--machine",
+        &machine_id,
+    ]);
+    assert_eq!(bound["machine_id"], machine_id.as_str());
+    let (status, answer, _) = server
+        .bootstrap_http(bound["token"].as_str().unwrap(), "NEW-DISK", None)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["machine_id"], machine_id.as_str());
+    let machine = server.admin_json(&["machine", "show", &machine_id]);
+    assert_eq!(machine["hardware_id"], "NEW-DISK");
+    let event = audit(&server)
+        .into_iter()
+        .rev()
+        .find(|e| e["action"] == "machine.enroll" && e["outcome"] == "success")
+        .unwrap();
+    assert_eq!(event["details"]["reenrollment"], "bound_token");
+
+    // A bound token cannot move a machine onto another machine's hardware id, nor be made for
+    // another client's machine.
+    let other = Machine::enroll(&server, &client, "OTHER-HW").await;
+    let bound = server.admin_json(&[
+        "token",
+        "create",
+        "--client",
+        &client,
+        "--machine",
+        &machine_id,
+    ]);
+    let (status, body, _) = server
+        .bootstrap_http(bound["token"].as_str().unwrap(), "OTHER-HW", None)
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("machine_already_enrolled")),
+        "{body}"
+    );
+    assert_eq!(
+        other.status().await["machine_id"],
+        other.id().as_str(),
+        "other untouched"
+    );
+    let stranger_client = server.new_client("Elsewhere");
+    let out = server.admin(&[
+        "token",
+        "create",
+        "--client",
+        &stranger_client,
+        "--machine",
+        &machine_id,
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("machine_id") && stderr.contains("another client"),
+        "{stderr}"
+    );
+}
+on_both_databases!(reenrollment_takes_a_machine_over_only_with_its_key_or_a_bound_token);
 
 async fn secret_enters_grace_then_expires_and_is_destroyed(db: Db) {
     let server = TestServer::start_with(

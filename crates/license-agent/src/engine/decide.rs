@@ -286,6 +286,49 @@ pub fn expired_without_replacement(
     }
 }
 
+/// The window in which half the audit log's kept files rotating away is abnormal.
+pub const AUDIT_FLOOD_WINDOW_SECS: i64 = 86_400;
+
+/// Watches the audit log's rotations: entries arriving fast enough to rotate half the kept
+/// history away within [`AUDIT_FLOOD_WINDOW_SECS`] are someone flushing it (a local user
+/// knocking on the sockets, a runaway client), not a till's ordinary day.
+#[derive(Debug, Default)]
+pub struct AuditFloodWatch {
+    /// When each rotation in the window was seen.
+    seen: std::collections::VecDeque<i64>,
+    /// The writer's rotation count last observed.
+    count: u64,
+    /// When the last alert was raised (one per window).
+    alerted_at: Option<i64>,
+}
+
+impl AuditFloodWatch {
+    /// Takes the writer's rotation count at `now` with `keep_files` kept; returns the number of
+    /// rotations within the window when it reaches half of `keep_files` (at least 2), once
+    /// per window.
+    pub fn observe(&mut self, count: u64, keep_files: u32, now: i64) -> Option<usize> {
+        for _ in self.count..count {
+            self.seen.push_back(now);
+        }
+        self.count = self.count.max(count);
+        while self
+            .seen
+            .front()
+            .is_some_and(|&t| now - t >= AUDIT_FLOOD_WINDOW_SECS)
+        {
+            self.seen.pop_front();
+        }
+        let threshold = (keep_files as usize).div_ceil(2).max(2);
+        let quiet = self
+            .alerted_at
+            .is_none_or(|t| now - t >= AUDIT_FLOOD_WINDOW_SECS);
+        (self.seen.len() >= threshold && quiet).then(|| {
+            self.alerted_at = Some(now);
+            self.seen.len()
+        })
+    }
+}
+
 /// A held version's phase (seed §4.1) as status and metrics show it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -567,5 +610,28 @@ mod tests {
             "reset"
         );
         assert_eq!(tpm_time_floor(Some((1, 5_000, 100)), 1, 4_000), None);
+    }
+
+    #[test]
+    fn audit_flood_alerts_when_half_the_kept_files_rotate_within_a_day() {
+        let day = AUDIT_FLOOD_WINDOW_SECS;
+        // A till's ordinary pace: one rotation every few days never alerts.
+        let mut watch = AuditFloodWatch::default();
+        for n in 1..=20 {
+            assert_eq!(watch.observe(n, 7, n as i64 * 3 * day), None);
+        }
+        // Four of seven within the day: alert once, with the count.
+        let mut watch = AuditFloodWatch::default();
+        assert_eq!(watch.observe(3, 7, 1_000), None);
+        assert_eq!(watch.observe(4, 7, 2_000), Some(4));
+        assert_eq!(watch.observe(6, 7, 3_000), None, "once per window");
+        // A day after the alert, a flood still going alerts again; rotations out of the window
+        // no longer count.
+        assert_eq!(watch.observe(6, 7, 2_000 + day), None);
+        assert_eq!(watch.observe(10, 7, 2_100 + day), Some(6));
+        // Small retention: at least two rotations.
+        let mut watch = AuditFloodWatch::default();
+        assert_eq!(watch.observe(1, 1, 10), None);
+        assert_eq!(watch.observe(2, 1, 20), Some(2));
     }
 }

@@ -149,6 +149,8 @@ struct Health {
     refused_key_set: Option<String>,
     /// Digest of a server trust announcement refused (likewise).
     refused_server_trust: Option<String>,
+    /// The audit log's rotations, for the `audit_log_flooded` alert.
+    audit_flood: decide::AuditFloodWatch,
 }
 
 /// Everything the engine is made of.
@@ -308,6 +310,25 @@ impl<S: AgentServer> Engine<S> {
         }
     }
 
+    /// Alerts when the audit log rotates its history away abnormally fast.
+    async fn check_audit_flood(&mut self) {
+        let (rotations, keep_files) = self.audit().rotations();
+        let now = self.validator.clock.now();
+        if let Some(count) = self.health.audit_flood.observe(rotations, keep_files, now) {
+            self.alerts
+                .raise(
+                    AlertKind::AuditLogFlooded,
+                    "the audit log is rotating its history away abnormally fast",
+                    serde_json::json!({
+                        "rotations": count,
+                        "window_secs": decide::AUDIT_FLOOD_WINDOW_SECS,
+                        "keep_files": keep_files,
+                    }),
+                )
+                .await;
+        }
+    }
+
     /// Saves state.json (with the audit anchor and the clock mark) and the metrics file.
     pub async fn persist(&mut self) {
         self.persist_state().await;
@@ -417,6 +438,7 @@ impl<S: AgentServer> Engine<S> {
         self.follow_tpm_clock().await;
         self.purge().await;
         self.check_expiry().await;
+        self.check_audit_flood().await;
         let poll = Duration::from_secs(self.settings.poll_interval);
         if self.health.overridden == Override::ForcedOn {
             self.validator.set_degraded(true);

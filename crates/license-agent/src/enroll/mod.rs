@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use crate::platform::keys::{self, FileMachineKey, KeyError, MachineKey};
 use serde::Serialize;
+use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
 
 use crate::config::{
@@ -75,6 +76,8 @@ pub struct EnrollOptions {
     pub socket: Option<PathBuf>,
     /// UIDs allowed on the validation socket.
     pub allowed_uids: Vec<u32>,
+    /// Group of the validation socket file.
+    pub socket_group: Option<String>,
     /// Generate the machine key inside the TPM reached through this TCTI (non-exportable).
     pub tpm_tcti: Option<String>,
 }
@@ -233,6 +236,8 @@ fn agent_config(opts: &EnrollOptions, answer: &BootstrapResponse, dir: &Path) ->
             metrics_file: opts.state_dir.join("metrics.prom"),
             audit_log: None,
             danger_unaudited_validations: false,
+            audit_max_file_bytes: license_audit::DEFAULT_MAX_FILE_BYTES,
+            audit_keep_files: license_audit::DEFAULT_KEEP_FILES,
             degraded_mode: DegradedPolicy::Allow,
             on_machine_revoked: RevokedPolicy::Deny,
         },
@@ -260,6 +265,7 @@ fn agent_config(opts: &EnrollOptions, answer: &BootstrapResponse, dir: &Path) ->
                 .clone()
                 .unwrap_or_else(|| crate::config::DEFAULT_SOCKET.into()),
             allowed_uids: opts.allowed_uids.clone(),
+            socket_group: opts.socket_group.clone(),
             ..IpcSection::default()
         },
     }
@@ -287,6 +293,26 @@ fn write_files(
         write(path, token.as_bytes(), PRIVATE)?;
     }
     write(config_path, config.to_toml().as_bytes(), PRIVATE)
+}
+
+/// Re-enrolling (`--force`) a machine that still has its key: the key signs the request, which
+/// is how the server tells this machine from someone who merely knows its hardware id. Without
+/// a usable key (a wiped disk) nothing is signed, and the server asks for an install token an
+/// administrator bound to the machine.
+fn sign_with_previous_key(config_path: &Path, request: &mut BootstrapRequest) {
+    let Ok(config) = AgentConfig::load(config_path) else {
+        return;
+    };
+    let signed = keys::load(&config, None).and_then(|key| {
+        let digest: [u8; 32] = Sha256::digest(request.reenrollment_message()).into();
+        key.sign_digest(&digest)
+    });
+    match signed {
+        Ok(signature) => request.set_previous_key_signature(&signature),
+        Err(e) => eprintln!(
+            "note: the previous machine key is not usable ({e}); enrolling without proof of it"
+        ),
+    }
 }
 
 /// Enrolls this machine: key, bootstrap, checked answer, files (the config last).
@@ -317,7 +343,7 @@ pub async fn enroll(mut opts: EnrollOptions) -> Result<EnrollReport, EnrollError
     let hardware_id = hardware::hardware_id(opts.hardware_id.clone())?;
     // The key is made here (in the TPM when asked) and never leaves the machine.
     let local = local_key(&opts)?;
-    let request = BootstrapRequest {
+    let mut request = BootstrapRequest {
         token: opts.token.clone(),
         hostname,
         hardware_id,
@@ -326,7 +352,11 @@ pub async fn enroll(mut opts: EnrollOptions) -> Result<EnrollReport, EnrollError
             .as_ref()
             .map(|local| keys::csr_pem(local.key.clone()))
             .transpose()?,
+        previous_key_signature: None,
     };
+    if opts.force {
+        sign_with_previous_key(&opts.config_path, &mut request);
+    }
     let client = ServerClient::new(&opts.server, tls::pin_only(opts.pin)?)?;
     let answer = client.bootstrap(&request).await?;
 

@@ -65,10 +65,43 @@ pub fn ensure_dir(path: &Path, mode: u32) -> std::io::Result<()> {
         .create(path)
 }
 
+/// The gid of `group`: a number as is, else a name looked up in the group database (NSS).
+#[allow(unsafe_code)]
+pub fn group_id(group: &str) -> Option<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Some(gid);
+    }
+    let name = std::ffi::CString::new(group).ok()?;
+    // SAFETY: `libc::group` is plain data (integers and pointers); all zeroes is a valid value.
+    let mut entry: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    let mut buffer = vec![0_u8; 16 * 1024];
+    // SAFETY: every pointer is valid for the call; `buffer` outlives `entry`'s borrowed strings,
+    // and only the gid (a plain integer) is read back.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut entry,
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+            &mut found,
+        )
+    };
+    (rc == 0 && !found.is_null()).then_some(entry.gr_gid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn groups_by_number_or_name() {
+        assert_eq!(group_id("4242"), Some(4242));
+        assert_eq!(group_id("root"), Some(0));
+        assert_eq!(group_id("no-such-group-here"), None);
+        assert_eq!(group_id("bad\0name"), None);
+    }
 
     #[test]
     fn writes_with_mode_and_replaces() {

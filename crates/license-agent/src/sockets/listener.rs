@@ -178,9 +178,10 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Binds `path`, replacing a stale socket file. The file is 0666 because access is decided
-    /// per connection from the peer's credentials, not by file permissions.
-    pub fn bind(path: &Path) -> std::io::Result<Self> {
+    /// Binds `path`, replacing a stale socket file, and gives the file `mode` and, when given,
+    /// group `gid`: who may connect at all. Who is served is decided per connection from the
+    /// peer's credentials.
+    pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> std::io::Result<Self> {
         use std::os::unix::fs::PermissionsExt as _;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -196,7 +197,10 @@ impl Listener {
             Err(_) => {}
         }
         let inner = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        if gid.is_some() {
+            std::os::unix::fs::chown(path, None, gid)?;
+        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
         Ok(Self {
             inner,
             path: path.to_path_buf(),

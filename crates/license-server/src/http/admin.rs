@@ -146,6 +146,9 @@ pub struct CreateInstallToken {
     pub client_id: String,
     /// Lifetime in seconds (default 86400, at most 30 days).
     pub ttl_secs: Option<u64>,
+    /// Bind the token to this machine of the client: it re-enrolls that machine (a wiped or
+    /// replaced till) under whatever hardware id it reports.
+    pub machine_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -233,7 +236,7 @@ async fn create_install_token(
 ) -> ApiResult<CreatedInstallToken> {
     Ok(Json(
         call.admin()
-            .create_install_token(&req.client_id, req.ttl_secs)
+            .create_install_token(&req.client_id, req.ttl_secs, req.machine_id.as_deref())
             .await?,
     ))
 }

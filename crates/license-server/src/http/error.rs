@@ -34,6 +34,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::CertificateExpired => StatusCode::FORBIDDEN,
         ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::ConcurrentEnrollment | ErrorCode::Conflict => StatusCode::CONFLICT,
+        ErrorCode::MachineAlreadyEnrolled => StatusCode::CONFLICT,
         ErrorCode::ReplayedRequest | ErrorCode::UnknownVersion => StatusCode::CONFLICT,
         ErrorCode::VersionNotPending => StatusCode::CONFLICT,
         ErrorCode::TokenAlreadyUsed | ErrorCode::TokenExpired => StatusCode::GONE,

@@ -86,6 +86,13 @@ pub fn public_key_raw_of_pem(pem: &str) -> Result<Vec<u8>, PkiError> {
     public_key_raw_of_der(&der)
 }
 
+/// The SubjectPublicKeyInfo (DER) of the first certificate in `pem`.
+pub fn spki_der_of_pem(pem: &str) -> Result<Vec<u8>, PkiError> {
+    let der = crate::datadir::pem_first_der(pem)
+        .ok_or_else(|| PkiError::BadCertificate("no PEM certificate".into()))?;
+    Ok(parse_der(&der)?.public_key().raw.to_vec())
+}
+
 /// The raw public key of a DER certificate.
 pub fn public_key_raw_of_der(der: &[u8]) -> Result<Vec<u8>, PkiError> {
     let cert = parse_der(der)?;

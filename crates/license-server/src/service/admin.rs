@@ -187,16 +187,19 @@ impl<'a> Admin<'a> {
         &self,
         client_id: &str,
         ttl_secs: Option<u64>,
+        machine_id: Option<&str>,
     ) -> Result<CreatedInstallToken> {
         let ttl = ttl_secs.unwrap_or(self.state.settings.install_token_ttl_secs);
         let mut tx = self.begin().await?;
-        let result = self.create_install_token_in(&mut tx, client_id, ttl).await;
+        let result = self
+            .create_install_token_in(&mut tx, client_id, ttl, machine_id)
+            .await;
         let target = result.as_ref().ok().map(|t| t.record.id.clone());
         self.finish(
             tx,
             "install_token.create",
             target.as_deref(),
-            json!({"client_id": client_id, "ttl_secs": ttl}),
+            json!({"client_id": client_id, "ttl_secs": ttl, "machine_id": machine_id}),
             result,
         )
         .await
@@ -207,6 +210,7 @@ impl<'a> Admin<'a> {
         conn: &mut AnyConnection,
         client_id: &str,
         ttl: u64,
+        machine_id: Option<&str>,
     ) -> Result<CreatedInstallToken> {
         let _: ClientId = parse_id("client_id", client_id)?;
         if !(60..=30 * 86_400).contains(&ttl) {
@@ -224,12 +228,32 @@ impl<'a> Admin<'a> {
                 id: client_id.to_string(),
             });
         }
+        if let Some(machine_id) = machine_id {
+            let _: MachineId = parse_id("machine_id", machine_id)?;
+            match machines::get(self.store().pool(), machine_id).await? {
+                None => {
+                    return Err(AdminError::NotFound {
+                        what: "machine",
+                        id: machine_id.to_string(),
+                    })
+                }
+                Some(machine) if machine.client_id != client_id => {
+                    return Err(AdminError::InvalidInput {
+                        field: "machine_id",
+                        message: format!("machine {machine_id} belongs to another client"),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
         let (token, hash) = new_credential("lit_");
         let now = Timestamp::now();
         let id = uuid::Uuid::new_v4().to_string();
         let ttl = i64::try_from(ttl).unwrap_or(i64::MAX);
         let expires_at = now.plus_secs(ttl);
-        let record = install_tokens::create(conn, &id, &hash, client_id, now, expires_at).await?;
+        let record =
+            install_tokens::create(conn, &id, &hash, client_id, machine_id, now, expires_at)
+                .await?;
         let keys = &self.state.keys;
         let install_command = format!(
             "curl -fsSL -k --pinnedpubkey '{}' {}/install.sh | sudo bash -s -- {}",

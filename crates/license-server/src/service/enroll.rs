@@ -31,7 +31,7 @@ use crate::pki::{MachineCsr, MachineKey, PkiError};
 use crate::store::audit::{self, NewAuditEvent};
 use crate::store::certificates as certificates_store;
 use crate::store::install_tokens::{self, TokenProblem};
-use crate::store::{machines, StoreError};
+use crate::store::{machines, secrets, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -46,6 +46,19 @@ pub enum EnrollError {
         "this machine is revoked; an administrator must restore it before it can enroll again"
     )]
     MachineRevoked,
+    /// The hardware id is another enrolled machine's, and the request neither is signed by
+    /// that machine's key nor uses an install token bound to it.
+    #[error(
+        "a machine with this hardware id is already enrolled: re-enroll it from that machine \
+         (its key signs the request: `license-agent enroll --force`) or with an install token \
+         bound to it (`admin token create --client C --machine M`)"
+    )]
+    AlreadyEnrolled {
+        /// The machine that would have been taken over (audit only).
+        machine_id: Option<String>,
+        /// Why the takeover was refused (audit only).
+        cause: &'static str,
+    },
     #[error("csr: {0}")]
     Csr(PkiError),
     #[error("another enrollment of this machine is in progress; retry")]
@@ -69,6 +82,7 @@ impl EnrollError {
             EnrollError::TokenAlreadyUsed => ErrorCode::TokenAlreadyUsed,
             EnrollError::TokenExpired => ErrorCode::TokenExpired,
             EnrollError::MachineRevoked => ErrorCode::MachineRevoked,
+            EnrollError::AlreadyEnrolled { .. } => ErrorCode::MachineAlreadyEnrolled,
             EnrollError::Csr(_) => ErrorCode::InvalidCsr,
             EnrollError::Concurrent => ErrorCode::ConcurrentEnrollment,
             EnrollError::CertificateSuperseded => ErrorCode::CertificateSuperseded,
@@ -101,10 +115,15 @@ pub async fn bootstrap(
     let result = bootstrap_inner(state, &req, &actor).await;
     if let Err(e) = &result {
         // Refusals are audited outside the (rolled back) transaction.
-        let details =
+        let mut details =
             json!({"hostname": req.hostname.as_str(), "hardware_id": req.hardware_id.as_str()});
+        let mut target = None;
+        if let EnrollError::AlreadyEnrolled { machine_id, cause } = e {
+            details["cause"] = json!(cause);
+            target = machine_id.as_deref();
+        }
         let event =
-            NewAuditEvent::refused(&actor, "machine.enroll", None, details, e.code().as_str());
+            NewAuditEvent::refused(&actor, "machine.enroll", target, details, e.code().as_str());
         audit::insert(state.store.pool(), &event).await?;
     }
     result
@@ -133,8 +152,7 @@ async fn bootstrap_inner(
     let mut tx = state.store.begin_write().await?;
     // First statement is a write, so SQLite takes its write lock here and concurrent
     // enrollments queue (busy_timeout) instead of failing on a lock upgrade.
-    let Some((token_id, client_id)) = install_tokens::consume(&mut tx, &token_hash, now).await?
-    else {
+    let Some(token) = install_tokens::consume(&mut tx, &token_hash, now).await? else {
         tx.rollback().await?;
         return Err(
             match install_tokens::diagnose(state.store.pool(), &token_hash, now).await? {
@@ -144,23 +162,66 @@ async fn bootstrap_inner(
             },
         );
     };
-    let (machine_id, revoked) = machines::upsert(
-        &mut tx,
-        &MachineId::new_random().to_string(),
-        &client_id,
-        req.hostname.as_str(),
-        req.hardware_id.as_str(),
-        req.arch.as_str(),
-        now,
-    )
-    .await
-    .map_err(|e| match e {
-        StoreError::Conflict(_) => EnrollError::Concurrent,
-        other => EnrollError::Store(other),
-    })?;
-    if revoked {
+    let (token_id, client_id) = (token.id, token.client_id);
+    let (enrolled, takeover) = match token.machine_id {
+        Some(bound) => {
+            let enrolled = machines::rebind(
+                &mut tx,
+                &bound,
+                &client_id,
+                req.hostname.as_str(),
+                req.hardware_id.as_str(),
+                req.arch.as_str(),
+                now,
+            )
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(_) => EnrollError::AlreadyEnrolled {
+                    machine_id: None,
+                    cause: "bound_token_hardware_id_taken",
+                },
+                other => EnrollError::Store(other),
+            })?
+            // The machine was purged since the token was made.
+            .ok_or(EnrollError::TokenUnknown)?;
+            (enrolled, Takeover::BoundToken)
+        }
+        None => {
+            let enrolled = machines::upsert(
+                &mut tx,
+                &MachineId::new_random().to_string(),
+                &client_id,
+                req.hostname.as_str(),
+                req.hardware_id.as_str(),
+                req.arch.as_str(),
+                now,
+            )
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(_) => EnrollError::Concurrent,
+                other => EnrollError::Store(other),
+            })?;
+            if enrolled.created {
+                (enrolled, Takeover::NewMachine)
+            } else {
+                if !enrolled.revoked {
+                    check_previous_key(&mut tx, req, &enrolled.id).await?;
+                }
+                (enrolled, Takeover::PreviousKey)
+            }
+        }
+    };
+    if enrolled.revoked {
         tx.rollback().await?;
         return Err(EnrollError::MachineRevoked);
+    }
+    let machine_id = enrolled.id;
+    // A secret issued to the previous key is never delivered to the new one: its pending
+    // version is invalidated and a rotation requested, as in recovery.
+    let mut invalidated = Vec::new();
+    if takeover != Takeover::NewMachine {
+        invalidated = secrets::invalidate_pending(&mut tx, &machine_id, now).await?;
+        machines::set_rotation_requested(&mut tx, &machine_id, Some(now)).await?;
     }
     let identity = identity_of(&client_id, &machine_id)?;
     let (recovery_token, recovery_hash) = new_credential(RECOVERY_TOKEN_PREFIX);
@@ -178,6 +239,7 @@ async fn bootstrap_inner(
             "client_id": client_id, "token_id": token_id, "hostname": req.hostname.as_str(),
             "hardware_id": req.hardware_id.as_str(), "arch": req.arch.as_str(),
             "key_origin": certificates::key_origin(&key),
+            "reenrollment": takeover.as_str(), "invalidated_pending_versions": invalidated,
         }),
         now,
         presented: None,
@@ -203,6 +265,53 @@ async fn bootstrap_inner(
         server_pin: state.keys.server_pin,
         license_public_key: state.keys.license_keys.snapshot().keys.current_public_key(),
     })
+}
+
+/// How an enrollment came to its machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Takeover {
+    /// A hardware id the client had no machine for.
+    NewMachine,
+    /// A known machine, the request signed by the key of its latest certificate.
+    PreviousKey,
+    /// A known machine, with an install token an administrator bound to it.
+    BoundToken,
+}
+
+impl Takeover {
+    fn as_str(self) -> &'static str {
+        match self {
+            Takeover::NewMachine => "new_machine",
+            Takeover::PreviousKey => "previous_key",
+            Takeover::BoundToken => "bound_token",
+        }
+    }
+}
+
+/// A request for a hardware id the client already has a machine for may take that machine
+/// over only with a signature by the key of the machine's latest certificate (not a revoked
+/// one): anyone can read a till's hardware id, only the till holds its key.
+async fn check_previous_key(
+    conn: &mut sqlx::AnyConnection,
+    req: &BootstrapRequest,
+    machine_id: &str,
+) -> Result<(), EnrollError> {
+    let refuse = |cause| EnrollError::AlreadyEnrolled {
+        machine_id: Some(machine_id.to_string()),
+        cause,
+    };
+    if req.previous_key_signature.is_none() {
+        return Err(refuse("no_previous_key_signature"));
+    }
+    let Some((pem, revoked)) = certificates_store::latest_of(&mut *conn, machine_id).await? else {
+        return Err(refuse("no_certificate"));
+    };
+    if revoked {
+        return Err(refuse("previous_certificate_revoked"));
+    }
+    let spki = crate::pki::spki_der_of_pem(&pem).map_err(EnrollError::Pki)?;
+    req.verify_previous_key(&spki)
+        .map_err(|_| refuse("bad_previous_key_signature"))
 }
 
 /// The certificate a renewal request was made with, as the agent listener found it.

@@ -245,6 +245,21 @@ pub async fn active_of<'e>(
     .await
 }
 
+/// The machine's latest certificate (its active one, else the last issued) and whether it was
+/// revoked: the key a re-enrollment must prove it holds.
+pub async fn latest_of<'e>(
+    ex: impl AnyExecutor<'e>,
+    machine_id: &str,
+) -> Result<Option<(String, bool)>> {
+    let sql = "SELECT pem, state FROM certificates WHERE machine_id = $1 \
+               ORDER BY CASE WHEN state = 'active' THEN 0 ELSE 1 END, issued_at DESC LIMIT 1";
+    find_one(ex, sql, machine_id, |row| {
+        let state: String = row.try_get("state")?;
+        Ok((row.try_get("pem")?, state == "revoked"))
+    })
+    .await
+}
+
 /// The PEM of every active certificate that expires after `after` (for `keys retire-ca`: a
 /// certificate expired before that can no longer be renewed, so it needs no CA).
 pub async fn active_pems<'e>(ex: impl AnyExecutor<'e>, after: Timestamp) -> Result<Vec<String>> {

@@ -17,6 +17,18 @@ pub struct InstallTokenRecord {
     pub expires_at: Timestamp,
     pub used_at: Option<Timestamp>,
     pub used_by_machine: Option<String>,
+    /// The machine this token re-enrolls (a wiped or replaced till); `None` for ordinary
+    /// tokens.
+    pub machine_id: Option<String>,
+}
+
+/// A consumed token: what it enrolls.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub id: String,
+    pub client_id: String,
+    /// Set when the token is bound to one machine.
+    pub machine_id: Option<String>,
 }
 
 /// What went wrong with an install token that could not be consumed.
@@ -32,16 +44,18 @@ pub async fn create(
     id: &str,
     token_hash: &str,
     client_id: &str,
+    machine_id: Option<&str>,
     now: Timestamp,
     expires_at: Timestamp,
 ) -> Result<InstallTokenRecord> {
     sqlx::query(
-        "INSERT INTO install_tokens (id, token_hash, client_id, created_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO install_tokens (id, token_hash, client_id, machine_id, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(id)
     .bind(token_hash)
     .bind(client_id)
+    .bind(machine_id)
     .bind(now.0)
     .bind(expires_at.0)
     .execute(&mut *conn)
@@ -54,6 +68,7 @@ pub async fn create(
         expires_at,
         used_at: None,
         used_by_machine: None,
+        machine_id: machine_id.map(str::to_string),
     })
 }
 
@@ -63,7 +78,8 @@ pub async fn list<'e>(
     client_id: Option<&str>,
 ) -> Result<Vec<InstallTokenRecord>> {
     let rows = sqlx::query(
-        "SELECT id, client_id, created_at, expires_at, used_at, used_by_machine FROM install_tokens \
+        "SELECT id, client_id, created_at, expires_at, used_at, used_by_machine, machine_id \
+         FROM install_tokens \
          WHERE ($1 IS NULL OR client_id = $1) ORDER BY created_at",
     )
     .bind(client_id)
@@ -78,28 +94,36 @@ pub async fn list<'e>(
                 expires_at: ts(row, "expires_at")?,
                 used_at: opt_ts(row, "used_at")?,
                 used_by_machine: row.try_get("used_by_machine")?,
+                machine_id: row.try_get("machine_id")?,
             })
         })
         .collect()
 }
 
 /// Marks an install token used, atomically: of two concurrent requests with one token, exactly
-/// one gets the client id back. Returns `(token_id, client_id)`.
+/// one gets it back.
 pub async fn consume(
     conn: &mut AnyConnection,
     token_hash: &str,
     now: Timestamp,
-) -> Result<Option<(String, String)>> {
+) -> Result<Option<Consumed>> {
     let row = sqlx::query(
         "UPDATE install_tokens SET used_at = $1 \
-         WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1 RETURNING id, client_id",
+         WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1 \
+         RETURNING id, client_id, machine_id",
     )
     .bind(now.0)
     .bind(token_hash)
     .fetch_optional(&mut *conn)
     .await?;
-    row.map(|r| Ok((r.try_get("id")?, r.try_get("client_id")?)))
-        .transpose()
+    row.map(|r| {
+        Ok(Consumed {
+            id: r.try_get("id")?,
+            client_id: r.try_get("client_id")?,
+            machine_id: r.try_get("machine_id")?,
+        })
+    })
+    .transpose()
 }
 
 /// Why a token that [`consume`] refused was refused.

@@ -98,8 +98,17 @@ pub async fn get<'e>(ex: impl AnyExecutor<'e>, id: &str) -> Result<Option<Machin
     .await
 }
 
-/// Finds the client's machine with this hardware id or creates it, in one statement.
-/// Returns `(machine_id, revoked)`.
+/// The machine an enrollment lands on.
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    pub id: String,
+    pub revoked: bool,
+    /// The row was created by this enrollment (a new machine).
+    pub created: bool,
+}
+
+/// Finds the client's machine with this hardware id or creates it (with id `new_id`), in one
+/// statement.
 pub async fn upsert(
     conn: &mut AnyConnection,
     new_id: &str,
@@ -108,7 +117,7 @@ pub async fn upsert(
     hardware_id: &str,
     arch: &str,
     now: Timestamp,
-) -> Result<(String, bool)> {
+) -> Result<Enrolled> {
     let row = sqlx::query(
         "INSERT INTO machines (id, client_id, hostname, hardware_id, arch, enrolled_at, last_enrolled_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $6) \
@@ -125,7 +134,47 @@ pub async fn upsert(
     .fetch_one(&mut *conn)
     .await
     .map_err(StoreError::classify)?;
-    Ok((row.try_get("id")?, opt_ts(&row, "revoked_at")?.is_some()))
+    let id: String = row.try_get("id")?;
+    Ok(Enrolled {
+        created: id == new_id,
+        revoked: opt_ts(&row, "revoked_at")?.is_some(),
+        id,
+    })
+}
+
+/// Re-enrolls machine `id` of `client_id` under the hardware id it now reports (an install token
+/// bound to it). `None` when the client has no such machine; [`StoreError::Conflict`] when
+/// another of the client's machines has that hardware id.
+pub async fn rebind(
+    conn: &mut AnyConnection,
+    id: &str,
+    client_id: &str,
+    hostname: &str,
+    hardware_id: &str,
+    arch: &str,
+    now: Timestamp,
+) -> Result<Option<Enrolled>> {
+    let row = sqlx::query(
+        "UPDATE machines SET hostname = $1, hardware_id = $2, arch = $3, last_enrolled_at = $4 \
+         WHERE id = $5 AND client_id = $6 RETURNING revoked_at",
+    )
+    .bind(hostname)
+    .bind(hardware_id)
+    .bind(arch)
+    .bind(now.0)
+    .bind(id)
+    .bind(client_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(StoreError::classify)?;
+    row.map(|row| {
+        Ok(Enrolled {
+            id: id.to_string(),
+            revoked: opt_ts(&row, "revoked_at")?.is_some(),
+            created: false,
+        })
+    })
+    .transpose()
 }
 
 /// Runs `sql`, an `UPDATE machines SET <column> = $1 WHERE id = $2`. Returns false when there

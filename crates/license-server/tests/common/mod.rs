@@ -375,21 +375,46 @@ impl TestServer {
 
     /// Enrolls a machine over HTTP with a fresh key; returns (response, key PEM).
     pub async fn enroll_http(&self, token: &str, hardware_id: &str) -> (Value, String) {
+        let (status, answer, key) = self.bootstrap_http(token, hardware_id, None).await;
+        assert_eq!(status, 200, "{answer}");
+        (answer, key)
+    }
+
+    /// `POST /api/public/bootstrap` with a fresh key's CSR, signed by `previous_key` (a PKCS#8
+    /// PEM) when given, as `license-agent enroll --force` signs a re-enrollment with the
+    /// machine's current key: (status, JSON body, the fresh key's PEM).
+    pub async fn bootstrap_http(
+        &self,
+        token: &str,
+        hardware_id: &str,
+        previous_key: Option<&str>,
+    ) -> (u16, Value, String) {
+        use p256::pkcs8::DecodePrivateKey as _;
         let key = rcgen::KeyPair::generate().unwrap();
         let csr = rcgen::CertificateParams::default()
             .serialize_request(&key)
             .unwrap()
             .pem()
             .unwrap();
+        let mut request: license_protocol::enroll::BootstrapRequest =
+            serde_json::from_value(serde_json::json!({"token": token, "hostname": "pos-test", "hardware_id": hardware_id, "arch": "amd64", "csr": csr}))
+                .unwrap();
+        if let Some(previous) = previous_key {
+            let signing = p256::ecdsa::SigningKey::from_pkcs8_pem(previous).unwrap();
+            let signature: p256::ecdsa::Signature =
+                p256::ecdsa::signature::Signer::sign(&signing, &request.reenrollment_message());
+            request.set_previous_key_signature(&signature);
+        }
         let response = self
             .https_client()
             .post(format!("{}/api/public/bootstrap", self.server.public_url))
-            .json(&serde_json::json!({"token": token, "hostname": "pos-test", "hardware_id": hardware_id, "arch": "amd64", "csr": csr}))
+            .json(&request)
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
-        (response.json().await.unwrap(), key.serialize_pem())
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(Value::Null);
+        (status, body, key.serialize_pem())
     }
 
     /// A new client with one enrolled machine: (client_id, bootstrap response, key PEM).
