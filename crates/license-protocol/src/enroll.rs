@@ -212,7 +212,7 @@ pub struct BootstrapRequest {
     pub csr: Option<String>,
     /// Re-enrollment of a machine the server already knows by this hardware id: base64 of a
     /// DER ECDSA P-256 signature, by the key of the machine's latest certificate, over
-    /// [`reenrollment_message`]. Without it (or an install token bound to that machine) the
+    /// [`BootstrapRequest::reenrollment_message`]. Without it (or an install token bound to that machine) the
     /// server refuses to let this request take the machine over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_key_signature: Option<String>,
