@@ -286,7 +286,7 @@ pub fn check_config(config_path: &Path) -> Result<(), CommandError> {
             source,
         })?;
     }
-    config.ipc.socket_gid()?;
+    crate::platform::files::socket_gid(&config.ipc)?;
     println!(
         "config OK: machine {} of client {}",
         config.agent.id, config.agent.client_id

@@ -248,18 +248,6 @@ impl<'de> Deserialize<'de> for SocketMode {
     }
 }
 
-impl IpcSection {
-    /// The gid `socket_group` names, looked up in the system's group database.
-    pub fn socket_gid(&self) -> Result<Option<u32>, ConfigError> {
-        let Some(group) = &self.socket_group else {
-            return Ok(None);
-        };
-        crate::platform::files::group_id(group)
-            .map(Some)
-            .ok_or_else(|| invalid("ipc.socket_group", format!("no group named `{group}`")))
-    }
-}
-
 impl Default for IpcSection {
     fn default() -> Self {
         Self {

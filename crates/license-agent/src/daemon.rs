@@ -243,9 +243,11 @@ fn load_state(config: &AgentConfig) -> (StateFile, AgentState) {
 /// state.json): a log cut short, an entry replaced, or files removed since show here, and raise
 /// the `audit_log_tampered` alert. The agent starts all the same: the alert and its own audit
 /// record are the evidence, and refusing to start would only stop the tills.
-async fn check_audit_anchor(path: &std::path::Path, state: &AgentState, alerts: &Alerts) {
+/// Checks the audit log against the anchor the previous run saved; false (and an alert) when
+/// it does not reach it or differs.
+async fn check_audit_anchor(path: &std::path::Path, state: &AgentState, alerts: &Alerts) -> bool {
     let Some((seq, hash)) = state.audit_anchor.clone() else {
-        return;
+        return true;
     };
     let anchor = license_audit::Anchor { seq, hash };
     let checked = {
@@ -255,7 +257,7 @@ async fn check_audit_anchor(path: &std::path::Path, state: &AgentState, alerts: 
     let problem = match checked {
         Ok(report) => match report.problem {
             Some(problem) => problem.to_string(),
-            None => return,
+            None => return true,
         },
         Err(e) => e.to_string(),
     };
@@ -267,13 +269,19 @@ async fn check_audit_anchor(path: &std::path::Path, state: &AgentState, alerts: 
             serde_json::json!({"problem": problem, "anchor_seq": seq}),
         )
         .await;
+    false
 }
 
 /// The clock for expiry decisions, never earlier than the latest time this machine has seen
 /// attested: the high-water mark and the server's last time (state.json), the audit log's
 /// last entry, the newest secret's `valid_from` (signed by the server). Losing state.json
 /// therefore does not reopen a rollback.
-fn guarded_clock(state: &AgentState, audit_floor: Option<i64>, keyring: &Keyring) -> GuardedClock {
+/// Also returns the rollback found (seconds), if any.
+fn guarded_clock(
+    state: &AgentState,
+    audit_floor: Option<i64>,
+    keyring: &Keyring,
+) -> (GuardedClock, Option<i64>) {
     let floor = [
         Some(state.clock_high_water),
         state.server_time,
@@ -288,7 +296,7 @@ fn guarded_clock(state: &AgentState, audit_floor: Option<i64>, keyring: &Keyring
     if let Some(secs) = rollback {
         tracing::error!(secs, "ALERT: the system clock is behind the latest time this machine has seen (by {secs} s); expiry decisions keep the later time");
     }
-    clock
+    (clock, rollback)
 }
 
 /// The secret store: the TPM's when there is one, the encrypted file otherwise.
@@ -321,7 +329,7 @@ fn start_sockets(
     stop: &watch::Receiver<bool>,
 ) -> Result<Sockets, DaemonError> {
     let idle_timeout = Duration::from_secs(config.ipc.idle_timeout);
-    let gid = config.ipc.socket_gid()?;
+    let gid = crate::platform::files::socket_gid(&config.ipc)?;
     let validation = Listener::bind(&config.ipc.socket, config.ipc.socket_mode.0, gid)
         .map_err(io_error(&config.ipc.socket))?;
     let validation_task = tokio::spawn(validation.serve(
@@ -429,7 +437,7 @@ pub async fn run(
             message: "not an ed25519:<base64> key".into(),
         })?;
     let (state_file, state) = load_state(&config);
-    check_audit_anchor(&audit_path, &state, &alerts).await;
+    let audit_chain_ok = check_audit_anchor(&audit_path, &state, &alerts).await;
     let store = open_store(&config, tpm.clone())?;
     // Secrets live in pages locked in RAM; say so now if this process may not lock memory.
     if !license_protocol::secret::Secret::from_bytes([0; 32]).is_locked() {
@@ -442,7 +450,7 @@ pub async fn run(
     for s in blocking::run(move || loading.load()).await? {
         keyring.insert(s.version, s.dates, s.secret);
     }
-    let clock = guarded_clock(&state, audit_floor, &keyring);
+    let (clock, clock_rollback) = guarded_clock(&state, audit_floor, &keyring);
     let trust_file = TrustFile::new(&config.agent.state_dir);
     let license_keys = trust_file.load(license_key).unwrap_or_else(|e| {
         // Public keys only: starting again from the pin loses nothing the server cannot resend.
@@ -486,6 +494,7 @@ pub async fn run(
         tpm,
         alerts,
     });
+    engine.set_start_findings(clock_rollback, audit_chain_ok);
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     start_watchdog(validator);

@@ -118,3 +118,53 @@ pub struct RenewCertificateResponse {
     pub serial: String,
     pub expires_at: String,
 }
+
+/// `POST /api/v1/health`: what an operator needs to know of the machine, sent by the agent
+/// after a round with the server when it changed, and at least once a day. Unknown fields are
+/// ignored, so a newer agent can report more to an older server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HealthReport {
+    /// The agent's version (`CARGO_PKG_VERSION`).
+    pub agent_version: String,
+    /// The secret store in use: `tpm` or `file`.
+    pub store: String,
+    /// The configuration asks for the TPM.
+    pub tpm_enabled: bool,
+    /// The TPM holds the secrets (false with `tpm_enabled`: the fallback is in use).
+    pub tpm_available: bool,
+    /// Degraded mode: `inactive`, `active` (the server was unreachable with a rotation due) or
+    /// `forced` (by an administrator on the till).
+    pub degraded_mode: String,
+    /// Unix seconds; when degraded mode began.
+    #[serde(default)]
+    pub degraded_since: Option<i64>,
+    /// Unix seconds; the last successful rotation.
+    #[serde(default)]
+    pub last_rotation: Option<i64>,
+    /// Rotation rounds failed since the last success.
+    pub rotation_failures: u32,
+    /// Seconds the system clock was found behind the latest time the machine had seen, at the
+    /// agent's last start (`None`: no rollback).
+    #[serde(default)]
+    pub clock_rollback_secs: Option<i64>,
+    /// The audit log matched the anchor saved by the previous run at the agent's last start.
+    pub audit_chain_ok: bool,
+    /// Unix seconds; when the machine certificate in use expires.
+    pub certificate_expires_at: i64,
+    /// The newest secret version held.
+    #[serde(default)]
+    pub secret_version: Option<u64>,
+}
+
+impl HealthReport {
+    /// Longest accepted text field (versions and names are short).
+    pub const MAX_FIELD_BYTES: usize = 64;
+
+    /// Whether every text field is short and printable (the server refuses the report otherwise).
+    pub fn is_well_formed(&self) -> bool {
+        [&self.agent_version, &self.store, &self.degraded_mode]
+            .iter()
+            .all(|s| s.len() <= Self::MAX_FIELD_BYTES && !s.chars().any(char::is_control))
+    }
+}

@@ -149,6 +149,8 @@ impl Render for MachineRecord {
             "CERTIFICATE",
             "CERT EXPIRES",
             "ROTATION",
+            "LAST SEEN",
+            "HEALTH",
         ]
     }
     fn row(&self) -> Vec<String> {
@@ -171,6 +173,8 @@ impl Render for MachineRecord {
             } else {
                 "-".into()
             },
+            opt(self.last_seen_at),
+            self.health_summary(),
         ]
     }
 }

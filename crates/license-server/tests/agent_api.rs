@@ -298,6 +298,73 @@ async fn post(server: &TestServer, body: Value) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// `POST /api/v1/health`: a machine's report is kept as its latest, written only when it
+/// changed; garbage, wrong types and unprintable fields are refused and change nothing.
+async fn health_reports_are_kept_and_garbage_refused(db: Db) {
+    let server = TestServer::start(db);
+    let (_, enrolled, key) = server.enrolled_machine("Health", "HEALTH-HW").await;
+    let machine = enrolled["machine_id"].as_str().unwrap();
+    let http = server.mtls_client(enrolled["certificate"].as_str().unwrap(), &key);
+    let url = format!("{}/api/v1/health", server.server.agent_url);
+    let report = json!({
+        "agent_version": "1.2.3", "store": "tpm", "tpm_enabled": true, "tpm_available": true,
+        "degraded_mode": "inactive", "rotation_failures": 0, "audit_chain_ok": true,
+        "certificate_expires_at": 1_900_000_000, "secret_version": 4,
+        "from_a_newer_agent": "ignored",
+    });
+    let send = |body: Value| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    assert_eq!(send(report.clone()).await.0, 204);
+    let shown = server.admin_json(&["machine", "show", machine]);
+    assert_eq!(shown["health"]["store"], "tpm");
+    assert!(
+        shown["health"].get("from_a_newer_agent").is_none(),
+        "unknown fields not stored"
+    );
+    assert!(shown["last_seen_at"].is_string());
+    let reported_at = shown["health_reported_at"].clone();
+
+    let mut bad_text = report.clone();
+    bad_text["agent_version"] = json!("1.0\u{1b}[31m");
+    let mut long = report.clone();
+    long["store"] = json!("x".repeat(65));
+    let mut wrong_type = report.clone();
+    wrong_type["rotation_failures"] = json!(-1);
+    for (body, status) in [
+        (bad_text, 400),
+        (long, 400),
+        (wrong_type, 422),
+        (json!([1, 2]), 422),
+    ] {
+        let (got, answer) = send(body.clone()).await;
+        assert_eq!(got, status, "{body} -> {answer}");
+        assert!(answer["error"].is_string(), "{answer}");
+    }
+    let raw = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status().as_u16(), 400);
+    // Nothing changed, and an identical report writes nothing.
+    assert_eq!(send(report).await.0, 204);
+    let shown = server.admin_json(&["machine", "show", machine]);
+    assert_eq!(shown["health"]["store"], "tpm");
+    assert_eq!(shown["health_reported_at"], reported_at);
+    // Without a client certificate the route is not reached.
+    let anonymous = common::client_with(tls_config(&server.ca_pem(), None, true));
+    assert!(anonymous.post(&url).json(&json!({})).send().await.is_err());
+}
+on_both_databases!(health_reports_are_kept_and_garbage_refused);
+
 async fn renewal_supersedes_the_old_certificate(db: Db) {
     let server = TestServer::start(db);
     let client = server.new_client("Renewal");
@@ -620,6 +687,7 @@ async fn openapi_lists_every_route() {
         ("get", "/api/v1/licenses"),
         ("post", "/api/v1/validate-license"),
         ("post", "/api/v1/renew-certificate"),
+        ("post", "/api/v1/health"),
         ("get", "/api/admin/clients"),
         ("post", "/api/admin/clients"),
         ("get", "/api/admin/install-tokens"),

@@ -286,6 +286,22 @@ pub fn expired_without_replacement(
     }
 }
 
+/// A health report unchanged this long is sent again (the server's "last report" stays fresh).
+pub const HEALTH_REPORT_REFRESH_SECS: i64 = 86_400;
+
+/// Whether to send `report`: nothing accepted yet, something changed, or the last one is a day
+/// old.
+pub fn health_report_due(
+    last: Option<&(license_protocol::agent_api::HealthReport, i64)>,
+    report: &license_protocol::agent_api::HealthReport,
+    now: i64,
+) -> bool {
+    match last {
+        None => true,
+        Some((sent, at)) => sent != report || now - at >= HEALTH_REPORT_REFRESH_SECS,
+    }
+}
+
 /// The window in which half the audit log's kept files rotating away is abnormal.
 pub const AUDIT_FLOOD_WINDOW_SECS: i64 = 86_400;
 
@@ -633,5 +649,34 @@ mod tests {
         let mut watch = AuditFloodWatch::default();
         assert_eq!(watch.observe(1, 1, 10), None);
         assert_eq!(watch.observe(2, 1, 20), Some(2));
+    }
+
+    #[test]
+    fn health_reports_go_when_changed_or_a_day_old() {
+        let report = license_protocol::agent_api::HealthReport {
+            agent_version: "1".into(),
+            store: "file".into(),
+            tpm_enabled: false,
+            tpm_available: false,
+            degraded_mode: "inactive".into(),
+            degraded_since: None,
+            last_rotation: Some(10),
+            rotation_failures: 0,
+            clock_rollback_secs: None,
+            audit_chain_ok: true,
+            certificate_expires_at: 1_000,
+            secret_version: Some(1),
+        };
+        assert!(health_report_due(None, &report, 0));
+        let sent = (report.clone(), 100);
+        assert!(!health_report_due(Some(&sent), &report, 100 + 3_600));
+        assert!(health_report_due(
+            Some(&sent),
+            &report,
+            100 + HEALTH_REPORT_REFRESH_SECS
+        ));
+        let mut changed = report;
+        changed.rotation_failures = 1;
+        assert!(health_report_due(Some(&sent), &changed, 101));
     }
 }

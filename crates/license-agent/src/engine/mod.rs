@@ -41,6 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use license_audit::Outcome;
+use license_protocol::agent_api::HealthReport;
 use license_protocol::identity::{ClientId, MachineId};
 
 use crate::alerts::{AlertKind, Alerts};
@@ -110,6 +111,8 @@ pub struct EngineSettings {
     pub server_trust_file: crate::net::trust::TrustFile,
     /// The machine's key and certificate files (renewal rewrites them).
     pub identity: renewal::IdentityFiles,
+    /// The configuration asks for the TPM (`[tpm] enabled`), whether or not it answered.
+    pub tpm_configured: bool,
 }
 
 impl EngineSettings {
@@ -128,6 +131,7 @@ impl EngineSettings {
             license_keys_file: license_keys::TrustFile::new(&config.agent.state_dir),
             server_trust_file: crate::net::trust::TrustFile::from_config(config),
             identity: renewal::IdentityFiles::from_config(config),
+            tpm_configured: config.tpm.enabled,
         }
     }
 }
@@ -151,6 +155,12 @@ struct Health {
     refused_server_trust: Option<String>,
     /// The audit log's rotations, for the `audit_log_flooded` alert.
     audit_flood: decide::AuditFloodWatch,
+    /// What the daemon found at start: the clock rollback (seconds) and whether the audit log
+    /// matched its anchor.
+    clock_rollback_secs: Option<i64>,
+    audit_chain_broken: bool,
+    /// The last health report the server accepted, and when.
+    reported: Option<(HealthReport, i64)>,
 }
 
 /// Everything the engine is made of.
@@ -310,6 +320,45 @@ impl<S: AgentServer> Engine<S> {
         }
     }
 
+    /// Records what the daemon found at start, for the health report.
+    pub fn set_start_findings(&mut self, clock_rollback_secs: Option<i64>, audit_chain_ok: bool) {
+        self.health.clock_rollback_secs = clock_rollback_secs;
+        self.health.audit_chain_broken = !audit_chain_ok;
+    }
+
+    /// The machine's health as the server's operators see it.
+    pub fn health_report(&self) -> HealthReport {
+        let view = self.status_view();
+        HealthReport {
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            store: view.store,
+            tpm_enabled: self.settings.tpm_configured,
+            tpm_available: view.tpm_available,
+            degraded_mode: view.degraded_mode,
+            degraded_since: self.health.link.degraded_since(),
+            last_rotation: self.vault.state.last_rotation,
+            rotation_failures: self.vault.state.consecutive_failures,
+            clock_rollback_secs: self.health.clock_rollback_secs,
+            audit_chain_ok: !self.health.audit_chain_broken,
+            certificate_expires_at: self.machine.certificate.not_after,
+            secret_version: self.validator.keyring().newest().map(|(v, _)| v),
+        }
+    }
+
+    /// Sends the health report after a round with the server when it changed, or a day after
+    /// the last one. A failure is logged and retried at the next round: it never fails one.
+    async fn report_health(&mut self) {
+        let report = self.health_report();
+        let now = self.validator.clock.now();
+        if !decide::health_report_due(self.health.reported.as_ref(), &report, now) {
+            return;
+        }
+        match self.server.report_health(&report).await {
+            Ok(()) => self.health.reported = Some((report, now)),
+            Err(e) => tracing::warn!(error = %e, "health report not accepted; retrying next round"),
+        }
+    }
+
     /// Alerts when the audit log rotates its history away abnormally fast.
     async fn check_audit_flood(&mut self) {
         let (rotations, keep_files) = self.audit().rotations();
@@ -442,6 +491,8 @@ impl<S: AgentServer> Engine<S> {
         let poll = Duration::from_secs(self.settings.poll_interval);
         if self.health.overridden == Override::ForcedOn {
             self.validator.set_degraded(true);
+            // No round with the server, but operators learn that degraded mode was forced.
+            self.report_health().await;
             self.persist().await;
             return poll;
         }
@@ -449,6 +500,7 @@ impl<S: AgentServer> Engine<S> {
         let wait = match self.talk_to_server().await {
             Ok(()) => {
                 self.back_online().await;
+                self.report_health().await;
                 poll
             }
             Err(e) => self.round_failed(e).await,

@@ -4,7 +4,9 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use license_protocol::agent_api::{MachineLicenses, RenewCertificateResponse, SecretStatus};
+use license_protocol::agent_api::{
+    HealthReport, MachineLicenses, RenewCertificateResponse, SecretStatus,
+};
 use license_protocol::license_keys::LicenseKeySet;
 use license_protocol::rotation::{RotateSecretRequest, RotateSecretResponse};
 use license_protocol::server_trust::{AgentTrust, ServerTrust};
@@ -26,6 +28,11 @@ pub trait AgentServer: Send + Sync {
     fn ack_secret(&self, version: u64) -> impl Future<Output = Result<(), ClientError>> + Send;
     /// `GET /api/v1/licenses`.
     fn licenses(&self) -> impl Future<Output = Result<MachineLicenses, ClientError>> + Send;
+    /// `POST /api/v1/health`.
+    fn report_health(
+        &self,
+        report: &HealthReport,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send;
     /// `GET /api/v1/license-keys`, asked only when the secret status announces another set.
     fn license_keys(&self) -> impl Future<Output = Result<LicenseKeySet, ClientError>> + Send;
     /// `GET /api/v1/server-trust`, asked only when the secret status announces another one.
@@ -59,6 +66,10 @@ impl AgentServer for AgentApi {
 
     async fn licenses(&self) -> Result<MachineLicenses, ClientError> {
         self.current().licenses().await
+    }
+
+    async fn report_health(&self, report: &HealthReport) -> Result<(), ClientError> {
+        self.current().report_health(report).await
     }
 
     async fn license_keys(&self) -> Result<LicenseKeySet, ClientError> {

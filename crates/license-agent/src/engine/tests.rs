@@ -5,7 +5,9 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use license_protocol::agent_api::{MachineLicenses, RenewCertificateResponse, SecretStatus};
+use license_protocol::agent_api::{
+    HealthReport, MachineLicenses, RenewCertificateResponse, SecretStatus,
+};
 use license_protocol::identity::{ClientId, MachineId, MachineIdentity};
 use license_protocol::ipc::{Reason, Response};
 use license_protocol::license_keys::{AnnouncedKey, KeyId, KeyState, LicenseKeySet, TrustedKeys};
@@ -95,6 +97,8 @@ struct Script {
     reconnects: AtomicU64,
     /// The server's clock, as an offset from this machine's (seconds).
     clock_offset: std::sync::atomic::AtomicI64,
+    /// The health reports it received, in order.
+    health_reports: Mutex<Vec<HealthReport>>,
 }
 
 impl Script {
@@ -183,6 +187,15 @@ impl AgentServer for Arc<Script> {
             tokens: Vec::new(),
             revoked: Vec::new(),
         })
+    }
+
+    async fn report_health(&self, report: &HealthReport) -> Result<(), ClientError> {
+        self.gate()?;
+        self.health_reports
+            .lock()
+            .expect("reports")
+            .push(report.clone());
+        Ok(())
     }
 
     async fn license_keys(&self) -> Result<LicenseKeySet, ClientError> {
@@ -298,6 +311,7 @@ fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
         certificate_life: 3_600,
         csrs: Mutex::default(),
         reconnects: AtomicU64::new(0),
+        health_reports: Mutex::new(Vec::new()),
         clock_offset: std::sync::atomic::AtomicI64::new(0),
     });
     let ca_pem = script.ca.cert.pem();
@@ -349,6 +363,7 @@ fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
                 &dir.path().join("ca.pem"),
             ),
             identity: files,
+            tpm_configured: false,
         },
         tpm: None,
         alerts,

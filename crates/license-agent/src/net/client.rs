@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use license_protocol::agent_api::{
-    MachineLicenses, RenewCertificateRequest, RenewCertificateResponse, SecretStatus,
+    HealthReport, MachineLicenses, RenewCertificateRequest, RenewCertificateResponse, SecretStatus,
 };
 use license_protocol::enroll::{
     BootstrapRequest, BootstrapResponse, RecoverRequest, RecoverResponse,
@@ -160,6 +160,12 @@ impl ServerClient {
         let _: serde_json::Value = self
             .post("/api/v1/rotate-secret/ack", &AckRequest { secret_version })
             .await?;
+        Ok(())
+    }
+
+    /// `POST /api/v1/health`: the machine's health report (answered 204).
+    pub async fn report_health(&self, report: &HealthReport) -> Result<(), ClientError> {
+        let _: serde_json::Value = self.post("/api/v1/health", report).await?;
         Ok(())
     }
 

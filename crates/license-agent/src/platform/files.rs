@@ -65,6 +65,21 @@ pub fn ensure_dir(path: &Path, mode: u32) -> std::io::Result<()> {
         .create(path)
 }
 
+/// The gid `[ipc] socket_group` names, looked up in the system's group database.
+pub fn socket_gid(
+    ipc: &crate::config::IpcSection,
+) -> Result<Option<u32>, crate::config::ConfigError> {
+    let Some(group) = &ipc.socket_group else {
+        return Ok(None);
+    };
+    group_id(group)
+        .map(Some)
+        .ok_or_else(|| crate::config::ConfigError::Invalid {
+            key: "ipc.socket_group",
+            message: format!("no group named `{group}`"),
+        })
+}
+
 /// The gid of `group`: a number as is, else a name looked up in the group database (NSS).
 #[allow(unsafe_code)]
 pub fn group_id(group: &str) -> Option<u32> {

@@ -9,7 +9,7 @@
 //! the certificate is checked first and always refuses.
 //!
 //! Routes: secret rotation and its acknowledgement, secret status, the license key set, the
-//! machine's license tokens, online license validation, certificate renewal.
+//! machine's license tokens, online license validation, certificate renewal, health reports.
 
 use std::sync::Arc;
 
@@ -18,7 +18,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use license_protocol::agent_api::{
-    MachineLicenses, RenewCertificateRequest, RenewCertificateResponse, SecretStatus,
+    HealthReport, MachineLicenses, RenewCertificateRequest, RenewCertificateResponse, SecretStatus,
     ValidateLicenseRequest, ValidateLicenseResponse,
 };
 use license_protocol::error::{ApiError, ErrorCode};
@@ -36,6 +36,7 @@ use crate::service::enroll::PresentedCertificate;
 use crate::service::{enroll, licenses, secrets, SharedState};
 use crate::store::audit::{self, NewAuditEvent};
 use crate::store::certificates::{self, CertState};
+use crate::store::machines;
 
 /// The one route that accepts an expired (within the window) or superseded certificate.
 pub const RENEW_PATH: &str = "/api/v1/renew-certificate";
@@ -67,6 +68,7 @@ pub fn router() -> OpenApiRouter<SharedState> {
         .routes(routes!(machine_licenses))
         .routes(routes!(validate_license))
         .routes(routes!(renew_certificate))
+        .routes(routes!(report_health))
 }
 
 fn refuse(code: ErrorCode, message: &str) -> Response {
@@ -164,6 +166,15 @@ pub async fn authenticate(
             return refuse(ErrorCode::CertificateExpired, &message);
         }
     }
+    // Seen: written at most once per LAST_SEEN_RESOLUTION_SECS, not on every poll.
+    let stale = auth
+        .last_seen_at
+        .is_none_or(|t| now.0 - t.0 >= machines::LAST_SEEN_RESOLUTION_SECS);
+    if stale {
+        if let Err(e) = machines::touch_seen(state.store.pool(), &auth.machine_id, now).await {
+            tracing::warn!(error = %e, "cannot record when the machine was last seen");
+        }
+    }
     req.extensions_mut().insert(AuthenticatedMachine {
         identity,
         serial: peer.serial.clone(),
@@ -251,6 +262,41 @@ async fn ack_secret(
         )
         .await?,
     ))
+}
+
+/// The calling machine's health report: kept as its latest (written only when it changed) and
+/// shown to operators (`admin machine show`, the dashboard, `/metrics`).
+#[utoipa::path(post, path = "/api/v1/health", tag = "agent",
+    request_body = HealthReport,
+    responses((status = 204, description = "report kept"),
+              (status = 400, description = "`invalid_request`: a field is too long or not printable", body = ApiError),
+              (status = 403, body = ApiError)))]
+async fn report_health(
+    State(state): State<SharedState>,
+    Extension(machine): Extension<AuthenticatedMachine>,
+    ApiJson(report): ApiJson<HealthReport>,
+) -> Result<axum::http::StatusCode, ApiFailure> {
+    if !report.is_well_formed() {
+        return Err(ApiFailure::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidRequest,
+            format!(
+                "agent_version, store and degraded_mode must be printable and at most {} bytes",
+                HealthReport::MAX_FIELD_BYTES
+            ),
+        ));
+    }
+    // Re-serialized from the parsed report: only known fields are stored.
+    let json = serde_json::to_string(&report).map_err(|e| {
+        ApiFailure::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::InternalError,
+            format!("health report: {e}"),
+        )
+    })?;
+    let machine_id = machine.identity.machine_id.to_string();
+    machines::set_health(state.store.pool(), &machine_id, &json, Timestamp::now()).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
 /// State of the calling machine's secrets: forced rotations and invalidated versions.

@@ -68,6 +68,8 @@ pub struct CertificateAuth {
     pub state: CertState,
     pub expires_at: Timestamp,
     pub machine_revoked: bool,
+    /// The machine's `last_seen_at`.
+    pub last_seen_at: Option<Timestamp>,
     /// The certificate as issued (DER): the one presented must be exactly it, not another
     /// with the same serial.
     pub der: Vec<u8>,
@@ -115,7 +117,8 @@ fn certificate(row: &AnyRow, now: Timestamp) -> Result<CertificateRecord> {
 /// The per-request check of the agent listener: one indexed lookup, no cache, so that a
 /// revocation is seen by every replica at the next request.
 pub async fn auth<'e>(ex: impl AnyExecutor<'e>, serial: &str) -> Result<Option<CertificateAuth>> {
-    let sql = "SELECT c.machine_id, c.client_id, c.state, c.expires_at, c.pem, m.revoked_at \
+    let sql = "SELECT c.machine_id, c.client_id, c.state, c.expires_at, c.pem, m.revoked_at, \
+               m.last_seen_at \
                FROM certificates c JOIN machines m ON m.id = c.machine_id WHERE c.serial = $1";
     find_one(ex, sql, serial, |row| {
         let pem: String = row.try_get("pem")?;
@@ -125,6 +128,7 @@ pub async fn auth<'e>(ex: impl AnyExecutor<'e>, serial: &str) -> Result<Option<C
             state: CertState::parse(&row.try_get::<String, _>("state")?)?,
             expires_at: ts(row, "expires_at")?,
             machine_revoked: opt_ts(row, "revoked_at")?.is_some(),
+            last_seen_at: opt_ts(row, "last_seen_at")?,
             der: crate::datadir::pem_first_der(&pem).ok_or_else(|| {
                 StoreError::Corrupt(format!("certificate {serial} is not stored as PEM"))
             })?,

@@ -26,7 +26,54 @@ pub struct MachineRecord {
     pub rotation_requested_at: Option<Timestamp>,
     /// When the machine last recovered with its recovery token (new key, new certificate).
     pub recovered_at: Option<Timestamp>,
+    /// When the machine last made a request to the agent listener (to within
+    /// [`LAST_SEEN_RESOLUTION_SECS`]).
+    pub last_seen_at: Option<Timestamp>,
+    /// The machine's latest health report (`POST /api/v1/health`), as it sent it.
+    #[schema(value_type = Option<Object>)]
+    pub health: Option<serde_json::Value>,
+    /// When that report last changed.
+    pub health_reported_at: Option<Timestamp>,
 }
+
+impl MachineRecord {
+    /// The problems the latest health report shows, comma-separated (`ok` when none, `-`
+    /// without a report): `degraded`, `tpm_fallback` (TPM configured, file store in use),
+    /// `rotation_failures=N`, `clock_rollback`, `audit_chain_broken`.
+    pub fn health_summary(&self) -> String {
+        let Some(report) = &self.health else {
+            return "-".into();
+        };
+        let mut problems = Vec::new();
+        if report["degraded_mode"]
+            .as_str()
+            .is_some_and(|m| m != "inactive")
+        {
+            problems.push("degraded".to_string());
+        }
+        if report["tpm_enabled"] == true && report["tpm_available"] == false {
+            problems.push("tpm_fallback".into());
+        }
+        if let Some(n) = report["rotation_failures"].as_u64().filter(|n| *n > 0) {
+            problems.push(format!("rotation_failures={n}"));
+        }
+        if !report["clock_rollback_secs"].is_null() {
+            problems.push("clock_rollback".into());
+        }
+        if report["audit_chain_ok"] == false {
+            problems.push("audit_chain_broken".into());
+        }
+        if problems.is_empty() {
+            "ok".into()
+        } else {
+            problems.join(",")
+        }
+    }
+}
+
+/// `last_seen_at` is written when it is older than this: a machine polling every minute costs
+/// one write in five minutes, not one per poll.
+pub const LAST_SEEN_RESOLUTION_SECS: i64 = 300;
 
 /// Why a recovery token could not be consumed. Only the holder of the machine's current
 /// token learns that the machine is revoked; every other case is one answer on the wire.
@@ -54,7 +101,8 @@ impl RecoveryProblem {
 
 const MACHINE_SELECT: &str =
     "SELECT m.id, m.client_id, m.hostname, m.hardware_id, m.arch, m.enrolled_at, \
-     m.last_enrolled_at, m.revoked_at, m.rotation_requested_at, m.recovered_at, c.serial AS cert_serial, c.expires_at AS cert_expires_at \
+     m.last_enrolled_at, m.revoked_at, m.rotation_requested_at, m.recovered_at, m.last_seen_at, \
+     m.health_report, m.health_reported_at, c.serial AS cert_serial, c.expires_at AS cert_expires_at \
      FROM machines m LEFT JOIN certificates c ON c.machine_id = m.id AND c.state = 'active'";
 
 fn machine(row: &AnyRow) -> Result<MachineRecord> {
@@ -71,7 +119,49 @@ fn machine(row: &AnyRow) -> Result<MachineRecord> {
         certificate_expires_at: opt_ts(row, "cert_expires_at")?,
         rotation_requested_at: opt_ts(row, "rotation_requested_at")?,
         recovered_at: opt_ts(row, "recovered_at")?,
+        last_seen_at: opt_ts(row, "last_seen_at")?,
+        health: row
+            .try_get::<Option<String>, _>("health_report")?
+            .map(|text| serde_json::from_str(&text))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("machine health report: {e}")))?,
+        health_reported_at: opt_ts(row, "health_reported_at")?,
     })
+}
+
+/// Records that the machine was seen at `now`, when the stored time is older than
+/// [`LAST_SEEN_RESOLUTION_SECS`] (the caller read it with the request's authentication).
+pub async fn touch_seen<'e>(ex: impl AnyExecutor<'e>, id: &str, now: Timestamp) -> Result<()> {
+    sqlx::query(
+        "UPDATE machines SET last_seen_at = $1 \
+         WHERE id = $2 AND (last_seen_at IS NULL OR last_seen_at <= $3)",
+    )
+    .bind(now.0)
+    .bind(id)
+    .bind(now.0 - LAST_SEEN_RESOLUTION_SECS)
+    .execute(ex)
+    .await?;
+    Ok(())
+}
+
+/// Stores the machine's health report (`json`) when it differs from the stored one. Returns
+/// whether it changed.
+pub async fn set_health<'e>(
+    ex: impl AnyExecutor<'e>,
+    id: &str,
+    json: &str,
+    now: Timestamp,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE machines SET health_report = $1, health_reported_at = $2 \
+         WHERE id = $3 AND (health_report IS NULL OR health_report <> $1)",
+    )
+    .bind(json)
+    .bind(now.0)
+    .bind(id)
+    .execute(ex)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// Machines, of one client or all, in enrollment order.
