@@ -12,6 +12,7 @@ pub mod admin;
 pub mod agent;
 pub mod error;
 pub mod listener;
+pub mod metrics;
 pub mod public;
 pub mod tls;
 
@@ -150,13 +151,25 @@ pub async fn run(
     let doc = OpenApiDocument(Arc::new(doc.to_json().unwrap_or_else(|_| "{}".into())));
     let limiter = public::bootstrap_limiter(state.settings.bootstrap_rate_per_minute);
 
-    let public = body_limit(
-        public.layer(middleware::from_fn(public::rate_limit)),
-        public::MAX_PUBLIC_BODY_BYTES,
+    let http_metrics = metrics::HttpMetrics::default();
+    let tracked = |router: Router<SharedState>, listener: &'static str| {
+        router.route_layer(middleware::from_fn_with_state(
+            (http_metrics.clone(), listener),
+            metrics::track,
+        ))
+    };
+    // The rate limit inside the request counter, so its 429s are counted.
+    let public = public.route_layer(middleware::from_fn(public::rate_limit));
+    let (public, agent) = (tracked(public, "public"), tracked(agent, "agent"));
+    let admin = tracked(
+        admin.route("/metrics", axum::routing::get(metrics::serve)),
+        "admin",
     )
-    .layer(Extension(limiter.clone()))
-    .layer(Extension(doc))
-    .with_state(state.clone());
+    .layer(Extension(http_metrics.clone()));
+    let public = body_limit(public, public::MAX_PUBLIC_BODY_BYTES)
+        .layer(Extension(limiter.clone()))
+        .layer(Extension(doc))
+        .with_state(state.clone());
     let agent = body_limit(
         agent.layer(middleware::from_fn_with_state(
             state.clone(),

@@ -15,6 +15,7 @@ pub mod admin_tokens;
 pub mod audit;
 pub mod certificates;
 pub mod clients;
+pub mod fleet;
 pub mod install_tokens;
 pub mod licenses;
 pub mod machines;
