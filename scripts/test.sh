@@ -6,7 +6,8 @@
 # the server database and run a client as another user), the TPM stack (libtss2-dev to build,
 # swtpm and swtpm-tools for the TPM tests, tpm2-tools), promtool, strace and systemd-analyze (the
 # unit's syscall filter and exposure), apparmor_parser, faketime (the lifetime tests move real
-# processes' clocks with libfaketime), and PostgreSQL (server and psql). Tests that use
+# processes' clocks with libfaketime), python3-venv (schemathesis, below), and PostgreSQL (server
+# and psql). Tests that use
 # PostgreSQL create their own database on 127.0.0.1:5432 and drop it afterwards; when no
 # PostgreSQL answers there, this script installs and starts one and lets loopback connect
 # as `postgres` without a password (trust), as on the project's CI machines.
@@ -24,6 +25,8 @@ command -v psql >/dev/null || packages+=(postgresql-client)
 command -v sqlite3 >/dev/null || packages+=(sqlite3)
 command -v setpriv >/dev/null || packages+=(util-linux)
 [ -x /usr/bin/python3 ] || packages+=(python3)
+# A virtualenv for schemathesis (Debian ships venv's bootstrap separately).
+if command -v dpkg >/dev/null && ! dpkg -s python3-venv >/dev/null 2>&1; then packages+=(python3-venv); fi
 # TPM: headers to build against the system TSS, swtpm for the TPM tests, tpm2-tools for debugging.
 pkg-config --exists tss2-esys tss2-tctildr 2>/dev/null || packages+=(libtss2-dev)
 command -v swtpm >/dev/null || packages+=(swtpm)
@@ -64,6 +67,17 @@ if [ -z "${LSA_TEST_POSTGRES:-}" ] && ! postgres_ready; then
   as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
   for _ in $(seq 1 30); do postgres_ready && break; sleep 1; done
   postgres_ready || { echo "PostgreSQL does not answer on 127.0.0.1:5432" >&2; exit 1; }
+fi
+
+# schemathesis (PyPI) holds the server's OpenAPI document to what it answers
+# (crates/license-server/tests/openapi_conformance.rs, which installs it itself when this did
+# not); it lives in a virtualenv under the target directory, at the version pinned there.
+requirements=crates/license-server/tests/schemathesis.requirements.txt
+venv="${CARGO_TARGET_DIR:-target}/tmp/schemathesis-venv"
+if ! "$venv/bin/pip" freeze 2>/dev/null | grep -qxF -f "$requirements"; then
+  say "installing $(cat "$requirements") into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --requirement "$requirements"
 fi
 
 say "cargo fmt --check"

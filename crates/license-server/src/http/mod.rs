@@ -13,6 +13,7 @@ pub mod agent;
 pub mod error;
 pub mod listener;
 pub mod public;
+pub mod refusals;
 pub mod tls;
 
 use std::future::Future;
