@@ -1,7 +1,8 @@
 //! The served OpenAPI document against what a real server answers: schemathesis (PyPI)
 //! generates requests from `/api/openapi.json` — valid ones, and ones the document forbids —
-//! sends them to the public and the admin listener (with an admin token), and checks every
-//! answer with all its default checks: no server error, every status and content type
+//! sends them to the public listener, the agent listener (with an enrolled machine's
+//! certificate) and the admin listener (with an admin token), and checks every answer with all
+//! its default checks: no server error, every status and content type
 //! documented, every body matching its schema, forbidden requests refused, allowed ones not
 //! refused as malformed. Its settings, and the few exceptions with their reasons, are in
 //! `tests/schemathesis.toml`.
@@ -9,7 +10,7 @@
 //! schemathesis runs from a virtualenv under the target directory, which `scripts/test.sh`
 //! creates; when it is missing this test creates it (`python3 -m venv`, then `pip install` of
 //! `tests/schemathesis.requirements.txt`), and fails if it cannot. `LSA_SCHEMATHESIS` names
-//! another schemathesis executable. About 30 s on two cores.
+//! another schemathesis executable. About 30 s on two cores (plus about 20 s for the install).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -67,14 +68,15 @@ fn schemathesis() -> PathBuf {
     exe
 }
 
-/// Runs schemathesis over the operations tagged `tag`, sending them to `base_url`; returns its
-/// output after asserting it found nothing and tested `operations` operations.
+/// Runs schemathesis over the operations tagged `tag`, sending them to `base_url` with the
+/// extra arguments `extra`; returns its output after asserting it found nothing and tested
+/// `operations` operations.
 fn conformance_run(
     schemathesis: &Path,
     server: &TestServer,
     tag: &str,
     base_url: &str,
-    headers: &[String],
+    extra: &[&str],
     operations: usize,
 ) -> String {
     let started = Instant::now();
@@ -86,10 +88,8 @@ fn conformance_run(
         .args(["--url", base_url, "--include-tag", tag])
         .arg("--tls-verify")
         .arg(&ca)
-        .args(["--max-examples", MAX_EXAMPLES]);
-    for header in headers {
-        command.args(["--header", header]);
-    }
+        .args(["--max-examples", MAX_EXAMPLES])
+        .args(extra);
     // Reports and caches go to the test's own directory.
     let out = command.current_dir(server.dir.path()).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -118,7 +118,7 @@ fn conformance_run(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_public_and_admin_apis_answer_as_their_openapi_document_says() {
+async fn the_public_agent_and_admin_apis_answer_as_their_openapi_document_says() {
     let schemathesis = schemathesis();
     // Bootstrap and recovery past their per-address quota answer 429 before any other check;
     // a high quota lets the generated requests reach the code behind it.
@@ -126,8 +126,12 @@ async fn the_public_and_admin_apis_answer_as_their_openapi_document_says() {
         TestServer::start_configured(Db::Sqlite, "bootstrap_rate_per_minute = 100000", &[], &[]);
     // Records for the lists to answer with, so their schemas are checked on real rows: a
     // client with an unused install token, an enrolled machine, its certificate, a license.
-    let (client, enrolled, _key) = server.enrolled_machine("Conformance", "HW-OPENAPI-1").await;
+    let (client, enrolled, key) = server.enrolled_machine("Conformance", "HW-OPENAPI-1").await;
     server.new_token(&client);
+    let cert_file = server.dir.path().join("machine.pem");
+    let key_file = server.dir.path().join("machine.key");
+    std::fs::write(&cert_file, enrolled["certificate"].as_str().unwrap()).unwrap();
+    std::fs::write(&key_file, &key).unwrap();
     let machine = enrolled["machine_id"].as_str().unwrap();
     server.admin_json(&[
         "license",
@@ -159,12 +163,27 @@ async fn the_public_and_admin_apis_answer_as_their_openapi_document_says() {
         &[],
         6,
     );
+    // Before the admin run, which revokes and deletes machines.
+    conformance_run(
+        &schemathesis,
+        &server,
+        "agent",
+        &server.server.agent_url,
+        &[
+            "--request-cert",
+            cert_file.to_str().unwrap(),
+            "--request-cert-key",
+            key_file.to_str().unwrap(),
+        ],
+        8,
+    );
+    let bearer = format!("Authorization: Bearer {token}");
     conformance_run(
         &schemathesis,
         &server,
         "admin",
         &server.server.admin_url,
-        &[format!("Authorization: Bearer {token}")],
+        &["--header", &bearer],
         22,
     );
     // Whatever it sent, the server is still serving.

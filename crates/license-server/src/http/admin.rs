@@ -167,7 +167,7 @@ pub struct CreateInstallToken {
     #[schema(format = Uuid)]
     pub client_id: String,
     /// Lifetime in seconds, from a minute to 30 days (default 86400).
-    #[serde(default, deserialize_with = "whole_number")]
+    #[serde(default, deserialize_with = "license_protocol::whole::option_u64")]
     #[schema(minimum = 60, maximum = 2592000)]
     pub ttl_secs: Option<u64>,
 }
@@ -213,31 +213,8 @@ pub struct IssueLicense {
     #[schema(format = DateTime)]
     pub expires_at: Option<String>,
     /// Expiry relative to now, instead of `expires_at`.
-    #[serde(default, deserialize_with = "whole_number")]
+    #[serde(default, deserialize_with = "license_protocol::whole::option_u64")]
     pub expires_in_secs: Option<u64>,
-}
-
-/// A JSON number without a fractional part, as JSON Schema's `integer` is: `60` and `60.0`
-/// alike (the OpenAPI document says `integer`, and generated clients may write either).
-fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    use serde::de::Error as _;
-    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
-        return Ok(None);
-    };
-    if let Some(n) = n.as_u64() {
-        return Ok(Some(n));
-    }
-    match n.as_f64() {
-        // Below 2^53 every whole f64 is exact, and its conversion to u64 too.
-        Some(f) if f.fract() == 0.0 && (0.0..9_007_199_254_740_992.0).contains(&f) =>
-        {
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-            Ok(Some(f as u64))
-        }
-        _ => Err(D::Error::custom(format!(
-            "invalid value: {n}, expected a non-negative integer"
-        ))),
-    }
 }
 
 /// A feature or metadata key: what `service::licenses` accepts.
