@@ -7,10 +7,17 @@
 # `--pinnedpubkey` makes curl refuse any server whose key is not the pinned one, which is a
 # stronger check. Every later request (binary download, enrollment) is pinned the same way.
 #
+# With `--refresh-network` instead of a token it only rewrites the unit from the installed
+# config: run it again when the server's addresses (or the alert webhook's, or the DNS servers)
+# change, since the unit lets the agent reach those addresses and no others.
+#
 # Environment:
 #   LICENSE_AGENT_PREFIX       install under this directory instead of / (tests, images);
 #                              users and systemd are then left alone.
 #   LICENSE_AGENT_HARDWARE_ID  override the detected hardware id.
+#   LICENSE_AGENT_IP_ALLOW     more addresses or prefixes the agent may reach (systemd's
+#                              IPAddressAllow= syntax, space-separated), e.g. a DHCP network
+#                              whose DNS servers change.
 set -euo pipefail
 
 SERVER_URL='@PUBLIC_URL@'
@@ -21,10 +28,18 @@ PREFIX="${LICENSE_AGENT_PREFIX:-}"
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
 
+REFRESH_NETWORK=false
+if [ "${1:-}" = --refresh-network ]; then
+  REFRESH_NETWORK=true
+  shift
+fi
 # The token as the seed's one-liner gives it, or from LICENSE_AGENT_TOKEN (which keeps it out
 # of this shell's command line, visible in `ps`).
 TOKEN="${1:-${LICENSE_AGENT_TOKEN:-}}"
-[ -n "$TOKEN" ] || { echo "usage: install.sh TOKEN (or LICENSE_AGENT_TOKEN=… in the environment)" >&2; exit 2; }
+if ! $REFRESH_NETWORK && [ -z "$TOKEN" ]; then
+  echo "usage: install.sh TOKEN (or LICENSE_AGENT_TOKEN=… in the environment), or install.sh --refresh-network" >&2
+  exit 2
+fi
 [ "$(uname -s)" = Linux ] || die "only Linux is supported"
 case "$(uname -m)" in
   x86_64|amd64) ARCH=amd64 ;;
@@ -35,13 +50,138 @@ esac
 if [ -z "$PREFIX" ] && [ "$(id -u)" -ne 0 ]; then
   die "run as root (… | sudo bash -s -- TOKEN) or set LICENSE_AGENT_PREFIX"
 fi
-command -v curl >/dev/null || die "curl is required"
 
 BIN_DIR="$PREFIX/usr/bin"
 ETC_DIR="$PREFIX/etc/license-agent"
 STATE_DIR="$PREFIX/var/lib/license-agent"
 LOG_DIR="$PREFIX/var/log/license-agent"
 UNIT_DIR="$PREFIX/etc/systemd/system"
+
+# The host of a URL from config.toml: `https://name:8444/…` → name, `https://[2001:db8::1]:8444` →
+# 2001:db8::1.
+url_host() {
+  local rest="${1#*://}"
+  rest="${rest%%/*}"
+  rest="${rest##*@}"
+  case "$rest" in
+    \[*) rest="${rest#[}"; printf '%s\n' "${rest%%]*}" ;;
+    *) printf '%s\n' "${rest%%:*}" ;;
+  esac
+}
+
+# What the agent may reach (seed §2.1, "no network except to the license server"): the
+# addresses of the hosts in the installed config — the server's agent and public URLs, and the
+# alert webhook's when one is set — resolved now, plus, when one of them is a name and not an
+# address, the DNS servers of /etc/resolv.conf (the agent resolves the name at each
+# connection), plus LICENSE_AGENT_IP_ALLOW. Sorted, space-separated. Fails when a host does not
+# resolve: a unit without its server's addresses would cut the agent off.
+agent_ip_allow() {
+  local config="$1" url host resolved names=false addresses=()
+  while IFS= read -r url; do
+    host="$(url_host "$url")"
+    [ -n "$host" ] || die "no host in $url ($config)"
+    case "$host" in
+      *:*) addresses+=("$host"); continue ;;     # an IPv6 address
+      *[!0-9.]*) ;;                              # a name
+      *) addresses+=("$host"); continue ;;       # an IPv4 address
+    esac
+    names=true
+    resolved="$(getent ahosts "$host" | awk '{ print $1 }' | sort -u)" || true
+    [ -n "$resolved" ] || die "cannot resolve $host (from $config): the agent's unit needs its addresses"
+    addresses+=($resolved)
+  done < <(sed -n 's/^[[:space:]]*\(url\|public_url\|webhook_url\)[[:space:]]*=[[:space:]]*"\([^"]*\)".*/\2/p' "$config")
+  [ "${#addresses[@]}" -gt 0 ] || die "no server URL in $config"
+  if $names; then
+    addresses+=($(awk '$1 == "nameserver" { sub(/%.*/, "", $2); print $2 }' /etc/resolv.conf 2>/dev/null))
+  fi
+  addresses+=(${LICENSE_AGENT_IP_ALLOW:-})
+  printf '%s\n' "${addresses[@]}" | sort -u | paste -sd ' ' -
+}
+
+# The systemd unit, with the network restricted to IP_ALLOW.
+write_unit() {
+  local ip_allow="$1"
+  mkdir -p "$UNIT_DIR"
+  cat > "$UNIT_DIR/license-agent.service" <<UNIT
+[Unit]
+Description=License Secret Agent
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=notify
+User=license-agent
+Group=license-agent
+SupplementaryGroups=tss license-clients
+ExecStart=/usr/bin/license-agent run --config /etc/license-agent/config.toml
+ExecReload=/bin/kill -HUP \$MAINPID
+Restart=on-failure
+RestartSec=5s
+WatchdogSec=30s
+TimeoutStopSec=20s
+# The TSS library's own error lines for expected failures (e.g. a tampered blob) stay out of the journal.
+Environment=TSS2_LOG=all+NONE
+LimitCORE=0
+# Each secret sits in a page of its own locked in RAM.
+LimitMEMLOCK=8M
+NoNewPrivileges=true
+CapabilityBoundingSet=
+AmbientCapabilities=
+PrivateMounts=true
+ProtectProc=invisible
+ProcSubset=pid
+RemoveIPC=true
+PrivateTmp=true
+ProtectSystem=strict
+ProtectHome=true
+# /etc/license-agent too: recovery and renewal rewrite the key, certificate and recovery token.
+ReadWritePaths=/etc/license-agent /var/lib/license-agent /var/log/license-agent /run/license-agent
+RuntimeDirectory=license-agent
+RuntimeDirectoryMode=0755
+DevicePolicy=closed
+DeviceAllow=/dev/tpmrm0 rw
+ProtectKernelTunables=true
+ProtectKernelModules=true
+ProtectKernelLogs=true
+ProtectControlGroups=true
+ProtectClock=true
+ProtectHostname=true
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+# No network but the license server (with the DNS servers its name needs) and the alert
+# webhook: the addresses install.sh resolved from config.toml. When they change, run
+# install.sh --refresh-network again (docs/OPERATIONS.md).
+IPAddressDeny=any
+IPAddressAllow=$ip_allow
+RestrictNamespaces=true
+RestrictRealtime=true
+RestrictSUIDSGID=true
+LockPersonality=true
+MemoryDenyWriteExecute=true
+SystemCallArchitectures=native
+# Checked by crates/license-agent/tests/systemd.rs against every syscall the agent makes.
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+UMask=0077
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+}
+
+if $REFRESH_NETWORK; then
+  [ -f "$ETC_DIR/config.toml" ] || die "$ETC_DIR/config.toml missing: install (enroll) first"
+  IP_ALLOW="$(agent_ip_allow "$ETC_DIR/config.toml")"
+  say "rewriting the systemd unit (network: $IP_ALLOW)"
+  write_unit "$IP_ALLOW"
+  if [ -z "$PREFIX" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    systemctl try-restart license-agent.service
+  fi
+  exit 0
+fi
+
+command -v curl >/dev/null || die "curl is required"
 mkdir -p "$BIN_DIR" "$ETC_DIR" "$STATE_DIR" "$LOG_DIR" "$UNIT_DIR"
 chmod 0700 "$ETC_DIR" "$STATE_DIR"
 
@@ -87,68 +227,10 @@ if [ -e "$ETC_DIR/config.toml" ]; then
 fi
 LICENSE_AGENT_TOKEN="$TOKEN" "$BIN_DIR/license-agent" "$@"
 unset TOKEN
+IP_ALLOW="$(agent_ip_allow "$ETC_DIR/config.toml")"
 
-say "installing systemd unit"
-cat > "$UNIT_DIR/license-agent.service" <<UNIT
-[Unit]
-Description=License Secret Agent
-After=network-online.target
-Wants=network-online.target
-
-[Service]
-Type=notify
-User=license-agent
-Group=license-agent
-SupplementaryGroups=tss license-clients
-ExecStart=/usr/bin/license-agent run --config /etc/license-agent/config.toml
-ExecReload=/bin/kill -HUP \$MAINPID
-Restart=on-failure
-RestartSec=5s
-WatchdogSec=30s
-TimeoutStopSec=20s
-# The TSS library's own error lines for expected failures (e.g. a tampered blob) stay out of the journal.
-Environment=TSS2_LOG=all+NONE
-LimitCORE=0
-# Each secret sits in a page of its own locked in RAM.
-LimitMEMLOCK=8M
-NoNewPrivileges=true
-CapabilityBoundingSet=
-AmbientCapabilities=
-PrivateMounts=true
-ProtectProc=invisible
-ProcSubset=pid
-RemoveIPC=true
-PrivateTmp=true
-ProtectSystem=strict
-ProtectHome=true
-# /etc/license-agent too: recovery and renewal rewrite the key, certificate and recovery token.
-ReadWritePaths=/etc/license-agent /var/lib/license-agent /var/log/license-agent /run/license-agent
-RuntimeDirectory=license-agent
-RuntimeDirectoryMode=0755
-DevicePolicy=closed
-DeviceAllow=/dev/tpmrm0 rw
-ProtectKernelTunables=true
-ProtectKernelModules=true
-ProtectKernelLogs=true
-ProtectControlGroups=true
-ProtectClock=true
-ProtectHostname=true
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
-RestrictNamespaces=true
-RestrictRealtime=true
-RestrictSUIDSGID=true
-LockPersonality=true
-MemoryDenyWriteExecute=true
-SystemCallArchitectures=native
-# Checked by crates/license-agent/tests/systemd.rs against every syscall the agent makes.
-SystemCallFilter=@system-service
-SystemCallFilter=~@privileged @resources
-SystemCallErrorNumber=EPERM
-UMask=0077
-
-[Install]
-WantedBy=multi-user.target
-UNIT
+say "installing systemd unit (network: $IP_ALLOW)"
+write_unit "$IP_ALLOW"
 
 # AppArmor profile, loaded in complain mode: violations are logged (audit/kernel log) without
 # blocking, so a path the profile missed cannot stop validations on a till. After a quiet

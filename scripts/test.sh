@@ -6,7 +6,8 @@
 # the server database and run a client as another user), the TPM stack (libtss2-dev to build,
 # swtpm and swtpm-tools for the TPM tests, tpm2-tools), promtool, strace and systemd-analyze (the
 # unit's syscall filter and exposure), apparmor_parser, faketime (the lifetime tests move real
-# processes' clocks with libfaketime), and PostgreSQL (server and psql). Tests that use
+# processes' clocks with libfaketime), python3-venv (schemathesis, below), and PostgreSQL (server
+# and psql). Tests that use
 # PostgreSQL create their own database on 127.0.0.1:5432 and drop it afterwards; when no
 # PostgreSQL answers there, this script installs and starts one and lets loopback connect
 # as `postgres` without a password (trust), as on the project's CI machines.
@@ -24,6 +25,8 @@ command -v psql >/dev/null || packages+=(postgresql-client)
 command -v sqlite3 >/dev/null || packages+=(sqlite3)
 command -v setpriv >/dev/null || packages+=(util-linux)
 [ -x /usr/bin/python3 ] || packages+=(python3)
+# A virtualenv for schemathesis (Debian ships venv's bootstrap separately).
+if command -v dpkg >/dev/null && ! dpkg -s python3-venv >/dev/null 2>&1; then packages+=(python3-venv); fi
 # TPM: headers to build against the system TSS, swtpm for the TPM tests, tpm2-tools for debugging.
 pkg-config --exists tss2-esys tss2-tctildr 2>/dev/null || packages+=(libtss2-dev)
 command -v swtpm >/dev/null || packages+=(swtpm)
@@ -66,10 +69,39 @@ if [ -z "${LSA_TEST_POSTGRES:-}" ] && ! postgres_ready; then
   postgres_ready || { echo "PostgreSQL does not answer on 127.0.0.1:5432" >&2; exit 1; }
 fi
 
+# schemathesis (PyPI) holds the server's OpenAPI document to what it answers
+# (crates/license-server/tests/openapi_conformance.rs, which installs it itself when this did
+# not); it lives in a virtualenv under the target directory, at the version pinned there.
+requirements=crates/license-server/tests/schemathesis.requirements.txt
+venv="${CARGO_TARGET_DIR:-target}/tmp/schemathesis-venv"
+if ! "$venv/bin/pip" freeze 2>/dev/null | grep -qxF -f "$requirements"; then
+  say "installing $(cat "$requirements") into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --requirement "$requirements"
+fi
+
 say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# cargo-deny checks the dependency tree against deny.toml (licenses, banned and duplicate
+# crates, crates.io as the only source). Installing it compiles it: 4.5 minutes on two cores,
+# once per machine.
+if ! command -v cargo-deny >/dev/null; then
+  say "installing cargo-deny (cargo install --locked)"
+  cargo install cargo-deny --locked
+fi
+say "cargo deny check licenses bans sources"
+cargo deny --locked check licenses bans sources
+# Advisories need the RustSec database, a git repository this machine may not reach: checked
+# only against a copy already on the machine, never fetched here.
+advisory_db="${CARGO_HOME:-$HOME/.cargo}/advisory-dbs"
+if [ -n "$(ls -A "$advisory_db" 2>/dev/null)" ]; then
+  say "cargo deny check advisories (the RustSec copy in $advisory_db, not fetched)"
+  cargo deny --locked --offline check advisories
+else
+  say "no RustSec database in $advisory_db: advisories not checked (\`cargo deny fetch db\` where the network allows)"
+fi
 say "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 say "cargo build --bins (the integration tests run license-agent, another package's binary)"

@@ -1,7 +1,8 @@
 //! systemd integration with a real notify socket: READY, STATUS, WATCHDOG at half of
 //! `WATCHDOG_USEC`, STOPPING and exit 0 on SIGTERM (also while a round hangs on the server);
 //! SIGHUP reloads the config, rejecting a broken one and keeping the running configuration; the
-//! unit's syscall filter admits every syscall the agent makes (strace + systemd-analyze).
+//! unit's syscall filter admits every syscall the agent makes (strace + systemd-analyze); the
+//! unit install.sh writes lets the agent reach its server's addresses and no others.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -144,7 +145,7 @@ fn syscall_set(item: &str, into: &mut std::collections::BTreeSet<String>) {
 fn the_units_syscall_filter_admits_every_syscall_the_agent_makes() {
     use std::collections::BTreeSet;
     // The unit install.sh writes: allow-lists, then deny-lists (a line starting with `~`).
-    let unit = agent_unit();
+    let unit = unit_for(GIVEN_SERVER, None);
     let (mut allowed, mut denied) = (BTreeSet::new(), BTreeSet::new());
     for line in unit
         .lines()
@@ -247,23 +248,114 @@ fn the_units_syscall_filter_admits_every_syscall_the_agent_makes() {
     );
 }
 
-/// The unit install.sh writes, as systemd would read it.
-fn agent_unit() -> String {
-    let script = include_str!("../../../packaging/install.sh");
-    let start = script
-        .find("<<UNIT\n")
-        .expect("install.sh writes the unit from a here-document");
-    let body = &script[start + "<<UNIT\n".len()..];
-    let end = body.find("\nUNIT\n").expect("end of the unit");
-    // The unquoted here-document turns `\$` into `$`.
-    body[..end + 1].replace("\\$", "$")
+/// The config of an agent whose server is at 192.0.2.10 (agent and public listeners).
+const GIVEN_SERVER: &str = "[server]\n\
+    url = \"https://192.0.2.10:8444\"\n\
+    public_url = \"https://192.0.2.10:8443\"\n";
+
+/// The unit `install.sh --refresh-network` writes for an installed agent whose config.toml is
+/// `config` (under a prefix: nothing outside a temp directory changes), with
+/// `LICENSE_AGENT_IP_ALLOW` set to `ip_allow`.
+fn unit_for(config: &str, ip_allow: Option<&str>) -> String {
+    let root = tempfile::tempdir().unwrap();
+    let etc = root.path().join("etc/license-agent");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(etc.join("config.toml"), config).unwrap();
+    let mut install = std::process::Command::new("bash");
+    install
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../packaging/install.sh"
+        ))
+        .arg("--refresh-network")
+        .env("LICENSE_AGENT_PREFIX", root.path())
+        .env_remove("LICENSE_AGENT_IP_ALLOW");
+    if let Some(extra) = ip_allow {
+        install.env("LICENSE_AGENT_IP_ALLOW", extra);
+    }
+    let out = install.output().unwrap();
+    assert!(
+        out.status.success(),
+        "install.sh --refresh-network: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(root.path().join("etc/systemd/system/license-agent.service")).unwrap()
+}
+
+/// The unit's `IPAddress…=` lines, in order.
+fn network_lines(unit: &str) -> Vec<&str> {
+    unit.lines()
+        .filter(|l| l.starts_with("IPAddress"))
+        .collect()
+}
+
+#[test]
+fn the_unit_lets_the_agent_reach_its_server_and_nothing_else() {
+    assert_eq!(
+        network_lines(&unit_for(GIVEN_SERVER, None)),
+        ["IPAddressDeny=any", "IPAddressAllow=192.0.2.10"]
+    );
+
+    // Both listeners, an IPv6 one, and the alert webhook; with addresses in the URLs there is
+    // no name to resolve, so no DNS server either. LICENSE_AGENT_IP_ALLOW adds its entries.
+    let config = "[server]\nurl = \"https://192.0.2.10:8444\"\n\
+        public_url = \"https://[2001:db8::5]:8443/\"\n\n\
+        [alerts]\nwebhook_url = \"http://198.51.100.7:9000/hooks/pos\"\n";
+    assert_eq!(
+        network_lines(&unit_for(config, None)),
+        [
+            "IPAddressDeny=any",
+            "IPAddressAllow=192.0.2.10 198.51.100.7 2001:db8::5"
+        ]
+    );
+    assert_eq!(
+        network_lines(&unit_for(config, Some("10.20.0.0/16"))),
+        [
+            "IPAddressDeny=any",
+            "IPAddressAllow=10.20.0.0/16 192.0.2.10 198.51.100.7 2001:db8::5"
+        ]
+    );
+
+    // A real enrolled agent's config names its server (`localhost` here): the unit allows what
+    // that name resolves to and the DNS servers the agent needs to resolve it, nothing else.
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(root.path(), 3600, 3600);
+    let agent = Agent::enroll(&server, root.path(), "pos1", 3600, |_| {});
+    let config = std::fs::read_to_string(&agent.config).unwrap();
+    let table: toml::Table = config.parse().unwrap();
+    let url = table["server"]["url"].as_str().unwrap();
+    assert!(url.starts_with("https://localhost:"), "{url}");
+    let unit = unit_for(&config, None);
+    let lines = network_lines(&unit);
+    assert_eq!(lines[0], "IPAddressDeny=any");
+    let allowed: std::collections::BTreeSet<String> = lines[1]
+        .strip_prefix("IPAddressAllow=")
+        .unwrap()
+        .split(' ')
+        .map(str::to_string)
+        .collect();
+    let mut expected: std::collections::BTreeSet<String> =
+        std::net::ToSocketAddrs::to_socket_addrs(&("localhost", 443))
+            .unwrap()
+            .map(|a| a.ip().to_string())
+            .collect();
+    assert!(expected.contains("127.0.0.1"));
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    expected.extend(resolv.lines().filter_map(|l| {
+        let mut words = l.split_whitespace();
+        (words.next() == Some("nameserver"))
+            .then(|| words.next())
+            .flatten()
+            .map(|a| a.split('%').next().unwrap_or(a).to_string())
+    }));
+    assert_eq!(allowed, expected, "{}", lines[1]);
 }
 
 #[test]
 fn the_unit_is_rated_low_exposure_by_systemd_analyze_security() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("license-agent.service");
-    std::fs::write(&path, agent_unit()).unwrap();
+    std::fs::write(&path, unit_for(GIVEN_SERVER, None)).unwrap();
     let out = std::process::Command::new("systemd-analyze")
         .args(["security", "--offline=true", "--no-pager"])
         .arg(&path)
@@ -284,7 +376,16 @@ fn the_unit_is_rated_low_exposure_by_systemd_analyze_security() {
                 String::from_utf8_lossy(&out.stderr)
             )
         });
-    // What is left is what the agent needs: the network (its server), the TPM device, the
-    // `tss` group, and the real users behind SO_PEERCRED (no PrivateUsers).
-    assert!(level <= 2.0, "exposure {level}:\n{report}");
+    // systemd read the network restriction: an allow list, with the server's address.
+    assert!(
+        report
+            .lines()
+            .any(|l| l.contains("IPAddressDeny=")
+                && l.contains("allow list with non-localhost entries")),
+        "{report}"
+    );
+    // What is left is what the agent needs: its server's addresses, the TPM device, the `tss`
+    // group, and the real users behind SO_PEERCRED (no PrivateUsers). Without the network
+    // restriction the unit rates 1.7.
+    assert!(level <= 1.5, "exposure {level}:\n{report}");
 }

@@ -13,7 +13,11 @@ use serde::{Deserialize, Serialize};
 #[serde(try_from = "String", into = "String")]
 #[cfg_attr(
     feature = "openapi",
-    schema(value_type = String, example = "00112233445566778899aabbccddeeff")
+    schema(
+        value_type = String,
+        pattern = r"^[0-9A-Fa-f]{32}$",
+        example = "00112233445566778899aabbccddeeff"
+    )
 )]
 pub struct Nonce(pub [u8; 16]);
 

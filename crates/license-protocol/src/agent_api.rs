@@ -106,6 +106,7 @@ pub struct ValidateLicenseResponse {
 #[serde(deny_unknown_fields)]
 pub struct RenewCertificateRequest {
     /// PEM CSR; may be for the same key or a new one.
+    #[cfg_attr(feature = "openapi", schema(max_length = 16384))]
     pub csr: String,
 }
 

@@ -14,11 +14,11 @@ use crate::identity::{ClientId, MachineId};
 use crate::pin::CertPin;
 use crate::rotation::SignatureError;
 
-/// Longest hostname accepted (DNS limit).
+/// Longest hostname accepted, in characters (the DNS limit).
 pub const MAX_HOSTNAME_LEN: usize = 253;
-/// Longest hardware id accepted.
+/// Longest hardware id accepted, in characters.
 pub const MAX_HARDWARE_ID_LEN: usize = 128;
-/// Longest install token accepted (tokens issued are 48 characters).
+/// Longest install token accepted, in characters (tokens issued are 48).
 pub const MAX_TOKEN_LEN: usize = 128;
 /// Longest CSR accepted, in bytes of PEM.
 pub const MAX_CSR_LEN: usize = 16 * 1024;
@@ -29,7 +29,7 @@ pub const MAX_CSR_LEN: usize = 16 * 1024;
 pub enum FieldError {
     #[error("{field} is empty")]
     Empty { field: &'static str },
-    #[error("{field} is longer than {max} bytes")]
+    #[error("{field} is longer than {max} characters")]
     TooLong { field: &'static str, max: usize },
     #[error("{field} contains a control character")]
     ControlCharacter { field: &'static str },
@@ -39,11 +39,12 @@ pub enum FieldError {
     UnknownArch(String),
 }
 
+/// Lengths count characters, as the OpenAPI document's `maxLength` does.
 fn bounded(field: &'static str, s: &str, max: usize) -> Result<(), FieldError> {
     if s.is_empty() {
         return Err(FieldError::Empty { field });
     }
-    if s.len() > max {
+    if s.chars().count() > max {
         return Err(FieldError::TooLong { field, max });
     }
     if s.chars().any(char::is_control) {
@@ -89,7 +90,8 @@ macro_rules! string_newtype {
 }
 
 string_newtype!(
-    /// A machine's hostname as it reports it: 1..=253 bytes, no control characters.
+    /// A machine's hostname as it reports it: 1..=253 characters, no control characters, no
+    /// whitespace at either end.
     Hostname,
     |s| {
         bounded("hostname", s, MAX_HOSTNAME_LEN)?;
@@ -139,7 +141,6 @@ impl fmt::Debug for InstallToken {
 
 /// CPU architecture of the machine, which picks the agent binary to download.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(try_from = "String", into = "String")]
 pub enum Arch {
     Amd64,
@@ -166,6 +167,28 @@ impl Arch {
         }
     }
 }
+
+/// Every spelling [`Arch::try_from`] accepts, first the canonical ones.
+pub const ARCH_NAMES: [&str; 7] = [
+    "amd64", "arm64", "armv7", "x86_64", "aarch64", "armv7l", "armhf",
+];
+
+/// In the OpenAPI document: a string, one of [`ARCH_NAMES`].
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for Arch {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .description(Some(
+                "CPU architecture; `uname -m` spellings are accepted for the canonical ones",
+            ))
+            .enum_values(Some(ARCH_NAMES))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for Arch {}
 
 impl TryFrom<String> for Arch {
     type Error = FieldError;
@@ -198,17 +221,28 @@ impl fmt::Display for Arch {
 #[serde(deny_unknown_fields)]
 pub struct BootstrapRequest {
     /// The one-time install token.
-    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(value_type = String, min_length = 1, max_length = 128,
+               pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$")
+    )]
     pub token: InstallToken,
-    #[cfg_attr(feature = "openapi", schema(value_type = String, max_length = 253))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(value_type = String, min_length = 1, max_length = 253,
+               pattern = r"^[^\s\u0000-\u001F\u007F-\u009F]([^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F])?$")
+    )]
     pub hostname: Hostname,
-    #[cfg_attr(feature = "openapi", schema(value_type = String, max_length = 128))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(value_type = String, min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._:-]*$")
+    )]
     pub hardware_id: HardwareId,
-    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "amd64"))]
     pub arch: Arch,
     /// PEM CSR for a key the machine generated itself (preferred). Without it the server
     /// generates the key pair and returns `private_key` once (seed mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(max_length = 16384))]
     pub csr: Option<String>,
     /// Re-enrollment of a machine the server already knows by this hardware id: base64 of a
     /// DER ECDSA P-256 signature, by the key of the machine's latest certificate, over
@@ -315,6 +349,7 @@ pub struct RecoverRequest {
     pub machine_id: MachineId,
     pub recovery_token: String,
     /// PEM CSR for the machine's new key.
+    #[cfg_attr(feature = "openapi", schema(max_length = 16384))]
     pub csr: String,
 }
 
@@ -427,6 +462,29 @@ mod tests {
         v["extra"] = json!(1);
         assert!(req(v).unwrap_err().to_string().contains("unknown field"));
     }
+
+    /// Limits count characters, as the OpenAPI document's `maxLength` does: 253 two-byte
+    /// characters are a hostname, 254 are not.
+    #[test]
+    fn lengths_are_in_characters() {
+        let mut v = base();
+        v["hostname"] = json!("é".repeat(MAX_HOSTNAME_LEN));
+        v["token"] = json!("ü".repeat(MAX_TOKEN_LEN));
+        assert!(req(v).is_ok());
+        let mut v = base();
+        v["hostname"] = json!("é".repeat(MAX_HOSTNAME_LEN + 1));
+        assert!(req(v).is_err());
+    }
+
+    #[test]
+    fn every_documented_arch_name_parses() {
+        for name in ARCH_NAMES {
+            assert!(Arch::try_from(name.to_string()).is_ok(), "{name}");
+        }
+        for canonical in [Arch::Amd64, Arch::Arm64, Arch::Armv7] {
+            assert!(ARCH_NAMES.contains(&canonical.as_str()));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -446,7 +504,7 @@ mod robustness {
         fn accepted_fields_keep_their_invariants(host in ".{0,300}", hw in ".{0,200}", arch in ".{0,12}") {
             let v = serde_json::json!({"token": "t", "hostname": host, "hardware_id": hw, "arch": arch});
             if let Ok(req) = serde_json::from_value::<BootstrapRequest>(v) {
-                prop_assert!(req.hostname.as_str().len() <= MAX_HOSTNAME_LEN);
+                prop_assert!(req.hostname.as_str().chars().count() <= MAX_HOSTNAME_LEN);
                 prop_assert!(!req.hostname.as_str().chars().any(char::is_control));
                 prop_assert!(req.hardware_id.as_str().len() <= MAX_HARDWARE_ID_LEN);
                 prop_assert!(req.hardware_id.as_str().bytes().all(|b| b.is_ascii_graphic()));

@@ -12,7 +12,6 @@ use license_ipc::stable_codes;
 stable_codes! {
     /// Stable code of a refused request. A code is never renamed or reused for another meaning
     /// (docs/PROTOCOL.md lists which route answers which, with its HTTP status).
-    #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
     pub enum ErrorCode {
         // --- any route -------------------------------------------------------------------------
         /// Not JSON, a field missing, malformed or unknown (the message names it).
@@ -88,6 +87,24 @@ stable_codes! {
     }
 }
 
+/// In the OpenAPI document a code is a string, one of the codes a server sends (their wire
+/// form, as serde writes them; `unrecognized` is never sent).
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for ErrorCode {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .description(Some(
+                "Stable code of a refused request (docs/PROTOCOL.md lists them).",
+            ))
+            .enum_values(Some(ErrorCode::SENT.iter().map(|code| code.as_str())))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for ErrorCode {}
+
 /// `{"error": "<code>", "message": "<sentence>"}`. Codes are stable; messages may change and
 /// never contain secrets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,6 +174,20 @@ mod tests {
             serde_json::to_string(&body).unwrap(),
             r#"{"error":"token_already_used","message":"install token has already been used"}"#
         );
+    }
+
+    #[cfg(feature = "openapi")]
+    #[test]
+    fn the_openapi_schema_lists_the_codes_as_sent() {
+        let schema = serde_json::to_value(<ErrorCode as utoipa::PartialSchema>::schema()).unwrap();
+        let listed: Vec<&str> = schema["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        let sent: Vec<&str> = SENT.iter().map(|code| code.as_str()).collect();
+        assert_eq!(listed, sent);
     }
 
     #[test]

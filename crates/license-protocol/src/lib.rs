@@ -16,6 +16,7 @@
 //! - [`server_trust`]: the server's TLS keys and CAs an agent trusts, and their rollover.
 //! - [`token`]: license tokens, signed and encrypted (format v2; v1 still read).
 //! - [`verdict`]: the one verdict on a token and its reason codes (agent and server).
+//! - [`whole`]: integers in JSON bodies read as JSON Schema reads them (`60.0` is `60`).
 //! - [`ipc`]: the local socket protocol between POS applications and the agent.
 //! - [`mgmt`]: the management socket between `license-agent-cli` and the agent.
 //!
@@ -49,3 +50,4 @@ pub mod secret;
 pub mod server_trust;
 pub mod token;
 pub mod verdict;
+pub mod whole;

@@ -40,10 +40,12 @@ pub use license_ipc::Nonce;
 #[serde(deny_unknown_fields)]
 pub struct RotateSecretRequest {
     /// The newest version the agent holds durably (0 before the first).
+    #[serde(deserialize_with = "crate::whole::u64")]
     pub current_secret_version: u64,
     #[cfg_attr(feature = "openapi", schema(value_type = String, format = Uuid))]
     pub agent_id: MachineId,
     /// Unix seconds.
+    #[serde(deserialize_with = "crate::whole::i64")]
     pub timestamp: i64,
     pub nonce: Nonce,
     /// base64 of the DER ECDSA signature by the machine key.
@@ -195,6 +197,7 @@ impl RotateSecretResponse {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AckRequest {
+    #[serde(deserialize_with = "crate::whole::u64")]
     pub secret_version: u64,
 }
 

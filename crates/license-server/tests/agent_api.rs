@@ -819,6 +819,13 @@ async fn install_sh_installs_under_a_prefix() {
             && unit.contains("WatchdogSec=")
             && unit.contains("ExecReload=/bin/kill -HUP $MAINPID")
     );
+    // No network but the server's addresses (this one is at localhost, 127.0.0.1).
+    assert!(unit.contains("\nIPAddressDeny=any\n"), "{unit}");
+    let allowed = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("IPAddressAllow="))
+        .unwrap();
+    assert!(allowed.split(' ').any(|a| a == "127.0.0.1"), "{allowed}");
 
     // The AppArmor profile it writes passes AppArmor's own parser (as far as a machine without
     // AppArmor in its kernel can check) and lets the agent write wherever the unit does.

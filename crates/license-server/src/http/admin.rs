@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
@@ -15,7 +15,9 @@ use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::error::{ApiFailure, ApiJson};
+use super::error::{discard_body, ApiFailure, ApiJson, ApiPath, ApiQuery};
+use super::public::MAX_PUBLIC_BODY_BYTES;
+use super::refusals::{AdminReadRefusals, AdminWriteRefusals, JsonBodyRefusals};
 use crate::clock::Timestamp;
 use crate::service::admin::{Admin, AdminError, CreatedInstallToken, PurgeReport};
 use crate::service::licenses::{IssuedLicense, LicenseRequest};
@@ -45,30 +47,43 @@ pub async fn authenticate(
     mut req: axum::extract::Request,
     next: Next,
 ) -> Response {
-    let token = req
-        .headers()
+    match principal(&state, req.headers(), req.method()).await {
+        Ok(principal) => {
+            req.extensions_mut().insert(principal);
+            next.run(req).await
+        }
+        Err(refusal) => {
+            discard_body(req, MAX_PUBLIC_BODY_BYTES).await;
+            refusal.into_response()
+        }
+    }
+}
+
+/// Who a request acts as, from its bearer token, or why it is refused.
+async fn principal(
+    state: &SharedState,
+    headers: &axum::http::HeaderMap,
+    method: &Method,
+) -> Result<AdminPrincipal, ApiFailure> {
+    let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let Some(token) = token else {
         let message = "missing `Authorization: Bearer <token>`";
-        return ApiFailure::refused(ErrorCode::Unauthorized, message).into_response();
+        return Err(ApiFailure::refused(ErrorCode::Unauthorized, message));
     };
-    let record = match admin_tokens::find(state.store.pool(), &credential_hash(token.trim())).await
-    {
-        Ok(Some(record)) => record,
-        Ok(None) => {
-            let message = "unknown or revoked admin token";
-            return ApiFailure::refused(ErrorCode::Unauthorized, message).into_response();
-        }
-        Err(e) => return ApiFailure::from(e).into_response(),
+    let Some(record) =
+        admin_tokens::find(state.store.pool(), &credential_hash(token.trim())).await?
+    else {
+        let message = "unknown or revoked admin token";
+        return Err(ApiFailure::refused(ErrorCode::Unauthorized, message));
     };
-    if record.role == Role::Readonly && req.method() != Method::GET {
+    if record.role == Role::Readonly && method != Method::GET {
         let message = "this token is readonly";
-        return ApiFailure::refused(ErrorCode::Forbidden, message).into_response();
+        return Err(ApiFailure::refused(ErrorCode::Forbidden, message));
     }
-    req.extensions_mut().insert(AdminPrincipal(record));
-    next.run(req).await
+    Ok(AdminPrincipal(record))
 }
 
 pub fn router() -> OpenApiRouter<SharedState> {
@@ -137,14 +152,23 @@ impl FromRequestParts<SharedState> for AdminCall {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateClient {
+    /// 1 to 200 characters, not only whitespace, no control characters; unique.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     pub name: String,
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateInstallToken {
+    #[schema(format = Uuid)]
     pub client_id: String,
-    /// Lifetime in seconds (default 86400, at most 30 days).
+    /// Lifetime in seconds, from a minute to 30 days (default 86400).
+    #[serde(default, deserialize_with = "license_protocol::whole::option_u64")]
+    #[schema(minimum = 60, maximum = 2592000)]
     pub ttl_secs: Option<u64>,
     /// Bind the token to this machine of the client: it re-enrolls that machine (a wiped or
     /// replaced till) under whatever hardware id it reports.
@@ -152,17 +176,20 @@ pub struct CreateInstallToken {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ClientFilter {
     pub client_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CertificateFilter {
     pub client_id: Option<String>,
     pub machine_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct MachineFilter {
     pub machine_id: Option<String>,
 }
@@ -170,17 +197,59 @@ pub struct MachineFilter {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IssueLicense {
+    #[schema(format = Uuid)]
     pub machine_id: String,
-    /// Features granted, e.g. `["pos.sale", "pos.refund"]`.
+    /// Features granted, e.g. `["pos.sale", "pos.refund"]`: 1 to 64 distinct names of 1 to 64
+    /// characters from `[A-Za-z0-9._:-]`.
+    #[schema(schema_with = features_schema)]
     pub features: Vec<String>,
+    /// At most 64 entries; keys are names like features, values at most 1024 characters
+    /// without control characters.
     #[serde(default)]
+    #[schema(schema_with = metadata_schema)]
     pub metadata: BTreeMap<String, String>,
     /// RFC 3339; default now.
+    #[schema(format = DateTime)]
     pub not_before: Option<String>,
-    /// RFC 3339; absent (and no `expires_in_secs`): does not expire.
+    /// RFC 3339, in the future and after `not_before`; absent (and no `expires_in_secs`):
+    /// does not expire.
+    #[schema(format = DateTime)]
     pub expires_at: Option<String>,
     /// Expiry relative to now, instead of `expires_at`.
+    #[serde(default, deserialize_with = "license_protocol::whole::option_u64")]
     pub expires_in_secs: Option<u64>,
+}
+
+/// A feature or metadata key: what `service::licenses` accepts.
+fn license_name_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .min_length(Some(1))
+        .max_length(Some(crate::service::licenses::MAX_NAME_LEN))
+        .pattern(Some("^[A-Za-z0-9._:-]*$"))
+        .build()
+}
+
+fn features_schema() -> utoipa::openapi::Array {
+    utoipa::openapi::ArrayBuilder::new()
+        .items(license_name_schema())
+        .min_items(Some(1))
+        .max_items(Some(crate::service::licenses::MAX_FEATURES))
+        .unique_items(true)
+        .build()
+}
+
+fn metadata_schema() -> utoipa::openapi::Object {
+    let value = utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .max_length(Some(crate::service::licenses::MAX_METADATA_VALUE_LEN))
+        .pattern(Some(r"^[^\u0000-\u001F\u007F-\u009F]*$"));
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::Object)
+        .property_names(Some(license_name_schema()))
+        .additional_properties(Some(value))
+        .max_properties(Some(crate::service::licenses::MAX_METADATA_ENTRIES))
+        .build()
 }
 
 fn time_field(field: &'static str, value: Option<&str>) -> Result<Option<Timestamp>, ApiFailure> {
@@ -193,6 +262,7 @@ fn time_field(field: &'static str, value: Option<&str>) -> Result<Option<Timesta
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
     /// Only events with a sequence number above this.
     pub since: Option<i64>,
@@ -200,13 +270,15 @@ pub struct AuditQuery {
 }
 
 #[utoipa::path(get, path = "/api/admin/clients", tag = "admin", security(("bearer" = [])),
-    responses((status = 200, body = Vec<ClientRecord>), (status = 401, body = ApiError)))]
+    responses(AdminReadRefusals, (status = 200, body = Vec<ClientRecord>)))]
 async fn list_clients(call: AdminCall) -> ApiResult<Vec<ClientRecord>> {
     Ok(Json(call.admin().list_clients().await?))
 }
 
 #[utoipa::path(post, path = "/api/admin/clients", tag = "admin", security(("bearer" = [])), request_body = CreateClient,
-    responses((status = 200, body = ClientRecord), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+    responses(JsonBodyRefusals, AdminWriteRefusals, (status = 200, body = ClientRecord),
+              (status = 400, description = "`invalid_request`: not JSON, or the name is empty, too long or has control characters", body = ApiError),
+              (status = 409, description = "`conflict`: a client with this name exists", body = ApiError)))]
 async fn create_client(
     call: AdminCall,
     ApiJson(req): ApiJson<CreateClient>,
@@ -215,10 +287,10 @@ async fn create_client(
 }
 
 #[utoipa::path(get, path = "/api/admin/install-tokens", tag = "admin", security(("bearer" = [])), params(ClientFilter),
-    responses((status = 200, body = Vec<InstallTokenRecord>)))]
+    responses(AdminReadRefusals, (status = 200, body = Vec<InstallTokenRecord>)))]
 async fn list_install_tokens(
     call: AdminCall,
-    Query(q): Query<ClientFilter>,
+    ApiQuery(q): ApiQuery<ClientFilter>,
 ) -> ApiResult<Vec<InstallTokenRecord>> {
     Ok(Json(
         call.admin()
@@ -229,7 +301,9 @@ async fn list_install_tokens(
 
 /// Mint a one-time install token; the response is the only place its value appears.
 #[utoipa::path(post, path = "/api/admin/install-tokens", tag = "admin", security(("bearer" = [])), request_body = CreateInstallToken,
-    responses((status = 200, body = CreatedInstallToken), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+    responses(JsonBodyRefusals, AdminWriteRefusals, (status = 200, body = CreatedInstallToken),
+              (status = 400, description = "`invalid_request`: not JSON, `client_id` not a UUID, or `ttl_secs` out of range", body = ApiError),
+              (status = 404, description = "`not_found`: no such client", body = ApiError)))]
 async fn create_install_token(
     call: AdminCall,
     ApiJson(req): ApiJson<CreateInstallToken>,
@@ -242,72 +316,90 @@ async fn create_install_token(
 }
 
 #[utoipa::path(get, path = "/api/admin/machines", tag = "admin", security(("bearer" = [])), params(ClientFilter),
-    responses((status = 200, body = Vec<MachineRecord>)))]
+    responses(AdminReadRefusals, (status = 200, body = Vec<MachineRecord>)))]
 async fn list_machines(
     call: AdminCall,
-    Query(q): Query<ClientFilter>,
+    ApiQuery(q): ApiQuery<ClientFilter>,
 ) -> ApiResult<Vec<MachineRecord>> {
     Ok(Json(
         call.admin().list_machines(q.client_id.as_deref()).await?,
     ))
 }
 
-#[utoipa::path(get, path = "/api/admin/machines/{id}", tag = "admin", security(("bearer" = [])), params(("id" = String, Path)),
-    responses((status = 200, body = MachineRecord), (status = 404, body = ApiError)))]
-async fn get_machine(call: AdminCall, Path(id): Path<String>) -> ApiResult<MachineRecord> {
+#[utoipa::path(get, path = "/api/admin/machines/{id}", tag = "admin", security(("bearer" = [])), params(("id" = uuid::Uuid, Path, description = "machine id")),
+    responses(AdminReadRefusals, (status = 200, body = MachineRecord), (status = 400, description = "`invalid_request`: the id is not a UUID", body = ApiError),
+              (status = 404, description = "`not_found`: no such machine", body = ApiError)))]
+async fn get_machine(call: AdminCall, ApiPath(id): ApiPath<String>) -> ApiResult<MachineRecord> {
     Ok(Json(call.admin().get_machine(&id).await?))
 }
 
-#[utoipa::path(delete, path = "/api/admin/machines/{id}", tag = "admin", security(("bearer" = [])), params(("id" = String, Path)),
-    responses((status = 204), (status = 404, body = ApiError)))]
-async fn delete_machine(call: AdminCall, Path(id): Path<String>) -> Result<StatusCode, ApiFailure> {
+#[utoipa::path(delete, path = "/api/admin/machines/{id}", tag = "admin", security(("bearer" = [])), params(("id" = uuid::Uuid, Path, description = "machine id")),
+    responses(AdminWriteRefusals, (status = 204, description = "deleted"), (status = 400, description = "`invalid_request`: the id is not a UUID", body = ApiError),
+              (status = 404, description = "`not_found`: no such machine", body = ApiError)))]
+async fn delete_machine(
+    call: AdminCall,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiFailure> {
     call.admin().delete_machine(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Block one machine (its other machines' siblings keep working).
-#[utoipa::path(post, path = "/api/admin/machines/{id}/revoke", tag = "admin", security(("bearer" = [])), params(("id" = String, Path)),
-    responses((status = 200, body = MachineRecord), (status = 404, body = ApiError)))]
-async fn revoke_machine(call: AdminCall, Path(id): Path<String>) -> ApiResult<MachineRecord> {
+#[utoipa::path(post, path = "/api/admin/machines/{id}/revoke", tag = "admin", security(("bearer" = [])), params(("id" = uuid::Uuid, Path, description = "machine id")),
+    responses(AdminWriteRefusals, (status = 200, body = MachineRecord), (status = 400, description = "`invalid_request`: the id is not a UUID", body = ApiError),
+              (status = 404, description = "`not_found`: no such machine", body = ApiError)))]
+async fn revoke_machine(call: AdminCall, ApiPath(id): ApiPath<String>) -> ApiResult<MachineRecord> {
     Ok(Json(call.admin().revoke_machine(&id).await?))
 }
 
-#[utoipa::path(post, path = "/api/admin/machines/{id}/restore", tag = "admin", security(("bearer" = [])), params(("id" = String, Path)),
-    responses((status = 200, body = MachineRecord), (status = 404, body = ApiError)))]
-async fn restore_machine(call: AdminCall, Path(id): Path<String>) -> ApiResult<MachineRecord> {
+#[utoipa::path(post, path = "/api/admin/machines/{id}/restore", tag = "admin", security(("bearer" = [])), params(("id" = uuid::Uuid, Path, description = "machine id")),
+    responses(AdminWriteRefusals, (status = 200, body = MachineRecord), (status = 400, description = "`invalid_request`: the id is not a UUID", body = ApiError),
+              (status = 404, description = "`not_found`: no such machine", body = ApiError)))]
+async fn restore_machine(
+    call: AdminCall,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<MachineRecord> {
     Ok(Json(call.admin().restore_machine(&id).await?))
 }
 
 /// Ask the machine to rotate its secret now (seen in its secret status until it acknowledges).
-#[utoipa::path(post, path = "/api/admin/machines/{id}/rotate", tag = "admin", security(("bearer" = [])), params(("id" = String, Path)),
-    responses((status = 200, body = MachineRecord), (status = 404, body = ApiError)))]
-async fn rotate_machine(call: AdminCall, Path(id): Path<String>) -> ApiResult<MachineRecord> {
+#[utoipa::path(post, path = "/api/admin/machines/{id}/rotate", tag = "admin", security(("bearer" = [])), params(("id" = uuid::Uuid, Path, description = "machine id")),
+    responses(AdminWriteRefusals, (status = 200, body = MachineRecord), (status = 400, description = "`invalid_request`: the id is not a UUID", body = ApiError),
+              (status = 404, description = "`not_found`: no such machine", body = ApiError)))]
+async fn rotate_machine(call: AdminCall, ApiPath(id): ApiPath<String>) -> ApiResult<MachineRecord> {
     Ok(Json(call.admin().request_rotation(&id).await?))
 }
 
 /// The machine's secret versions, states and dates (never the secrets).
-#[utoipa::path(get, path = "/api/admin/machines/{id}/secrets", tag = "admin", security(("bearer" = [])), params(("id" = String, Path)),
-    responses((status = 200, body = Vec<SecretRecord>), (status = 404, body = ApiError)))]
-async fn list_secrets(call: AdminCall, Path(id): Path<String>) -> ApiResult<Vec<SecretRecord>> {
+#[utoipa::path(get, path = "/api/admin/machines/{id}/secrets", tag = "admin", security(("bearer" = [])), params(("id" = uuid::Uuid, Path, description = "machine id")),
+    responses(AdminReadRefusals, (status = 200, body = Vec<SecretRecord>), (status = 400, description = "`invalid_request`: the id is not a UUID", body = ApiError),
+              (status = 404, description = "`not_found`: no such machine", body = ApiError)))]
+async fn list_secrets(
+    call: AdminCall,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Vec<SecretRecord>> {
     Ok(Json(call.admin().list_secrets(&id).await?))
 }
 
 /// Invalidate one secret version: tokens under it stop validating (`secret_invalidated`).
 #[utoipa::path(post, path = "/api/admin/machines/{id}/secrets/{version}/invalidate", tag = "admin", security(("bearer" = [])),
-    params(("id" = String, Path), ("version" = u64, Path)),
-    responses((status = 200, body = SecretRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+    params(("id" = uuid::Uuid, Path, description = "machine id"), ("version" = u64, Path, description = "secret version")),
+    responses(AdminWriteRefusals, (status = 200, body = SecretRecord),
+              (status = 400, description = "`invalid_request`: the id is not a UUID or the version not a number", body = ApiError),
+              (status = 404, description = "`not_found`: no such machine or secret version", body = ApiError),
+              (status = 409, description = "`conflict`: the version is already invalidated", body = ApiError)))]
 async fn invalidate_secret(
     call: AdminCall,
-    Path((id, version)): Path<(String, u64)>,
+    ApiPath((id, version)): ApiPath<(String, u64)>,
 ) -> ApiResult<SecretRecord> {
     Ok(Json(call.admin().invalidate_secret(&id, version).await?))
 }
 
 #[utoipa::path(get, path = "/api/admin/licenses", tag = "admin", security(("bearer" = [])), params(MachineFilter),
-    responses((status = 200, body = Vec<LicenseRecord>)))]
+    responses(AdminReadRefusals, (status = 200, body = Vec<LicenseRecord>)))]
 async fn list_licenses(
     call: AdminCall,
-    Query(q): Query<MachineFilter>,
+    ApiQuery(q): ApiQuery<MachineFilter>,
 ) -> ApiResult<Vec<LicenseRecord>> {
     Ok(Json(
         call.admin().list_licenses(q.machine_id.as_deref()).await?,
@@ -316,8 +408,12 @@ async fn list_licenses(
 
 /// Issue a license for one machine; the answer carries its token once the machine holds a secret.
 #[utoipa::path(post, path = "/api/admin/licenses", tag = "admin", security(("bearer" = [])), request_body = IssueLicense,
-    responses((status = 200, body = IssuedLicense), (status = 400, body = ApiError), (status = 404, body = ApiError),
-              (status = 409, body = ApiError)))]
+    responses(JsonBodyRefusals, AdminWriteRefusals, (status = 200, body = IssuedLicense),
+              (status = 400, description = "`invalid_request`: not JSON, or a field is refused (the message names it): \
+                `machine_id` not a UUID, features or metadata malformed, dates unparsable, in the past or out of order, \
+                both `expires_at` and `expires_in_secs`", body = ApiError),
+              (status = 404, description = "`not_found`: no such machine", body = ApiError),
+              (status = 409, description = "`conflict`: the machine is revoked", body = ApiError)))]
 async fn issue_license(
     call: AdminCall,
     ApiJson(req): ApiJson<IssueLicense>,
@@ -349,30 +445,34 @@ async fn issue_license(
     Ok(Json(call.admin().issue_license(&request).await?))
 }
 
-#[utoipa::path(post, path = "/api/admin/licenses/{id}/revoke", tag = "admin", security(("bearer" = [])), params(("id" = String, Path)),
-    responses((status = 200, body = LicenseRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
-async fn revoke_license(call: AdminCall, Path(id): Path<String>) -> ApiResult<LicenseRecord> {
+#[utoipa::path(post, path = "/api/admin/licenses/{id}/revoke", tag = "admin", security(("bearer" = [])), params(("id" = uuid::Uuid, Path, description = "license id")),
+    responses(AdminWriteRefusals, (status = 200, body = LicenseRecord), (status = 400, description = "`invalid_request`: the id is not a UUID", body = ApiError),
+              (status = 404, description = "`not_found`: no such license", body = ApiError),
+              (status = 409, description = "`conflict`: the license is already revoked", body = ApiError)))]
+async fn revoke_license(call: AdminCall, ApiPath(id): ApiPath<String>) -> ApiResult<LicenseRecord> {
     Ok(Json(call.admin().revoke_license(&id).await?))
 }
 
 /// The license's token under its machine's current secret version (409 before the first rotation).
-#[utoipa::path(get, path = "/api/admin/licenses/{id}/token", tag = "admin", security(("bearer" = [])), params(("id" = String, Path)),
-    responses((status = 200, body = LicenseToken), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
-async fn license_token(call: AdminCall, Path(id): Path<String>) -> ApiResult<LicenseToken> {
+#[utoipa::path(get, path = "/api/admin/licenses/{id}/token", tag = "admin", security(("bearer" = [])), params(("id" = uuid::Uuid, Path, description = "license id")),
+    responses(AdminReadRefusals, (status = 200, body = LicenseToken), (status = 400, description = "`invalid_request`: the id is not a UUID", body = ApiError),
+              (status = 404, description = "`not_found`: no such license", body = ApiError),
+              (status = 409, description = "`conflict`: the license is revoked, or its machine holds no secret yet", body = ApiError)))]
+async fn license_token(call: AdminCall, ApiPath(id): ApiPath<String>) -> ApiResult<LicenseToken> {
     Ok(Json(call.admin().license_token(&id).await?))
 }
 
 #[utoipa::path(get, path = "/api/admin/certificates/stats", tag = "admin", security(("bearer" = [])),
-    responses((status = 200, body = CertificateStats)))]
+    responses(AdminReadRefusals, (status = 200, body = CertificateStats)))]
 async fn certificate_stats(call: AdminCall) -> ApiResult<CertificateStats> {
     Ok(Json(call.admin().certificate_stats().await?))
 }
 
 #[utoipa::path(get, path = "/api/admin/certificates", tag = "admin", security(("bearer" = [])), params(CertificateFilter),
-    responses((status = 200, body = Vec<CertificateRecord>)))]
+    responses(AdminReadRefusals, (status = 200, body = Vec<CertificateRecord>)))]
 async fn list_certificates(
     call: AdminCall,
-    Query(q): Query<CertificateFilter>,
+    ApiQuery(q): ApiQuery<CertificateFilter>,
 ) -> ApiResult<Vec<CertificateRecord>> {
     Ok(Json(
         call.admin()
@@ -381,37 +481,68 @@ async fn list_certificates(
     ))
 }
 
-#[utoipa::path(post, path = "/api/admin/certificates/{serial}/revoke", tag = "admin", security(("bearer" = [])), params(("serial" = String, Path)),
-    responses((status = 200, body = CertificateRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+#[utoipa::path(post, path = "/api/admin/certificates/{serial}/revoke", tag = "admin", security(("bearer" = [])), params(("serial" = String, Path, pattern = r"^[0-9A-Fa-f]{1,64}$", description = "certificate serial, hexadecimal")),
+    responses(AdminWriteRefusals, (status = 200, body = CertificateRecord), (status = 400, description = "`invalid_request`: the serial is not hexadecimal", body = ApiError),
+              (status = 404, description = "`not_found`: no such certificate", body = ApiError),
+              (status = 409, description = "`conflict`: the certificate is not active (revoked, superseded or expired)", body = ApiError)))]
 async fn revoke_certificate(
     call: AdminCall,
-    Path(serial): Path<String>,
+    ApiPath(serial): ApiPath<String>,
 ) -> ApiResult<CertificateRecord> {
     Ok(Json(call.admin().revoke_certificate(&serial).await?))
 }
 
-#[utoipa::path(post, path = "/api/admin/certificates/{serial}/restore", tag = "admin", security(("bearer" = [])), params(("serial" = String, Path)),
-    responses((status = 200, body = CertificateRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+#[utoipa::path(post, path = "/api/admin/certificates/{serial}/restore", tag = "admin", security(("bearer" = [])), params(("serial" = String, Path, pattern = r"^[0-9A-Fa-f]{1,64}$", description = "certificate serial, hexadecimal")),
+    responses(AdminWriteRefusals, (status = 200, body = CertificateRecord), (status = 400, description = "`invalid_request`: the serial is not hexadecimal", body = ApiError),
+              (status = 404, description = "`not_found`: no such certificate", body = ApiError),
+              (status = 409, description = "`conflict`: the certificate is not revoked, or its machine has another active certificate", body = ApiError)))]
 async fn restore_certificate(
     call: AdminCall,
-    Path(serial): Path<String>,
+    ApiPath(serial): ApiPath<String>,
 ) -> ApiResult<CertificateRecord> {
     Ok(Json(call.admin().restore_certificate(&serial).await?))
 }
 
 /// Delete revoked, superseded and expired certificates.
 #[utoipa::path(post, path = "/api/admin/certificates/purge", tag = "admin", security(("bearer" = [])),
-    responses((status = 200, body = PurgeReport)))]
+    responses(AdminWriteRefusals, (status = 200, body = PurgeReport)))]
 async fn purge_certificates(call: AdminCall) -> ApiResult<PurgeReport> {
     Ok(Json(call.admin().purge_certificates().await?))
 }
 
 #[utoipa::path(get, path = "/api/admin/audit", tag = "admin", security(("bearer" = [])), params(AuditQuery),
-    responses((status = 200, body = Vec<AuditEvent>)))]
-async fn audit_events(call: AdminCall, Query(q): Query<AuditQuery>) -> ApiResult<Vec<AuditEvent>> {
+    responses(AdminReadRefusals, (status = 200, body = Vec<AuditEvent>),
+              (status = 400, description = "`invalid_request`: `since` or `limit` is not a 64-bit integer", body = ApiError)))]
+async fn audit_events(
+    call: AdminCall,
+    ApiQuery(q): ApiQuery<AuditQuery>,
+) -> ApiResult<Vec<AuditEvent>> {
     Ok(Json(
         call.admin()
             .audit_events(q.since.unwrap_or(0), q.limit.unwrap_or(1000))
             .await?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_numbers_may_be_written_as_floats() {
+        let ttl = |json: &str| {
+            serde_json::from_str::<CreateInstallToken>(&format!(
+                r#"{{"client_id": "x", "ttl_secs": {json}}}"#
+            ))
+            .map(|t| t.ttl_secs)
+        };
+        assert_eq!(ttl("3600").unwrap(), Some(3600));
+        assert_eq!(ttl("3600.0").unwrap(), Some(3600));
+        assert_eq!(ttl("null").unwrap(), None);
+        for refused in ["3600.5", "-1", "-1.0", "1e300", "\"3600\""] {
+            assert!(ttl(refused).is_err(), "{refused}");
+        }
+        let absent: CreateInstallToken = serde_json::from_str(r#"{"client_id": "x"}"#).unwrap();
+        assert_eq!(absent.ttl_secs, None);
+    }
 }

@@ -29,8 +29,9 @@ use license_protocol::server_trust::ServerTrust;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::error::{ApiFailure, ApiJson};
+use super::error::{discard_body, ApiFailure, ApiJson};
 use super::listener::{ConnInfo, PeerCertificate};
+use super::refusals::{AgentRefusals, JsonBodyRefusals};
 use crate::clock::Timestamp;
 use crate::service::enroll::PresentedCertificate;
 use crate::service::{enroll, licenses, secrets, SharedState};
@@ -82,69 +83,91 @@ pub async fn authenticate(
     mut req: axum::extract::Request,
     next: Next,
 ) -> Response {
-    let Some(peer) = conn.peer else {
-        return refuse(
+    // The one route that accepts an expired or superseded certificate (see the module docs).
+    let renewing = req.method() == axum::http::Method::POST && req.uri().path() == RENEW_PATH;
+    match authenticated(&state, &conn, renewing).await {
+        Ok(machine) => {
+            req.extensions_mut().insert(machine);
+            next.run(req).await
+        }
+        Err(refusal) => {
+            discard_body(req, MAX_AGENT_BODY_BYTES).await;
+            refusal
+        }
+    }
+}
+
+/// The machine behind the connection's certificate, after every check, or the refusal.
+async fn authenticated(
+    state: &SharedState,
+    conn: &ConnInfo,
+    renewing: bool,
+) -> Result<AuthenticatedMachine, Response> {
+    let Some(peer) = &conn.peer else {
+        return Err(refuse(
             ErrorCode::CertificateRequired,
             "a client certificate is required",
-        );
+        ));
     };
     let identity = match &peer.identity {
         Ok(identity) => *identity,
         Err(e) => {
-            return refuse(
+            return Err(refuse(
                 ErrorCode::BadCertificateCn,
                 &format!("certificate CN refused: {e}"),
-            )
+            ))
         }
     };
     let auth = match certificates::auth(state.store.pool(), &peer.serial).await {
         Ok(Some(auth)) => auth,
         Ok(None) => {
-            return refuse(
+            return Err(refuse(
                 ErrorCode::UnknownCertificate,
                 "certificate is not known to this server",
-            )
+            ))
         }
-        Err(e) => return ApiFailure::from(e).into_response(),
+        Err(e) => return Err(ApiFailure::from(e).into_response()),
     };
     // The serial names a certificate; the one presented must be that very certificate (one
     // signed with a stolen CA key under a known serial is not).
     if auth.der != peer.der {
-        return refuse(
+        return Err(refuse(
             ErrorCode::UnknownCertificate,
             "certificate is not the one this server issued under its serial",
-        );
+        ));
     }
     if auth.machine_id != identity.machine_id.to_string()
         || auth.client_id != identity.client_id.to_string()
     {
-        return refuse(
+        return Err(refuse(
             ErrorCode::BadCertificateCn,
             "certificate CN does not match the certificate's machine",
-        );
+        ));
     }
     if auth.machine_revoked {
-        return refuse(ErrorCode::MachineRevoked, "this machine is revoked");
+        return Err(refuse(ErrorCode::MachineRevoked, "this machine is revoked"));
     }
-    let renewing = req.method() == axum::http::Method::POST && req.uri().path() == RENEW_PATH;
     let superseded = match auth.state {
         CertState::Active => false,
         CertState::Revoked => {
-            return refuse(ErrorCode::CertificateRevoked, "this certificate is revoked")
+            return Err(refuse(
+                ErrorCode::CertificateRevoked,
+                "this certificate is revoked",
+            ))
         }
         // The renewal route decides: only a retry for the current key is answered.
         CertState::Superseded if renewing => true,
         CertState::Superseded => {
-            return refuse(
+            return Err(refuse(
                 ErrorCode::CertificateSuperseded,
                 "this certificate was replaced by a newer one",
-            )
+            ))
         }
     };
     let now = Timestamp::now();
     let expired_since = (auth.expires_at <= now).then_some(auth.expires_at);
     if let Some(expired) = expired_since {
-        if let Some(message) = expiry_refusal(&state, expired, now, renewing) {
+        if let Some(message) = expiry_refusal(state, expired, now, renewing) {
             if renewing {
                 // A renewal refused for good: worth a line in the trail.
                 let actor = format!("machine:{}", identity.machine_id);
@@ -160,10 +183,10 @@ pub async fn authenticate(
                     ErrorCode::CertificateExpired.as_str(),
                 );
                 if let Err(e) = audit::insert(state.store.pool(), &event).await {
-                    return ApiFailure::from(e).into_response();
+                    return Err(ApiFailure::from(e).into_response());
                 }
             }
-            return refuse(ErrorCode::CertificateExpired, &message);
+            return Err(refuse(ErrorCode::CertificateExpired, &message));
         }
     }
     // Seen: written at most once per LAST_SEEN_RESOLUTION_SECS, not on every poll.
@@ -175,15 +198,14 @@ pub async fn authenticate(
             tracing::warn!(error = %e, "cannot record when the machine was last seen");
         }
     }
-    req.extensions_mut().insert(AuthenticatedMachine {
+    Ok(AuthenticatedMachine {
         identity,
         serial: peer.serial.clone(),
         certificate_expires_at: auth.expires_at,
         peer: peer.clone(),
         expired_since,
         superseded,
-    });
-    next.run(req).await
+    })
 }
 
 /// Why a certificate that expired at `expired` is refused now, or `None` when it may still
@@ -226,7 +248,7 @@ fn expiry_refusal(
 /// A new secret version for the calling machine (seed §3.2), or the pending one again.
 #[utoipa::path(post, path = "/api/v1/rotate-secret", tag = "agent",
     request_body = RotateSecretRequest,
-    responses((status = 200, body = RotateSecretResponse),
+    responses(JsonBodyRefusals, AgentRefusals, (status = 200, body = RotateSecretResponse),
               (status = 400, description = "`stale_request`, `unsupported_key`, `invalid_request`", body = ApiError),
               (status = 401, description = "`bad_signature`", body = ApiError),
               (status = 403, description = "`agent_id_mismatch` or a refused certificate", body = ApiError),
@@ -245,8 +267,8 @@ async fn rotate_secret(
 /// active version enters grace. Acknowledging the active version again is a no-op.
 #[utoipa::path(post, path = "/api/v1/rotate-secret/ack", tag = "agent",
     request_body = AckRequest,
-    responses((status = 200, description = "the secret status after the acknowledgement", body = SecretStatus),
-              (status = 403, body = ApiError),
+    responses(JsonBodyRefusals, AgentRefusals,
+              (status = 200, description = "the secret status after the acknowledgement", body = SecretStatus),
               (status = 409, description = "`unknown_version`, `version_not_pending`", body = ApiError)))]
 async fn ack_secret(
     State(state): State<SharedState>,
@@ -301,7 +323,7 @@ async fn report_health(
 
 /// State of the calling machine's secrets: forced rotations and invalidated versions.
 #[utoipa::path(get, path = "/api/v1/secret-status", tag = "agent",
-    responses((status = 200, body = SecretStatus), (status = 403, body = ApiError)))]
+    responses(AgentRefusals, (status = 200, body = SecretStatus)))]
 async fn secret_status(
     State(state): State<SharedState>,
     Extension(machine): Extension<AuthenticatedMachine>,
@@ -314,7 +336,7 @@ async fn secret_status(
 /// The server's license keys (current, previous, retired), signed by every key it holds; an
 /// agent fetches it when `license_keys` of the secret status is not the digest of its set.
 #[utoipa::path(get, path = "/api/v1/license-keys", tag = "agent",
-    responses((status = 200, body = LicenseKeySet), (status = 403, body = ApiError)))]
+    responses(AgentRefusals, (status = 200, body = LicenseKeySet)))]
 async fn license_keys(
     State(state): State<SharedState>,
     Extension(_machine): Extension<AuthenticatedMachine>,
@@ -326,7 +348,7 @@ async fn license_keys(
 /// cross-certificate, previous, retired), signed by its license keys; an agent fetches it when
 /// `server_trust` of the secret status is not the digest of what it holds.
 #[utoipa::path(get, path = "/api/v1/server-trust", tag = "agent",
-    responses((status = 200, body = ServerTrust), (status = 403, body = ApiError)))]
+    responses(AgentRefusals, (status = 200, body = ServerTrust)))]
 async fn server_trust(
     State(state): State<SharedState>,
     Extension(_machine): Extension<AuthenticatedMachine>,
@@ -338,7 +360,7 @@ async fn server_trust(
 /// The calling machine's license tokens under its newest acknowledged secret version, and
 /// the ids of its revoked licenses.
 #[utoipa::path(get, path = "/api/v1/licenses", tag = "agent",
-    responses((status = 200, body = MachineLicenses), (status = 403, body = ApiError)))]
+    responses(AgentRefusals, (status = 200, body = MachineLicenses)))]
 async fn machine_licenses(
     State(state): State<SharedState>,
     Extension(machine): Extension<AuthenticatedMachine>,
@@ -351,8 +373,7 @@ async fn machine_licenses(
 /// Online validation of a token by the server (seed §2.4); `reason` uses the IPC codes.
 #[utoipa::path(post, path = "/api/v1/validate-license", tag = "agent",
     request_body = ValidateLicenseRequest,
-    responses((status = 200, body = ValidateLicenseResponse), (status = 400, body = ApiError),
-              (status = 403, body = ApiError)))]
+    responses(JsonBodyRefusals, AgentRefusals, (status = 200, body = ValidateLicenseResponse)))]
 async fn validate_license(
     State(state): State<SharedState>,
     Extension(machine): Extension<AuthenticatedMachine>,
@@ -369,7 +390,7 @@ async fn validate_license(
 /// the machine's active certificate, which is answered again).
 #[utoipa::path(post, path = "/api/v1/renew-certificate", tag = "agent",
     request_body = RenewCertificateRequest,
-    responses((status = 200, body = RenewCertificateResponse),
+    responses(JsonBodyRefusals, AgentRefusals, (status = 200, body = RenewCertificateResponse),
               (status = 400, description = "`invalid_csr`, `invalid_request`", body = ApiError),
               (status = 403, description = "`machine_revoked`, `certificate_revoked`, \
                 `certificate_expired` (past the window, or the window is 0), \

@@ -2,8 +2,9 @@
 //! service error names its [`ErrorCode`], and [`status_of`] gives every code its status.
 //! Internal details (database messages) are logged, never sent.
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::FromRequest;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -144,6 +145,20 @@ pub async fn refuse_oversized(
     }
 }
 
+/// Time a refused request's body gets to arrive before its connection is closed anyway.
+const DISCARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads and drops the body of a request refused before its handler read it (at most `limit`
+/// bytes, for at most ten seconds). Otherwise the connection closes with the body unread: the
+/// client may get a reset instead of the answer, and a kept-alive connection it reuses fails.
+pub async fn discard_body(req: axum::extract::Request, limit: usize) {
+    let _ = tokio::time::timeout(
+        DISCARD_TIMEOUT,
+        axum::body::to_bytes(req.into_body(), limit),
+    )
+    .await;
+}
+
 /// `Json<T>` whose rejections are JSON errors naming the problem (body too large, not JSON,
 /// a field missing or malformed) instead of axum's plain-text ones.
 #[derive(Debug, Clone, Copy, Default)]
@@ -157,6 +172,23 @@ where
     type Rejection = ApiFailure;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        // The body is read first (within the listener's limit, `DefaultBodyLimit`), so that a
+        // refusal of its content type leaves no unread body behind (see `discard_body`).
+        let headers = req.headers().clone();
+        let body = match axum::body::Bytes::from_request(req, state).await {
+            Ok(body) => body,
+            Err(rejection) => {
+                let status = rejection.status();
+                let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    ErrorCode::BodyTooLarge
+                } else {
+                    ErrorCode::InvalidRequest
+                };
+                return Err(ApiFailure::new(status, code, rejection.body_text()));
+            }
+        };
+        let mut req = axum::extract::Request::new(axum::body::Body::from(body));
+        *req.headers_mut() = headers;
         match Json::<T>::from_request(req, state).await {
             Ok(Json(value)) => Ok(Self(value)),
             Err(rejection) => {
@@ -169,6 +201,60 @@ where
                 // body_text() carries serde's message, which names the field and position.
                 Err(ApiFailure::new(status, code, rejection.body_text()))
             }
+        }
+    }
+}
+
+/// A rejection of axum's path or query extractor as a JSON error: `invalid_request` with its
+/// status (400), or `internal_error` for a route whose parameters do not match its path.
+fn parameter_failure(status: StatusCode, text: String) -> ApiFailure {
+    if status.is_client_error() {
+        ApiFailure::new(status, ErrorCode::InvalidRequest, text)
+    } else {
+        tracing::error!(error = %text, "route parameters do not match the route");
+        ApiFailure::refused(
+            ErrorCode::InternalError,
+            "internal error; see the server log",
+        )
+    }
+}
+
+/// `Path<T>` whose rejections (a segment that does not parse as `T`) are JSON errors instead of
+/// axum's plain-text ones.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    Path<T>: FromRequestParts<S, Rejection = PathRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(Self(value)),
+            Err(rejection) => Err(parameter_failure(rejection.status(), rejection.body_text())),
+        }
+    }
+}
+
+/// `Query<T>` whose rejections (a parameter that does not parse) are JSON errors instead of
+/// axum's plain-text ones.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    Query<T>: FromRequestParts<S, Rejection = QueryRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(Self(value)),
+            Err(rejection) => Err(parameter_failure(rejection.status(), rejection.body_text())),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod listener;
 pub mod metrics;
 pub mod public;
+pub mod refusals;
 pub mod tls;
 
 use std::future::Future;

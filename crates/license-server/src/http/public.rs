@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -17,8 +17,9 @@ use license_protocol::error::{ApiError, ErrorCode};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::error::{ApiFailure, ApiJson};
+use super::error::{discard_body, ApiFailure, ApiJson, ApiPath};
 use super::listener::ConnInfo;
+use super::refusals::{InternalRefusal, JsonBodyRefusals};
 use crate::service::{enroll, recover, SharedState};
 
 /// Largest request body the public listener reads.
@@ -64,6 +65,7 @@ pub async fn rate_limit(
     if RATE_LIMITED_PATHS.contains(&req.uri().path())
         && limiter.check_key(&rate_key(conn.remote.ip())).is_err()
     {
+        discard_body(req, MAX_PUBLIC_BODY_BYTES).await;
         let message = "too many enrollment attempts from this address; retry in a minute";
         let mut response = ApiFailure::refused(ErrorCode::RateLimited, message).into_response();
         response
@@ -88,14 +90,14 @@ pub fn router() -> OpenApiRouter<SharedState> {
 #[utoipa::path(post, path = "/api/public/bootstrap", tag = "public",
     request_body = BootstrapRequest,
     responses(
+        JsonBodyRefusals, InternalRefusal,
         (status = 200, body = BootstrapResponse),
-        (status = 400, description = "malformed request or CSR", body = ApiError),
-        (status = 401, description = "unknown token", body = ApiError),
-        (status = 403, description = "machine revoked", body = ApiError),
-        (status = 409, description = "concurrent enrollment of the same machine", body = ApiError),
-        (status = 410, description = "token used or expired", body = ApiError),
-        (status = 413, description = "body too large", body = ApiError),
-        (status = 429, description = "rate limited", body = ApiError),
+        (status = 400, description = "`invalid_csr`, or `invalid_request`: not JSON", body = ApiError),
+        (status = 401, description = "`token_unknown`", body = ApiError),
+        (status = 403, description = "`machine_revoked`", body = ApiError),
+        (status = 409, description = "`concurrent_enrollment`: another enrollment of the same machine is in progress", body = ApiError),
+        (status = 410, description = "`token_already_used` or `token_expired`", body = ApiError),
+        (status = 429, description = "`rate_limited` (with `Retry-After`)", body = ApiError),
     ))]
 async fn bootstrap(
     State(state): State<SharedState>,
@@ -112,13 +114,13 @@ async fn bootstrap(
 #[utoipa::path(post, path = "/api/public/recover", tag = "public",
     request_body = RecoverRequest,
     responses(
+        JsonBodyRefusals, InternalRefusal,
         (status = 200, body = RecoverResponse),
-        (status = 400, description = "malformed request or CSR", body = ApiError),
+        (status = 400, description = "`invalid_csr`, or `invalid_request`: not JSON", body = ApiError),
         (status = 401, description = "`recovery_refused`: unknown machine, wrong or spent token", body = ApiError),
-        (status = 403, description = "machine revoked", body = ApiError),
-        (status = 409, description = "concurrent enrollment or renewal of the same machine", body = ApiError),
-        (status = 413, description = "body too large", body = ApiError),
-        (status = 429, description = "rate limited", body = ApiError),
+        (status = 403, description = "`machine_revoked`", body = ApiError),
+        (status = 409, description = "`concurrent_enrollment`: an enrollment or renewal of the same machine is in progress", body = ApiError),
+        (status = 429, description = "`rate_limited` (with `Retry-After`)", body = ApiError),
     ))]
 async fn recover(
     State(state): State<SharedState>,
@@ -157,10 +159,11 @@ fn safe_component(s: &str) -> bool {
     params(("channel" = String, Path, description = "release channel, e.g. stable"),
            ("file" = String, Path, description = "e.g. license-agent-linux-amd64")),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
-              (status = 404, body = ApiError)))]
+              (status = 400, description = "`invalid_request`: a path segment is not UTF-8", body = ApiError),
+              (status = 404, description = "`not_found`", body = ApiError)))]
 async fn download(
     State(state): State<SharedState>,
-    Path((channel, file)): Path<(String, String)>,
+    ApiPath((channel, file)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiFailure> {
     let not_found =
         || ApiFailure::refused(ErrorCode::NotFound, format!("no download {channel}/{file}"));

@@ -20,7 +20,7 @@ use crate::store::install_tokens::{self, InstallTokenRecord};
 use crate::store::machines::{self, MachineRecord};
 use crate::store::{Store, StoreError, WriteTx};
 
-/// Longest client name accepted.
+/// Longest client name accepted, in characters (as the OpenAPI document's `maxLength` counts).
 pub const MAX_CLIENT_NAME_LEN: usize = 200;
 
 #[derive(Debug, thiserror::Error)]
@@ -458,10 +458,10 @@ fn check_name(field: &'static str, name: &str) -> Result<()> {
             message: "must not be empty".into(),
         });
     }
-    if name.len() > MAX_CLIENT_NAME_LEN {
+    if name.chars().count() > MAX_CLIENT_NAME_LEN {
         return Err(AdminError::InvalidInput {
             field,
-            message: format!("must be at most {MAX_CLIENT_NAME_LEN} bytes"),
+            message: format!("must be at most {MAX_CLIENT_NAME_LEN} characters"),
         });
     }
     if name.chars().any(char::is_control) {

@@ -29,9 +29,9 @@ use crate::store::{self, StoreError};
 pub const MAX_FEATURES: usize = 64;
 /// Most metadata entries one license may carry.
 pub const MAX_METADATA_ENTRIES: usize = 64;
-/// Longest feature name or metadata key, bytes.
+/// Longest feature name or metadata key (ASCII, so bytes and characters alike).
 pub const MAX_NAME_LEN: usize = 64;
-/// Longest metadata value, bytes.
+/// Longest metadata value, in characters (as the OpenAPI document's `maxLength` counts).
 pub const MAX_METADATA_VALUE_LEN: usize = 1024;
 
 /// What an administrator asks for when issuing a license.
@@ -101,10 +101,10 @@ fn check_request(req: &LicenseRequest, now: Timestamp) -> Result<(), AdminError>
                 format!("key {k:?} must be 1-{MAX_NAME_LEN} characters from [A-Za-z0-9._:-]"),
             ));
         }
-        if v.len() > MAX_METADATA_VALUE_LEN || v.chars().any(char::is_control) {
+        if v.chars().count() > MAX_METADATA_VALUE_LEN || v.chars().any(char::is_control) {
             return Err(invalid(
                 "metadata",
-                format!("value of {k:?} must be at most {MAX_METADATA_VALUE_LEN} bytes without control characters"),
+                format!("value of {k:?} must be at most {MAX_METADATA_VALUE_LEN} characters without control characters"),
             ));
         }
     }
