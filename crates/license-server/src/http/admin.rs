@@ -15,8 +15,7 @@ use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::error::{discard_body, ApiFailure, ApiJson, ApiPath, ApiQuery};
-use super::public::MAX_PUBLIC_BODY_BYTES;
+use super::error::{ApiFailure, ApiJson, ApiPath, ApiQuery};
 use super::refusals::{AdminReadRefusals, AdminWriteRefusals, JsonBodyRefusals};
 use crate::clock::Timestamp;
 use crate::service::admin::{Admin, AdminError, CreatedInstallToken, PurgeReport};
@@ -52,10 +51,7 @@ pub async fn authenticate(
             req.extensions_mut().insert(principal);
             next.run(req).await
         }
-        Err(refusal) => {
-            discard_body(req, MAX_PUBLIC_BODY_BYTES).await;
-            refusal.into_response()
-        }
+        Err(refusal) => refusal.into_response(),
     }
 }
 

@@ -29,7 +29,7 @@ use license_protocol::server_trust::ServerTrust;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::error::{discard_body, ApiFailure, ApiJson};
+use super::error::{ApiFailure, ApiJson};
 use super::listener::{ConnInfo, PeerCertificate};
 use super::refusals::{AgentRefusals, JsonBodyRefusals};
 use crate::clock::Timestamp;
@@ -90,10 +90,7 @@ pub async fn authenticate(
             req.extensions_mut().insert(machine);
             next.run(req).await
         }
-        Err(refusal) => {
-            discard_body(req, MAX_AGENT_BODY_BYTES).await;
-            refusal
-        }
+        Err(refusal) => refusal,
     }
 }
 

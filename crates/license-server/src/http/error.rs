@@ -122,7 +122,10 @@ from_service_errors!(EnrollError, RecoverError, AdminError, RotationError);
 const DRAIN_BEFORE_413_BYTES: usize = 1024 * 1024;
 
 /// Middleware: refuses a request whose declared `Content-Length` exceeds `limit` with a JSON
-/// 413. (Bodies without a length are bounded by `DefaultBodyLimit` as they are read.)
+/// 413, then reads the whole body (at most `limit` bytes; 413 past it) before the request goes
+/// on. Whatever answers it then — its route, or a refusal that never looks at the body (rate
+/// limit, admin token, machine certificate, content type, 405) — leaves nothing unread on the
+/// connection, which hyper would otherwise close under a client that may be reusing it.
 pub async fn refuse_oversized(
     axum::extract::State(limit): axum::extract::State<usize>,
     req: axum::extract::Request,
@@ -141,22 +144,25 @@ pub async fn refuse_oversized(
             let message = format!("request body is larger than {limit} bytes");
             ApiFailure::refused(ErrorCode::BodyTooLarge, message).into_response()
         }
-        _ => next.run(req).await,
+        _ => {
+            let (parts, body) = req.into_parts();
+            match axum::body::to_bytes(body, limit).await {
+                Ok(body) => {
+                    next.run(axum::extract::Request::from_parts(parts, body.into()))
+                        .await
+                }
+                Err(e) => {
+                    if e.into_inner().is::<http_body_util::LengthLimitError>() {
+                        let message = format!("request body is larger than {limit} bytes");
+                        ApiFailure::refused(ErrorCode::BodyTooLarge, message).into_response()
+                    } else {
+                        let message = "the request body could not be read";
+                        ApiFailure::refused(ErrorCode::InvalidRequest, message).into_response()
+                    }
+                }
+            }
+        }
     }
-}
-
-/// Time a refused request's body gets to arrive before its connection is closed anyway.
-const DISCARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Reads and drops the body of a request refused before its handler read it (at most `limit`
-/// bytes, for at most ten seconds). Otherwise the connection closes with the body unread: the
-/// client may get a reset instead of the answer, and a kept-alive connection it reuses fails.
-pub async fn discard_body(req: axum::extract::Request, limit: usize) {
-    let _ = tokio::time::timeout(
-        DISCARD_TIMEOUT,
-        axum::body::to_bytes(req.into_body(), limit),
-    )
-    .await;
 }
 
 /// `Json<T>` whose rejections are JSON errors naming the problem (body too large, not JSON,
@@ -172,23 +178,6 @@ where
     type Rejection = ApiFailure;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
-        // The body is read first (within the listener's limit, `DefaultBodyLimit`), so that a
-        // refusal of its content type leaves no unread body behind (see `discard_body`).
-        let headers = req.headers().clone();
-        let body = match axum::body::Bytes::from_request(req, state).await {
-            Ok(body) => body,
-            Err(rejection) => {
-                let status = rejection.status();
-                let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                    ErrorCode::BodyTooLarge
-                } else {
-                    ErrorCode::InvalidRequest
-                };
-                return Err(ApiFailure::new(status, code, rejection.body_text()));
-            }
-        };
-        let mut req = axum::extract::Request::new(axum::body::Body::from(body));
-        *req.headers_mut() = headers;
         match Json::<T>::from_request(req, state).await {
             Ok(Json(value)) => Ok(Self(value)),
             Err(rejection) => {

@@ -17,7 +17,7 @@ use license_protocol::error::{ApiError, ErrorCode};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::error::{discard_body, ApiFailure, ApiJson, ApiPath};
+use super::error::{ApiFailure, ApiJson, ApiPath};
 use super::listener::ConnInfo;
 use super::refusals::{InternalRefusal, JsonBodyRefusals};
 use crate::service::{enroll, recover, SharedState};
@@ -65,7 +65,6 @@ pub async fn rate_limit(
     if RATE_LIMITED_PATHS.contains(&req.uri().path())
         && limiter.check_key(&rate_key(conn.remote.ip())).is_err()
     {
-        discard_body(req, MAX_PUBLIC_BODY_BYTES).await;
         let message = "too many enrollment attempts from this address; retry in a minute";
         let mut response = ApiFailure::refused(ErrorCode::RateLimited, message).into_response();
         response
