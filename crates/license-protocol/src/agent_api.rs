@@ -162,10 +162,14 @@ impl HealthReport {
     /// Longest accepted text field (versions and names are short).
     pub const MAX_FIELD_BYTES: usize = 64;
 
-    /// Whether every text field is short and printable (the server refuses the report otherwise).
+    /// Whether every text field is short and printable and the version fits an int64 (the server
+    /// refuses the report otherwise).
     pub fn is_well_formed(&self) -> bool {
-        [&self.agent_version, &self.store, &self.degraded_mode]
-            .iter()
-            .all(|s| s.len() <= Self::MAX_FIELD_BYTES && !s.chars().any(char::is_control))
+        // Versions fit the database's signed 64-bit integers (and the document's int64).
+        let version_fits = self.secret_version.is_none_or(|v| i64::try_from(v).is_ok());
+        version_fits
+            && [&self.agent_version, &self.store, &self.degraded_mode]
+                .iter()
+                .all(|s| s.len() <= Self::MAX_FIELD_BYTES && !s.chars().any(char::is_control))
     }
 }

@@ -287,9 +287,8 @@ async fn ack_secret(
 /// shown to operators (`admin machine show`, the dashboard, `/metrics`).
 #[utoipa::path(post, path = "/api/v1/health", tag = "agent",
     request_body = HealthReport,
-    responses((status = 204, description = "report kept"),
-              (status = 400, description = "`invalid_request`: a field is too long or not printable", body = ApiError),
-              (status = 403, body = ApiError)))]
+    responses(JsonBodyRefusals, AgentRefusals,
+              (status = 204, description = "report kept")))]
 async fn report_health(
     State(state): State<SharedState>,
     Extension(machine): Extension<AuthenticatedMachine>,

@@ -94,7 +94,7 @@ pub fn router() -> OpenApiRouter<SharedState> {
         (status = 400, description = "`invalid_csr`, or `invalid_request`: not JSON", body = ApiError),
         (status = 401, description = "`token_unknown`", body = ApiError),
         (status = 403, description = "`machine_revoked`", body = ApiError),
-        (status = 409, description = "`concurrent_enrollment`: another enrollment of the same machine is in progress", body = ApiError),
+        (status = 409, description = "`concurrent_enrollment`: another enrollment of the same machine is in progress; `machine_already_enrolled`: the hardware id is an enrolled machine's and the request is neither signed by its key nor made with a token bound to it", body = ApiError),
         (status = 410, description = "`token_already_used` or `token_expired`", body = ApiError),
         (status = 429, description = "`rate_limited` (with `Retry-After`)", body = ApiError),
     ))]
