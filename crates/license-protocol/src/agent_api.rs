@@ -127,8 +127,16 @@ pub struct RenewCertificateResponse {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HealthReport {
     /// The agent's version (`CARGO_PKG_VERSION`).
+    #[cfg_attr(
+        feature = "openapi",
+        schema(max_length = 64, pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$")
+    )]
     pub agent_version: String,
     /// The secret store in use: `tpm` or `file`.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(max_length = 64, pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$")
+    )]
     pub store: String,
     /// The configuration asks for the TPM.
     pub tpm_enabled: bool,
@@ -136,40 +144,50 @@ pub struct HealthReport {
     pub tpm_available: bool,
     /// Degraded mode: `inactive`, `active` (the server was unreachable with a rotation due) or
     /// `forced` (by an administrator on the till).
+    #[cfg_attr(
+        feature = "openapi",
+        schema(max_length = 64, pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$")
+    )]
     pub degraded_mode: String,
     /// Unix seconds; when degraded mode began.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::option_i64")]
     pub degraded_since: Option<i64>,
     /// Unix seconds; the last successful rotation.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::option_i64")]
     pub last_rotation: Option<i64>,
     /// Rotation rounds failed since the last success.
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 2147483647))]
+    #[serde(deserialize_with = "crate::whole::u32")]
     pub rotation_failures: u32,
     /// Seconds the system clock was found behind the latest time the machine had seen, at the
     /// agent's last start (`None`: no rollback).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::option_i64")]
     pub clock_rollback_secs: Option<i64>,
     /// The audit log matched the anchor saved by the previous run at the agent's last start.
     pub audit_chain_ok: bool,
     /// Unix seconds; when the machine certificate in use expires.
+    #[serde(deserialize_with = "crate::whole::i64")]
     pub certificate_expires_at: i64,
     /// The newest secret version held.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::option_u64")]
     pub secret_version: Option<u64>,
 }
 
 impl HealthReport {
-    /// Longest accepted text field (versions and names are short).
-    pub const MAX_FIELD_BYTES: usize = 64;
+    /// Longest accepted text field, in characters (versions and names are short).
+    pub const MAX_FIELD_CHARS: usize = 64;
 
-    /// Whether every text field is short and printable and the version fits an int64 (the server
-    /// refuses the report otherwise).
+    /// Whether every text field is short and printable and the counts fit the document's integer
+    /// types (the server refuses the report otherwise).
     pub fn is_well_formed(&self) -> bool {
         // Versions fit the database's signed 64-bit integers (and the document's int64).
         let version_fits = self.secret_version.is_none_or(|v| i64::try_from(v).is_ok());
         version_fits
+            && i32::try_from(self.rotation_failures).is_ok()
             && [&self.agent_version, &self.store, &self.degraded_mode]
                 .iter()
-                .all(|s| s.len() <= Self::MAX_FIELD_BYTES && !s.chars().any(char::is_control))
+                .all(|s| {
+                    s.chars().count() <= Self::MAX_FIELD_CHARS && !s.chars().any(char::is_control)
+                })
     }
 }

@@ -40,6 +40,21 @@ pub fn i64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
         .map_err(|_| D::Error::custom(format!("invalid value: {n}, expected an i64")))
 }
 
+/// A `u32` field.
+pub fn u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = serde_json::Number::deserialize(d)?;
+    let value = whole(&n).map_err(D::Error::custom)?;
+    u32::try_from(value)
+        .map_err(|_| D::Error::custom(format!("invalid value: {n}, expected a u32")))
+}
+
+/// An optional `i64` field (`null` or absent with `#[serde(default)]`: `None`).
+pub fn option_i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    #[derive(Deserialize)]
+    struct Whole(#[serde(deserialize_with = "i64")] i64);
+    Ok(Option::<Whole>::deserialize(d)?.map(|Whole(n)| n))
+}
+
 /// An optional `u64` field (`null` or absent with `#[serde(default)]`: `None`).
 pub fn option_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     #[derive(Deserialize)]

@@ -299,8 +299,9 @@ async fn report_health(
             axum::http::StatusCode::BAD_REQUEST,
             ErrorCode::InvalidRequest,
             format!(
-                "agent_version, store and degraded_mode must be printable and at most {} bytes",
-                HealthReport::MAX_FIELD_BYTES
+                "agent_version, store and degraded_mode must be printable and at most {} \
+                 characters; rotation_failures at most 2147483647, secret_version an int64",
+                HealthReport::MAX_FIELD_CHARS
             ),
         ));
     }
