@@ -175,7 +175,7 @@ async fn the_public_agent_and_admin_apis_answer_as_their_openapi_document_says()
             "--request-cert-key",
             key_file.to_str().unwrap(),
         ],
-        8,
+        9,
     );
     let bearer = format!("Authorization: Bearer {token}");
     conformance_run(
