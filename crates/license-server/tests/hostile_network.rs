@@ -1,6 +1,7 @@
 //! A hostile network against real server processes (issue "hold against a hostile network",
-//! findings 1 and 2): clients that request the agent binary and stop reading, and a flood of
-//! idle TCP connections from one address. A legitimate client is served throughout.
+//! findings 1 and 2): clients that request the agent binary and stop reading, and floods of
+//! idle TCP connections from one address and from many. A legitimate client is served
+//! throughout.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -167,4 +168,24 @@ async fn idle_connections_from_one_address_do_not_starve_the_agent_listener() {
         assert_eq!(status, 200, "{body}");
     }
     drop(flood);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_from_many_addresses_do_not_starve_the_agent_listener() {
+    let server = TestServer::start(Db::Sqlite);
+    let (_client, answer, key) = server.enrolled_machine("Shop", "HW-MANY").await;
+    let cert = answer["certificate"].as_str().unwrap().to_string();
+    let url = server.server.agent_url.clone();
+
+    // 20 addresses, 60 idle TCP connections each: within each address's cap of 64, and 1200
+    // in all, more than a listener's 1024 connections. None ever starts its TLS handshake.
+    let floods: Vec<Flooder> = (10..30)
+        .map(|host| Flooder::start("idle", port_of(&url), &format!("127.0.0.{host}"), 60))
+        .collect();
+    // Well within the 10 s handshake timeout, which would otherwise free the slots.
+    for _ in 0..5 {
+        let (status, body) = server.secret_status(&url, &cert, &key).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    drop(floods);
 }

@@ -5,12 +5,15 @@
 //! IPv6 /64 and listener (further ones are closed at accept, so idle sockets from one address
 //! cannot take the slots every agent needs), and a peer that stops reading is cut off once a
 //! write has made no progress for [`Limits::write_stall`] ([`StallGuard`], under TLS, so the
-//! handshake is covered too).
+//! handshake is covered too). Connections still in their TLS handshake are bounded apart
+//! ([`MAX_HANDSHAKES`]): when they are all taken, the oldest is cut off for the newcomer, so
+//! idle TCP connections from many addresses cannot hold the slots a machine needs to get its
+//! certificate checked — a real handshake takes milliseconds, an idle one is always the oldest.
 //!
 //! axum's own `serve` does not expose the TLS session, and the agent listener needs the peer
 //! certificate on every request; so this loop puts a [`ConnInfo`] in each request's extensions.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -25,12 +28,16 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use license_protocol::identity::{IdentityError, MachineIdentity};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
-/// Connections served at once per listener; further ones are closed at accept.
+/// Connections served at once per listener, once past their TLS handshake; further ones are
+/// closed when their handshake ends.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Connections in their TLS handshake at once per listener; a newcomer beyond it cuts off the
+/// oldest.
+pub const MAX_HANDSHAKES: usize = 256;
 /// Time allowed for a TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed to send request headers.
@@ -84,6 +91,65 @@ impl Drop for AddressSlot {
                 open.remove(&self.key);
             }
         }
+    }
+}
+
+/// Connections in their TLS handshake, oldest first, each with the way to cut it off.
+#[derive(Debug)]
+struct Handshakes {
+    limit: usize,
+    state: Mutex<HandshakeState>,
+}
+
+#[derive(Debug, Default)]
+struct HandshakeState {
+    next: u64,
+    waiting: BTreeMap<u64, oneshot::Sender<()>>,
+}
+
+/// One connection's place among the handshakes; given up on drop.
+struct HandshakeTicket {
+    handshakes: Arc<Handshakes>,
+    id: u64,
+}
+
+impl Handshakes {
+    fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit: limit.max(1),
+            state: Mutex::default(),
+        })
+    }
+
+    /// Takes a place for a new connection, cutting off the oldest ones beyond the limit; the
+    /// receiver completes when this connection is cut off in turn.
+    fn enter(self: &Arc<Self>) -> (HandshakeTicket, oneshot::Receiver<()>) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while state.waiting.len() >= self.limit {
+            if let Some((_, cut_off)) = state.waiting.pop_first() {
+                let _ = cut_off.send(());
+            }
+        }
+        let id = state.next;
+        state.next += 1;
+        let (cut_off, cut) = oneshot::channel();
+        state.waiting.insert(id, cut_off);
+        let ticket = HandshakeTicket {
+            handshakes: self.clone(),
+            id,
+        };
+        (ticket, cut)
+    }
+}
+
+impl Drop for HandshakeTicket {
+    fn drop(&mut self) {
+        let mut state = self
+            .handshakes
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        state.waiting.remove(&self.id);
     }
 }
 
@@ -212,6 +278,7 @@ pub async fn serve(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let handshakes = Handshakes::new(MAX_HANDSHAKES);
     let per_address = Arc::new(PerAddress::default());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -232,24 +299,39 @@ pub async fn serve(
             tracing::debug!(%remote, "connection limit of this address reached; closing");
             continue;
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, "connection limit reached; closing");
-            continue;
-        };
+        // Responses are written whole; Nagle's algorithm would only hold their last segment
+        // back until the peer's delayed acknowledgement (tens of milliseconds per request).
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%remote, error = %e, "cannot set TCP_NODELAY");
+        }
+        let (ticket, cut_off) = handshakes.enter();
+        let slots = slots.clone();
         let acceptor = acceptor.clone();
         let router = router.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _slots = (slot, address_slot);
             let tcp = StallGuard::new(tcp, limits.write_stall);
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%remote, error = %e, "TLS handshake refused");
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+            let tls = tokio::select! {
+                done = handshake => match done {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%remote, error = %e, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => return,
+                },
+                _ = cut_off => {
+                    tracing::debug!(%remote, "handshake cut off for a newer connection");
                     return;
                 }
-                Err(_) => return,
             };
+            drop(ticket);
+            let Ok(slot) = slots.try_acquire_owned() else {
+                tracing::warn!(%remote, "connection limit reached; closing");
+                return;
+            };
+            let _slots = (slot, address_slot);
             let peer = tls
                 .get_ref()
                 .1
@@ -275,5 +357,37 @@ pub async fn serve(
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("drain timeout; closing remaining connections"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handshake_beyond_the_limit_cuts_off_the_oldest() {
+        let handshakes = Handshakes::new(2);
+        let (first, mut first_cut) = handshakes.enter();
+        let (_second, mut second_cut) = handshakes.enter();
+        assert!(first_cut.try_recv().is_err(), "cut off within the limit");
+        let (_third, mut third_cut) = handshakes.enter();
+        assert_eq!(first_cut.try_recv(), Ok(()), "the oldest is cut off");
+        assert!(second_cut.try_recv().is_err());
+        assert!(third_cut.try_recv().is_err());
+        // A finished handshake gives its place back without cutting anyone off.
+        drop(first);
+        let state = handshakes.state.lock().unwrap();
+        assert_eq!(state.waiting.len(), 2);
+    }
+
+    #[test]
+    fn a_finished_handshake_frees_its_place() {
+        let handshakes = Handshakes::new(1);
+        let (done, _) = handshakes.enter();
+        drop(done);
+        let (_next, mut next_cut) = handshakes.enter();
+        let (_last, _) = handshakes.enter();
+        assert_eq!(next_cut.try_recv(), Ok(()));
+        assert_eq!(handshakes.state.lock().unwrap().waiting.len(), 1);
     }
 }
