@@ -346,6 +346,7 @@ fn start_sockets(
             // Half the slots for one uid: a flood from one user leaves the POS application
             // (another uid) the other half.
             max_per_uid: (config.ipc.max_connections / 2).max(1),
+            reserved: 0,
             idle_timeout,
         },
         stop.clone(),
@@ -374,6 +375,7 @@ fn start_sockets(
         Limits {
             max_connections: management::MAX_CONNECTIONS,
             max_per_uid: management::MAX_CONNECTIONS_PER_UID,
+            reserved: management::RESERVED_FOR_ADMINS,
             idle_timeout,
         },
         stop.clone(),

@@ -437,6 +437,74 @@ fn a_local_user_cannot_lock_root_out_of_the_management_socket() {
     );
 }
 
+/// Holds `n` silent connections to `socket` as the running uid, reconnecting whenever the agent
+/// closes one.
+const SILENT_LOCKER: &str = r#"
+import socket, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+def connect():
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        s.setblocking(False)
+    except OSError:
+        return None
+    return s
+held = [connect() for _ in range(n)]
+print("ready", flush=True)
+while True:
+    for i, s in enumerate(held):
+        try:
+            if s is None or s.recv(65536) == b"":
+                raise OSError
+        except BlockingIOError:
+            pass
+        except OSError:
+            held[i] = connect()
+    time.sleep(0.1)
+"#;
+
+#[test]
+fn users_together_cannot_lock_root_out_of_the_management_socket() {
+    use std::io::BufRead as _;
+    let root = tempfile::tempdir().unwrap();
+    let public = public_dir();
+    let socket = public.path().join("mgmt.sock");
+    let server = Server::start(root.path(), 3600, 3600);
+    let mut agent = managed_agent(&server, root.path(), &socket, |_| {});
+    agent.start(&[]);
+
+    // Four users, each at its own cap of four connections, silent: the socket's 16 slots.
+    let lockers: Vec<_> = (0..4)
+        .map(|n| {
+            let (locker, stdin, stdout) = python_as(
+                STRANGER + n,
+                SILENT_LOCKER,
+                &[socket.as_os_str(), "4".as_ref()],
+            );
+            let mut line = String::new();
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(line.trim(), "ready");
+            (locker, stdin)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+
+    // Root (in admin_uids) still gets in, every time.
+    for _ in 0..5 {
+        let status = cli(&socket, 0, &["--json", "status"]);
+        assert!(
+            status.status.success(),
+            "root locked out: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(lockers);
+}
+
 /// Entries cut from the end of the audit log: `audit verify` catches it by default (from the
 /// anchor in state.json), and so does the agent at its next start (`audit_log_tampered`).
 #[test]

@@ -4,7 +4,9 @@
 //! the [`Handler`]'s business ([`super::validation`], [`super::management`]).
 //!
 //! Misbehaving peers never disturb other connections: connections beyond the limit, or beyond
-//! one uid's share of it ([`Limits::max_per_uid`]), are closed at accept, a peer silent (or
+//! one uid's share of it ([`Limits::max_per_uid`]), are closed at accept, the last
+//! [`Limits::reserved`] slots go only to peers the handler calls privileged (root on the
+//! management socket, whoever else holds the rest), a peer silent (or
 //! trickling) past the idle timeout is closed, so is one that does not read its answers within
 //! it, a frame announced over 64 KiB is reported to the handler as [`Frame::TooLarge`] (the
 //! stream cannot be resynchronised after it), an empty one as [`Frame::Empty`].
@@ -35,6 +37,8 @@ pub struct Limits {
     /// Connections one uid may hold at once: whoever floods the socket takes its own share,
     /// not every slot.
     pub max_per_uid: usize,
+    /// Slots, out of `max_connections`, that only [`Handler::privileged`] peers may take.
+    pub reserved: usize,
     /// How long a peer may stay silent, or leave an answer unread.
     pub idle_timeout: Duration,
 }
@@ -168,6 +172,11 @@ pub trait Handler: Send + Sync + 'static {
         conn: Connection,
         peer: Peer,
     ) -> impl Future<Output = std::io::Result<()>> + Send;
+
+    /// Whether `peer` may take the [`Limits::reserved`] slots when the others are taken.
+    fn privileged(&self, _peer: &Peer) -> bool {
+        false
+    }
 }
 
 /// A bound local socket.
@@ -216,7 +225,9 @@ impl Listener {
         limits: Limits,
         stop: watch::Receiver<bool>,
     ) {
-        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let reserved = limits.reserved.min(limits.max_connections);
+        let slots = Arc::new(Semaphore::new(limits.max_connections - reserved));
+        let reserved_slots = Arc::new(Semaphore::new(reserved));
         let per_uid = Arc::new(PerUid::default());
         loop {
             let stream = tokio::select! {
@@ -249,7 +260,14 @@ impl Listener {
                 );
                 continue;
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let slot = slots.clone().try_acquire_owned().or_else(|e| {
+                if handler.privileged(&peer) {
+                    reserved_slots.clone().try_acquire_owned()
+                } else {
+                    Err(e)
+                }
+            });
+            let Ok(slot) = slot else {
                 tracing::warn!(
                     socket = H::NAME,
                     "connection limit reached; closing a new connection"
@@ -270,11 +288,13 @@ impl Listener {
             });
         }
         drop(self.inner);
-        let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-        if tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(all))
-            .await
-            .is_err()
-        {
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let drained = async {
+            let all = slots.acquire_many(count(limits.max_connections - reserved));
+            let all_reserved = reserved_slots.acquire_many(count(reserved));
+            let _ = tokio::join!(all, all_reserved);
+        };
+        if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
             tracing::warn!(
                 socket = H::NAME,
                 "drain timeout: closing the remaining connections"

@@ -26,6 +26,9 @@ use crate::validation::Validator;
 pub const MAX_CONNECTIONS: usize = 16;
 /// Connections one uid may hold at once: no user can lock the others (root) out.
 pub const MAX_CONNECTIONS_PER_UID: usize = 4;
+/// Connections, out of [`MAX_CONNECTIONS`], only uids in `[management] admin_uids` may take:
+/// however many users hold the others, root gets in.
+pub const RESERVED_FOR_ADMINS: usize = MAX_CONNECTIONS_PER_UID;
 
 /// The management socket's connections.
 #[derive(Debug)]
@@ -52,6 +55,10 @@ fn same(a: &str, b: &str) -> bool {
 
 impl Handler for ManagementSocket {
     const NAME: &'static str = "management";
+
+    fn privileged(&self, peer: &Peer) -> bool {
+        Access::current(&self.access).role(peer) == Role::Admin
+    }
 
     async fn connection(self: Arc<Self>, mut conn: Connection, peer: Peer) -> std::io::Result<()> {
         let actor = peer.actor();
