@@ -384,6 +384,17 @@ fn the_unit_is_rated_low_exposure_by_systemd_analyze_security() {
                 && l.contains("allow list with non-localhost entries")),
         "{report}"
     );
+    // The agent keeps answering the till under load: a higher priority and CPU share than
+    // ordinary services (Nice 0, CPUWeight 100).
+    let unit = std::fs::read_to_string(&path).unwrap();
+    let value = |key: &str| -> i64 {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {key}= in the unit"))
+            .parse()
+            .unwrap()
+    };
+    assert!(value("Nice") < 0 && value("CPUWeight") > 100 && value("IOWeight") > 100);
     // What is left is what the agent needs: its server's addresses, the TPM device, the `tss`
     // group, and the real users behind SO_PEERCRED (no PrivateUsers). Without the network
     // restriction the unit rates 1.7.
