@@ -39,6 +39,17 @@ pub const DEFAULT_WRITE_STALL_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_SECRET_VALIDITY_SECS: u64 = 2 * 86_400;
 /// Tokens under a secret keep validating 7 days past its `valid_until` (`grace_until`).
 pub const DEFAULT_SECRET_GRACE_SECS: u64 = 7 * 86_400;
+/// A machine not seen for a day raises a `fleet.machine_unseen` alert.
+pub const DEFAULT_MACHINE_UNSEEN_ALERT_SECS: u64 = 86_400;
+/// Shortest non-zero `machine_unseen_alert_secs`: twice the resolution `last_seen_at` is kept to.
+pub const MIN_MACHINE_UNSEEN_ALERT_SECS: u64 = 600;
+/// An active certificate expiring within a week (its agent renews at two thirds of its life)
+/// raises a `fleet.certificate_expiring` alert.
+pub const DEFAULT_CERTIFICATE_EXPIRY_ALERT_DAYS: u32 = 7;
+/// How often each server checks the fleet's conditions.
+pub const DEFAULT_FLEET_CHECK_INTERVAL_SECS: u64 = 300;
+/// Retries of a fleet webhook delivery.
+pub const DEFAULT_FLEET_WEBHOOK_RETRIES: u32 = 3;
 /// Upper bound of both secret durations: one year.
 pub const MAX_SECRET_DURATION_SECS: u64 = 365 * 86_400;
 
@@ -88,6 +99,18 @@ fn default_per_address() -> u32 {
 }
 fn default_write_stall() -> u64 {
     DEFAULT_WRITE_STALL_TIMEOUT_SECS
+}
+fn default_unseen_alert() -> u64 {
+    DEFAULT_MACHINE_UNSEEN_ALERT_SECS
+}
+fn default_certificate_alert() -> u32 {
+    DEFAULT_CERTIFICATE_EXPIRY_ALERT_DAYS
+}
+fn default_fleet_check() -> u64 {
+    DEFAULT_FLEET_CHECK_INTERVAL_SECS
+}
+fn default_webhook_retries() -> u32 {
+    DEFAULT_FLEET_WEBHOOK_RETRIES
 }
 fn default_secret_validity() -> u64 {
     DEFAULT_SECRET_VALIDITY_SECS
@@ -152,6 +175,24 @@ pub struct ServerConfig {
     /// Grace after `valid_until` during which tokens under the version still validate.
     #[serde(default = "default_secret_grace")]
     pub secret_grace_secs: u64,
+    /// Where fleet alerts are POSTed (JSON), `http://` or `https://` (public roots); they are
+    /// audited and logged either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_webhook_url: Option<String>,
+    /// Retries of a fleet webhook delivery (1 s, 2 s, 4 s … apart).
+    #[serde(default = "default_webhook_retries")]
+    pub fleet_webhook_retries: u32,
+    /// An unrevoked machine with no request to the agent listener for this long raises
+    /// `fleet.machine_unseen` (0: never).
+    #[serde(default = "default_unseen_alert")]
+    pub machine_unseen_alert_secs: u64,
+    /// An unrevoked machine whose active certificate expires within this many days (no
+    /// renewal) raises `fleet.certificate_expiring` (0: never).
+    #[serde(default = "default_certificate_alert")]
+    pub certificate_expiry_alert_days: u32,
+    /// How often the server checks the fleet's conditions, seconds.
+    #[serde(default = "default_fleet_check")]
+    pub fleet_check_interval_secs: u64,
 }
 
 impl ServerConfig {
@@ -175,6 +216,11 @@ impl ServerConfig {
             write_stall_timeout_secs: DEFAULT_WRITE_STALL_TIMEOUT_SECS,
             secret_validity_secs: DEFAULT_SECRET_VALIDITY_SECS,
             secret_grace_secs: DEFAULT_SECRET_GRACE_SECS,
+            fleet_webhook_url: None,
+            fleet_webhook_retries: DEFAULT_FLEET_WEBHOOK_RETRIES,
+            machine_unseen_alert_secs: DEFAULT_MACHINE_UNSEEN_ALERT_SECS,
+            certificate_expiry_alert_days: DEFAULT_CERTIFICATE_EXPIRY_ALERT_DAYS,
+            fleet_check_interval_secs: DEFAULT_FLEET_CHECK_INTERVAL_SECS,
         }
     }
 
@@ -264,6 +310,7 @@ impl ServerConfig {
                 message: format!("must be between 0 and {MAX_SECRET_DURATION_SECS} (365 days)"),
             });
         }
+        self.check_fleet_alerts()?;
         for (key, url) in [
             ("public_url", &self.public_url),
             ("agent_url", &self.agent_url),
@@ -285,6 +332,47 @@ impl ServerConfig {
                 key: "public_host",
                 message: "must be a host name or IP address".into(),
             });
+        }
+        Ok(())
+    }
+
+    /// The fleet alert keys.
+    fn check_fleet_alerts(&self) -> Result<(), ConfigError> {
+        let unseen = self.machine_unseen_alert_secs;
+        if unseen != 0 && !(MIN_MACHINE_UNSEEN_ALERT_SECS..=365 * 86_400).contains(&unseen) {
+            return Err(ConfigError::Invalid {
+                key: "machine_unseen_alert_secs",
+                message: format!(
+                    "must be 0 (no alert) or between {MIN_MACHINE_UNSEEN_ALERT_SECS} and 31536000 (365 days)"
+                ),
+            });
+        }
+        if self.certificate_expiry_alert_days > 365 {
+            return Err(ConfigError::Invalid {
+                key: "certificate_expiry_alert_days",
+                message: "must be between 0 (no alert) and 365".into(),
+            });
+        }
+        if !(1..=86_400).contains(&self.fleet_check_interval_secs) {
+            return Err(ConfigError::Invalid {
+                key: "fleet_check_interval_secs",
+                message: "must be between 1 and 86400 (a day)".into(),
+            });
+        }
+        if self.fleet_webhook_retries > 10 {
+            return Err(ConfigError::Invalid {
+                key: "fleet_webhook_retries",
+                message: "must be between 0 and 10".into(),
+            });
+        }
+        if let Some(url) = &self.fleet_webhook_url {
+            let scheme_ok = url.starts_with("https://") || url.starts_with("http://");
+            if !scheme_ok || url.contains(char::is_whitespace) {
+                return Err(ConfigError::Invalid {
+                    key: "fleet_webhook_url",
+                    message: "must be an http:// or https:// URL".into(),
+                });
+            }
         }
         Ok(())
     }
@@ -357,6 +445,19 @@ mod tests {
             }),
             ("server_certificate_check_interval_secs", |c| {
                 c.server_certificate_check_interval_secs = 0
+            }),
+            ("machine_unseen_alert_secs", |c| {
+                c.machine_unseen_alert_secs = 60
+            }),
+            ("certificate_expiry_alert_days", |c| {
+                c.certificate_expiry_alert_days = 366
+            }),
+            ("fleet_check_interval_secs", |c| {
+                c.fleet_check_interval_secs = 0
+            }),
+            ("fleet_webhook_retries", |c| c.fleet_webhook_retries = 11),
+            ("fleet_webhook_url", |c| {
+                c.fleet_webhook_url = Some("ftp://x".into())
             }),
         ] {
             let mut c = ServerConfig::new("localhost".into());

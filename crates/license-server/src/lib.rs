@@ -24,3 +24,4 @@ pub mod pki;
 pub mod server_trust;
 pub mod service;
 pub mod store;
+pub mod webhook;

@@ -283,6 +283,13 @@ async fn load_state(
             downloads_dir: dir.downloads(),
             secret_validity_secs: secs(config.secret_validity_secs),
             secret_grace_secs: secs(config.secret_grace_secs),
+            fleet_alerts: license_server::service::fleet_alerts::FleetAlertSettings {
+                webhook_url: config.fleet_webhook_url.clone(),
+                webhook_retries: config.fleet_webhook_retries,
+                machine_unseen_secs: secs(config.machine_unseen_alert_secs),
+                certificate_expiry_days: config.certificate_expiry_alert_days,
+                check_interval_secs: config.fleet_check_interval_secs,
+            },
         },
     }))
 }

@@ -220,6 +220,9 @@ pub async fn run(
         }
     });
 
+    // Fleet conditions (machines unseen, certificates not renewed), raised once across replicas.
+    let fleet_watch = tokio::spawn(crate::service::fleet_alerts::watch(state.clone()));
+
     let renew_state = state.clone();
     let renewer = tokio::spawn(async move {
         let every = std::time::Duration::from_secs(
@@ -270,6 +273,7 @@ pub async fn run(
         () = &mut servers => {}
     }
     sweeper.abort();
+    fleet_watch.abort();
     renewer.abort();
     key_watcher.abort();
     if let Err(e) = key_watch.lock().await.forget(&state).await {

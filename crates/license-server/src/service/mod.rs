@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod certificates;
 pub mod enroll;
+pub mod fleet_alerts;
 pub mod keys;
 pub mod licenses;
 pub mod recover;
@@ -64,6 +65,8 @@ pub struct Settings {
     pub secret_validity_secs: i64,
     /// `grace_until - valid_until` of a new secret version, seconds.
     pub secret_grace_secs: i64,
+    /// What the fleet is watched for, and where alerts go.
+    pub fleet_alerts: fleet_alerts::FleetAlertSettings,
 }
 
 impl Settings {

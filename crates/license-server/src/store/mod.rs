@@ -16,6 +16,7 @@ pub mod audit;
 pub mod certificates;
 pub mod clients;
 pub mod fleet;
+pub mod fleet_alerts;
 pub mod install_tokens;
 pub mod licenses;
 pub mod machines;
