@@ -11,6 +11,14 @@
 # config: run it again when the server's addresses (or the alert webhook's, or the DNS servers)
 # change, since the unit lets the agent reach those addresses and no others.
 #
+# When the server publishes the Debian package (downloads/stable/license-agent-linux-ARCH.deb)
+# it installs that (apt-get, which also brings the TPM libraries; extracted under a prefix),
+# else the bare binary (downloads/stable/license-agent-linux-ARCH).
+#
+# `--package-files DIR` writes the unit (without the network restriction, which needs the
+# installed config) and the AppArmor profile under DIR, for the Debian package
+# (scripts/package.sh), and exits.
+#
 # Environment:
 #   LICENSE_AGENT_PREFIX       install under this directory instead of / (tests, images);
 #                              users and systemd are then left alone.
@@ -29,14 +37,17 @@ say() { printf '==> %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
 
 REFRESH_NETWORK=false
-if [ "${1:-}" = --refresh-network ]; then
+PACKAGE_FILES=""
+if [ "${1:-}" = --package-files ]; then
+  PACKAGE_FILES="${2:?usage: install.sh --package-files DIR}"
+elif [ "${1:-}" = --refresh-network ]; then
   REFRESH_NETWORK=true
   shift
 fi
 # The token as the seed's one-liner gives it, or from LICENSE_AGENT_TOKEN (which keeps it out
 # of this shell's command line, visible in `ps`).
 TOKEN="${1:-${LICENSE_AGENT_TOKEN:-}}"
-if ! $REFRESH_NETWORK && [ -z "$TOKEN" ]; then
+if [ -z "$PACKAGE_FILES" ] && ! $REFRESH_NETWORK && [ -z "$TOKEN" ]; then
   echo "usage: install.sh TOKEN (or LICENSE_AGENT_TOKEN=… in the environment), or install.sh --refresh-network" >&2
   exit 2
 fi
@@ -47,7 +58,7 @@ case "$(uname -m)" in
   armv7l|armhf) ARCH=armv7 ;;
   *) die "unsupported architecture $(uname -m)" ;;
 esac
-if [ -z "$PREFIX" ] && [ "$(id -u)" -ne 0 ]; then
+if [ -z "$PREFIX" ] && [ -z "$PACKAGE_FILES" ] && [ "$(id -u)" -ne 0 ]; then
   die "run as root (… | sudo bash -s -- TOKEN) or set LICENSE_AGENT_PREFIX"
 fi
 
@@ -98,15 +109,29 @@ agent_ip_allow() {
   printf '%s\n' "${addresses[@]}" | sort -u | paste -sd ' ' -
 }
 
-# The systemd unit, with the network restricted to IP_ALLOW.
+# The systemd unit at path $2, with the network restricted to the addresses $1 (none given:
+# not restricted, for the package's unit; install.sh's own unit overrides it).
 write_unit() {
-  local ip_allow="$1"
-  mkdir -p "$UNIT_DIR"
-  cat > "$UNIT_DIR/license-agent.service" <<UNIT
+  local ip_allow="$1" path="$2" network
+  if [ -n "$ip_allow" ]; then
+    network="# No network but the license server (with the DNS servers its name needs) and the alert
+# webhook: the addresses install.sh resolved from config.toml. When they change, run
+# install.sh --refresh-network again (docs/OPERATIONS.md).
+IPAddressDeny=any
+IPAddressAllow=$ip_allow"
+  else
+    network="# The network is restricted to the license server's addresses by the unit install.sh writes
+# to /etc/systemd/system once the machine is enrolled (docs/OPERATIONS.md)."
+  fi
+  mkdir -p "$(dirname "$path")"
+  cat > "$path" <<UNIT
 [Unit]
 Description=License Secret Agent
+Documentation=man:license-agent-cli(1)
 After=network-online.target
 Wants=network-online.target
+# Installed by the package before the machine is enrolled: nothing to run until then.
+ConditionPathExists=/etc/license-agent/config.toml
 
 [Service]
 Type=notify
@@ -153,11 +178,7 @@ ProtectControlGroups=true
 ProtectClock=true
 ProtectHostname=true
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
-# No network but the license server (with the DNS servers its name needs) and the alert
-# webhook: the addresses install.sh resolved from config.toml. When they change, run
-# install.sh --refresh-network again (docs/OPERATIONS.md).
-IPAddressDeny=any
-IPAddressAllow=$ip_allow
+$network
 RestrictNamespaces=true
 RestrictRealtime=true
 RestrictSUIDSGID=true
@@ -175,75 +196,13 @@ WantedBy=multi-user.target
 UNIT
 }
 
-if $REFRESH_NETWORK; then
-  [ -f "$ETC_DIR/config.toml" ] || die "$ETC_DIR/config.toml missing: install (enroll) first"
-  IP_ALLOW="$(agent_ip_allow "$ETC_DIR/config.toml")"
-  say "rewriting the systemd unit (network: $IP_ALLOW)"
-  write_unit "$IP_ALLOW"
-  if [ -z "$PREFIX" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-    systemctl daemon-reload
-    systemctl try-restart license-agent.service
-  fi
-  exit 0
-fi
-
-command -v curl >/dev/null || die "curl is required"
-mkdir -p "$BIN_DIR" "$ETC_DIR" "$STATE_DIR" "$LOG_DIR" "$UNIT_DIR"
-chmod 0700 "$ETC_DIR" "$STATE_DIR"
-
-tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
-
-say "downloading license-agent for $ARCH from $SERVER_URL"
-curl -fsS --proto '=https' -k --pinnedpubkey "$CURL_PIN" \
-  -o "$tmp/license-agent" "$SERVER_URL/downloads/stable/license-agent-linux-$ARCH" \
-  || die "download failed (is the agent binary published under downloads/stable/ on the server?)"
-install -m 0755 "$tmp/license-agent" "$BIN_DIR/license-agent"
-
-if [ -z "$PREFIX" ] && ! ldconfig -p 2>/dev/null | grep -q libtss2-esys; then
-  say "installing the TPM software stack libraries"
-  if command -v apt-get >/dev/null; then
-    apt-get install -y -qq libtss2-esys-3.0.2-0 libtss2-tctildr0 >/dev/null || die "cannot install libtss2 (the agent needs it)"
-  else
-    die "the agent needs the tpm2-tss libraries (libtss2-esys, libtss2-tctildr); install them first"
-  fi
-fi
-TPM_ARGS=""
-if [ -z "$PREFIX" ] && [ -e /dev/tpmrm0 ]; then
-  TPM_ARGS="--tpm device:/dev/tpmrm0"
-  say "a TPM is present: the machine key will be made and kept inside it"
-fi
-
-say "enrolling this machine (key generated locally, server pinned)"
-# The token goes to the agent through its environment, never its command line.
-set -- enroll --server "$SERVER_URL" --server-pin "$SERVER_PIN" \
-  --config "$ETC_DIR/config.toml" --state-dir "$STATE_DIR" --log-dir "$LOG_DIR" $TPM_ARGS
-if [ -n "${LICENSE_AGENT_HARDWARE_ID:-}" ]; then
-  set -- "$@" --hardware-id "$LICENSE_AGENT_HARDWARE_ID"
-fi
-if [ -z "$PREFIX" ]; then
-  # POS applications' users join this group to reach the validation socket (0660).
-  set -- "$@" --socket-group license-clients
-fi
-if [ -e "$ETC_DIR/config.toml" ]; then
-  # Re-running the installer: the machine's current key signs the request, which is what lets
-  # it take its own machine over again (a wiped machine needs a token bound to it instead).
-  say "this machine is enrolled already: enrolling it again, signed by its current key"
-  set -- "$@" --force
-fi
-LICENSE_AGENT_TOKEN="$TOKEN" "$BIN_DIR/license-agent" "$@"
-unset TOKEN
-IP_ALLOW="$(agent_ip_allow "$ETC_DIR/config.toml")"
-
-say "installing systemd unit (network: $IP_ALLOW)"
-write_unit "$IP_ALLOW"
-
 # AppArmor profile, loaded in complain mode: violations are logged (audit/kernel log) without
 # blocking, so a path the profile missed cannot stop validations on a till. After a quiet
 # period, `aa-enforce /etc/apparmor.d/usr.bin.license-agent` enforces it.
-APPARMOR_DIR="$PREFIX/etc/apparmor.d"
-mkdir -p "$APPARMOR_DIR"
-cat > "$APPARMOR_DIR/usr.bin.license-agent" <<'PROFILE'
+write_apparmor_profile() {
+  local path="$1"
+  [ "$path" = /dev/stdout ] || mkdir -p "$(dirname "$path")"
+  cat > "$path" <<'PROFILE'
 # License Secret Agent (written by install.sh; docs/OPERATIONS.md)
 abi <abi/3.0>,
 include <tunables/global>
@@ -290,6 +249,95 @@ profile license-agent /usr/bin/license-agent flags=(complain) {
   deny capability,
 }
 PROFILE
+}
+
+if [ -n "$PACKAGE_FILES" ]; then
+  write_unit "" "$PACKAGE_FILES/lib/systemd/system/license-agent.service"
+  write_apparmor_profile "$PACKAGE_FILES/etc/apparmor.d/usr.bin.license-agent"
+  exit 0
+fi
+
+if $REFRESH_NETWORK; then
+  [ -f "$ETC_DIR/config.toml" ] || die "$ETC_DIR/config.toml missing: install (enroll) first"
+  IP_ALLOW="$(agent_ip_allow "$ETC_DIR/config.toml")"
+  say "rewriting the systemd unit (network: $IP_ALLOW)"
+  write_unit "$IP_ALLOW" "$UNIT_DIR/license-agent.service"
+  if [ -z "$PREFIX" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    systemctl try-restart license-agent.service
+  fi
+  exit 0
+fi
+
+command -v curl >/dev/null || die "curl is required"
+mkdir -p "$BIN_DIR" "$ETC_DIR" "$STATE_DIR" "$LOG_DIR" "$UNIT_DIR"
+chmod 0700 "$ETC_DIR" "$STATE_DIR"
+
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+fetch() {
+  curl -fsS --proto '=https' -k --pinnedpubkey "$CURL_PIN" -o "$2" "$SERVER_URL/downloads/stable/$1"
+}
+say "downloading license-agent for $ARCH from $SERVER_URL"
+if fetch "license-agent-linux-$ARCH.deb" "$tmp/license-agent.deb" 2>/dev/null; then
+  if [ -n "$PREFIX" ]; then
+    say "extracting the license-agent package under $PREFIX"
+    dpkg-deb -x "$tmp/license-agent.deb" "$PREFIX"
+  elif command -v apt-get >/dev/null; then
+    say "installing the license-agent package (and what it depends on)"
+    apt-get install -y -qq "$tmp/license-agent.deb" >/dev/null || die "cannot install the license-agent package"
+  else
+    dpkg -i "$tmp/license-agent.deb" || die "cannot install the license-agent package"
+  fi
+else
+  fetch "license-agent-linux-$ARCH" "$tmp/license-agent" \
+    || die "download failed (is the agent published under downloads/stable/ on the server?)"
+  install -m 0755 "$tmp/license-agent" "$BIN_DIR/license-agent"
+fi
+
+if [ -z "$PREFIX" ] && ! ldconfig -p 2>/dev/null | grep -q libtss2-esys; then
+  say "installing the TPM software stack libraries"
+  if command -v apt-get >/dev/null; then
+    apt-get install -y -qq libtss2-esys-3.0.2-0 libtss2-tctildr0 >/dev/null || die "cannot install libtss2 (the agent needs it)"
+  else
+    die "the agent needs the tpm2-tss libraries (libtss2-esys, libtss2-tctildr); install them first"
+  fi
+fi
+TPM_ARGS=""
+if [ -z "$PREFIX" ] && [ -e /dev/tpmrm0 ]; then
+  TPM_ARGS="--tpm device:/dev/tpmrm0"
+  say "a TPM is present: the machine key will be made and kept inside it"
+fi
+
+say "enrolling this machine (key generated locally, server pinned)"
+# The token goes to the agent through its environment, never its command line.
+set -- enroll --server "$SERVER_URL" --server-pin "$SERVER_PIN" \
+  --config "$ETC_DIR/config.toml" --state-dir "$STATE_DIR" --log-dir "$LOG_DIR" $TPM_ARGS
+if [ -n "${LICENSE_AGENT_HARDWARE_ID:-}" ]; then
+  set -- "$@" --hardware-id "$LICENSE_AGENT_HARDWARE_ID"
+fi
+if [ -z "$PREFIX" ]; then
+  # POS applications' users join this group to reach the validation socket (0660).
+  set -- "$@" --socket-group license-clients
+fi
+if [ -e "$ETC_DIR/config.toml" ]; then
+  # Re-running the installer: the machine's current key signs the request, which is what lets
+  # it take its own machine over again (a wiped machine needs a token bound to it instead).
+  say "this machine is enrolled already: enrolling it again, signed by its current key"
+  set -- "$@" --force
+fi
+LICENSE_AGENT_TOKEN="$TOKEN" "$BIN_DIR/license-agent" "$@"
+unset TOKEN
+IP_ALLOW="$(agent_ip_allow "$ETC_DIR/config.toml")"
+
+say "installing systemd unit (network: $IP_ALLOW)"
+write_unit "$IP_ALLOW" "$UNIT_DIR/license-agent.service"
+
+APPARMOR_DIR="$PREFIX/etc/apparmor.d"
+if [ ! -f "$APPARMOR_DIR/usr.bin.license-agent" ] || ! write_apparmor_profile /dev/stdout | cmp -s - "$APPARMOR_DIR/usr.bin.license-agent"; then
+  write_apparmor_profile "$APPARMOR_DIR/usr.bin.license-agent"
+fi
 if [ -z "$PREFIX" ] && [ "$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null)" = Y ] \
   && command -v apparmor_parser >/dev/null; then
   apparmor_parser -r "$APPARMOR_DIR/usr.bin.license-agent" && say "AppArmor profile loaded (complain mode)"

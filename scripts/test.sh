@@ -6,8 +6,9 @@
 # the server database and run a client as another user), the TPM stack (libtss2-dev to build,
 # swtpm and swtpm-tools for the TPM tests, tpm2-tools), promtool, strace and systemd-analyze (the
 # unit's syscall filter and exposure), apparmor_parser, faketime (the lifetime tests move real
-# processes' clocks with libfaketime), python3-venv (schemathesis, below), and PostgreSQL (server
-# and psql). Tests that use
+# processes' clocks with libfaketime), python3-venv (schemathesis, below), dpkg-dev, binutils
+# and lintian (the Debian packages, built by scripts/package.sh with cargo-deb, installed here
+# when missing), and PostgreSQL (server and psql). Tests that use
 # PostgreSQL create their own database on 127.0.0.1:5432 and drop it afterwards; when no
 # PostgreSQL answers there, this script installs and starts one and lets loopback connect
 # as `postgres` without a password (trust), as on the project's CI machines.
@@ -42,6 +43,11 @@ command -v pgrep >/dev/null || packages+=(procps)
 # AppArmor's parser checks the profile install.sh writes.
 [ -x /usr/sbin/apparmor_parser ] || [ -x /sbin/apparmor_parser ] || packages+=(apparmor)
 command -v faketime >/dev/null || packages+=(faketime)
+# The Debian packages: built by cargo-deb (dpkg-shlibdeps from dpkg-dev for their
+# dependencies, objcopy and readelf from binutils for the split debug info), checked by lintian.
+command -v dpkg-shlibdeps >/dev/null || packages+=(dpkg-dev)
+command -v readelf >/dev/null || packages+=(binutils)
+command -v lintian >/dev/null || packages+=(lintian)
 postgres_ready() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
 installed_postgres=false
 if [ -z "${LSA_TEST_POSTGRES:-}" ] && ! { command -v pg_isready >/dev/null && postgres_ready; }; then
@@ -106,6 +112,8 @@ say "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 say "cargo build --bins (the integration tests run license-agent, another package's binary)"
 cargo build --workspace --bins --locked
+say "Debian packages (scripts/package.sh: release build, cargo-deb, -dbgsym packages)"
+scripts/package.sh
 say "cargo test (unit and integration: real server, agent, TLS, SQLite and PostgreSQL)"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
