@@ -10,8 +10,14 @@
 //! 2. agent-API requests per second: `GET /api/v1/secret-status` on the agent listener with a
 //!    machine certificate (mutual TLS, certificate chain verification, per-request database
 //!    check of the certificate and machine);
-//! 3. a baseline in the same run: `GET /healthz` on the public listener (server-authenticated
-//!    TLS 1.3, one `SELECT 1`), measured before and after the two scenarios above.
+//!    run twice: the machines' first requests (each records when its machine was last seen, one
+//!    write) and the same again (no write: most polls), checked like the next one;
+//! 3. health reports per second: `POST /api/v1/health` with the report each machine already
+//!    sent (what a poll with nothing new costs since the fleet-health work); the run fails if
+//!    any machine's stored last-seen or health time changed during the timed requests, so "no
+//!    write" is checked, not assumed;
+//! 4. a baseline in the same run: `GET /healthz` on the public listener (server-authenticated
+//!    TLS 1.3, one `SELECT 1`), measured before and after the scenarios above.
 //!
 //! Why: an agent connects rarely and a resumed session hides the handshake cost, so the worst
 //! case a fleet imposes is a full handshake per request. Absolute figures swing with the load
@@ -219,6 +225,16 @@ struct Reply {
 }
 
 impl Reply {
+    fn ok_empty(self, what: &str) -> Result<bool> {
+        ensure!(
+            self.status == StatusCode::NO_CONTENT,
+            "{what}: HTTP {}: {}",
+            self.status,
+            String::from_utf8_lossy(&self.body)
+        );
+        Ok(self.full_tls13)
+    }
+
     fn ok_json(self, what: &str) -> Result<(Value, bool)> {
         ensure!(
             self.status == StatusCode::OK,
@@ -572,15 +588,82 @@ async fn bench(requests: usize, concurrency: usize, warmup: usize, bench_mode: b
             }
         }
     };
-    run("warm-up agent", 0..warmup, concurrency, agent.clone()).await?;
+    // The machines' first requests: each records when its machine was last seen (one UPDATE,
+    // as a machine's first poll in five minutes does).
     results.push(
         run(
-            "agent secret-status (mTLS)",
+            "agent secret-status, first (mTLS)",
+            0..requests,
+            concurrency,
+            agent.clone(),
+        )
+        .await?,
+    );
+    // The same machines again within five minutes: what most polls cost, no write.
+    let before = machine_times(&server)?;
+    results.push(
+        run(
+            "agent secret-status, again (mTLS)",
             0..requests,
             concurrency,
             agent,
         )
         .await?,
+    );
+    let after = machine_times(&server)?;
+    ensure!(
+        before == after,
+        "polls within five minutes wrote to the database"
+    );
+
+    // The report each machine sends while nothing changes: stored once (warm-up), then nothing.
+    let unchanged = serde_json::json!({
+        "agent_version": "0.1.0", "store": "file", "tpm_enabled": false, "tpm_available": false,
+        "degraded_mode": "inactive", "rotation_failures": 0, "audit_chain_ok": true,
+        "certificate_expires_at": 4_000_000_000i64, "secret_version": 1,
+    })
+    .to_string();
+    let health = {
+        let (configs, agent) = (machine_configs.clone(), server.agent);
+        move |i: usize| {
+            let tls = configs[i % configs.len()].clone();
+            let report = unchanged.clone();
+            async move {
+                let reply = request_on_new_connection(
+                    agent,
+                    tls,
+                    Method::POST,
+                    "/api/v1/health",
+                    None,
+                    Some(report),
+                )
+                .await?;
+                reply.ok_empty("health")
+            }
+        }
+    };
+    // Every machine's first report (and its last-seen time) is written here.
+    run(
+        "warm-up health",
+        0..machine_configs.len(),
+        concurrency,
+        health.clone(),
+    )
+    .await?;
+    let before = machine_times(&server)?;
+    results.push(
+        run(
+            "agent health, unchanged (mTLS)",
+            0..requests,
+            concurrency,
+            health,
+        )
+        .await?,
+    );
+    let after = machine_times(&server)?;
+    ensure!(
+        before == after,
+        "unchanged health reports wrote to the database"
     );
     results.push(
         run(
@@ -595,6 +678,24 @@ async fn bench(requests: usize, concurrency: usize, warmup: usize, bench_mode: b
     report(&results, bench_mode);
     drop(server);
     Ok(())
+}
+
+/// When each machine was last seen and last reported its health, as stored: a poll that
+/// wrote would change one of them.
+fn machine_times(server: &Server) -> Result<Vec<(Value, Value, Value)>> {
+    let list = server.admin_json(&["machine", "list"])?;
+    let machines = list.as_array().ok_or("machine list: not an array")?;
+    ensure!(!machines.is_empty(), "machine list: empty");
+    Ok(machines
+        .iter()
+        .map(|m| {
+            (
+                m["id"].clone(),
+                m["last_seen_at"].clone(),
+                m["health_reported_at"].clone(),
+            )
+        })
+        .collect())
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
@@ -620,12 +721,12 @@ fn report(results: &[Measured], bench_mode: bool) {
         }
     );
     println!(
-        "{:<28} {:>8} {:>5} {:>9} {:>10} {:>9} {:>12}",
+        "{:<34} {:>8} {:>5} {:>9} {:>10} {:>9} {:>12}",
         "scenario", "requests", "conc", "req/s", "median ms", "p99 ms", "vs baseline"
     );
     for m in results {
         println!(
-            "{:<28} {:>8} {:>5} {:>9.1} {:>10.2} {:>9.2} {:>12.3}",
+            "{:<34} {:>8} {:>5} {:>9.1} {:>10.2} {:>9.2} {:>12.3}",
             m.name,
             m.requests,
             m.concurrency,
@@ -637,7 +738,7 @@ fn report(results: &[Measured], bench_mode: bool) {
     }
     println!("baseline = mean healthz req/s of the two baseline runs = {baseline:.1}");
     println!(
-        "checked: every request answered 200 on a new connection with a full (non-resumed) \
+        "checked: every request answered 200 (health: 204) on a new connection with a full (non-resumed) \
          TLS 1.3 handshake"
     );
 }
