@@ -41,6 +41,17 @@ pub const DEFAULT_SECRET_VALIDITY_SECS: u64 = 2 * 86_400;
 pub const DEFAULT_SECRET_GRACE_SECS: u64 = 7 * 86_400;
 /// Upper bound of both secret durations: one year.
 pub const MAX_SECRET_DURATION_SECS: u64 = 365 * 86_400;
+/// A dashboard session ends 8 hours after sign-in, however busy.
+pub const DEFAULT_DASHBOARD_SESSION_LIFETIME_SECS: u64 = 8 * 3600;
+/// A dashboard session ends after 30 minutes without a request.
+pub const DEFAULT_DASHBOARD_SESSION_IDLE_SECS: u64 = 30 * 60;
+/// Longest dashboard session lifetime: 7 days.
+pub const MAX_DASHBOARD_SESSION_LIFETIME_SECS: u64 = 7 * 86_400;
+/// Dashboard sessions held at once (in memory); signing in beyond it ends the least recently
+/// used one.
+pub const DEFAULT_DASHBOARD_MAX_SESSIONS: u32 = 256;
+/// Dashboard sign-in attempts allowed per client IP and minute.
+pub const DEFAULT_DASHBOARD_SIGN_IN_PER_MINUTE: u32 = 10;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -94,6 +105,18 @@ fn default_secret_validity() -> u64 {
 }
 fn default_secret_grace() -> u64 {
     DEFAULT_SECRET_GRACE_SECS
+}
+fn default_session_lifetime() -> u64 {
+    DEFAULT_DASHBOARD_SESSION_LIFETIME_SECS
+}
+fn default_session_idle() -> u64 {
+    DEFAULT_DASHBOARD_SESSION_IDLE_SECS
+}
+fn default_max_sessions() -> u32 {
+    DEFAULT_DASHBOARD_MAX_SESSIONS
+}
+fn default_sign_in_rate() -> u32 {
+    DEFAULT_DASHBOARD_SIGN_IN_PER_MINUTE
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,6 +175,19 @@ pub struct ServerConfig {
     /// Grace after `valid_until` during which tokens under the version still validate.
     #[serde(default = "default_secret_grace")]
     pub secret_grace_secs: u64,
+    /// A dashboard session ends this many seconds after sign-in (60 to 604800).
+    #[serde(default = "default_session_lifetime")]
+    pub dashboard_session_lifetime_secs: u64,
+    /// A dashboard session ends after this many seconds without a request (60 to the
+    /// lifetime).
+    #[serde(default = "default_session_idle")]
+    pub dashboard_session_idle_secs: u64,
+    /// Dashboard sessions held at once, in memory (1 to 100000).
+    #[serde(default = "default_max_sessions")]
+    pub dashboard_max_sessions: u32,
+    /// Dashboard sign-in attempts allowed per client IP and minute (at least 1).
+    #[serde(default = "default_sign_in_rate")]
+    pub dashboard_sign_in_per_minute: u32,
 }
 
 impl ServerConfig {
@@ -175,6 +211,10 @@ impl ServerConfig {
             write_stall_timeout_secs: DEFAULT_WRITE_STALL_TIMEOUT_SECS,
             secret_validity_secs: DEFAULT_SECRET_VALIDITY_SECS,
             secret_grace_secs: DEFAULT_SECRET_GRACE_SECS,
+            dashboard_session_lifetime_secs: DEFAULT_DASHBOARD_SESSION_LIFETIME_SECS,
+            dashboard_session_idle_secs: DEFAULT_DASHBOARD_SESSION_IDLE_SECS,
+            dashboard_max_sessions: DEFAULT_DASHBOARD_MAX_SESSIONS,
+            dashboard_sign_in_per_minute: DEFAULT_DASHBOARD_SIGN_IN_PER_MINUTE,
         }
     }
 
@@ -262,6 +302,35 @@ impl ServerConfig {
             return Err(ConfigError::Invalid {
                 key: "secret_grace_secs",
                 message: format!("must be between 0 and {MAX_SECRET_DURATION_SECS} (365 days)"),
+            });
+        }
+        if !(60..=MAX_DASHBOARD_SESSION_LIFETIME_SECS)
+            .contains(&self.dashboard_session_lifetime_secs)
+        {
+            return Err(ConfigError::Invalid {
+                key: "dashboard_session_lifetime_secs",
+                message: format!(
+                    "must be between 60 and {MAX_DASHBOARD_SESSION_LIFETIME_SECS} (7 days)"
+                ),
+            });
+        }
+        if !(60..=self.dashboard_session_lifetime_secs).contains(&self.dashboard_session_idle_secs)
+        {
+            return Err(ConfigError::Invalid {
+                key: "dashboard_session_idle_secs",
+                message: "must be between 60 and dashboard_session_lifetime_secs".into(),
+            });
+        }
+        if !(1..=100_000).contains(&self.dashboard_max_sessions) {
+            return Err(ConfigError::Invalid {
+                key: "dashboard_max_sessions",
+                message: "must be between 1 and 100000".into(),
+            });
+        }
+        if self.dashboard_sign_in_per_minute == 0 {
+            return Err(ConfigError::Invalid {
+                key: "dashboard_sign_in_per_minute",
+                message: "must be at least 1".into(),
             });
         }
         for (key, url) in [
@@ -384,6 +453,33 @@ mod tests {
             DEFAULT_SERVER_CERTIFICATE_VALIDITY_DAYS
         );
         assert_eq!(old.certificate_validity_secs, None);
+        assert_eq!(
+            old.dashboard_session_lifetime_secs,
+            DEFAULT_DASHBOARD_SESSION_LIFETIME_SECS
+        );
+        assert_eq!(old.dashboard_max_sessions, DEFAULT_DASHBOARD_MAX_SESSIONS);
+    }
+
+    #[test]
+    fn dashboard_keys_are_bounded() {
+        for (key, set) in [
+            (
+                "dashboard_session_lifetime_secs",
+                (|c: &mut ServerConfig| c.dashboard_session_lifetime_secs = 59)
+                    as fn(&mut ServerConfig),
+            ),
+            ("dashboard_session_idle_secs", |c| {
+                c.dashboard_session_idle_secs = c.dashboard_session_lifetime_secs + 1
+            }),
+            ("dashboard_max_sessions", |c| c.dashboard_max_sessions = 0),
+            ("dashboard_sign_in_per_minute", |c| {
+                c.dashboard_sign_in_per_minute = 0
+            }),
+        ] {
+            let mut c = ServerConfig::new("localhost".into());
+            set(&mut c);
+            assert!(c.check().unwrap_err().to_string().starts_with(key), "{key}");
+        }
     }
 
     #[test]

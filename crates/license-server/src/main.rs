@@ -283,6 +283,12 @@ async fn load_state(
             downloads_dir: dir.downloads(),
             secret_validity_secs: secs(config.secret_validity_secs),
             secret_grace_secs: secs(config.secret_grace_secs),
+            dashboard_sessions: license_server::http::dashboard::session::SessionPolicy {
+                lifetime_secs: secs(config.dashboard_session_lifetime_secs),
+                idle_secs: secs(config.dashboard_session_idle_secs),
+                max_sessions: usize::try_from(config.dashboard_max_sessions).unwrap_or(usize::MAX),
+            },
+            dashboard_sign_in_per_minute: config.dashboard_sign_in_per_minute,
         },
     }))
 }

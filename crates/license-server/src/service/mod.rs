@@ -64,6 +64,10 @@ pub struct Settings {
     pub secret_validity_secs: i64,
     /// `grace_until - valid_until` of a new secret version, seconds.
     pub secret_grace_secs: i64,
+    /// Dashboard session lifetime, idle timeout and bound (`dashboard_session_*`).
+    pub dashboard_sessions: crate::http::dashboard::session::SessionPolicy,
+    /// Dashboard sign-in attempts per client IP and minute.
+    pub dashboard_sign_in_per_minute: u32,
 }
 
 impl Settings {
