@@ -220,7 +220,9 @@ async fn style_css() -> impl IntoResponse {
 }
 
 /// Every dashboard answer: no caching (pages show install tokens once), no framing, no
-/// sniffing, no referrer, and the content security policy above.
+/// sniffing, no referrer to other sites (`same-origin`: with `no-referrer` browsers send
+/// `Origin: null` on form posts, which [`check_origin`] refuses), and the content security
+/// policy above.
 async fn security_headers(mut response: Response) -> Response {
     let headers = response.headers_mut();
     for (name, value) in [
@@ -228,7 +230,7 @@ async fn security_headers(mut response: Response) -> Response {
         (header::CACHE_CONTROL, "no-store"),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        (header::REFERRER_POLICY, "same-origin"),
     ] {
         headers.insert(name, HeaderValue::from_static(value));
     }
