@@ -201,3 +201,164 @@ async fn dashboard_in_chromium() {
         );
     }
 }
+
+/// The session cookie a sign-in answer sets (`name=value`).
+fn session_cookie(response: &reqwest::Response) -> String {
+    let set = response
+        .headers()
+        .get("set-cookie")
+        .expect("sign-in sets a cookie")
+        .to_str()
+        .unwrap();
+    set.split(';').next().unwrap().to_string()
+}
+
+/// The CSRF token in a page's forms.
+fn csrf_of(html: &str) -> String {
+    let at = html.find("name=\"csrf\" value=\"").unwrap() + "name=\"csrf\" value=\"".len();
+    html[at..].split('"').next().unwrap().to_string()
+}
+
+/// Every page and the audit filters, over plain HTTPS on both databases (no browser): the
+/// queries behind them run on SQLite and PostgreSQL alike; signing out and revoking the admin
+/// token both end the session; a session-less or CSRF-less POST is refused.
+async fn pages_on(db: Db) {
+    let server = TestServer::start(db);
+    let admin_token =
+        server.admin_json(&["api-token", "create", "--name", "ops", "--role", "admin"])["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    let (client_id, machine, key) = server.enrolled_machine("Acme", "HW-1").await;
+    let machine_id = machine["machine_id"].as_str().unwrap();
+    report_health(&server, machine["certificate"].as_str().unwrap(), &key).await;
+    let base = &server.server.admin_url;
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(common::tls_config(&server.ca_pem(), None, false))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+
+    // Without a session: pages redirect to the sign-in form, POSTs are refused.
+    let r = http.get(format!("{base}/dashboard")).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/dashboard/sign-in");
+    let r = http
+        .post(format!("{base}/dashboard/machines/{machine_id}/revoke"))
+        .form(&[("csrf", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // The admin API still wants its bearer token everywhere else.
+    let r = http
+        .get(format!("{base}/api/admin/clients"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    let r = http
+        .post(format!("{base}/dashboard/sign-in"))
+        .form(&[("token", admin_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let cookie = session_cookie(&r);
+    let get = |path: String| {
+        let http = http.clone();
+        let cookie = cookie.clone();
+        async move {
+            let r = http
+                .get(path)
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let csp = r.headers()["content-security-policy"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            assert!(csp.contains("default-src 'none'"));
+            (status, r.text().await.unwrap())
+        }
+    };
+    for path in [
+        "/dashboard".to_string(),
+        "/dashboard/clients".into(),
+        format!("/dashboard/clients/{client_id}"),
+        format!("/dashboard/machines/{machine_id}"),
+        "/dashboard/install-tokens".into(),
+        format!("/dashboard/install-tokens?client_id={client_id}"),
+        "/dashboard/audit".into(),
+        "/dashboard/audit?actor=api%3Aops&action=dashboard.sign_in&target=".into(),
+        format!("/dashboard/audit?target={machine_id}&before=1000"),
+        "/dashboard/assets/style.css".into(),
+    ] {
+        let (status, body) = get(format!("{base}{path}")).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let (_, overview) = get(format!("{base}/dashboard")).await;
+    assert!(
+        overview.contains(r#"id="clock-rollbacks">1<"#),
+        "{overview}"
+    );
+    let (_, audit) = get(format!(
+        "{base}/dashboard/audit?actor=api%3Aops&action=dashboard.sign_in"
+    ))
+    .await;
+    assert_eq!(
+        audit.matches("<td>dashboard.sign_in</td>").count(),
+        1,
+        "{audit}"
+    );
+    let (status, _) = get(format!("{base}/dashboard/machines/not-a-uuid")).await;
+    assert_eq!(status, 400);
+
+    // An action with the page's CSRF token works; with a cross-site Origin it does not.
+    let (_, page) = get(format!("{base}/dashboard/machines/{machine_id}")).await;
+    let csrf = csrf_of(&page);
+    let post = |path: String, origin: Option<&'static str>| {
+        let mut req = http
+            .post(format!("{base}{path}"))
+            .header("cookie", cookie.clone())
+            .form(&[("csrf", csrf.as_str())]);
+        if let Some(origin) = origin {
+            req = req.header("origin", origin);
+        }
+        req.send()
+    };
+    let r = post(
+        format!("/dashboard/machines/{machine_id}/rotate"),
+        Some("https://evil.example"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = post(format!("/dashboard/machines/{machine_id}/rotate"), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let shown = server.admin_json(&["machine", "show", machine_id]);
+    assert!(shown["rotation_requested_at"].is_string());
+
+    // Revoking the admin token ends its session at once.
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&server.db.url).await.unwrap();
+    sqlx::query("UPDATE admin_tokens SET revoked_at = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let r = http
+        .get(format!("{base}/dashboard"))
+        .header("cookie", cookie.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+}
+
+on_both_databases!(pages_on);

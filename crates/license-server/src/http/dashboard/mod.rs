@@ -287,7 +287,7 @@ impl Viewer {
             role: self.principal.0.role.as_str(),
             can_act: self.can_act(),
             csrf: self.session.csrf.to_string(),
-            done,
+            done: done.filter(|d| is_done_message(d)),
         }
     }
 }
@@ -405,6 +405,16 @@ impl<T: serde::de::DeserializeOwned> FromRequest<SharedState> for Act<T> {
     }
 }
 
+/// Whether `?done=` holds what [`done`] puts there (an action name and counts), so that a
+/// crafted link cannot make a page say something else.
+pub fn is_done_message(done: &str) -> bool {
+    !done.is_empty()
+        && done.len() <= 64
+        && done
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._ ".contains(&b))
+}
+
 /// After an action: back to `to` (a dashboard path), telling the page what was done.
 pub fn done(to: &str, what: &str) -> Response {
     let sep = if to.contains('?') { '&' } else { '?' };
@@ -435,6 +445,15 @@ mod tests {
         );
         h.insert(header::ORIGIN, HeaderValue::from_static("null"));
         assert!(check_origin(&h).is_err());
+    }
+
+    #[test]
+    fn done_messages_are_action_names_only() {
+        assert!(is_done_message("machine.revoke"));
+        assert!(is_done_message("certificates.purge 3 purged"));
+        assert!(!is_done_message(""));
+        assert!(!is_done_message("Your session expired: call +1 555"));
+        assert!(!is_done_message(&"a".repeat(65)));
     }
 
     #[test]
