@@ -220,8 +220,9 @@ fn csrf_of(html: &str) -> String {
 }
 
 /// Every page and the audit filters, over plain HTTPS on both databases (no browser): the
-/// queries behind them run on SQLite and PostgreSQL alike; signing out and revoking the admin
-/// token both end the session; a session-less or CSRF-less POST is refused.
+/// queries behind them run on SQLite and PostgreSQL alike; revoking the admin token ends its
+/// session; a session-less POST or one from another origin is refused; sign-in attempts are
+/// rate-limited.
 async fn pages_on(db: Db) {
     let server = TestServer::start(db);
     let admin_token =
@@ -359,6 +360,21 @@ async fn pages_on(db: Db) {
         .await
         .unwrap();
     assert_eq!(r.status(), 303);
+
+    // Sign-in attempts are limited per address (10 a minute by default, the one above
+    // included): wrong tokens get 401 until the quota is spent, then 429.
+    let mut statuses = Vec::new();
+    for _ in 0..11 {
+        let r = http
+            .post(format!("{base}/dashboard/sign-in"))
+            .form(&[("token", "lat_wrong")])
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses[0], 401);
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
 }
 
 on_both_databases!(pages_on);
