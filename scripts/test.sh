@@ -6,9 +6,10 @@
 # the server database and run a client as another user), the TPM stack (libtss2-dev to build,
 # swtpm and swtpm-tools for the TPM tests, tpm2-tools), promtool, strace and systemd-analyze (the
 # unit's syscall filter and exposure), apparmor_parser, faketime (the lifetime tests move real
-# processes' clocks with libfaketime), python3-venv (schemathesis, below), dpkg-dev, binutils
-# and lintian (the Debian packages, built by scripts/package.sh with cargo-deb, installed here
-# when missing), and PostgreSQL (server and psql). Tests that use
+# processes' clocks with libfaketime), python3-venv (schemathesis, below), chromium with nodejs
+# and npm (the dashboard's browser test), dpkg-dev, binutils and lintian (the Debian packages,
+# built by scripts/package.sh with cargo-deb, installed here when missing), and PostgreSQL
+# (server and psql). Tests that use
 # PostgreSQL create their own database on 127.0.0.1:5432 and drop it afterwards; when no
 # PostgreSQL answers there, this script installs and starts one and lets loopback connect
 # as `postgres` without a password (trust), as on the project's CI machines.
@@ -48,6 +49,11 @@ command -v faketime >/dev/null || packages+=(faketime)
 command -v dpkg-shlibdeps >/dev/null || packages+=(dpkg-dev)
 command -v readelf >/dev/null || packages+=(binutils)
 command -v lintian >/dev/null || packages+=(lintian)
+# The dashboard's browser test drives Debian's chromium with playwright-core from npm (the test
+# runs `npm ci` itself). Only when npm is missing: nodesource's nodejs ships its own npm and
+# conflicts with Debian's npm package.
+[ -x /usr/bin/chromium ] || packages+=(chromium)
+command -v npm >/dev/null || packages+=(nodejs npm)
 postgres_ready() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
 installed_postgres=false
 if [ -z "${LSA_TEST_POSTGRES:-}" ] && ! { command -v pg_isready >/dev/null && postgres_ready; }; then

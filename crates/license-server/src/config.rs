@@ -52,6 +52,17 @@ pub const DEFAULT_FLEET_CHECK_INTERVAL_SECS: u64 = 300;
 pub const DEFAULT_FLEET_WEBHOOK_RETRIES: u32 = 3;
 /// Upper bound of both secret durations: one year.
 pub const MAX_SECRET_DURATION_SECS: u64 = 365 * 86_400;
+/// A dashboard session ends 8 hours after sign-in, however busy.
+pub const DEFAULT_DASHBOARD_SESSION_LIFETIME_SECS: u64 = 8 * 3600;
+/// A dashboard session ends after 30 minutes without a request.
+pub const DEFAULT_DASHBOARD_SESSION_IDLE_SECS: u64 = 30 * 60;
+/// Longest dashboard session lifetime: 7 days.
+pub const MAX_DASHBOARD_SESSION_LIFETIME_SECS: u64 = 7 * 86_400;
+/// Dashboard sessions held at once (in memory); signing in beyond it ends the least recently
+/// used one.
+pub const DEFAULT_DASHBOARD_MAX_SESSIONS: u32 = 256;
+/// Dashboard sign-in attempts allowed per client IP and minute.
+pub const DEFAULT_DASHBOARD_SIGN_IN_PER_MINUTE: u32 = 10;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -117,6 +128,18 @@ fn default_secret_validity() -> u64 {
 }
 fn default_secret_grace() -> u64 {
     DEFAULT_SECRET_GRACE_SECS
+}
+fn default_session_lifetime() -> u64 {
+    DEFAULT_DASHBOARD_SESSION_LIFETIME_SECS
+}
+fn default_session_idle() -> u64 {
+    DEFAULT_DASHBOARD_SESSION_IDLE_SECS
+}
+fn default_max_sessions() -> u32 {
+    DEFAULT_DASHBOARD_MAX_SESSIONS
+}
+fn default_sign_in_rate() -> u32 {
+    DEFAULT_DASHBOARD_SIGN_IN_PER_MINUTE
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -193,6 +216,19 @@ pub struct ServerConfig {
     /// How often the server checks the fleet's conditions, seconds.
     #[serde(default = "default_fleet_check")]
     pub fleet_check_interval_secs: u64,
+    /// A dashboard session ends this many seconds after sign-in (60 to 604800).
+    #[serde(default = "default_session_lifetime")]
+    pub dashboard_session_lifetime_secs: u64,
+    /// A dashboard session ends after this many seconds without a request (60 to the
+    /// lifetime).
+    #[serde(default = "default_session_idle")]
+    pub dashboard_session_idle_secs: u64,
+    /// Dashboard sessions held at once, in memory (1 to 100000).
+    #[serde(default = "default_max_sessions")]
+    pub dashboard_max_sessions: u32,
+    /// Dashboard sign-in attempts allowed per client IP and minute (at least 1).
+    #[serde(default = "default_sign_in_rate")]
+    pub dashboard_sign_in_per_minute: u32,
 }
 
 impl ServerConfig {
@@ -221,6 +257,10 @@ impl ServerConfig {
             machine_unseen_alert_secs: DEFAULT_MACHINE_UNSEEN_ALERT_SECS,
             certificate_expiry_alert_days: DEFAULT_CERTIFICATE_EXPIRY_ALERT_DAYS,
             fleet_check_interval_secs: DEFAULT_FLEET_CHECK_INTERVAL_SECS,
+            dashboard_session_lifetime_secs: DEFAULT_DASHBOARD_SESSION_LIFETIME_SECS,
+            dashboard_session_idle_secs: DEFAULT_DASHBOARD_SESSION_IDLE_SECS,
+            dashboard_max_sessions: DEFAULT_DASHBOARD_MAX_SESSIONS,
+            dashboard_sign_in_per_minute: DEFAULT_DASHBOARD_SIGN_IN_PER_MINUTE,
         }
     }
 
@@ -311,6 +351,35 @@ impl ServerConfig {
             });
         }
         self.check_fleet_alerts()?;
+        if !(60..=MAX_DASHBOARD_SESSION_LIFETIME_SECS)
+            .contains(&self.dashboard_session_lifetime_secs)
+        {
+            return Err(ConfigError::Invalid {
+                key: "dashboard_session_lifetime_secs",
+                message: format!(
+                    "must be between 60 and {MAX_DASHBOARD_SESSION_LIFETIME_SECS} (7 days)"
+                ),
+            });
+        }
+        if !(60..=self.dashboard_session_lifetime_secs).contains(&self.dashboard_session_idle_secs)
+        {
+            return Err(ConfigError::Invalid {
+                key: "dashboard_session_idle_secs",
+                message: "must be between 60 and dashboard_session_lifetime_secs".into(),
+            });
+        }
+        if !(1..=100_000).contains(&self.dashboard_max_sessions) {
+            return Err(ConfigError::Invalid {
+                key: "dashboard_max_sessions",
+                message: "must be between 1 and 100000".into(),
+            });
+        }
+        if self.dashboard_sign_in_per_minute == 0 {
+            return Err(ConfigError::Invalid {
+                key: "dashboard_sign_in_per_minute",
+                message: "must be at least 1".into(),
+            });
+        }
         for (key, url) in [
             ("public_url", &self.public_url),
             ("agent_url", &self.agent_url),
@@ -485,6 +554,33 @@ mod tests {
             DEFAULT_SERVER_CERTIFICATE_VALIDITY_DAYS
         );
         assert_eq!(old.certificate_validity_secs, None);
+        assert_eq!(
+            old.dashboard_session_lifetime_secs,
+            DEFAULT_DASHBOARD_SESSION_LIFETIME_SECS
+        );
+        assert_eq!(old.dashboard_max_sessions, DEFAULT_DASHBOARD_MAX_SESSIONS);
+    }
+
+    #[test]
+    fn dashboard_keys_are_bounded() {
+        for (key, set) in [
+            (
+                "dashboard_session_lifetime_secs",
+                (|c: &mut ServerConfig| c.dashboard_session_lifetime_secs = 59)
+                    as fn(&mut ServerConfig),
+            ),
+            ("dashboard_session_idle_secs", |c| {
+                c.dashboard_session_idle_secs = c.dashboard_session_lifetime_secs + 1
+            }),
+            ("dashboard_max_sessions", |c| c.dashboard_max_sessions = 0),
+            ("dashboard_sign_in_per_minute", |c| {
+                c.dashboard_sign_in_per_minute = 0
+            }),
+        ] {
+            let mut c = ServerConfig::new("localhost".into());
+            set(&mut c);
+            assert!(c.check().unwrap_err().to_string().starts_with(key), "{key}");
+        }
     }
 
     #[test]

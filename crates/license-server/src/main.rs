@@ -290,6 +290,12 @@ async fn load_state(
                 certificate_expiry_days: config.certificate_expiry_alert_days,
                 check_interval_secs: config.fleet_check_interval_secs,
             },
+            dashboard_sessions: license_server::http::dashboard::session::SessionPolicy {
+                lifetime_secs: secs(config.dashboard_session_lifetime_secs),
+                idle_secs: secs(config.dashboard_session_idle_secs),
+                max_sessions: usize::try_from(config.dashboard_max_sessions).unwrap_or(usize::MAX),
+            },
+            dashboard_sign_in_per_minute: config.dashboard_sign_in_per_minute,
         },
     }))
 }

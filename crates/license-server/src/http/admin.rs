@@ -35,7 +35,9 @@ use crate::store::secrets::SecretRecord;
 pub struct AdminPrincipal(pub AdminTokenRecord);
 
 impl AdminPrincipal {
-    fn actor(&self) -> String {
+    /// The audit trail's actor for this token (`api:<name>`), the admin API's and the
+    /// dashboard's alike.
+    pub fn actor(&self) -> String {
         format!("api:{}", self.0.name)
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod dashboard;
 pub mod error;
 pub mod listener;
 pub mod metrics;
@@ -179,10 +180,12 @@ pub async fn run(
         agent::MAX_AGENT_BODY_BYTES,
     )
     .with_state(state.clone());
+    // The dashboard authenticates with its session cookie instead of a bearer token.
+    let dashboard = tracked(dashboard::router(&state), "admin");
     let admin = body_limit(
-        admin.layer(middleware::from_fn_with_state(
+        admin.merge(dashboard).layer(middleware::from_fn_with_state(
             state.clone(),
-            admin::authenticate,
+            dashboard::bearer_unless_dashboard,
         )),
         public::MAX_PUBLIC_BODY_BYTES,
     )

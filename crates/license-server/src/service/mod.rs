@@ -67,6 +67,10 @@ pub struct Settings {
     pub secret_grace_secs: i64,
     /// What the fleet is watched for, and where alerts go.
     pub fleet_alerts: fleet_alerts::FleetAlertSettings,
+    /// Dashboard session lifetime, idle timeout and bound (`dashboard_session_*`).
+    pub dashboard_sessions: crate::http::dashboard::session::SessionPolicy,
+    /// Dashboard sign-in attempts per client IP and minute.
+    pub dashboard_sign_in_per_minute: u32,
 }
 
 impl Settings {

@@ -85,6 +85,62 @@ pub async fn insert<'e>(ex: impl AnyExecutor<'e>, e: &NewAuditEvent<'_>) -> Resu
     Ok(())
 }
 
+/// What the dashboard's audit page filters on; `None` matches everything.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter<'a> {
+    pub actor: Option<&'a str>,
+    pub action: Option<&'a str>,
+    /// Events on any of these objects (machine ids, certificate serials, license ids…).
+    pub targets: Option<&'a [String]>,
+    /// Only events before this sequence number (paging back).
+    pub before_seq: Option<i64>,
+}
+
+/// Up to `limit` events matching `filter`, newest first.
+pub async fn search<'e>(
+    ex: impl AnyExecutor<'e>,
+    filter: &AuditFilter<'_>,
+    limit: i64,
+) -> Result<Vec<AuditEvent>> {
+    let mut sql = String::from(
+        "SELECT seq, at, actor, action, target, outcome, details FROM audit_events \
+         WHERE ($1 IS NULL OR actor = $1) AND ($2 IS NULL OR action = $2) AND ($3 IS NULL OR seq < $3)",
+    );
+    let targets = filter.targets.unwrap_or_default();
+    if filter.targets.is_some() {
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders: Vec<String> = (0..targets.len()).map(|i| format!("${}", i + 5)).collect();
+        sql.push_str(&format!(" AND target IN ({})", placeholders.join(", ")));
+    }
+    sql.push_str(" ORDER BY seq DESC LIMIT $4");
+    let mut query = sqlx::query(&sql)
+        .bind(filter.actor)
+        .bind(filter.action)
+        .bind(filter.before_seq)
+        .bind(limit);
+    for target in targets {
+        query = query.bind(target.as_str());
+    }
+    let rows = query.fetch_all(ex).await?;
+    rows.iter().map(event).collect()
+}
+
+fn event(row: &sqlx::any::AnyRow) -> Result<AuditEvent> {
+    let details: String = row.try_get("details")?;
+    Ok(AuditEvent {
+        seq: row.try_get("seq")?,
+        at: ts(row, "at")?,
+        actor: row.try_get("actor")?,
+        action: row.try_get("action")?,
+        target: row.try_get("target")?,
+        outcome: row.try_get("outcome")?,
+        details: serde_json::from_str(&details)
+            .map_err(|e| StoreError::Corrupt(format!("audit details: {e}")))?,
+    })
+}
+
 /// Up to `limit` events after sequence number `since_seq`, in order.
 pub async fn list<'e>(
     ex: impl AnyExecutor<'e>,
@@ -99,19 +155,5 @@ pub async fn list<'e>(
     .bind(limit)
     .fetch_all(ex)
     .await?;
-    rows.iter()
-        .map(|row| {
-            let details: String = row.try_get("details")?;
-            Ok(AuditEvent {
-                seq: row.try_get("seq")?,
-                at: ts(row, "at")?,
-                actor: row.try_get("actor")?,
-                action: row.try_get("action")?,
-                target: row.try_get("target")?,
-                outcome: row.try_get("outcome")?,
-                details: serde_json::from_str(&details)
-                    .map_err(|e| StoreError::Corrupt(format!("audit details: {e}")))?,
-            })
-        })
-        .collect()
+    rows.iter().map(event).collect()
 }
