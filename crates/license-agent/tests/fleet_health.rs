@@ -1,7 +1,7 @@
 //! Fleet health reports (issue "the vendor's fleet console", item 2) with real processes: agents
 //! report their health after their rounds, the server keeps each machine's latest report and
-//! when it was last seen, and shows them in `admin machine list/show` — without a database
-//! write on every poll when nothing changed.
+//! when it was last seen, and shows them in `admin machine list/show`, in `/metrics` and on the
+//! dashboard's overview — without a database write on every poll when nothing changed.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -115,6 +115,54 @@ fn the_server_keeps_each_machines_latest_health_report() {
     assert!(line_of(&healthy).trim_end().ends_with(" ok"), "{listing}");
     assert!(line_of(&fallback).contains("tpm_fallback"), "{listing}");
     assert!(line_of(&forced).contains("degraded"), "{listing}");
+
+    // Prometheus and the dashboard's overview count each as it is.
+    let token = server.admin(&["api-token", "create", "--name", "fleet", "--role", "readonly"])
+        ["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let admin = server.admin_url();
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-fsS", "--cacert"])
+            .arg(server.dir.join("ca.pem"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "curl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let bearer = format!("Authorization: Bearer {token}");
+    let metrics = curl(&["-H", &bearer, &format!("{admin}/metrics")]);
+    for line in [
+        "license_server_machines{health=\"seen_last_hour\"} 4",
+        "license_server_machines{health=\"degraded\"} 1",
+        "license_server_machines{health=\"tpm_fallback\"} 1",
+        "license_server_machines{health=\"rotation_failing\"} 0",
+        "license_server_machines{health=\"revoked\"} 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} not in:\n{metrics}");
+    }
+    let jar = root.path().join("cookies");
+    let jar = jar.to_str().unwrap();
+    let origin = format!("Origin: {admin}");
+    let field = format!("token={token}");
+    let sign_in = format!("{admin}/dashboard/sign-in");
+    curl(&["-c", jar, "-H", &origin, "--data-urlencode", &field, "-o", "/dev/null", &sign_in]);
+    let overview = curl(&["-b", jar, &format!("{admin}/dashboard")]);
+    for card in [
+        "id=\"seen-hour\">4<",
+        "id=\"degraded\">1<",
+        "id=\"tpm-fallback\">1<",
+        "id=\"revoked\">0<",
+    ] {
+        assert!(overview.contains(card), "{card} not in the overview:\n{overview}");
+    }
 
     // Polls with nothing new write nothing: neither the report's time nor the last-seen time
     // moves over several rounds (one a second here).

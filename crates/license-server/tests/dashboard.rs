@@ -148,14 +148,45 @@ async fn dashboard_in_chromium() {
     assert_eq!(licenses[0]["features"], json!(["pos.sale", "pos.refund"]));
     assert_eq!(licenses[0]["state"], "active");
 
-    // The install token shown once on the page enrolls a new machine of the client; the
-    // one-liner is the CLI's.
+    // The install token shown once on the page, in the CLI's one-liner, enrolls a new machine
+    // of the client.
     let install_token = seen["install_token"].as_str().unwrap();
     let command = seen["install_command"].as_str().unwrap();
     assert!(command.starts_with("curl -fsSL -k --pinnedpubkey 'sha256//"));
     assert!(command.contains(&format!("{}/install.sh", server.server.public_url)));
-    let (enrolled, _) = server.enroll_http(install_token, "HW-2").await;
-    assert_eq!(enrolled["client_id"], client_id.as_str());
+    // Run as an operator pastes it on a till (sudo aside, as root already, and under a prefix
+    // so nothing outside the test's directory changes): install.sh downloads the agent and
+    // enrolls the machine.
+    assert!(command.ends_with(&format!("| sudo bash -s -- {install_token}")));
+    let command = command.replace("| sudo bash", "| bash");
+    let downloads = server.data_dir().join("downloads/stable");
+    std::fs::create_dir_all(&downloads).unwrap();
+    std::fs::copy(
+        common::agent_bin(),
+        downloads.join("license-agent-linux-amd64"),
+    )
+    .unwrap();
+    let installed = Command::new("bash")
+        .args(["-o", "pipefail", "-c", &command])
+        .env("LICENSE_AGENT_PREFIX", server.dir.path().join("till"))
+        .env("LICENSE_AGENT_HARDWARE_ID", "HW-2")
+        .output()
+        .unwrap();
+    assert!(
+        installed.status.success(),
+        "the page's one-liner failed:\n{}\n{}",
+        String::from_utf8_lossy(&installed.stdout),
+        String::from_utf8_lossy(&installed.stderr)
+    );
+    let machines = server.admin_json(&["machine", "list", "--client", &client_id]);
+    assert!(
+        machines
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["hardware_id"] == "HW-2"),
+        "{machines}"
+    );
 
     // Audited as the admin API audits: actor `api:<token name>`; sign-ins too. Nothing secret
     // in the trail or the log.

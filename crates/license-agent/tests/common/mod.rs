@@ -217,6 +217,11 @@ impl Server {
             .unwrap()
     }
 
+    /// The admin listener's URL (admin API, `/metrics`, the dashboard).
+    pub fn admin_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.ports[2])
+    }
+
     pub fn admin(&self, args: &[&str]) -> Value {
         self.admin_with_env(args, &[])
     }
