@@ -117,8 +117,14 @@ fn the_server_keeps_each_machines_latest_health_report() {
     assert!(line_of(&forced).contains("degraded"), "{listing}");
 
     // Prometheus and the dashboard's overview count each as it is.
-    let token = server.admin(&["api-token", "create", "--name", "fleet", "--role", "readonly"])
-        ["token"]
+    let token = server.admin(&[
+        "api-token",
+        "create",
+        "--name",
+        "fleet",
+        "--role",
+        "readonly",
+    ])["token"]
         .as_str()
         .unwrap()
         .to_string();
@@ -146,14 +152,27 @@ fn the_server_keeps_each_machines_latest_health_report() {
         "license_server_machines{health=\"rotation_failing\"} 0",
         "license_server_machines{health=\"revoked\"} 0",
     ] {
-        assert!(metrics.lines().any(|l| l == line), "{line} not in:\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in:\n{metrics}"
+        );
     }
     let jar = root.path().join("cookies");
     let jar = jar.to_str().unwrap();
     let origin = format!("Origin: {admin}");
     let field = format!("token={token}");
     let sign_in = format!("{admin}/dashboard/sign-in");
-    curl(&["-c", jar, "-H", &origin, "--data-urlencode", &field, "-o", "/dev/null", &sign_in]);
+    curl(&[
+        "-c",
+        jar,
+        "-H",
+        &origin,
+        "--data-urlencode",
+        &field,
+        "-o",
+        "/dev/null",
+        &sign_in,
+    ]);
     let overview = curl(&["-b", jar, &format!("{admin}/dashboard")]);
     for card in [
         "id=\"seen-hour\">4<",
@@ -161,7 +180,10 @@ fn the_server_keeps_each_machines_latest_health_report() {
         "id=\"tpm-fallback\">1<",
         "id=\"revoked\">0<",
     ] {
-        assert!(overview.contains(card), "{card} not in the overview:\n{overview}");
+        assert!(
+            overview.contains(card),
+            "{card} not in the overview:\n{overview}"
+        );
     }
 
     // Polls with nothing new write nothing: neither the report's time nor the last-seen time
