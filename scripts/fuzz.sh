@@ -9,8 +9,11 @@
 #
 # Runs on a copy of the committed corpus (so a run never grows fuzz/corpus); a crash leaves
 # its input in fuzz/artifacts/<target>/ (replay: cargo +nightly fuzz run <target> <file>).
-# Needs a nightly toolchain (rustup) and cargo-fuzz, installed here when missing. Heavy
-# cargo steps wait for /tmp/lsa-build.lock when flock is there (shared build machines).
+# Needs a nightly toolchain (rustup) and cargo-fuzz, installed here when missing. On a shared
+# build machine, LSA_BUILD_LOCK=/tmp/lsa-build.lock makes each heavy step (install, build, one
+# target's run) wait for that lock (flock) and release it after, so a long run lets others
+# build between targets; unset (as in scripts/test.sh), nothing is locked here, so a caller
+# that already holds the lock does not wait for itself.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
@@ -22,7 +25,7 @@ fi
 seconds="${1:-${LSA_FUZZ_SECONDS:-20}}"
 case "$seconds" in '' | *[!0-9]*) echo "seconds must be a whole number: $seconds" >&2; exit 2 ;; esac
 
-locked() { if command -v flock >/dev/null; then flock /tmp/lsa-build.lock "$@"; else "$@"; fi; }
+locked() { if [ -n "${LSA_BUILD_LOCK:-}" ]; then flock "$LSA_BUILD_LOCK" "$@"; else "$@"; fi; }
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
   echo "==> installing the nightly toolchain (rustup)"

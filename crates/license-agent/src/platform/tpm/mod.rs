@@ -405,7 +405,8 @@ pub fn reencode_blob(bytes: &[u8]) -> Result<Vec<u8>, TpmError> {
     encode_blob(kind, &decode_blob(kind, object, bytes)?)
 }
 
-/// Longest blob [`decode_blob`] reads: the format and kind bytes, then the object.
+/// Longest blob [`Tpm::unseal`] and [`Tpm::machine_key`] read: the format and kind bytes, then
+/// the object. Longer input is refused before the TSS unmarshaller sees it.
 pub const MAX_BLOB_LEN: usize = 2 + esys::MAX_BLOB_BODY_LEN;
 
 fn decode_blob(kind: u8, object: ObjectKind, bytes: &[u8]) -> Result<ObjectBlob, TpmError> {
