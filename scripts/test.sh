@@ -127,6 +127,15 @@ status=0
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
 say "the secret-lifecycle end-to-end suite again, every agent on its own swtpm (TPM backend)"
 LSA_TEST_TPM=1 cargo test --locked -p license-agent --test lifecycle 2>&1 | tee -a "$log" || status=$?
+
+# ---- Fuzzing (docs/SECURITY.md, "Fuzzing") ------------------------------------------------
+# Every fuzz target in fuzz/ for a short bounded time (LSA_FUZZ_SECONDS each, 8 by default):
+# any crash or failed assertion fails the run. fuzz.sh installs nightly and cargo-fuzz when
+# missing; its instrumented build is cached in fuzz/target.
+say "fuzz targets, ${LSA_FUZZ_SECONDS:-8} s each (scripts/fuzz.sh)"
+scripts/fuzz.sh "${LSA_FUZZ_SECONDS:-8}" || status=$?
+# ---- end of fuzzing --------------------------------------------------------------------------
+
 # One closing line with the totals over every test binary and doc-test run.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"

@@ -33,6 +33,11 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_REPLAY_WINDOW_SECS: u64 = 600;
 /// PBKDF2-HMAC-SHA256 iterations deriving the file store's key.
 pub const DEFAULT_PBKDF2_ITERATIONS: u32 = 210_000;
+/// Fewest PBKDF2 iterations accepted, in `tpm.pbkdf2_iterations` and in `secret.enc`.
+pub const MIN_PBKDF2_ITERATIONS: u32 = 10_000;
+/// Most PBKDF2 iterations accepted, in `tpm.pbkdf2_iterations` and in `secret.enc`: about five
+/// seconds of a till's CPU at every start; more would let an edited file stall the agent.
+pub const MAX_PBKDF2_ITERATIONS: u32 = 10_000_000;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -496,8 +501,11 @@ impl AgentConfig {
         if self.alerts.webhook_retries > 10 {
             return Err(invalid("alerts.webhook_retries", "must be at most 10"));
         }
-        if self.tpm.pbkdf2_iterations < 10_000 {
-            return Err(invalid("tpm.pbkdf2_iterations", "must be at least 10000"));
+        if !(MIN_PBKDF2_ITERATIONS..=MAX_PBKDF2_ITERATIONS).contains(&self.tpm.pbkdf2_iterations) {
+            return Err(invalid(
+                "tpm.pbkdf2_iterations",
+                format!("must be between {MIN_PBKDF2_ITERATIONS} and {MAX_PBKDF2_ITERATIONS}"),
+            ));
         }
         if self.tpm.fallback_key_file == self.tpm.fallback_encrypted_storage {
             return Err(invalid(
@@ -601,6 +609,13 @@ allowed_uids = [1000, 1001]
             (format!("{}\n[ipc]\nsocket = 5\n", sample()), "socket"),
             (
                 sample().replace("enabled = false", "enabled = false\npbkdf2_iterations = 5"),
+                "tpm.pbkdf2_iterations",
+            ),
+            (
+                sample().replace(
+                    "enabled = false",
+                    "enabled = false\npbkdf2_iterations = 4000000000",
+                ),
                 "tpm.pbkdf2_iterations",
             ),
         ];

@@ -456,7 +456,7 @@ fn the_tpm_taking_over_leaves_no_secret_in_the_file_store() {
             .collect()
     };
     // A till that ran on the file store (no TPM then).
-    let file = FileStore::open(&enc, &key, 1_000, machine).unwrap();
+    let file = FileStore::open(&enc, &key, 10_000, machine).unwrap();
     file.save(&secrets(&[1, 2])).unwrap();
     assert!(enc.exists());
 
@@ -468,7 +468,7 @@ fn the_tpm_taking_over_leaves_no_secret_in_the_file_store() {
             &fx.agent().join("sealed.json"),
             machine,
         )),
-        FileStore::open(&enc, &key, 1_000, machine).unwrap(),
+        FileStore::open(&enc, &key, 10_000, machine).unwrap(),
     );
     let loaded = store.load().unwrap();
     assert_eq!(loaded.iter().map(|s| s.version).collect::<Vec<_>>(), [1, 2]);
@@ -479,12 +479,12 @@ fn the_tpm_taking_over_leaves_no_secret_in_the_file_store() {
     );
     // Version 1 destroyed later: nothing readable with secret.key holds it.
     store.save(&secrets(&[2])).unwrap();
-    let leftover = FileStore::open(&enc, &key, 1_000, machine).unwrap();
+    let leftover = FileStore::open(&enc, &key, 10_000, machine).unwrap();
     assert!(leftover.load().unwrap().is_empty());
     // And a later start (the TPM store exists) reads it from the TPM.
     let again = FallbackStore::new(
         Some(TpmStore::new(tpm, &fx.agent().join("sealed.json"), machine)),
-        FileStore::open(&enc, &key, 1_000, machine).unwrap(),
+        FileStore::open(&enc, &key, 10_000, machine).unwrap(),
     );
     assert_eq!(again.load().unwrap().len(), 1);
 }

@@ -60,8 +60,8 @@ pub use entry::{
 pub use error::AuditError;
 pub use files::{log_files, DEFAULT_FILE_NAME};
 pub use verify::{
-    read_log, verify, verify_with_anchor, Anchor, LineError, LogLine, Tamper, TamperKind,
-    VerifyReport,
+    parse_line, read_log, verify, verify_with_anchor, Anchor, LineError, LogLine, Tamper,
+    TamperKind, VerifyReport,
 };
 pub use writer::{
     last_entry_time, AuditLog, AuditStats, LogOptions, Receipt, DEFAULT_KEEP_FILES,

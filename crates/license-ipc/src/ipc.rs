@@ -22,6 +22,10 @@ use crate::Nonce;
 /// Largest frame payload, in bytes.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
 
+/// Longest `nonce` a refusal echoes, in bytes. A well-formed nonce is 32 characters; a longer
+/// string is not echoed, so that no answer can outgrow [`MAX_FRAME_LEN`] by quoting its request.
+pub const MAX_ECHOED_NONCE_LEN: usize = 256;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum FrameError {
@@ -127,14 +131,15 @@ impl RequestError {
     }
 }
 
-/// Parses one frame's payload. The nonce is returned whenever it can be read, so that even a
-/// refusal echoes it.
+/// Parses one frame's payload. The nonce is returned whenever it can be read and is at most
+/// [`MAX_ECHOED_NONCE_LEN`] bytes, so that even a refusal echoes it.
 pub fn parse_request(payload: &[u8]) -> Result<Request, (RequestError, Option<String>)> {
     let value: serde_json::Value = serde_json::from_slice(payload)
         .map_err(|e| (RequestError::NotJson(e.to_string()), None))?;
     let nonce = value
         .get("nonce")
         .and_then(|n| n.as_str())
+        .filter(|n| n.len() <= MAX_ECHOED_NONCE_LEN)
         .map(str::to_string);
     let Some(op) = value.get("op").and_then(|o| o.as_str()) else {
         return Err((
@@ -268,6 +273,28 @@ mod tests {
             serde_json::from_value::<Response>(newer).unwrap(),
             Response::invalid(Reason::Unrecognized, Some("n".into()))
         );
+    }
+
+    #[test]
+    fn a_refusal_never_outgrows_a_frame_by_echoing_its_nonce() {
+        // A frame of the largest size, nearly all of it a nonce that is not one.
+        let filler = MAX_FRAME_LEN - r#"{"op":"x","nonce":""}"#.len();
+        let payload = format!(r#"{{"op":"x","nonce":"{}"}}"#, "a".repeat(filler));
+        assert_eq!(payload.len(), MAX_FRAME_LEN);
+        let (err, nonce) = parse_request(payload.as_bytes()).unwrap_err();
+        assert_eq!(
+            nonce, None,
+            "a nonce over {MAX_ECHOED_NONCE_LEN} bytes is not echoed"
+        );
+        let answer = serde_json::to_vec(&Response::invalid(err.reason(), nonce)).unwrap();
+        assert!(answer.len() <= MAX_FRAME_LEN);
+        // One of the longest echoed nonces is still echoed.
+        let payload = format!(
+            r#"{{"op":"x","nonce":"{}"}}"#,
+            "a".repeat(MAX_ECHOED_NONCE_LEN)
+        );
+        let (_, nonce) = parse_request(payload.as_bytes()).unwrap_err();
+        assert_eq!(nonce.map(|n| n.len()), Some(MAX_ECHOED_NONCE_LEN));
     }
 
     proptest::proptest! {

@@ -14,6 +14,28 @@ use serde::{Deserialize, Serialize};
 
 use crate::stable_codes;
 
+/// Longest `message` of a `bad_request` answer, in bytes: serde's message quotes the request
+/// (an unknown op or field by name), so it is cut here and an answer can never outgrow
+/// [`crate::ipc::MAX_FRAME_LEN`] by quoting its request.
+pub const MAX_BAD_REQUEST_MESSAGE_LEN: usize = 1024;
+
+/// Parses one frame's payload into a request, or the `bad_request` answer to send instead
+/// (its message at most [`MAX_BAD_REQUEST_MESSAGE_LEN`] bytes).
+pub fn parse_request(payload: &[u8]) -> Result<MgmtRequest, MgmtResponse> {
+    serde_json::from_slice::<MgmtRequest>(payload).map_err(|e| {
+        let mut message = e.to_string();
+        if message.len() > MAX_BAD_REQUEST_MESSAGE_LEN {
+            let mut end = MAX_BAD_REQUEST_MESSAGE_LEN - "…".len();
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push('…');
+        }
+        MgmtResponse::err(MgmtErrorCode::BadRequest, message)
+    })
+}
+
 /// A management request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -223,4 +245,42 @@ pub struct CertificateView {
     pub expires_at: String,
     /// When the agent renews it (at 2/3 of its life); in the past while a renewal is due.
     pub renews_at: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_round_trip() {
+        let request = parse_request(br#"{"op":"invalidate","version":3}"#).unwrap();
+        assert_eq!(
+            request,
+            MgmtRequest::Invalidate {
+                version: 3,
+                token: None
+            }
+        );
+        let json = serde_json::to_vec(&request).unwrap();
+        assert_eq!(parse_request(&json).unwrap(), request);
+        let refused = parse_request(br#"{"op":"format_disk"}"#).unwrap_err();
+        assert_eq!(refused.error, Some(MgmtErrorCode::BadRequest));
+    }
+
+    #[test]
+    fn a_bad_request_never_outgrows_a_frame_by_quoting_the_request() {
+        // serde quotes an unknown op: one of 60 000 characters (é, 2 bytes each, so the cut
+        // falls inside a character) must not come back whole.
+        let payload = format!(r#"{{"op":"{}"}}"#, "é".repeat(30_000));
+        assert!(payload.len() <= crate::ipc::MAX_FRAME_LEN);
+        let answer = parse_request(payload.as_bytes()).unwrap_err();
+        let message = answer.message.as_deref().unwrap();
+        assert!(
+            message.len() <= MAX_BAD_REQUEST_MESSAGE_LEN,
+            "{}",
+            message.len()
+        );
+        assert!(message.starts_with("unknown variant"), "{message}");
+        assert!(serde_json::to_vec(&answer).unwrap().len() < 2 * MAX_BAD_REQUEST_MESSAGE_LEN);
+    }
 }

@@ -76,7 +76,7 @@ pub struct LicenseToken {
 /// `POST /api/v1/validate-license`: online validation of a token by the server (seed §2.4).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct ValidateLicenseRequest {
     pub license_token: String,
 }
@@ -103,7 +103,7 @@ pub struct ValidateLicenseResponse {
 /// `POST /api/v1/renew-certificate` request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct RenewCertificateRequest {
     /// PEM CSR; may be for the same key or a new one.
     #[cfg_attr(feature = "openapi", schema(max_length = 16384))]
@@ -125,6 +125,7 @@ pub struct RenewCertificateResponse {
 /// ignored, so a newer agent can report more to an older server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(remote = "Self")]
 pub struct HealthReport {
     /// The agent's version (`CARGO_PKG_VERSION`).
     #[cfg_attr(
@@ -191,3 +192,9 @@ impl HealthReport {
                 })
     }
 }
+
+crate::object::objects_only!(
+    HealthReport,
+    ValidateLicenseRequest,
+    RenewCertificateRequest
+);

@@ -218,7 +218,7 @@ impl fmt::Display for Arch {
 /// `POST /api/public/bootstrap` request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct BootstrapRequest {
     /// The one-time install token.
     #[cfg_attr(
@@ -343,7 +343,7 @@ pub struct BootstrapResponse {
 /// its recovery token and sends a CSR for a new key.
 #[derive(Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct RecoverRequest {
     #[cfg_attr(feature = "openapi", schema(value_type = String, format = Uuid))]
     pub machine_id: MachineId,
@@ -512,3 +512,5 @@ mod robustness {
         }
     }
 }
+
+crate::object::objects_only!(BootstrapRequest, RecoverRequest);

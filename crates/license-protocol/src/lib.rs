@@ -42,6 +42,7 @@ pub mod identity;
 /// cryptography of this crate) and re-exported here under their old path.
 pub use license_ipc::ipc;
 pub mod license_keys;
+mod object;
 /// The management socket's wire types, defined in `license-ipc` and re-exported here.
 pub use license_ipc::mgmt;
 pub mod pin;

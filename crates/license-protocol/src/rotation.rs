@@ -37,7 +37,7 @@ pub use license_ipc::Nonce;
 /// `POST /api/v1/rotate-secret` request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct RotateSecretRequest {
     /// The newest version the agent holds durably (0 before the first).
     #[serde(deserialize_with = "crate::whole::u64")]
@@ -195,7 +195,7 @@ impl RotateSecretResponse {
 /// `POST /api/v1/rotate-secret/ack`: the agent holds `secret_version` durably.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct AckRequest {
     #[serde(deserialize_with = "crate::whole::u64")]
     pub secret_version: u64,
@@ -290,3 +290,5 @@ mod tests {
         assert_eq!(parse_license_public_key("ed25519:AAAA"), None);
     }
 }
+
+crate::object::objects_only!(RotateSecretRequest, AckRequest);

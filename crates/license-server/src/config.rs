@@ -269,8 +269,19 @@ impl ServerConfig {
             path: path.display().to_string(),
             source,
         })?;
-        let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.display().to_string(),
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and checks the text of a config file (what [`ServerConfig::load`] reads).
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<config>".into(),
             message: e.message().to_string(),
         })?;
         config.check()?;
@@ -385,7 +396,7 @@ impl ServerConfig {
             ("agent_url", &self.agent_url),
         ] {
             if let Some(url) = url {
-                if !url.starts_with("https://") || url.ends_with('/') {
+                if !is_https_origin(url) {
                     return Err(ConfigError::Invalid {
                         key,
                         message: "must be https://host[:port] without a trailing /".into(),
@@ -393,10 +404,7 @@ impl ServerConfig {
                 }
             }
         }
-        if self.public_host.is_empty()
-            || self.public_host.contains(['/', ' ', ':'])
-                && self.public_host.parse::<std::net::IpAddr>().is_err()
-        {
+        if !is_host(&self.public_host) {
             return Err(ConfigError::Invalid {
                 key: "public_host",
                 message: "must be a host name or IP address".into(),
@@ -458,6 +466,47 @@ impl ServerConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serializes")
     }
+}
+
+/// A DNS name (labels of letters, digits, `-` and `_`, at most 63 bytes each and 253 in all)
+/// or an IP address: what goes into certificates, URLs and the install script.
+fn is_host(host: &str) -> bool {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// `https://host[:port]`: a host as [`is_host`] reads it (IPv6 bracketed), an optional port,
+/// nothing else (no path, user, query or whitespace).
+fn is_https_origin(url: &str) -> bool {
+    let Some(authority) = url.strip_prefix("https://") else {
+        return false;
+    };
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, port)) if v6.parse::<std::net::Ipv6Addr>().is_ok() => (None, port),
+            _ => return false,
+        },
+        None => match authority.rsplit_once(':') {
+            Some((host, _)) => (Some(host), &authority[host.len()..]),
+            None => (Some(authority), ""),
+        },
+    };
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok());
+    port_ok && host.is_none_or(|h| is_host(h) && !h.contains(':'))
 }
 
 /// `https://host:port`, with IPv6 literals bracketed.
@@ -580,6 +629,61 @@ mod tests {
             let mut c = ServerConfig::new("localhost".into());
             set(&mut c);
             assert!(c.check().unwrap_err().to_string().starts_with(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn hosts_and_urls_are_names_not_text() {
+        let base = "public_host = \"licenses.example.com\"\n";
+        ServerConfig::parse(base).unwrap();
+        for good in [
+            "localhost",
+            "10.0.0.1",
+            "::1",
+            "lsa-1.example.com",
+            "a_b.internal",
+        ] {
+            let text = format!("public_host = {}\n", toml::Value::from(good));
+            ServerConfig::parse(&text).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for bad in [
+            "",
+            "a b",
+            "a\u{0}b",
+            "x;rm -rf /",
+            "-x",
+            "a..b",
+            "é.example",
+            "a/b",
+        ] {
+            let text = format!("public_host = {}\n", toml::Value::from(bad));
+            let err = ServerConfig::parse(&text).unwrap_err().to_string();
+            assert!(err.starts_with("public_host"), "{bad:?}: {err}");
+        }
+        for good in [
+            "https://a.example",
+            "https://a.example:8443",
+            "https://[::1]:8443",
+            "https://10.0.0.1",
+        ] {
+            let text = format!("{base}public_url = {}\n", toml::Value::from(good));
+            ServerConfig::parse(&text).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for bad in [
+            "https://",
+            "https://a.example/",
+            "https://a.example/x",
+            "https://a.example:99999",
+            "https://a.example:",
+            "https://u@a.example",
+            "https://a.example:1 $(id)",
+            "https://[::1",
+            "https://::1:8443",
+            "https://a.example?x",
+        ] {
+            let text = format!("{base}public_url = {}\n", toml::Value::from(bad));
+            let err = ServerConfig::parse(&text).unwrap_err().to_string();
+            assert!(err.starts_with("public_url"), "{bad:?}: {err}");
         }
     }
 

@@ -321,7 +321,7 @@ fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
     let store = FileStore::open(
         &dir.path().join("secret.enc"),
         &dir.path().join("secret.key"),
-        1_000,
+        10_000,
         machine,
     )
     .expect("file store");

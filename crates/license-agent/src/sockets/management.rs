@@ -83,13 +83,13 @@ impl Handler for ManagementSocket {
                 }
             };
             let role = role_now();
-            let response = match serde_json::from_slice::<MgmtRequest>(&payload) {
+            let response = match license_protocol::mgmt::parse_request(&payload) {
                 Ok(request) => self.handle(actor, role, request).await,
-                Err(e) => {
+                Err(bad_request) => {
                     self.audit
                         .note(Event::new("mgmt.bad_request", Outcome::Refused).actor(actor))
                         .await;
-                    MgmtResponse::err(MgmtErrorCode::BadRequest, e.to_string())
+                    bad_request
                 }
             };
             conn.send(&response).await?;

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::{SecretStore, StoreError, StoredSecret};
+use crate::config::{MAX_PBKDF2_ITERATIONS, MIN_PBKDF2_ITERATIONS};
 use crate::platform::files::{write_atomic, PRIVATE};
 
 const FORMAT: u32 = 1;
@@ -44,6 +45,90 @@ struct Entry {
     valid_until: i64,
     grace_until: i64,
     ct: String,
+}
+
+/// `secret.enc` parsed and checked, nothing decrypted: what [`FileStore::open`] and
+/// [`SecretStore::load`] read before any key is derived (public for the fuzz target).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreContents {
+    /// PBKDF2 iterations, within [`MIN_PBKDF2_ITERATIONS`]..=[`MAX_PBKDF2_ITERATIONS`].
+    pub iterations: u32,
+    pub salt: [u8; 16],
+    pub secrets: Vec<SealedEntry>,
+}
+
+/// One version in `secret.enc`: its dates in clear, its secret encrypted at rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedEntry {
+    pub version: u64,
+    pub dates: SecretDates,
+    /// `nonce || AES-256-GCM(secret)`, as `license_protocol::secret::encrypt_at_rest` writes.
+    pub ciphertext: Vec<u8>,
+}
+
+impl StoreContents {
+    /// Parses the file's bytes; the message names what is wrong (the field, for a bad one).
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let file: StoreFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if file.format != FORMAT || file.kdf != KDF {
+            return Err("unknown store format".into());
+        }
+        if !(MIN_PBKDF2_ITERATIONS..=MAX_PBKDF2_ITERATIONS).contains(&file.iterations) {
+            return Err(format!(
+                "iterations: {} is not between {MIN_PBKDF2_ITERATIONS} and {MAX_PBKDF2_ITERATIONS}",
+                file.iterations
+            ));
+        }
+        let salt: [u8; 16] = STANDARD
+            .decode(&file.salt)
+            .ok()
+            .and_then(|s| s.try_into().ok())
+            .ok_or("bad salt")?;
+        let secrets = file
+            .secrets
+            .into_iter()
+            .map(|e| {
+                Ok(SealedEntry {
+                    version: e.version,
+                    dates: SecretDates {
+                        valid_from: e.valid_from,
+                        valid_until: e.valid_until,
+                        grace_until: e.grace_until,
+                    },
+                    ciphertext: STANDARD
+                        .decode(&e.ct)
+                        .map_err(|_| "bad ciphertext encoding".to_string())?,
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self {
+            iterations: file.iterations,
+            salt,
+            secrets,
+        })
+    }
+
+    /// The file's bytes, as [`SecretStore::save`] writes them.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let file = StoreFile {
+            format: FORMAT,
+            kdf: KDF.into(),
+            iterations: self.iterations,
+            salt: STANDARD.encode(self.salt),
+            secrets: self
+                .secrets
+                .iter()
+                .map(|e| Entry {
+                    version: e.version,
+                    valid_from: e.dates.valid_from,
+                    valid_until: e.dates.valid_until,
+                    grace_until: e.dates.grace_until,
+                    ct: STANDARD.encode(&e.ciphertext),
+                })
+                .collect(),
+        };
+        serde_json::to_vec_pretty(&file).expect("a store file serializes")
+    }
 }
 
 pub struct FileStore {
@@ -115,17 +200,8 @@ impl FileStore {
         }
         let (salt, iterations) = match std::fs::read(path) {
             Ok(bytes) => {
-                let file: StoreFile =
-                    serde_json::from_slice(&bytes).map_err(|e| corrupt(path, e.to_string()))?;
-                if file.format != FORMAT || file.kdf != KDF {
-                    return Err(corrupt(path, "unknown store format"));
-                }
-                let salt: [u8; 16] = STANDARD
-                    .decode(&file.salt)
-                    .ok()
-                    .and_then(|s| s.try_into().ok())
-                    .ok_or_else(|| corrupt(path, "bad salt"))?;
-                (salt, file.iterations)
+                let contents = StoreContents::parse(&bytes).map_err(|e| corrupt(path, e))?;
+                (contents.salt, contents.iterations)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut salt = [0u8; 16];
@@ -173,30 +249,26 @@ impl SecretStore for FileStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(io(&self.path)(e)),
         };
-        let file: StoreFile =
-            serde_json::from_slice(&bytes).map_err(|e| corrupt(&self.path, e.to_string()))?;
-        file.secrets
-            .iter()
+        let contents = StoreContents::parse(&bytes).map_err(|e| corrupt(&self.path, e))?;
+        contents
+            .secrets
+            .into_iter()
             .map(|e| {
-                let dates = SecretDates {
-                    valid_from: e.valid_from,
-                    valid_until: e.valid_until,
-                    grace_until: e.grace_until,
-                };
-                let ct = STANDARD
-                    .decode(&e.ct)
-                    .map_err(|_| corrupt(&self.path, "bad ciphertext encoding"))?;
-                let secret =
-                    decrypt_at_rest(&self.key, &ct, &aad(&self.machine_id, e.version, &dates))
-                        .map_err(|_| {
-                            corrupt(
-                                &self.path,
-                                format!(
-                                    "version {} does not decrypt (tampered, or other key material)",
-                                    e.version
-                                ),
-                            )
-                        })?;
+                let dates = e.dates;
+                let secret = decrypt_at_rest(
+                    &self.key,
+                    &e.ciphertext,
+                    &aad(&self.machine_id, e.version, &dates),
+                )
+                .map_err(|_| {
+                    corrupt(
+                        &self.path,
+                        format!(
+                            "version {} does not decrypt (tampered, or other key material)",
+                            e.version
+                        ),
+                    )
+                })?;
                 Ok(StoredSecret {
                     version: e.version,
                     dates,
@@ -207,28 +279,23 @@ impl SecretStore for FileStore {
     }
 
     fn save(&self, secrets: &[StoredSecret]) -> Result<(), StoreError> {
-        let file = StoreFile {
-            format: FORMAT,
-            kdf: KDF.into(),
+        let contents = StoreContents {
             iterations: self.iterations,
-            salt: STANDARD.encode(self.salt),
+            salt: self.salt,
             secrets: secrets
                 .iter()
-                .map(|s| Entry {
+                .map(|s| SealedEntry {
                     version: s.version,
-                    valid_from: s.dates.valid_from,
-                    valid_until: s.dates.valid_until,
-                    grace_until: s.dates.grace_until,
-                    ct: STANDARD.encode(encrypt_at_rest(
+                    dates: s.dates,
+                    ciphertext: encrypt_at_rest(
                         &self.key,
                         &s.secret,
                         &aad(&self.machine_id, s.version, &s.dates),
-                    )),
+                    ),
                 })
                 .collect(),
         };
-        let bytes =
-            serde_json::to_vec_pretty(&file).map_err(|e| corrupt(&self.path, e.to_string()))?;
+        let bytes = contents.to_bytes();
         write_atomic(&self.path, &bytes, PRIVATE).map_err(io(&self.path))
     }
 }
@@ -283,11 +350,50 @@ mod tests {
         std::fs::write(&key, [7u8; 32]).unwrap();
         let other = FileStore::open(&path, &key, 10_000, id).unwrap();
         assert!(matches!(other.load(), Err(StoreError::Corrupt { .. })));
+        // An iteration count outside the bounds is refused before any key is derived: an
+        // edited file cannot make the agent spend hours in PBKDF2 (or none at all).
+        for iterations in ["0", "4294967295"] {
+            let edited = text.replace(
+                "\"iterations\": 10000,",
+                &format!("\"iterations\": {iterations},"),
+            );
+            assert_ne!(edited, text);
+            std::fs::write(&path, edited).unwrap();
+            let err = FileStore::open(&path, &key, 10_000, id)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("iterations"), "{err}");
+        }
+        std::fs::write(&path, &text).unwrap();
         // Lost key material with an existing store is an error, not a fresh start.
         std::fs::remove_file(&key).unwrap();
         assert!(matches!(
             FileStore::open(&path, &key, 10_000, id),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod contents_tests {
+    use super::*;
+
+    #[test]
+    fn contents_round_trip() {
+        let contents = StoreContents {
+            iterations: 210_000,
+            salt: [7; 16],
+            secrets: vec![SealedEntry {
+                version: 3,
+                dates: SecretDates {
+                    valid_from: 1,
+                    valid_until: 2,
+                    grace_until: 3,
+                },
+                ciphertext: vec![1, 2, 3],
+            }],
+        };
+        assert_eq!(StoreContents::parse(&contents.to_bytes()), Ok(contents));
+        assert!(StoreContents::parse(b"[]").is_err());
     }
 }

@@ -40,6 +40,10 @@ use zeroize::{Zeroize, Zeroizing};
 
 /// Most bytes a keyed-hash sealed object can hold (`MAX_SYM_DATA` of the TPM 2.0 library spec).
 pub(super) const MAX_SEALED_LEN: usize = 128;
+/// Upper bound of a marshalled [`ObjectBlob`]: both structures whole (their wire forms are
+/// smaller). Longer input is refused before the TSS unmarshaller sees it.
+pub(super) const MAX_BLOB_BODY_LEN: usize =
+    std::mem::size_of::<TPM2B_PUBLIC>() + std::mem::size_of::<TPM2B_PRIVATE>();
 /// `TSS2_ESYS_RC_BAD_VALUE`, reported when the ESAPI returned something we cannot use.
 const INTERNAL_RC: TSS2_RC = 0x0007_000b;
 /// Size of a P-256 coordinate and scalar.
@@ -163,8 +167,13 @@ impl ObjectBlob {
         Ok(buf)
     }
 
-    /// Parses `TPM2B_PUBLIC || TPM2B_PRIVATE`; `None` if malformed or followed by extra bytes.
+    /// Parses `TPM2B_PUBLIC || TPM2B_PRIVATE`; `None` if longer than [`MAX_BLOB_BODY_LEN`],
+    /// malformed, followed by extra bytes, or not in the one form [`ObjectBlob::marshal`]
+    /// writes (so a blob reads back as exactly the bytes stored).
     pub(super) fn unmarshal(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() > MAX_BLOB_BODY_LEN {
+            return None;
+        }
         let mut blob = Self {
             public: TPM2B_PUBLIC::default(),
             private: TPM2B_PRIVATE::default(),
@@ -192,7 +201,12 @@ impl ObjectBlob {
                 &mut blob.private,
             )
         };
-        (rc == 0 && offset as usize == bytes.len()).then_some(blob)
+        if rc != 0 || offset as usize != bytes.len() {
+            return None;
+        }
+        // The unmarshaller reads a few fields more loosely than the marshaller writes them
+        // (e.g. a size prefix of an optional member); only the canonical form is ours.
+        (blob.marshal().ok()?.as_slice() == bytes).then_some(blob)
     }
 
     /// True if the public area is exactly our template for `kind` (apart from `unique`), so a
@@ -899,5 +913,43 @@ impl Esys {
             command: "TPM2_ReadClock",
             rc: INTERNAL_RC,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sealed_blob() -> Vec<u8> {
+        let mut private = TPM2B_PRIVATE {
+            size: 4,
+            ..Default::default()
+        };
+        private.buffer[..4].copy_from_slice(b"wrap");
+        let blob = ObjectBlob {
+            public: sealed_template(),
+            private,
+        };
+        blob.marshal().unwrap()
+    }
+
+    #[test]
+    fn blobs_read_back_as_the_bytes_stored() {
+        let bytes = sealed_blob();
+        let blob = ObjectBlob::unmarshal(&bytes).unwrap();
+        assert!(blob.has_template(ObjectKind::Sealed));
+        assert_eq!(blob.marshal().unwrap(), bytes);
+        // Trailing bytes, and input longer than any blob, are refused before parsing.
+        assert!(ObjectBlob::unmarshal(&[bytes.as_slice(), &[0]].concat()).is_none());
+        let mut huge = bytes.clone();
+        huge.resize(MAX_BLOB_BODY_LEN + 1, 0);
+        assert!(ObjectBlob::unmarshal(&huge).is_none());
+        // A public area whose size prefix claims two more bytes than its fields take, the two
+        // bytes supplied: not the form the marshaller writes.
+        let public_len = usize::from(u16::from_be_bytes([bytes[0], bytes[1]]));
+        let mut loose = bytes.clone();
+        loose[..2].copy_from_slice(&u16::try_from(public_len + 2).unwrap().to_be_bytes());
+        loose.splice(2 + public_len..2 + public_len, [0, 0]);
+        assert!(ObjectBlob::unmarshal(&loose).is_none());
     }
 }

@@ -393,7 +393,26 @@ fn encode_blob(kind: u8, blob: &ObjectBlob) -> Result<Vec<u8>, TpmError> {
     Ok(out)
 }
 
+/// Parses a blob as [`Tpm::unseal`] or [`Tpm::machine_key`] does before the TPM sees it, and
+/// encodes it again: the same bytes when it parses. No TPM needed; for the fuzz target and
+/// checks of stored blobs.
+pub fn reencode_blob(bytes: &[u8]) -> Result<Vec<u8>, TpmError> {
+    let (kind, object) = match bytes.get(1) {
+        Some(&KIND_SEALED) => (KIND_SEALED, ObjectKind::Sealed),
+        Some(&KIND_MACHINE_KEY) => (KIND_MACHINE_KEY, ObjectKind::MachineKey),
+        _ => return Err(TpmError::BadBlob),
+    };
+    encode_blob(kind, &decode_blob(kind, object, bytes)?)
+}
+
+/// Longest blob [`Tpm::unseal`] and [`Tpm::machine_key`] read: the format and kind bytes, then
+/// the object. Longer input is refused before the TSS unmarshaller sees it.
+pub const MAX_BLOB_LEN: usize = 2 + esys::MAX_BLOB_BODY_LEN;
+
 fn decode_blob(kind: u8, object: ObjectKind, bytes: &[u8]) -> Result<ObjectBlob, TpmError> {
+    if bytes.len() > MAX_BLOB_LEN {
+        return Err(TpmError::BadBlob);
+    }
     match bytes {
         [BLOB_FORMAT_V1, k, body @ ..] if *k == kind => ObjectBlob::unmarshal(body)
             .filter(|blob| blob.has_template(object))
