@@ -6,6 +6,7 @@
 #   scripts/fuzz.sh [SECONDS]        each target SECONDS (default $LSA_FUZZ_SECONDS or 20)
 #   scripts/fuzz.sh --cmin           minimize the committed seed corpora (fuzz/corpus/*)
 #   LSA_FUZZ_TARGETS="csr tpm_blob" scripts/fuzz.sh 60    some targets only
+#   LSA_FUZZ_DEV=1 scripts/fuzz.sh 8                     unoptimized build (CI smoke run)
 #
 # Runs on a copy of the committed corpus (so a run never grows fuzz/corpus); a crash leaves
 # its input in fuzz/artifacts/<target>/ (replay: cargo +nightly fuzz run <target> <file>).
@@ -41,7 +42,11 @@ echo "==> building the fuzz targets"
 # fuzz/Cargo.lock is committed, as the workspace's is: refuse to run with one out of date
 # (cargo fuzz has no --locked of its own).
 cargo +nightly metadata --locked --format-version 1 >/dev/null
-locked cargo +nightly fuzz build
+# LSA_FUZZ_DEV=1 (scripts/test.sh): unoptimized, still instrumented and sanitized — a third of
+# the build time on a machine without a cached build, fewer executions per second.
+profile=()
+if [ "${LSA_FUZZ_DEV:-}" = 1 ]; then profile=(--dev); fi
+locked cargo +nightly fuzz build "${profile[@]}"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -51,7 +56,7 @@ for target in $targets; do
   mkdir -p "corpus/$target"
   if $cmin; then
     echo "==> minimizing corpus/$target"
-    locked cargo +nightly fuzz cmin "$target" "corpus/$target" -- -rss_limit_mb=2048
+    locked cargo +nightly fuzz cmin "${profile[@]}" "$target" "corpus/$target" -- -rss_limit_mb=2048
     continue
   fi
   rm -rf "${work:?}/$target"
@@ -60,7 +65,7 @@ for target in $targets; do
   log="$work/$target.log"
   # -max_len 65540: a whole IPC frame and more than any body the targets bound themselves.
   # -timeout: one input taking 10 s is a finding (e.g. an unbounded PBKDF2 count).
-  if locked cargo +nightly fuzz run "$target" "$work/$target" -- \
+  if locked cargo +nightly fuzz run "${profile[@]}" "$target" "$work/$target" -- \
       -max_total_time="$seconds" -max_len=65540 -timeout=10 -rss_limit_mb=2048 \
       -print_final_stats=1 >"$log" 2>&1; then
     result=ok

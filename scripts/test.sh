@@ -133,7 +133,7 @@ LSA_TEST_TPM=1 cargo test --locked -p license-agent --test lifecycle 2>&1 | tee 
 # any crash or failed assertion fails the run. fuzz.sh installs nightly and cargo-fuzz when
 # missing; its instrumented build is cached in fuzz/target.
 say "fuzz targets, ${LSA_FUZZ_SECONDS:-8} s each (scripts/fuzz.sh)"
-scripts/fuzz.sh "${LSA_FUZZ_SECONDS:-8}" || status=$?
+LSA_FUZZ_DEV=1 scripts/fuzz.sh "${LSA_FUZZ_SECONDS:-8}" || status=$?
 # ---- end of fuzzing --------------------------------------------------------------------------
 
 # One closing line with the totals over every test binary and doc-test run.
