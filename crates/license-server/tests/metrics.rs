@@ -41,11 +41,12 @@ async fn server_metrics(db: Db) {
     let url = &server.server.agent_url;
     let cert = seen["certificate"].as_str().unwrap();
     assert_eq!(server.secret_status(url, cert, &key).await.0, 200);
-    // A report from the machine seen: degraded, running on the TPM fallback.
+    // A report from the machine seen: degraded, running on the TPM fallback, its clock found
+    // an hour behind at its last start.
     let report = json!({
         "agent_version": "1", "store": "file", "tpm_enabled": true, "tpm_available": false,
         "degraded_mode": "active", "rotation_failures": 2, "audit_chain_ok": true,
-        "certificate_expires_at": 1_900_000_000,
+        "certificate_expires_at": 1_900_000_000, "clock_rollback_secs": 3600,
     });
     let r = server
         .mtls_client(cert, &key)
@@ -133,6 +134,7 @@ async fn server_metrics(db: Db) {
         ("degraded", 1.0),
         ("tpm_fallback", 1.0),
         ("rotation_failing", 1.0),
+        ("clock_rollback", 1.0),
     ] {
         assert_eq!(
             sample(

@@ -265,7 +265,7 @@ fn render(
         "license_server_machines",
         "gauge",
         "Enrolled machines by health: last seen within an hour, a day, longer ago or never; \
-         revoked; reporting degraded mode, the TPM fallback, failing rotations.",
+         revoked; reporting degraded mode, the TPM fallback, failing rotations, a clock rollback.",
     );
     for (health, n) in [
         ("seen_last_hour", fleet.seen_last_hour),
@@ -276,6 +276,7 @@ fn render(
         ("degraded", fleet.degraded),
         ("tpm_fallback", fleet.tpm_fallback),
         ("rotation_failing", fleet.rotation_failing),
+        ("clock_rollback", fleet.clock_rollbacks),
     ] {
         let _ = writeln!(out, "license_server_machines{{health=\"{health}\"}} {n}");
     }
