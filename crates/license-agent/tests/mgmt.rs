@@ -373,17 +373,20 @@ impl Drop for Killed {
     }
 }
 
-/// Holds `n` connections to `socket` as `uid`, each sending an empty frame every second, and
-/// reconnecting whenever the agent closes one: the lock-out attempt of the adversarial review.
+/// Holds `n` connections to `socket` (as the running uid) and reconnects whenever the agent
+/// closes one: `knock` sends an empty frame on each every second, `silent` sends nothing — the
+/// lock-out attempts of the adversarial review.
 const LOCKER: &str = r#"
 import socket, sys, time
-path, n = sys.argv[1], int(sys.argv[2])
+path, n, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 def connect():
     s = socket.socket(socket.AF_UNIX)
     try:
         s.connect(path)
     except OSError:
         return None
+    if mode == "silent":
+        s.setblocking(False)
     return s
 held = [connect() for _ in range(n)]
 print("ready", flush=True)
@@ -392,10 +395,15 @@ while True:
         try:
             if s is None:
                 raise OSError
-            s.sendall(b"\0\0\0\0")
+            if mode == "knock":
+                s.sendall(b"\0\0\0\0")
+            elif s.recv(65536) == b"":
+                raise OSError
+        except BlockingIOError:
+            pass
         except OSError:
             held[i] = connect()
-    time.sleep(1)
+    time.sleep(1 if mode == "knock" else 0.1)
 "#;
 
 #[test]
@@ -409,8 +417,11 @@ fn a_local_user_cannot_lock_root_out_of_the_management_socket() {
     agent.start(&[]);
 
     // A stranger holds every slot the socket has, sending empty frames to stay alive.
-    let (_locker, _stdin, stdout) =
-        python_as(STRANGER, LOCKER, &[socket.as_os_str(), "16".as_ref()]);
+    let (_locker, _stdin, stdout) = python_as(
+        STRANGER,
+        LOCKER,
+        &[socket.as_os_str(), "16".as_ref(), "knock".as_ref()],
+    );
     let mut line = String::new();
     std::io::BufReader::new(stdout)
         .read_line(&mut line)
@@ -437,33 +448,6 @@ fn a_local_user_cannot_lock_root_out_of_the_management_socket() {
     );
 }
 
-/// Holds `n` silent connections to `socket` as the running uid, reconnecting whenever the agent
-/// closes one.
-const SILENT_LOCKER: &str = r#"
-import socket, sys, time
-path, n = sys.argv[1], int(sys.argv[2])
-def connect():
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(path)
-        s.setblocking(False)
-    except OSError:
-        return None
-    return s
-held = [connect() for _ in range(n)]
-print("ready", flush=True)
-while True:
-    for i, s in enumerate(held):
-        try:
-            if s is None or s.recv(65536) == b"":
-                raise OSError
-        except BlockingIOError:
-            pass
-        except OSError:
-            held[i] = connect()
-    time.sleep(0.1)
-"#;
-
 #[test]
 fn users_together_cannot_lock_root_out_of_the_management_socket() {
     use std::io::BufRead as _;
@@ -479,8 +463,8 @@ fn users_together_cannot_lock_root_out_of_the_management_socket() {
         .map(|n| {
             let (locker, stdin, stdout) = python_as(
                 STRANGER + n,
-                SILENT_LOCKER,
-                &[socket.as_os_str(), "4".as_ref()],
+                LOCKER,
+                &[socket.as_os_str(), "4".as_ref(), "silent".as_ref()],
             );
             let mut line = String::new();
             std::io::BufReader::new(stdout)
