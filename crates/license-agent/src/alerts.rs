@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use license_audit::{Event, Outcome};
-use tokio::sync::mpsc;
+use license_webhook::{Webhook, WebhookSettings};
 
 use crate::audit::Audit;
 use crate::platform::clock::{rfc3339, system_now};
@@ -69,7 +69,7 @@ impl AlertKind {
 pub struct Alerts {
     audit: Audit,
     machine_id: String,
-    webhook: Option<mpsc::Sender<serde_json::Value>>,
+    webhook: Option<Webhook>,
 }
 
 impl Alerts {
@@ -81,9 +81,13 @@ impl Alerts {
         retries: u32,
     ) -> Self {
         let webhook = webhook_url.map(|url| {
-            let (tx, rx) = mpsc::channel(QUEUE);
-            tokio::spawn(deliver(url, retries, rx));
-            tx
+            let settings = WebhookSettings {
+                url,
+                retries,
+                attempt_timeout: ATTEMPT_TIMEOUT,
+                queue: QUEUE,
+            };
+            Webhook::start(settings, crate::net::tls::provider())
         });
         Self {
             audit,
@@ -115,49 +119,11 @@ impl Alerts {
                 "time": rfc3339(system_now()),
                 "details": details,
             });
-            if webhook.try_send(payload).is_err() {
+            if !webhook.send(payload) {
                 tracing::warn!(
                     alert = kind.as_str(),
                     "webhook queue full or closed; alert not forwarded"
                 );
-            }
-        }
-    }
-}
-
-/// The webhook worker: each alert POSTed with up to `retries` retries (1 s, 2 s, 4 s … apart).
-async fn deliver(url: String, retries: u32, mut queue: mpsc::Receiver<serde_json::Value>) {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let tls = rustls::ClientConfig::builder_with_provider(crate::net::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth());
-    let client = match tls.map_err(|e| e.to_string()).and_then(|tls| {
-        reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .timeout(ATTEMPT_TIMEOUT)
-            .build()
-            .map_err(|e| e.to_string())
-    }) {
-        Ok(client) => client,
-        Err(e) => {
-            tracing::error!(error = %e, "webhook client unavailable; alerts stay in the log and the audit");
-            return;
-        }
-    };
-    while let Some(payload) = queue.recv().await {
-        for attempt in 0..=retries {
-            match client.post(&url).json(&payload).send().await {
-                Ok(r) if r.status().is_success() => break,
-                Ok(r) => tracing::warn!(
-                    status = r.status().as_u16(),
-                    attempt,
-                    "webhook refused the alert"
-                ),
-                Err(e) => tracing::warn!(error = %e, attempt, "webhook unreachable"),
-            }
-            if attempt < retries {
-                tokio::time::sleep(Duration::from_secs(1 << attempt.min(5))).await;
             }
         }
     }

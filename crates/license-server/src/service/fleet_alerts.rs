@@ -114,7 +114,7 @@ pub async fn watch(state: super::SharedState) {
     let webhook = settings
         .webhook_url
         .clone()
-        .map(|url| crate::webhook::Webhook::start(url, settings.webhook_retries));
+        .map(|url| crate::webhook::start(url, settings.webhook_retries));
     let every = std::time::Duration::from_secs(settings.check_interval_secs);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -136,7 +136,9 @@ pub async fn watch(state: super::SharedState) {
                 "fleet alert"
             );
             if let Some(webhook) = &webhook {
-                webhook.send(webhook_payload(alert, now));
+                if !webhook.send(webhook_payload(alert, now)) {
+                    tracing::warn!(event = %alert.event(), "webhook queue full; alert not forwarded");
+                }
             }
         }
     }
