@@ -9,28 +9,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::{reason, wait_until, Agent, Server};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// curl against the admin listener, trusting the server's CA; the body of a successful answer.
-fn curl(server: &Server, args: &[&str]) -> String {
-    let out = Command::new("curl")
-        .args(["-fsS", "--cacert"])
-        .arg(server.dir.join("ca.pem"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "curl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The CSRF token of a dashboard page's forms.
 fn csrf(page: &str) -> String {
@@ -61,7 +44,7 @@ fn post(server: &Server, jar: &Path, path: &str, fields: &[(&str, &str)]) {
     }
     args.push(format!("{admin}{path}"));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    assert_eq!(curl(server, &args), "303", "POST {path}");
+    assert_eq!(server.curl(&args), "303", "POST {path}");
 }
 
 #[test]
@@ -80,24 +63,21 @@ fn licenses_issued_and_machines_revoked_from_the_dashboard_reach_the_till() {
     let sign_in = format!("{admin}/dashboard/sign-in");
     let field = format!("token={token}");
     let origin = format!("Origin: {admin}");
-    curl(
-        &server,
-        &[
-            "-c",
-            jar_arg,
-            "-H",
-            &origin,
-            "--data-urlencode",
-            &field,
-            "-o",
-            "/dev/null",
-            &sign_in,
-        ],
-    );
+    server.curl(&[
+        "-c",
+        jar_arg,
+        "-H",
+        &origin,
+        "--data-urlencode",
+        &field,
+        "-o",
+        "/dev/null",
+        &sign_in,
+    ]);
 
     // The machine's page: issue a license for it.
     let page_path = format!("/dashboard/machines/{}", till.machine_id);
-    let page = curl(&server, &["-b", jar_arg, &format!("{admin}{page_path}")]);
+    let page = server.curl(&["-b", jar_arg, &format!("{admin}{page_path}")]);
     assert!(page.contains(&till.machine_id), "{page}");
     let csrf = csrf(&page);
     post(

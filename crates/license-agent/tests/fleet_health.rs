@@ -129,20 +129,7 @@ fn the_server_keeps_each_machines_latest_health_report() {
         .unwrap()
         .to_string();
     let admin = server.admin_url();
-    let curl = |args: &[&str]| {
-        let out = Command::new("curl")
-            .args(["-fsS", "--cacert"])
-            .arg(server.dir.join("ca.pem"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "curl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let curl = |args: &[&str]| server.curl(args);
     let bearer = format!("Authorization: Bearer {token}");
     let metrics = curl(&["-H", &bearer, &format!("{admin}/metrics")]);
     for line in [

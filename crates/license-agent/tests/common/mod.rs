@@ -222,6 +222,22 @@ impl Server {
         format!("https://127.0.0.1:{}", self.ports[2])
     }
 
+    /// curl with `args` against this server, trusting its CA: the body of a successful answer.
+    pub fn curl(&self, args: &[&str]) -> String {
+        let out = Command::new("curl")
+            .args(["-fsS", "--cacert"])
+            .arg(self.dir.join("ca.pem"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "curl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn admin(&self, args: &[&str]) -> Value {
         self.admin_with_env(args, &[])
     }
