@@ -188,6 +188,9 @@ SystemCallArchitectures=native
 # Checked by crates/license-agent/tests/systemd.rs against every syscall the agent makes.
 SystemCallFilter=@system-service
 SystemCallFilter=~@privileged @resources
+# …but for chown(2): the agent gives its validation socket the POS applications' group
+# (ipc.socket_group), one of its own groups (no CAP_CHOWN: no other change is possible).
+SystemCallFilter=chown fchownat
 SystemCallErrorNumber=EPERM
 UMask=0077
 
@@ -196,9 +199,9 @@ WantedBy=multi-user.target
 UNIT
 }
 
-# AppArmor profile, loaded in complain mode: violations are logged (audit/kernel log) without
-# blocking, so a path the profile missed cannot stop validations on a till. After a quiet
-# period, `aa-enforce /etc/apparmor.d/usr.bin.license-agent` enforces it.
+# AppArmor profile, enforced: the agent may touch its own files, the TPM and the network, and
+# nothing else. It runs enforcing with no denial through a day of work, reboots, a cleared TPM
+# and power cuts in a real Debian 12 guest (crates/license-agent/tests/vm.rs).
 write_apparmor_profile() {
   local path="$1"
   [ "$path" = /dev/stdout ] || mkdir -p "$(dirname "$path")"
@@ -207,9 +210,11 @@ write_apparmor_profile() {
 abi <abi/3.0>,
 include <tunables/global>
 
-profile license-agent /usr/bin/license-agent flags=(complain) {
+profile license-agent /usr/bin/license-agent {
   include <abstractions/base>
   include <abstractions/nameservice>
+  # The TPM software stack's crypto (OpenSSL) reads its configuration.
+  include <abstractions/openssl>
 
   /usr/bin/license-agent mr,
 
@@ -225,6 +230,13 @@ profile license-agent /usr/bin/license-agent flags=(complain) {
   /run/license-agent/** rw,
   # systemd notify, journald.
   /run/systemd/notify w,
+
+  # Enrollment runs the same binary (install.sh): the hostname and the hardware id.
+  @{PROC}/sys/kernel/hostname r,
+  /etc/hostname r,
+  /sys/devices/virtual/dmi/id/product_uuid r,
+  /etc/machine-id r,
+  /var/lib/dbus/machine-id r,
 
   # The TPM, through the kernel resource manager (or directly).
   /dev/tpmrm0 rw,
@@ -243,10 +255,11 @@ profile license-agent /usr/bin/license-agent flags=(complain) {
 
   signal (receive) set=(term, hup, int, kill),
 
-  # The secrets are in this process's memory: nobody reads it.
-  deny ptrace,
-  deny @{PROC}/*/mem rw,
-  deny capability,
+  # Nothing else: no capability (the agent, enrollment included, runs as its own user), no
+  # ptrace of anyone, no other process's memory; what is not allowed above is refused and
+  # logged. The secrets are in this process's memory: no confined process may read or trace
+  # it either (unconfined root still can, docs/SECURITY.md).
+  audit deny ptrace (readby, tracedby),
 }
 PROFILE
 }
@@ -310,6 +323,22 @@ if [ -z "$PREFIX" ] && [ -e /dev/tpmrm0 ]; then
   say "a TPM is present: the machine key will be made and kept inside it"
 fi
 
+AS_AGENT=()
+if [ -z "$PREFIX" ]; then
+  # The agent's user, its group on the TPM device, and the group of the POS applications'
+  # users (they join it to reach the validation socket, 0660). Enrollment runs as that user:
+  # its files are its own from the start, and no root process runs under its AppArmor profile.
+  getent group license-clients >/dev/null || groupadd -r license-clients
+  id license-agent >/dev/null 2>&1 || useradd -r -s /usr/sbin/nologin -d /var/lib/license-agent license-agent
+  if getent group tss >/dev/null; then usermod -a -G tss license-agent; fi
+  chown -R license-agent:license-agent "$STATE_DIR" "$LOG_DIR" "$ETC_DIR"
+  AS_AGENT=(setpriv --reuid=license-agent --regid=license-agent --init-groups)
+  # The board's DMI UUID (survives a reinstall) is readable by root only: read here.
+  if [ -z "${LICENSE_AGENT_HARDWARE_ID:-}" ] && [ -r /sys/class/dmi/id/product_uuid ]; then
+    LICENSE_AGENT_HARDWARE_ID="$(tr -d '[:space:]' </sys/class/dmi/id/product_uuid)"
+  fi
+fi
+
 say "enrolling this machine (key generated locally, server pinned)"
 # The token goes to the agent through its environment, never its command line.
 set -- enroll --server "$SERVER_URL" --server-pin "$SERVER_PIN" \
@@ -318,7 +347,6 @@ if [ -n "${LICENSE_AGENT_HARDWARE_ID:-}" ]; then
   set -- "$@" --hardware-id "$LICENSE_AGENT_HARDWARE_ID"
 fi
 if [ -z "$PREFIX" ]; then
-  # POS applications' users join this group to reach the validation socket (0660).
   set -- "$@" --socket-group license-clients
 fi
 if [ -e "$ETC_DIR/config.toml" ]; then
@@ -327,7 +355,7 @@ if [ -e "$ETC_DIR/config.toml" ]; then
   say "this machine is enrolled already: enrolling it again, signed by its current key"
   set -- "$@" --force
 fi
-LICENSE_AGENT_TOKEN="$TOKEN" "$BIN_DIR/license-agent" "$@"
+LICENSE_AGENT_TOKEN="$TOKEN" "${AS_AGENT[@]}" "$BIN_DIR/license-agent" "$@"
 unset TOKEN
 IP_ALLOW="$(agent_ip_allow "$ETC_DIR/config.toml")"
 
@@ -340,12 +368,10 @@ if [ ! -f "$APPARMOR_DIR/usr.bin.license-agent" ] || ! write_apparmor_profile /d
 fi
 if [ -z "$PREFIX" ] && [ "$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null)" = Y ] \
   && command -v apparmor_parser >/dev/null; then
-  apparmor_parser -r "$APPARMOR_DIR/usr.bin.license-agent" && say "AppArmor profile loaded (complain mode)"
+  apparmor_parser -r "$APPARMOR_DIR/usr.bin.license-agent" && say "AppArmor profile loaded (enforce mode)"
 fi
 
 if [ -z "$PREFIX" ]; then
-  getent group license-clients >/dev/null || groupadd -r license-clients
-  id license-agent >/dev/null 2>&1 || useradd -r -s /usr/sbin/nologin -d /var/lib/license-agent license-agent
   chown -R license-agent:license-agent "$STATE_DIR" "$LOG_DIR" "$ETC_DIR"
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
@@ -353,4 +379,4 @@ if [ -z "$PREFIX" ]; then
     systemctl restart license-agent.service
   fi
 fi
-say "done: $("$BIN_DIR/license-agent" check-config --config "$ETC_DIR/config.toml")"
+say "done: $("${AS_AGENT[@]}" "$BIN_DIR/license-agent" check-config --config "$ETC_DIR/config.toml")"

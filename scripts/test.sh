@@ -120,6 +120,10 @@ say "cargo build --bins (the integration tests run license-agent, another packag
 cargo build --workspace --bins --locked
 say "Debian packages (scripts/package.sh: release build, cargo-deb, -dbgsym packages)"
 scripts/package.sh
+# The VM test (crates/license-agent/tests/vm.rs) boots a Debian 12 guest that
+# scripts/vm/image.sh builds with debootstrap (and fetches QEMU 7.2 for): once per run, never
+# reused from an earlier one.
+rm -f "${CARGO_TARGET_DIR:-target}/vm/.done"
 say "cargo test (unit and integration: real server, agent, TLS, SQLite and PostgreSQL)"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

@@ -144,24 +144,32 @@ fn syscall_set(item: &str, into: &mut std::collections::BTreeSet<String>) {
 #[test]
 fn the_units_syscall_filter_admits_every_syscall_the_agent_makes() {
     use std::collections::BTreeSet;
-    // The unit install.sh writes: allow-lists, then deny-lists (a line starting with `~`).
+    // The unit install.sh writes, merged as systemd does: the first line is an allow-list, each
+    // later line removes (`~`) from it or adds to it, in order.
     let unit = unit_for(GIVEN_SERVER, None);
-    let (mut allowed, mut denied) = (BTreeSet::new(), BTreeSet::new());
+    let mut allowed = BTreeSet::new();
+    let mut removed = BTreeSet::new();
     for line in unit
         .lines()
         .filter_map(|l| l.strip_prefix("SystemCallFilter="))
     {
-        let (set, items) = match line.strip_prefix('~') {
-            Some(items) => (&mut denied, items),
-            None => (&mut allowed, line),
-        };
+        let mut set = BTreeSet::new();
+        let items = line.strip_prefix('~').unwrap_or(line);
         for item in items.split_whitespace() {
-            syscall_set(item, set);
+            syscall_set(item, &mut set);
+        }
+        if line.starts_with('~') {
+            allowed.retain(|s| !set.contains(s));
+            removed.extend(set);
+        } else {
+            allowed.extend(set);
         }
     }
     assert!(allowed.len() > 100, "the unit has a syscall filter");
-    assert!(denied.contains("chown") && denied.contains("ioprio_set"));
-    let allowed: BTreeSet<String> = allowed.difference(&denied).cloned().collect();
+    assert!(removed.contains("setuid") && removed.contains("ioprio_set"));
+    assert!(!allowed.contains("setuid") && !allowed.contains("mount"));
+    // Its socket's group (below) is the one privileged call it makes.
+    assert!(allowed.contains("chown"));
 
     // A day of the agent's life on a TPM, under strace: start, rotation, validations, the
     // management socket, metrics, a reload and a stop.
@@ -177,6 +185,14 @@ fn the_units_syscall_filter_admits_every_syscall_the_agent_makes() {
         &["--tpm", &swtpm.tcti()],
         |t| {
             t["management"]["admin_uids"] = toml::Value::Array(vec![uid]);
+            // The validation socket given a group, as install.sh's config does: a chown.
+            let ipc = t
+                .entry("ipc")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            ipc.as_table_mut().unwrap().insert(
+                "socket_group".into(),
+                toml::Value::String(primary_gid().to_string()),
+            );
         },
     );
     let license = server.issue_license(&agent.machine_id, "pos.sale", &[]);
@@ -238,7 +254,7 @@ fn the_units_syscall_filter_admits_every_syscall_the_agent_makes() {
         .filter(|name| *name != "total")
         .map(str::to_string)
         .collect();
-    for expected in ["prctl", "connect", "accept4", "flock", "rename"] {
+    for expected in ["prctl", "connect", "accept4", "flock", "rename", "chown"] {
         assert!(used.contains(expected), "{expected} not traced: {used:?}");
     }
     let refused: Vec<_> = used.difference(&allowed).collect();
@@ -246,6 +262,13 @@ fn the_units_syscall_filter_admits_every_syscall_the_agent_makes() {
         refused.is_empty(),
         "syscalls the unit's filter refuses: {refused:?}"
     );
+}
+
+/// This process's primary group id.
+fn primary_gid() -> u32 {
+    use std::os::unix::fs::MetadataExt as _;
+    let probe = tempfile::tempfile().unwrap();
+    probe.metadata().unwrap().gid()
 }
 
 /// The config of an agent whose server is at 192.0.2.10 (agent and public listeners).

@@ -855,7 +855,18 @@ async fn install_sh_installs_under_a_prefix() {
             "{dir} in {profile}"
         );
     }
-    assert!(profile.contains("deny ptrace,") && profile.contains("/dev/tpmrm0 rw,"));
+    // Enforced (it runs so in a real guest: crates/license-agent/tests/vm.rs), no capability
+    // granted, and nobody confined reads or traces the agent.
+    assert!(
+        profile.contains("profile license-agent /usr/bin/license-agent {")
+            && !profile.contains("complain")
+            && !profile
+                .lines()
+                .any(|l| l.trim_start().starts_with("capability"))
+            && profile.contains("audit deny ptrace (readby, tracedby),")
+            && profile.contains("/dev/tpmrm0 rw,"),
+        "{profile}"
+    );
 
     let machines = server.admin_json(&["machine", "list"]);
     assert_eq!(machines[0]["hardware_id"], "INSTALL-HW-1");

@@ -34,7 +34,7 @@ use crate::net::client::ClientError;
 use crate::net::ConnectError;
 use crate::platform::blocking;
 use crate::platform::clock::rfc3339;
-use crate::platform::files::{rename_durable, write_atomic, PRIVATE, PUBLIC};
+use crate::platform::files::{rename_durable, write_atomic, PRIVATE};
 use crate::platform::keys::{self, FileMachineKey, KeyError, MachineKey};
 
 /// Test hook: `LICENSE_AGENT_TEST_CRASH_AT=renew_after_key|renew_after_answer|renew_after_cert|
@@ -295,7 +295,7 @@ pub async fn renew(
         );
         blocking::run(move || -> Result<(), RenewalError> {
             let next_cert = files.next_cert();
-            write_atomic(&next_cert, pem.as_bytes(), PUBLIC).map_err(write_error(&next_cert))?;
+            write_atomic(&next_cert, pem.as_bytes(), PRIVATE).map_err(write_error(&next_cert))?;
             crash_point("renew_after_cert");
             if file_key {
                 rename_durable(&files.next_key(), &files.key).map_err(write_error(&files.key))?;

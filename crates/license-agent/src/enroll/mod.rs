@@ -287,7 +287,7 @@ fn write_files(
 ) -> Result<(), EnrollError> {
     let s = &config.server;
     write(&s.client_key, key_file.as_bytes(), PRIVATE)?;
-    write(&s.client_cert, answer.certificate.as_bytes(), PUBLIC)?;
+    write(&s.client_cert, answer.certificate.as_bytes(), PRIVATE)?;
     write(&s.ca_cert, answer.ca_cert.as_bytes(), PUBLIC)?;
     if let (Some(path), Some(token)) = (&s.recovery_token_file, &answer.recovery_token) {
         write(path, token.as_bytes(), PRIVATE)?;

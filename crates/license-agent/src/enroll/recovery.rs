@@ -77,7 +77,7 @@ pub async fn recover(config: &AgentConfig) -> Result<(Arc<Tpm>, String), Recover
     // Key first, then certificate and CA, then the next token: each write is atomic.
     let s = &config.server;
     write_atomic(&s.client_key, keys::tpm_key_file(&blob).as_bytes(), PRIVATE).map_err(failed)?;
-    write_atomic(&s.client_cert, answer.certificate.as_bytes(), PUBLIC).map_err(failed)?;
+    write_atomic(&s.client_cert, answer.certificate.as_bytes(), PRIVATE).map_err(failed)?;
     write_atomic(&s.ca_cert, answer.ca_cert.as_bytes(), PUBLIC).map_err(failed)?;
     write_atomic(token_file, answer.recovery_token.as_bytes(), PRIVATE).map_err(failed)?;
     if let Some(aside) = set_aside(&config.tpm.sealed_storage) {

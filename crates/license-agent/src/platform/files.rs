@@ -7,9 +7,11 @@ use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
-/// Mode of private keys and of the config (it names the key paths).
+/// Mode of private keys, of the machine certificate (seed §6.2: `client.pem` 600) and of the
+/// config (it names the key paths).
 pub const PRIVATE: u32 = 0o600;
-/// Mode of certificates.
+/// Mode of the CA certificate, license tokens and the metrics file (the umask of the unit,
+/// 0077, still makes them 0600 under systemd).
 pub const PUBLIC: u32 = 0o644;
 
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
