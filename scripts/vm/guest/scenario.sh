@@ -52,6 +52,20 @@ denials() {
     | grep -E 'apparmor="(DENIED|ALLOWED)"' | grep 'profile="license-agent"' | sort -u || true
 }
 contains() { printf '%s' "$1" | grep -qi -- "$2"; }
+# refused NAME USER COMMAND...: the command, run as USER, is refused ("Permission denied").
+refused() {
+  name="$1" who="$2"; shift 2
+  out="$(setpriv --reuid="$who" --regid="$who" --init-groups "$@" 2>&1)"
+  check "$name" contains "$out" 'permission denied'
+}
+# The license's current token (copied where the POS user reads it) validates.
+current_token_validates() { install -m 0644 "$(token_of "$1")" "$keep/current.token" && is_valid pos "$keep/current.token"; }
+fails() { ! "$@" >/dev/null 2>&1; }
+# in_its_sandbox COMMAND...: as the agent's user, in the agent's mount namespace (its unit's view).
+in_its_sandbox() { nsenter -t "$(agent_pid)" -m -- setpriv --reuid=license-agent --regid=license-agent --init-groups "$@"; }
+newer_than() { [ "$(newest_version)" -gt "$1" ]; }
+cert_is_not() { [ "$(cert_serial)" != "$1" ]; }
+restarted_since() { [ "$(prop NRestarts)" -gt "$1" ] && active; }
 no_capabilities() { ! grep -E '^Cap(Eff|Prm|Bnd):' "/proc/$1/status" | grep -vq ':[[:space:]]*0\{16\}$'; }
 active() { [ "$(systemctl is-active license-agent)" = active ]; }
 token_of() { echo "/var/lib/license-agent/tokens/$1.token"; }
@@ -178,15 +192,15 @@ phase_install() {
   check "root: rotate" cli rotate
   v1="$(newest_version)"
   check "forced rotation made a new version ($v0 -> $v1)" test "$v1" -gt "$v0"
-  wait_for 90 "a scheduled rotation (rotation_interval 40 s)" sh -c "[ \"\$(license-agent-cli status --json | grep -o '\"version\":[0-9]*' | sed 's/.*://' | sort -n | tail -n 1)\" -gt $v1 ]"
+  wait_for 90 "a scheduled rotation (rotation_interval 40 s)" newer_than "$v1"
   check "the first token still validates (grace)" is_valid pos "$keep/first.token"
-  wait_for 60 "the re-issued token validates" sh -c "install -m 0644 $(token_of "$license") $keep/current.token && runuser -u pos -- /usr/local/bin/pos-validate /run/license-agent/agent.sock \"\$(cat $keep/current.token)\" | grep -q '^valid '"
+  wait_for 60 "the re-issued token validates" current_token_validates "$license"
 
   echo "== certificate renewal (the host's server makes short certificates)"
   serial0="$(cert_serial)"
   check "a certificate serial" test -n "$serial0"
   info "certificate" "$serial0 renews at $(cli status --json | grep -o '"renews_at":"[^"]*"')"
-  wait_for 240 "certificate renewed by itself" sh -c "[ \"\$(license-agent-cli status --json | grep -o '\"serial\":\"[^\"]*\"')\" != '\"serial\":\"$serial0\"' ]"
+  wait_for 240 "certificate renewed by itself" cert_is_not "$serial0"
   check "renewed certificate file mode 600" test "$(stat -c '%a %U' /etc/license-agent/client.pem)" = "600 license-agent"
 
   echo "== the sandbox's claims on the live process"
@@ -194,11 +208,10 @@ phase_install() {
   check "no capabilities (CapEff, CapPrm, CapBnd all zero)" no_capabilities "$pid"
   check "no new privileges" grep -q '^NoNewPrivs:[[:space:]]*1' "/proc/$pid/status"
   check "seccomp filter on" grep -q '^Seccomp:[[:space:]]*2' "/proc/$pid/status"
-  as_agent_in_its_namespace() { nsenter -t "$pid" -m -- setpriv --reuid=license-agent --regid=license-agent --init-groups "$@"; }
-  check "cannot write /usr (ProtectSystem=strict)" sh -c "! nsenter -t $pid -m -- setpriv --reuid=license-agent --regid=license-agent --init-groups touch /usr/lib/lsa-probe 2>/dev/null"
-  check "cannot write /etc outside its directory" sh -c "! nsenter -t $pid -m -- setpriv --reuid=license-agent --regid=license-agent --init-groups touch /etc/lsa-probe 2>/dev/null"
-  check "cannot see /home (ProtectHome)" sh -c "! nsenter -t $pid -m -- ls /home/pos 2>/dev/null"
-  check "can write its state directory" as_agent_in_its_namespace sh -c 'touch /var/lib/license-agent/.probe && rm /var/lib/license-agent/.probe'
+  check "cannot write /usr (ProtectSystem=strict)" fails in_its_sandbox touch /usr/lib/lsa-probe
+  check "cannot write /etc outside its directory" fails in_its_sandbox touch /etc/lsa-probe
+  check "cannot see /home (ProtectHome)" fails nsenter -t "$pid" -m -- ls /home/pos
+  check "can write its state directory" in_its_sandbox sh -c 'touch /var/lib/license-agent/.probe && rm /var/lib/license-agent/.probe'
   sa="$(systemd-analyze security license-agent.service 2>&1 | tail -n 1)"
   info "systemd-analyze security" "$sa"
   level="$(printf '%s' "$sa" | sed -n 's/.*license-agent.service: \([0-9.]*\).*/\1/p')"
@@ -211,26 +224,20 @@ phase_install() {
   info "agent heap at" "$heap"
   check "root can read that address (the probe is meaningful)" sh -c "dd if=/proc/$pid/mem bs=1 count=16 skip=\$((0x$heap)) iflag=skip_bytes 2>/dev/null | od -An | grep -q ."
   for who in pos intruder ops; do
-    out="$(runuser -u "$who" -- dd if=/proc/$pid/mem bs=1 count=16 skip=$((0x$heap)) iflag=skip_bytes 2>&1)"
-    check "$who cannot read the agent's memory" contains "$out" 'permission denied'
+    refused "$who cannot read the agent's memory" "$who" \
+      dd "if=/proc/$pid/mem" bs=1 count=16 "skip=$((0x$heap))" iflag=skip_bytes
   done
-  out="$(runuser -u pos -- cat /proc/$pid/maps 2>&1)"
-  check "pos cannot read /proc/PID/maps" contains "$out" 'permission denied'
-  out="$(runuser -u pos -- cat /proc/$pid/environ 2>&1)"
-  check "pos cannot read /proc/PID/environ" contains "$out" 'permission denied'
-  out="$(setpriv --reuid=license-agent --regid=license-agent --init-groups cat /proc/$pid/maps 2>&1)"
-  check "not dumpable: even its own uid cannot read /proc/PID/maps" contains "$out" 'permission denied'
-  out="$(runuser -u pos -- ls /var/lib/license-agent 2>&1)"
-  check "pos cannot list the state directory" contains "$out" 'permission denied'
-  out="$(runuser -u pos -- cat /etc/license-agent/client.key 2>&1)"
-  check "pos cannot read the machine key" contains "$out" 'permission denied'
-  out="$(runuser -u pos -- cat /var/log/license-agent/audit.log 2>&1)"
-  check "pos cannot read the audit log" contains "$out" 'permission denied\|no such' 
+  refused "pos cannot read /proc/PID/maps" pos cat "/proc/$pid/maps"
+  refused "pos cannot read /proc/PID/environ" pos cat "/proc/$pid/environ"
+  refused "not dumpable: even its own uid cannot read /proc/PID/maps" license-agent cat "/proc/$pid/maps"
+  refused "pos cannot list the state directory" pos ls /var/lib/license-agent
+  refused "pos cannot read the machine key" pos cat /etc/license-agent/client.key
+  refused "pos cannot read the audit log" pos cat /var/log/license-agent/audit.log
 
   echo "== watchdog: a hung agent is killed and restarted by systemd"
   restarts0="$(prop NRestarts)"
   kill -STOP "$pid"
-  wait_for 75 "watchdog restarted the agent" sh -c "[ \"\$(systemctl show -p NRestarts --value license-agent)\" -gt $restarts0 ] && [ \"\$(systemctl is-active license-agent)\" = active ]"
+  wait_for 75 "watchdog restarted the agent" restarted_since "$restarts0"
   check "journal names the watchdog" sh -c "journalctl -u license-agent --no-pager | grep -qi watchdog"
   check "validates after the restart" is_valid pos "$keep/current.token"
 
@@ -270,10 +277,10 @@ phase_tpm_cleared() {
   # recover with its recovery token, re-key and fetch its licenses again by itself.
   license="$(cat "$share/license_id")"
   wait_for 120 "agent active after the TPM was cleared" active
-  wait_for 120 "recovered: a secret held again" sh -c "license-agent-cli status --json | grep -q '\"version\"'"
+  wait_for 120 "recovered: a secret held again" newer_than 0
   wait_for 60 "store is the TPM again" sh -c "license-agent-cli status --json | grep -q '\"store\":\"tpm\"'"
   info "status text" "$(prop StatusText)"
-  wait_for 90 "a token re-issued after recovery validates" sh -c "install -m 0644 $(token_of "$license") $keep/current.token && runuser -u pos -- /usr/local/bin/pos-validate /run/license-agent/agent.sock \"\$(cat $keep/current.token)\" | grep -q '^valid '"
+  wait_for 90 "a token re-issued after recovery validates" current_token_validates "$license"
   check "recovery audited (machine.recover, success)" sh -c "grep 'machine.recover' /var/log/license-agent/audit.log | grep -q success"
   check "a new machine certificate (the old key died with the TPM)" test "$(cert_serial)" != "$(cat "$keep/serial")"
   check_audit tpm-cleared
@@ -303,7 +310,7 @@ phase_after_cut() {
     case "$out" in *invalid*) info "token from before the cut" "$out" ;; *) fail "token from before the cut" "$out" ;; esac
   fi
   license="$(cat "$share/license_id")"
-  wait_for 90 "the current token validates" sh -c "install -m 0644 $(token_of "$license") $keep/current.token && runuser -u pos -- /usr/local/bin/pos-validate /run/license-agent/agent.sock \"\$(cat $keep/current.token)\" | grep -q '^valid '"
+  wait_for 90 "the current token validates" current_token_validates "$license"
   out="$(cli audit verify 2>&1)"; rc=$?
   info "audit verify" "$(printf '%s' "$out" | tail -n 2 | tr '\n' ' ')"
   # A cut may truncate the last line; verify must then say so exactly, not report tampering.
