@@ -60,20 +60,7 @@ fn licenses_issued_and_machines_revoked_from_the_dashboard_reach_the_till() {
     let admin = server.admin_url();
     let jar = root.path().join("cookies");
     let jar_arg = jar.to_str().unwrap();
-    let sign_in = format!("{admin}/dashboard/sign-in");
-    let field = format!("token={token}");
-    let origin = format!("Origin: {admin}");
-    server.curl(&[
-        "-c",
-        jar_arg,
-        "-H",
-        &origin,
-        "--data-urlencode",
-        &field,
-        "-o",
-        "/dev/null",
-        &sign_in,
-    ]);
+    server.dashboard_sign_in(&token, &jar);
 
     // The machine's page: issue a license for it.
     let page_path = format!("/dashboard/machines/{}", till.machine_id);

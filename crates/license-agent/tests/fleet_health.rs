@@ -145,21 +145,8 @@ fn the_server_keeps_each_machines_latest_health_report() {
         );
     }
     let jar = root.path().join("cookies");
+    server.dashboard_sign_in(&token, &jar);
     let jar = jar.to_str().unwrap();
-    let origin = format!("Origin: {admin}");
-    let field = format!("token={token}");
-    let sign_in = format!("{admin}/dashboard/sign-in");
-    curl(&[
-        "-c",
-        jar,
-        "-H",
-        &origin,
-        "--data-urlencode",
-        &field,
-        "-o",
-        "/dev/null",
-        &sign_in,
-    ]);
     let overview = curl(&["-b", jar, &format!("{admin}/dashboard")]);
     for card in [
         "id=\"seen-hour\">4<",

@@ -261,6 +261,23 @@ impl Server {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Signs in to the dashboard with admin API `token`, keeping the session cookie in `jar`
+    /// (curl's cookie file) for later `-b jar` requests.
+    pub fn dashboard_sign_in(&self, token: &str, jar: &Path) {
+        let admin = self.admin_url();
+        self.curl(&[
+            "-c",
+            jar.to_str().unwrap(),
+            "-H",
+            &format!("Origin: {admin}"),
+            "--data-urlencode",
+            &format!("token={token}"),
+            "-o",
+            "/dev/null",
+            &format!("{admin}/dashboard/sign-in"),
+        ]);
+    }
+
     pub fn admin(&self, args: &[&str]) -> Value {
         self.admin_with_env(args, &[])
     }
