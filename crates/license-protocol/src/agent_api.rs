@@ -47,6 +47,30 @@ pub struct SecretStatus {
     /// an agent holding another fetches `GET /api/v1/server-trust`. `None` from older servers.
     #[serde(default)]
     pub server_trust: Option<String>,
+    /// A release offered to this machine (asked for with [`StatusQuery`]), absent when none is:
+    /// the agent checks it and downloads `GET /api/v1/releases/{release_id}/binary`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<crate::release::UpdateOffer>,
+}
+
+/// Query of `GET /api/v1/secret-status`: what the agent runs, so the server can offer it a
+/// release. All three or none (older agents send none and are offered nothing).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
+pub struct StatusQuery {
+    /// The agent's version, `MAJOR.MINOR.PATCH`.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", param(value_type = Option<String>, example = "0.1.0"))]
+    pub agent_version: Option<crate::release::Version>,
+    /// The release channel it follows (`[update] channel`).
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", param(value_type = Option<String>, example = "stable"))]
+    pub channel: Option<crate::release::Channel>,
+    /// Its architecture as Rust names it (`x86_64`, `aarch64`).
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", param(max_length = 32, example = "x86_64"))]
+    pub arch: Option<String>,
 }
 
 /// `GET /api/v1/licenses`: the calling machine's license tokens under its newest acknowledged

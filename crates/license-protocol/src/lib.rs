@@ -14,6 +14,8 @@
 //! - [`license_keys`]: license signing key ids, the key set the server announces, the keys an
 //!   agent trusts.
 //! - [`server_trust`]: the server's TLS keys and CAs an agent trusts, and their rollover.
+//! - [`release`]: agent releases: versions, signed manifests, release keys, rollout, update
+//!   reports.
 //! - [`token`]: license tokens, signed and encrypted (format v2; v1 still read).
 //! - [`verdict`]: the one verdict on a token and its reason codes (agent and server).
 //! - [`whole`]: integers in JSON bodies read as JSON Schema reads them (`60.0` is `60`).
@@ -46,6 +48,7 @@ mod object;
 /// The management socket's wire types, defined in `license-ipc` and re-exported here.
 pub use license_ipc::mgmt;
 pub mod pin;
+pub mod release;
 pub mod rotation;
 pub mod secret;
 pub mod server_trust;

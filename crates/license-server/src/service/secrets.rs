@@ -477,6 +477,7 @@ pub async fn status(
         server_time: Some(now.0),
         license_keys: Some(state.keys.license_keys.snapshot().digest.clone()),
         server_trust: Some(state.keys.trust.digest.clone()),
+        update: None,
     })
 }
 
