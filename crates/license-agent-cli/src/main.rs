@@ -117,6 +117,12 @@ enum Command {
         #[arg(value_enum, value_name = "MODE")]
         mode: mgmt::DegradedArg,
     },
+    /// Hold updates of the agent (no release is staged; one staged but not yet installed is
+    /// withdrawn) or release them again (admin).
+    Update {
+        #[arg(value_enum, value_name = "ACTION")]
+        action: mgmt::UpdateArg,
+    },
     /// Print the agent's metrics (Prometheus text format).
     Metrics,
     /// Validate a license token as a POS application would (exit 0 valid, 1 invalid).
@@ -220,6 +226,7 @@ fn run(cli: Cli) -> Result<u8, MainError> {
         Command::Rotate => mgmt::run(&global, mgmt::Op::Rotate),
         Command::Invalidate { version } => mgmt::run(&global, mgmt::Op::Invalidate(version)),
         Command::Degraded { mode } => mgmt::run(&global, mgmt::Op::Degraded(mode)),
+        Command::Update { action } => mgmt::run(&global, mgmt::Op::Update(action)),
         Command::Metrics => mgmt::run(&global, mgmt::Op::Metrics),
         Command::Validate { license_token_file } => {
             mgmt::run(&global, mgmt::Op::Validate(license_token_file))

@@ -34,6 +34,13 @@ impl From<DegradedArg> for DegradedSwitch {
     }
 }
 
+/// `update hold|release`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpdateArg {
+    Hold,
+    Release,
+}
+
 /// One management operation, as asked on the command line.
 #[derive(Debug)]
 pub enum Op {
@@ -41,6 +48,7 @@ pub enum Op {
     Rotate,
     Invalidate(u64),
     Degraded(DegradedArg),
+    Update(UpdateArg),
     Metrics,
     /// The file holding the license token.
     Validate(PathBuf),
@@ -77,6 +85,13 @@ pub fn run(global: &GlobalArgs, op: Op) -> Result<u8, MainError> {
             mode: (*mode).into(),
             token,
         },
+        Op::Update(action) => MgmtRequest::Update {
+            action: match action {
+                UpdateArg::Hold => license_ipc::mgmt::UpdateSwitch::Hold,
+                UpdateArg::Release => license_ipc::mgmt::UpdateSwitch::Release,
+            },
+            token,
+        },
         Op::Metrics => MgmtRequest::Metrics { token },
         Op::Validate(path) => MgmtRequest::Validate {
             license_token: read_trimmed("license token file", path)?,
@@ -107,6 +122,11 @@ pub fn run(global: &GlobalArgs, op: Op) -> Result<u8, MainError> {
         },
         Op::Invalidate(version) => writeln!(out, "secret version {version} invalidated")?,
         Op::Degraded(mode) => write_degraded(&mut out, mode, &result)?,
+        Op::Update(UpdateArg::Hold) => writeln!(
+            out,
+            "updates held: no release will be staged until `update release`"
+        )?,
+        Op::Update(UpdateArg::Release) => writeln!(out, "updates released")?,
         Op::Metrics => {
             let text = result
                 .get("text")
@@ -253,6 +273,37 @@ fn write_status(out: &mut impl Write, s: &StatusView) -> io::Result<()> {
     if let Some(since) = &s.machine_revoked_since {
         writeln!(out, "REVOKED          by the server since {since}")?;
     }
+    if let Some(version) = &s.agent_version {
+        writeln!(out, "agent version    {version}")?;
+    }
+    if let Some(u) = &s.update {
+        let mut line = if !u.enabled {
+            "disabled".to_string()
+        } else if u.held {
+            format!("HELD (channel {})", u.channel)
+        } else {
+            format!("channel {}", u.channel)
+        };
+        if let Some(v) = &u.offered {
+            line.push_str(&format!(", offered {v}"));
+        }
+        if let Some(v) = &u.staged {
+            line.push_str(&format!(", staged {v} (waiting for the update step)"));
+        }
+        writeln!(out, "updates          {line}")?;
+        if let Some(l) = &u.last {
+            let reason = if l.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", l.reason)
+            };
+            writeln!(
+                out,
+                "last update      {} from {}: {}{reason} at {}",
+                l.version, l.from_version, l.outcome, l.at
+            )?;
+        }
+    }
     writeln!(out, "server contact   {}", or_never(&s.last_server_contact))?;
     writeln!(out, "last rotation    {}", or_never(&s.last_rotation))?;
     writeln!(
@@ -389,6 +440,8 @@ mod tests {
             certificate: None,
             trust: None,
             machine_revoked_since: None,
+            agent_version: None,
+            update: None,
             extra: BTreeMap::new(),
         }
     }

@@ -43,6 +43,9 @@ pub enum AlertKind {
     /// Half the audit log's kept files rotated away within a day: someone is flushing its
     /// history.
     AuditLogFlooded,
+    /// A release the server offered was refused (signature, digest, size, architecture,
+    /// downgrade), or an update failed its health check and was rolled back.
+    UpdateFailed,
 }
 
 impl AlertKind {
@@ -58,6 +61,7 @@ impl AlertKind {
             AlertKind::LicenseKeysRefused => "license_keys_refused",
             AlertKind::ServerTrustRefused => "server_trust_refused",
             AlertKind::MachineRevoked => "machine_revoked",
+            AlertKind::UpdateFailed => "update_failed",
             AlertKind::AuditLogTampered => "audit_log_tampered",
             AlertKind::AuditLogFlooded => "audit_log_flooded",
         }

@@ -1,7 +1,8 @@
 //! The `license-agent` commands behind the command line: what each does and prints (human
 //! text, or JSON with `--json`), and the exit code each failure maps to.
 //!
-//! Exit codes: 0 success; 1 runtime failure (network, I/O); 2 bad usage or configuration;
+//! Exit codes: 0 success; 1 runtime failure (network, I/O; an update refused or rolled back);
+//! 2 bad usage or configuration;
 //! 3 refused by the server (token used/expired/unknown, machine revoked, …); 4 already enrolled.
 
 use std::future::Future;
@@ -52,6 +53,15 @@ pub enum CommandError {
     Renewal(#[from] RenewalError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("update step: {0}")]
+    Update(#[from] crate::update::apply::ApplyError),
+    /// The update step ran and the release was refused or rolled back.
+    #[error("the update to {version} ended {outcome} ({reason}); the previous version runs")]
+    UpdateNotApplied {
+        version: String,
+        outcome: &'static str,
+        reason: String,
+    },
 }
 
 impl CommandError {
@@ -298,7 +308,9 @@ pub fn check_config(config_path: &Path) -> Result<(), CommandError> {
 pub async fn server_status(config_path: &Path, json: bool) -> Result<(), CommandError> {
     let config = load(config_path)?;
     let key = keys::load(&config, None)?;
-    let status = agent_client(&config, key)?.secret_status().await?;
+    let status = agent_client(&config, key)?
+        .secret_status(&Default::default())
+        .await?;
     if json {
         print_json(&status);
         return Ok(());
@@ -336,4 +348,81 @@ pub async fn renew_cert(config_path: &Path, json: bool) -> Result<(), CommandErr
         );
     }
     Ok(())
+}
+
+/// `update apply`: the update step (root, outside the daemon's sandbox; started by
+/// `license-agent-update.service`): resumes an unfinished update or installs the staged
+/// release (`crate::update::apply`). Prints each step, or the result as JSON.
+pub fn update_apply(config_path: &Path, json: bool) -> Result<(), CommandError> {
+    use crate::update::apply::{apply, Plan, SystemHost};
+    let config = load(config_path)?;
+    let license_pin =
+        license_protocol::rotation::parse_license_public_key(&config.server.license_public_key)
+            .ok_or(ConfigError::Invalid {
+                key: "server.license_public_key",
+                message: "must be `ed25519:<base64>` of 32 bytes".into(),
+            })?;
+    let plan = Plan {
+        staging: crate::update::Staging::new(config.update_staging_dir()),
+        work_dir: config.update.work_dir.clone(),
+        binary: config.update.binary.clone(),
+        config_file: config_path.to_path_buf(),
+        state_dir: config.agent.state_dir.clone(),
+        license_pin,
+        health_deadline: std::time::Duration::from_secs(config.update.health_deadline),
+    };
+    let mgmt_token = match &config.management.token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|source| CommandError::MissingFile {
+                    key: "management.token_file",
+                    path: path.display().to_string(),
+                    source,
+                })?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let mut host = SystemHost {
+        stop_command: config.update.stop_command.clone(),
+        start_command: config.update.start_command.clone(),
+        mgmt_socket: config.management.socket.clone(),
+        mgmt_token,
+    };
+    let Some(result) = apply(&plan, &mut host)? else {
+        if json {
+            print_json(&serde_json::Value::Null);
+        } else {
+            println!("no update staged");
+        }
+        return Ok(());
+    };
+    if json {
+        print_json(&result);
+    } else {
+        for step in &result.steps {
+            println!("{:<8} {}  {}", step.step, rfc3339(step.at), step.detail);
+        }
+        println!(
+            "update to {} (from {}): {}{}",
+            result.version,
+            result.from_version,
+            result.outcome.as_str(),
+            if result.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", result.reason)
+            }
+        );
+    }
+    if result.outcome == license_protocol::release::UpdateOutcome::Success {
+        Ok(())
+    } else {
+        Err(CommandError::UpdateNotApplied {
+            version: result.version.to_string(),
+            outcome: result.outcome.as_str(),
+            reason: result.reason,
+        })
+    }
 }

@@ -23,6 +23,10 @@ pub const DEFAULT_LOG_DIR: &str = "/var/log/license-agent";
 pub const DEFAULT_POLL_INTERVAL_SECS: u64 = 60;
 /// The kernel's TPM resource manager.
 pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
+/// The update step's directory (root only).
+pub const DEFAULT_UPDATE_WORK_DIR: &str = "/var/lib/license-agent-update";
+/// The agent binary the update step replaces.
+pub const DEFAULT_AGENT_BINARY: &str = "/usr/bin/license-agent";
 pub const DEFAULT_MGMT_SOCKET: &str = "/run/license-agent/mgmt.sock";
 pub const DEFAULT_SOCKET: &str = "/run/license-agent/agent.sock";
 /// Connections served at once on the validation socket.
@@ -73,6 +77,81 @@ pub struct AgentConfig {
     pub ipc: IpcSection,
     #[serde(default)]
     pub alerts: AlertsSection,
+    #[serde(default)]
+    pub update: UpdateSection,
+}
+
+/// Updates of the agent itself (seed §8.2, docs/OPERATIONS.md "Releasing and rolling out"):
+/// the daemon learns of releases, checks and stages them; `license-agent update apply`, run
+/// as root outside the daemon's sandbox, installs them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSection {
+    /// Take releases the server offers (`false`: never download one).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The release channel followed.
+    #[serde(default = "default_channel")]
+    pub channel: license_protocol::release::Channel,
+    /// Where the daemon stages a checked release (default `<state_dir>/updates`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging_dir: Option<PathBuf>,
+    /// The update step's own directory, root's only: journal, backup, previous binary.
+    #[serde(default = "default_update_work_dir")]
+    pub work_dir: PathBuf,
+    /// The agent binary the update step replaces.
+    #[serde(default = "default_agent_binary")]
+    pub binary: PathBuf,
+    /// Seconds the new version has to answer `status` with its version and finish a round
+    /// with the server, or it is rolled back.
+    #[serde(default = "default_health_deadline")]
+    pub health_deadline: u64,
+    /// How the update step stops and starts the agent.
+    #[serde(default = "default_stop_command")]
+    pub stop_command: Vec<String>,
+    #[serde(default = "default_start_command")]
+    pub start_command: Vec<String>,
+}
+
+impl Default for UpdateSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            channel: default_channel(),
+            staging_dir: None,
+            work_dir: default_update_work_dir(),
+            binary: default_agent_binary(),
+            health_deadline: default_health_deadline(),
+            stop_command: default_stop_command(),
+            start_command: default_start_command(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_channel() -> license_protocol::release::Channel {
+    "stable".parse().expect("a valid channel")
+}
+fn default_update_work_dir() -> PathBuf {
+    DEFAULT_UPDATE_WORK_DIR.into()
+}
+fn default_agent_binary() -> PathBuf {
+    DEFAULT_AGENT_BINARY.into()
+}
+fn default_health_deadline() -> u64 {
+    120
+}
+fn default_stop_command() -> Vec<String> {
+    ["systemctl", "stop", "license-agent.service"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_start_command() -> Vec<String> {
+    ["systemctl", "start", "license-agent.service"]
+        .map(String::from)
+        .to_vec()
 }
 
 /// Where alerts go besides the audit log and the journal (seed §7.2).
@@ -389,6 +468,14 @@ fn default_fallback() -> PathBuf {
 }
 
 impl AgentConfig {
+    /// Where the daemon stages a checked release for the update step.
+    pub fn update_staging_dir(&self) -> PathBuf {
+        self.update
+            .staging_dir
+            .clone()
+            .unwrap_or_else(|| self.agent.state_dir.join("updates"))
+    }
+
     pub fn audit_log_path(&self) -> PathBuf {
         self.agent
             .audit_log
@@ -511,6 +598,28 @@ impl AgentConfig {
             return Err(invalid(
                 "tpm.fallback_key_file",
                 "must not be the store itself",
+            ));
+        }
+        if !(10..=3600).contains(&self.update.health_deadline) {
+            return Err(invalid(
+                "update.health_deadline",
+                "must be between 10 and 3600 seconds",
+            ));
+        }
+        for (key, command) in [
+            ("update.stop_command", &self.update.stop_command),
+            ("update.start_command", &self.update.start_command),
+        ] {
+            if command.first().is_none_or(String::is_empty) {
+                return Err(invalid(key, "must name a program"));
+            }
+        }
+        if self.update.work_dir.starts_with(&self.agent.state_dir)
+            || self.update.work_dir == self.update_staging_dir()
+        {
+            return Err(invalid(
+                "update.work_dir",
+                "must be outside agent.state_dir (the agent's user must not write it)",
             ));
         }
         Ok(())

@@ -15,6 +15,7 @@
 //! | [`sockets`] | the local sockets: one [`listener`](sockets::listener) (accept, connection limit, framing, idle timeout, peer credentials, drain) used by the [`validation`](sockets::validation) and [`management`](sockets::management) sockets |
 //! | [`access`] | who may use which socket (uids, gids, roles), reloadable |
 //! | [`engine`] | the rotation engine: [`decide`](engine::decide) (pure decisions from state and time: what is due, backoff, degraded or not, what to purge), the [`round`](engine::round) that talks to the server behind the [`AgentServer`](engine::server::AgentServer) trait, licenses, renewal, status, `state.json`, and the [`control`](engine::control) channel management uses |
+//! | [`update`] | updates of the agent itself: the staging directory the daemon fills and the update step (`license-agent update apply`, root) that installs, health-checks and rolls back |
 //! | [`enroll`] | joining the fleet: first enrollment, hardware identity, re-keying after a TPM clear |
 //! | [`validation`] | where a validation is answered: [`Validator`](validation::Validator) (the checks in order), the [`keyring`](validation::keyring), the [`replay`](validation::replay) window, [`revocations`](validation::revocations); the verdict itself is `license_protocol::verdict` |
 //! | [`stores`] | where secrets rest: the [`SecretStore`](stores::SecretStore) trait, [`file`](stores::file), [`tpm`](stores::tpm), and the [`fallback`](stores::fallback) between them |
@@ -36,6 +37,8 @@ pub mod sockets;
 pub mod access;
 
 pub mod engine;
+
+pub mod update;
 
 pub mod enroll;
 

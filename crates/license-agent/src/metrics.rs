@@ -24,11 +24,18 @@ pub struct Snapshot {
     pub certificate_expiry_seconds: i64,
     /// The server refuses this machine as revoked.
     pub machine_revoked: bool,
+    /// Updates held by an administrator.
+    pub update_held: bool,
+    /// A checked release waits for the update step.
+    pub update_staged: bool,
+    /// Updates completed on this machine, and updates failed or refused.
+    pub updates_succeeded: u64,
+    pub updates_failed: u64,
 }
 
 impl Snapshot {
     pub fn render(&self) -> String {
-        let metrics: [(&str, &str, &str, i64); 11] = [
+        let metrics: [(&str, &str, &str, i64); 15] = [
             (
                 "license_agent_secrets_active",
                 "gauge",
@@ -99,6 +106,30 @@ impl Snapshot {
                 "1 while the server refuses this machine as revoked.",
                 i64::from(self.machine_revoked),
             ),
+            (
+                "license_agent_update_held",
+                "gauge",
+                "1 while updates are held by an administrator.",
+                i64::from(self.update_held),
+            ),
+            (
+                "license_agent_update_staged",
+                "gauge",
+                "1 while a checked release waits for the update step.",
+                i64::from(self.update_staged),
+            ),
+            (
+                "license_agent_updates_total",
+                "counter",
+                "Updates to a new version completed on this machine.",
+                self.updates_succeeded as i64,
+            ),
+            (
+                "license_agent_updates_failed_total",
+                "counter",
+                "Updates refused (signature, digest, architecture, downgrade) or rolled back.",
+                self.updates_failed as i64,
+            ),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in metrics {
@@ -140,6 +171,10 @@ mod tests {
             "license_agent_last_rotation",
             "license_agent_certificate_expiry_seconds",
             "license_agent_machine_revoked",
+            "license_agent_update_held",
+            "license_agent_update_staged",
+            "license_agent_updates_total",
+            "license_agent_updates_failed_total",
         ] {
             assert!(
                 text.contains(&format!("# HELP {name} "))
@@ -150,6 +185,6 @@ mod tests {
         assert!(text.contains("license_agent_secrets_active 1\n"));
         assert!(text.contains("license_agent_tpm_available 1\n"));
         assert!(text.contains("license_agent_last_rotation 42\n"));
-        assert_eq!(text.lines().count(), 33);
+        assert_eq!(text.lines().count(), 45);
     }
 }

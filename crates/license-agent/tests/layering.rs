@@ -13,6 +13,7 @@ const LAYERS: &[&str] = &[
     "sockets",
     "access",
     "engine",
+    "update",
     "enroll",
     "validation",
     "stores",

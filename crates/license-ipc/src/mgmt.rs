@@ -4,7 +4,7 @@
 //! Same framing as the validation socket ([`crate::ipc`]): 4-byte big-endian length, UTF-8
 //! JSON. Roles come from the peer's uid (SO_PEERCRED): `[management] allowed_uids` may read
 //! (`status`, `metrics`, `validate`), `admin_uids` may also act (`rotate`, `invalidate`,
-//! `degraded`). When the agent has a `token_file`, every request must carry its content in
+//! `degraded`, `update`). When the agent has a `token_file`, every request must carry its content in
 //! `token` (second factor). Every request is audited, refused ones too; an action whose audit
 //! record cannot be written is refused.
 
@@ -75,6 +75,20 @@ pub enum MgmtRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         token: Option<String>,
     },
+    /// Act: `hold` stops the agent from staging releases (and withdraws one staged but not
+    /// yet taken by the update step); `release` lets it take them again.
+    Update {
+        action: UpdateSwitch,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpdateSwitch {
+    Hold,
+    Release,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +109,7 @@ impl MgmtRequest {
             MgmtRequest::Rotate { .. } => "rotate",
             MgmtRequest::Invalidate { .. } => "invalidate",
             MgmtRequest::Degraded { .. } => "degraded",
+            MgmtRequest::Update { .. } => "update",
         }
     }
 
@@ -105,6 +120,7 @@ impl MgmtRequest {
             MgmtRequest::Rotate { .. }
                 | MgmtRequest::Invalidate { .. }
                 | MgmtRequest::Degraded { .. }
+                | MgmtRequest::Update { .. }
         )
     }
 
@@ -115,7 +131,8 @@ impl MgmtRequest {
             | MgmtRequest::Validate { token, .. }
             | MgmtRequest::Rotate { token }
             | MgmtRequest::Invalidate { token, .. }
-            | MgmtRequest::Degraded { token, .. } => token.as_deref(),
+            | MgmtRequest::Degraded { token, .. }
+            | MgmtRequest::Update { token, .. } => token.as_deref(),
         }
     }
 }
@@ -213,7 +230,45 @@ pub struct StatusView {
     /// Since when the server refuses this machine as revoked (RFC 3339); absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_revoked_since: Option<String>,
+    /// The agent's version, `MAJOR.MINOR.PATCH` (absent from agents older than updates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    /// Updates of the agent (absent from agents older than updates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateView>,
     pub extra: BTreeMap<String, String>,
+}
+
+/// Updates of the agent, in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateView {
+    /// `[update] enabled`.
+    pub enabled: bool,
+    pub channel: String,
+    /// Held by an administrator (`license-agent-cli update hold`): no release is staged.
+    pub held: bool,
+    /// The version the server offered at the last round, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offered: Option<String>,
+    /// The version checked and staged for the update step, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<String>,
+    /// How the last update ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<LastUpdateView>,
+}
+
+/// The last update's outcome, in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastUpdateView {
+    pub version: String,
+    pub from_version: String,
+    /// `success`, `failed` or `refused`.
+    pub outcome: String,
+    /// A reason code, empty on success.
+    pub reason: String,
+    /// RFC 3339.
+    pub at: String,
 }
 
 /// The server keys and CAs the agent trusts, in `status`.

@@ -1,6 +1,6 @@
 //! `license-agent`: the POS-side agent's command line. `enroll` (first contact, `--tpm` for a
 //! TPM-resident key), `run` (the daemon), `status`, `check-config`, `server-status` and
-//! `renew-cert`; each is carried out by [`license_agent::commands`], which also documents the
+//! `renew-cert`, `update apply` (the update step); each is carried out by [`license_agent::commands`], which also documents the
 //! exit codes (0 success, 1 runtime, 2 usage or config, 3 refused by the server, 4 already
 //! enrolled).
 
@@ -35,6 +35,17 @@ enum Command {
     ServerStatus(ConfigAndOutput),
     /// Renew this machine's certificate (same key); the old one stops working at once.
     RenewCert(ConfigAndOutput),
+    /// Updates of the agent itself.
+    #[command(subcommand)]
+    Update(UpdateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum UpdateCommand {
+    /// The update step (as root, started by license-agent-update.service): install the
+    /// release the daemon staged — stop, back up, swap, start, health check, roll back on
+    /// failure — or resume one a power cut interrupted.
+    Apply(ConfigAndOutput),
 }
 
 fn main() -> ExitCode {
@@ -87,5 +98,8 @@ async fn dispatch(cli: Cli) -> Result<(), CommandError> {
         Command::CheckConfig(c) => commands::check_config(&c.config),
         Command::ServerStatus(c) => commands::server_status(&c.config.config, c.json).await,
         Command::RenewCert(c) => commands::renew_cert(&c.config.config, c.json).await,
+        Command::Update(UpdateCommand::Apply(c)) => {
+            commands::update_apply(&c.config.config, c.json)
+        }
     }
 }

@@ -23,6 +23,8 @@ pub enum Control {
         DegradedSwitch,
         oneshot::Sender<Result<&'static str, ControlError>>,
     ),
+    /// Hold (`true`) or release updates; answers whether they are held.
+    HoldUpdates(bool, oneshot::Sender<Result<bool, ControlError>>),
 }
 
 /// Why a request was not carried out.
@@ -87,6 +89,11 @@ impl ControlHandle {
         self.ask(|tx| Control::Invalidate(version, tx)).await?
     }
 
+    /// Holds (`true`) or releases updates; answers whether they are now held.
+    pub async fn hold_updates(&self, held: bool) -> Result<bool, ControlError> {
+        self.ask(|tx| Control::HoldUpdates(held, tx)).await?
+    }
+
     /// Answers the sentence describing the new mode.
     pub async fn degraded(&self, switch: DegradedSwitch) -> Result<&'static str, ControlError> {
         self.ask(|tx| Control::Degraded(switch, tx)).await?
@@ -128,6 +135,11 @@ impl<S: AgentServer> Engine<S> {
                     Err(refusal) => Err(ControlError::Refused(refusal)),
                 };
                 let _ = reply.send(result);
+            }
+            Control::HoldUpdates(held, reply) => {
+                self.hold_updates(held).await;
+                self.persist().await;
+                let _ = reply.send(Ok(held));
             }
         }
     }

@@ -21,6 +21,7 @@
 //! - [`renewal`]: a new certificate for the machine key
 //! - [`revoked`]: what a machine the server revoked does
 //! - [`state`]: `state.json`, what the agent knows besides the secrets
+//! - [`update`]: releases offered by the server, checked and staged for the update step
 
 pub mod control;
 pub mod decide;
@@ -35,6 +36,7 @@ pub mod state;
 pub mod status;
 #[cfg(test)]
 mod tests;
+pub mod update;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -113,6 +115,8 @@ pub struct EngineSettings {
     pub identity: renewal::IdentityFiles,
     /// The configuration asks for the TPM (`[tpm] enabled`), whether or not it answered.
     pub tpm_configured: bool,
+    /// `[update]`.
+    pub update: update::UpdateSettings,
 }
 
 impl EngineSettings {
@@ -132,6 +136,7 @@ impl EngineSettings {
             server_trust_file: crate::net::trust::TrustFile::from_config(config),
             identity: renewal::IdentityFiles::from_config(config),
             tpm_configured: config.tpm.enabled,
+            update: update::UpdateSettings::from_config(config),
         }
     }
 }
@@ -161,6 +166,10 @@ struct Health {
     audit_chain_broken: bool,
     /// The last health report the server accepted, and when.
     reported: Option<(HealthReport, i64)>,
+    /// The release offered at the last round (its version), and the offer itself until the
+    /// round is settled.
+    offered: Option<String>,
+    offer: Option<license_protocol::release::UpdateOffer>,
 }
 
 /// Everything the engine is made of.
@@ -248,6 +257,8 @@ impl<S: AgentServer> Engine<S> {
         self.settings.poll_interval = fresh.poll_interval;
         self.settings.degraded_policy = fresh.degraded_policy;
         self.settings.revoked_policy = fresh.revoked_policy;
+        self.settings.update.enabled = fresh.update.enabled;
+        self.settings.update.channel = fresh.update.channel;
         self.set_override(self.health.overridden);
         self.apply_revoked_policy();
     }
@@ -330,7 +341,7 @@ impl<S: AgentServer> Engine<S> {
     pub fn health_report(&self) -> HealthReport {
         let view = self.status_view();
         HealthReport {
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            agent_version: crate::update::running_version().to_string(),
             store: view.store,
             tpm_enabled: self.settings.tpm_configured,
             tpm_available: view.tpm_available,
@@ -500,6 +511,8 @@ impl<S: AgentServer> Engine<S> {
         let wait = match self.talk_to_server().await {
             Ok(()) => {
                 self.back_online().await;
+                let offer = self.health.offer.take();
+                self.follow_updates(offer).await;
                 self.report_health().await;
                 poll
             }

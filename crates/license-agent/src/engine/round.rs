@@ -145,7 +145,8 @@ impl<S: AgentServer> Engine<S> {
 
     /// The server part of a round: status, rotation when it must, licenses.
     pub(super) async fn talk_to_server(&mut self) -> Result<(), RotationError> {
-        let status = self.server.secret_status().await?;
+        let status = self.server.secret_status(&self.status_query()).await?;
+        self.health.offer = status.update.clone();
         if let Some(server_time) = status.server_time {
             self.attest(server_time);
         }

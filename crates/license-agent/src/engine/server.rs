@@ -5,9 +5,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use license_protocol::agent_api::{
-    HealthReport, MachineLicenses, RenewCertificateResponse, SecretStatus,
+    HealthReport, MachineLicenses, RenewCertificateResponse, SecretStatus, StatusQuery,
 };
 use license_protocol::license_keys::LicenseKeySet;
+use license_protocol::release::UpdateReport;
 use license_protocol::rotation::{RotateSecretRequest, RotateSecretResponse};
 use license_protocol::server_trust::{AgentTrust, ServerTrust};
 
@@ -18,7 +19,22 @@ use crate::platform::keys::MachineKey;
 /// The agent API calls of a round (DESIGN.md §3.1), and the switch to a renewed identity.
 pub trait AgentServer: Send + Sync {
     /// `GET /api/v1/secret-status`.
-    fn secret_status(&self) -> impl Future<Output = Result<SecretStatus, ClientError>> + Send;
+    fn secret_status(
+        &self,
+        query: &StatusQuery,
+    ) -> impl Future<Output = Result<SecretStatus, ClientError>> + Send;
+    /// `GET /api/v1/releases/{release_id}/binary` streamed into `dest`: size and hex SHA-256.
+    fn download_release(
+        &self,
+        release_id: uuid::Uuid,
+        dest: &std::path::Path,
+        max: u64,
+    ) -> impl Future<Output = Result<(u64, String), ClientError>> + Send;
+    /// `POST /api/v1/update-report`.
+    fn report_update(
+        &self,
+        report: &UpdateReport,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send;
     /// `POST /api/v1/rotate-secret`.
     fn rotate_secret(
         &self,
@@ -49,8 +65,21 @@ pub trait AgentServer: Send + Sync {
 }
 
 impl AgentServer for AgentApi {
-    async fn secret_status(&self) -> Result<SecretStatus, ClientError> {
-        self.current().secret_status().await
+    async fn secret_status(&self, query: &StatusQuery) -> Result<SecretStatus, ClientError> {
+        self.current().secret_status(query).await
+    }
+
+    async fn download_release(
+        &self,
+        release_id: uuid::Uuid,
+        dest: &std::path::Path,
+        max: u64,
+    ) -> Result<(u64, String), ClientError> {
+        self.current().download_release(release_id, dest, max).await
+    }
+
+    async fn report_update(&self, report: &UpdateReport) -> Result<(), ClientError> {
+        self.current().report_update(report).await
     }
 
     async fn rotate_secret(

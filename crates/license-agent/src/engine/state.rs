@@ -66,6 +66,53 @@ pub struct AgentState {
     /// answers again. Kept across restarts, so a revoked till stays closed while offline.
     #[serde(default)]
     pub machine_revoked_since: Option<i64>,
+    /// Updates of the agent (see `engine::update`).
+    #[serde(default)]
+    pub update: UpdateState,
+}
+
+/// What the agent remembers of its updates.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateState {
+    /// Held by an administrator: no release is staged.
+    #[serde(default)]
+    pub held: bool,
+    /// The release checked and staged for the update step, and its version.
+    #[serde(default)]
+    pub staged: Option<(uuid::Uuid, String)>,
+    /// Releases refused or failed here, with the reason code: never staged again (the last
+    /// [`MAX_REMEMBERED`] kept).
+    #[serde(default)]
+    pub refused: Vec<(uuid::Uuid, String)>,
+    /// How the last update ended.
+    #[serde(default)]
+    pub last: Option<LastUpdate>,
+    /// Reports the server has not accepted yet (sent again each round).
+    #[serde(default)]
+    pub unreported: Vec<license_protocol::release::UpdateReport>,
+    /// Updates completed to a new version, and updates failed or refused, on this machine.
+    #[serde(default)]
+    pub succeeded: u64,
+    #[serde(default)]
+    pub failed: u64,
+}
+
+/// Releases remembered as refused.
+pub const MAX_REMEMBERED: usize = 16;
+
+/// The last update's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LastUpdate {
+    pub release_id: uuid::Uuid,
+    pub version: String,
+    pub from_version: String,
+    /// `success`, `failed` or `refused`.
+    pub outcome: String,
+    pub reason: String,
+    /// Unix seconds.
+    pub at: i64,
 }
 
 /// How a load went, for the log and the audit.

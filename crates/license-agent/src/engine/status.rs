@@ -91,6 +91,8 @@ impl<S: AgentServer> Engine<S> {
             }),
             trust: Some(self.trust_view()),
             machine_revoked_since: state.machine_revoked_since.map(rfc3339),
+            agent_version: Some(crate::update::running_version().to_string()),
+            update: Some(self.update_view()),
             extra: Default::default(),
         }
     }
@@ -156,6 +158,10 @@ impl<S: AgentServer> Engine<S> {
             last_rotation: self.vault.state.last_rotation.unwrap_or(0),
             certificate_expiry_seconds: self.machine.certificate.not_after - now,
             machine_revoked: self.vault.state.machine_revoked_since.is_some(),
+            update_held: self.vault.state.update.held,
+            update_staged: self.vault.state.update.staged.is_some(),
+            updates_succeeded: self.vault.state.update.succeeded,
+            updates_failed: self.vault.state.update.failed,
         }
     }
 

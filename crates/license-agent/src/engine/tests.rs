@@ -6,12 +6,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use license_protocol::agent_api::{
-    HealthReport, MachineLicenses, RenewCertificateResponse, SecretStatus,
+    HealthReport, MachineLicenses, RenewCertificateResponse, SecretStatus, StatusQuery,
 };
 use license_protocol::identity::{ClientId, MachineId, MachineIdentity};
 use license_protocol::ipc::{Reason, Response};
 use license_protocol::license_keys::{AnnouncedKey, KeyId, KeyState, LicenseKeySet, TrustedKeys};
 use license_protocol::mgmt::DegradedSwitch;
+use license_protocol::release::{UpdateOffer, UpdateReport};
 use license_protocol::rotation::{RotateSecretRequest, RotateSecretResponse};
 use license_protocol::secret::{self, Secret, SecretDates};
 use license_protocol::server_trust::{AgentTrust, ServerTrust};
@@ -99,6 +100,12 @@ struct Script {
     clock_offset: std::sync::atomic::AtomicI64,
     /// The health reports it received, in order.
     health_reports: Mutex<Vec<HealthReport>>,
+    /// The release it offers to a query naming a version, the bytes it serves for it, the
+    /// downloads asked and the update reports received.
+    offer: Mutex<Option<UpdateOffer>>,
+    binary: Mutex<Vec<u8>>,
+    downloads: AtomicU64,
+    update_reports: Mutex<Vec<UpdateReport>>,
 }
 
 impl Script {
@@ -118,10 +125,14 @@ impl Script {
 }
 
 impl AgentServer for Arc<Script> {
-    async fn secret_status(&self) -> Result<SecretStatus, ClientError> {
+    async fn secret_status(&self, query: &StatusQuery) -> Result<SecretStatus, ClientError> {
         self.gate()?;
         let current = self.version.load(Ordering::SeqCst);
+        let offer = query
+            .agent_version
+            .and(self.offer.lock().expect("offer").clone());
         Ok(serde_json::from_value(serde_json::json!({
+            "update": offer,
             "client_id": ClientId::new_random().to_string(),
             "machine_id": self.machine.to_string(),
             "current_version": (current > 0).then_some(current),
@@ -257,6 +268,37 @@ impl AgentServer for Arc<Script> {
         self.reconnects.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
+
+    async fn download_release(
+        &self,
+        _release_id: uuid::Uuid,
+        dest: &std::path::Path,
+        max: u64,
+    ) -> Result<(u64, String), ClientError> {
+        use sha2::Digest as _;
+        self.gate()?;
+        self.downloads.fetch_add(1, Ordering::SeqCst);
+        let bytes = self.binary.lock().expect("binary").clone();
+        if bytes.len() as u64 > max {
+            return Err(ClientError::BadResponse(format!(
+                "the download is larger than the {max} bytes announced"
+            )));
+        }
+        std::fs::write(dest, &bytes).expect("download written");
+        Ok((
+            bytes.len() as u64,
+            license_protocol::release::hex(&sha2::Sha256::digest(&bytes)),
+        ))
+    }
+
+    async fn report_update(&self, report: &UpdateReport) -> Result<(), ClientError> {
+        self.gate()?;
+        self.update_reports
+            .lock()
+            .expect("reports")
+            .push(report.clone());
+        Ok(())
+    }
 }
 
 struct Fixture {
@@ -313,6 +355,10 @@ fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
         reconnects: AtomicU64::new(0),
         health_reports: Mutex::new(Vec::new()),
         clock_offset: std::sync::atomic::AtomicI64::new(0),
+        offer: Mutex::default(),
+        binary: Mutex::default(),
+        downloads: AtomicU64::new(0),
+        update_reports: Mutex::default(),
     });
     let ca_pem = script.ca.cert.pem();
     let pin = license_protocol::pin::CertPin::of_spki_der(b"the server's key");
@@ -364,6 +410,12 @@ fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
             ),
             identity: files,
             tpm_configured: false,
+            update: super::update::UpdateSettings {
+                enabled: true,
+                channel: "stable".parse().expect("channel"),
+                staging: crate::update::Staging::new(dir.path().join("updates")),
+                trust_file: dir.path().join("release-keys.json"),
+            },
         },
         tpm: None,
         alerts,
@@ -842,4 +894,267 @@ async fn a_server_trust_announcement_is_refused_once_unless_signed_then_adopted_
         .expect("trust file");
     assert_eq!(on_disk, f.engine.machine.server_trust);
     assert!(audit_text(&f).contains("server.trust"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Updates
+// ---------------------------------------------------------------------------------------------
+
+/// A release of `bytes` at `version`, signed by a release key the script's license key
+/// vouches for (or by `forger`'s when given).
+fn release_offer(
+    f: &Fixture,
+    version: &str,
+    bytes: &[u8],
+    forger: Option<&ed25519_dalek::SigningKey>,
+) -> UpdateOffer {
+    use license_protocol::release::*;
+    use sha2::Digest as _;
+    let license = f.script.license.lock().expect("license").clone();
+    let release_key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let keys = ReleaseKeys::sign(
+        vec![AnnouncedReleaseKey::new(
+            &release_key.verifying_key(),
+            ReleaseKeyState::Current,
+        )],
+        10,
+        &[forger.unwrap_or(&license)],
+    );
+    let manifest = ReleaseManifest {
+        release_id: uuid::Uuid::new_v4(),
+        version: version.parse().expect("version"),
+        channel: "stable".parse().expect("channel"),
+        arch: crate::update::ARCH.into(),
+        sha256: hex(&sha2::Sha256::digest(bytes)),
+        size: bytes.len() as u64,
+        min_version: None,
+        rollback: false,
+        published_at: 1,
+    };
+    UpdateOffer::sign(manifest, &release_key, keys)
+}
+
+fn offer(f: &Fixture, offer: UpdateOffer, served: &[u8]) {
+    // The key set the update step is given to check the release keys with.
+    let license = f.script.license.lock().expect("license").clone();
+    *f.script.key_set.lock().expect("set") = Some(LicenseKeySet::sign(
+        vec![AnnouncedKey::new(
+            &license.verifying_key(),
+            KeyState::Current,
+            1,
+        )],
+        1,
+        &[&license],
+    ));
+    *f.script.offer.lock().expect("offer") = Some(offer);
+    *f.script.binary.lock().expect("binary") = served.to_vec();
+}
+
+#[tokio::test]
+async fn an_offered_release_is_checked_downloaded_and_staged_once() {
+    let mut f = fixture(DegradedPolicy::Allow);
+    let bytes = b"#!/bin/sh\necho new agent\n".repeat(1000);
+    let release = release_offer(&f, "99.0.0", &bytes, None);
+    offer(&f, release.clone(), &bytes);
+    f.engine.tick().await;
+    let staging = f.engine.settings.update.staging.clone();
+    assert!(staging.is_ready());
+    assert_eq!(std::fs::read(staging.binary()).expect("binary"), bytes);
+    let bundle = staging.read_bundle().expect("bundle");
+    assert_eq!(bundle.offer, release);
+    assert_eq!(
+        f.engine
+            .status_view()
+            .update
+            .expect("update")
+            .staged
+            .as_deref(),
+        Some("99.0.0")
+    );
+    assert!(audit_text(&f).contains("update.staged"));
+    // The next rounds do not download it again.
+    f.engine.tick().await;
+    assert_eq!(f.script.downloads.load(Ordering::SeqCst), 1);
+    assert!(f.script.update_reports.lock().expect("reports").is_empty());
+}
+
+#[tokio::test]
+async fn tampered_forged_foreign_and_older_releases_are_refused_audited_and_reported() {
+    use license_protocol::release::UpdateOutcome;
+    let bytes = b"the real binary".to_vec();
+    let stranger = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    let cases: Vec<(&str, Box<dyn Fn(&Fixture) -> (UpdateOffer, Vec<u8>)>)> = vec![
+        (
+            "wrong_digest",
+            Box::new(|f| {
+                let mut served = bytes.clone();
+                served[0] ^= 1;
+                (release_offer(f, "99.0.0", &bytes, None), served)
+            }),
+        ),
+        (
+            "wrong_size",
+            Box::new(|f| {
+                let mut served = bytes.clone();
+                served.push(0);
+                (release_offer(f, "99.0.0", &bytes, None), served)
+            }),
+        ),
+        (
+            "release_keys_refused",
+            Box::new(|f| {
+                (
+                    release_offer(f, "99.0.0", &bytes, Some(&stranger)),
+                    bytes.clone(),
+                )
+            }),
+        ),
+        (
+            "bad_signature",
+            Box::new(|f| {
+                let mut o = release_offer(f, "99.0.0", &bytes, None);
+                o.manifest.size += 0;
+                o.manifest.published_at += 1;
+                (o, bytes.clone())
+            }),
+        ),
+        (
+            "wrong_arch",
+            Box::new(|f| {
+                let mut o = release_offer(f, "99.0.0", &bytes, None);
+                o.manifest.arch = "sparc64".into();
+                let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+                o.signature = UpdateOffer::signature_of(&o.manifest, &key);
+                (o, bytes.clone())
+            }),
+        ),
+        (
+            "downgrade",
+            Box::new(|f| (release_offer(f, "0.0.1", &bytes, None), bytes.clone())),
+        ),
+    ];
+    for (reason, make) in cases {
+        let mut f = fixture(DegradedPolicy::Allow);
+        let (release, served) = make(&f);
+        offer(&f, release.clone(), &served);
+        f.engine.tick().await;
+        let staging = f.engine.settings.update.staging.clone();
+        assert!(!staging.is_ready(), "{reason}: nothing staged");
+        assert!(
+            !staging.binary().exists() && !staging.partial().exists(),
+            "{reason}"
+        );
+        let reports = f.script.update_reports.lock().expect("reports").clone();
+        assert_eq!(reports.len(), 1, "{reason}");
+        assert_eq!(reports[0].outcome, UpdateOutcome::Refused, "{reason}");
+        assert_eq!(reports[0].reason, reason);
+        assert_eq!(reports[0].release_id, release.manifest.release_id);
+        let audit = audit_text(&f);
+        assert!(
+            audit.contains("update.refused") && audit.contains(reason),
+            "{reason}: audited"
+        );
+        assert!(audit.contains("alert.update_failed"), "{reason}: alerted");
+        // Never downloaded nor reported again.
+        let downloads = f.script.downloads.load(Ordering::SeqCst);
+        f.engine.tick().await;
+        assert_eq!(
+            f.script.downloads.load(Ordering::SeqCst),
+            downloads,
+            "{reason}"
+        );
+        assert_eq!(f.script.update_reports.lock().expect("reports").len(), 1);
+        let last = f
+            .engine
+            .status_view()
+            .update
+            .expect("update")
+            .last
+            .expect("last");
+        assert_eq!(
+            (last.outcome.as_str(), last.reason.as_str()),
+            ("refused", reason)
+        );
+    }
+}
+
+#[tokio::test]
+async fn held_updates_stage_nothing_and_withdraw_a_staged_release() {
+    let mut f = fixture(DegradedPolicy::Allow);
+    let bytes = b"new".to_vec();
+    offer(&f, release_offer(&f, "99.0.0", &bytes, None), &bytes);
+    f.engine.tick().await;
+    let staging = f.engine.settings.update.staging.clone();
+    assert!(staging.is_ready());
+    f.engine.hold_updates(true).await;
+    assert!(!staging.is_ready(), "withdrawn");
+    f.engine.tick().await;
+    assert!(!staging.is_ready(), "held: nothing staged");
+    let view = f.engine.status_view().update.expect("update");
+    assert!(view.held);
+    assert_eq!(view.offered.as_deref(), Some("99.0.0"));
+    assert!(std::fs::read_to_string(&f.engine.settings.metrics_file)
+        .expect("metrics")
+        .contains("license_agent_update_held 1"));
+    f.engine.hold_updates(false).await;
+    f.engine.tick().await;
+    assert!(staging.is_ready(), "released: staged again");
+}
+
+#[tokio::test]
+async fn the_update_steps_result_is_audited_step_by_step_and_reported() {
+    use crate::update::{StepRecord, UpdateResult};
+    use license_protocol::release::UpdateOutcome;
+    let mut f = fixture(DegradedPolicy::Allow);
+    let staging = f.engine.settings.update.staging.clone();
+    std::fs::create_dir_all(staging.dir()).expect("dir");
+    let id = uuid::Uuid::new_v4();
+    let step = |name: &str, detail: &str| StepRecord {
+        step: name.into(),
+        at: 1_700_000_000,
+        detail: detail.into(),
+    };
+    staging
+        .write_result(&UpdateResult {
+            release_id: id,
+            version: "99.0.0".parse().expect("version"),
+            from_version: "0.1.0".parse().expect("version"),
+            outcome: UpdateOutcome::Failed,
+            reason: "health_check_failed".into(),
+            steps: vec![
+                step("verify", "ok"),
+                step("stop", "ok"),
+                step("backup", "ok"),
+                step("swap", "ok"),
+                step("start", "ok"),
+                step("health", "not healthy within 120 s"),
+                step("rollback", "ok"),
+            ],
+        })
+        .expect("result");
+    f.engine.tick().await;
+    assert!(!staging.result().exists(), "collected");
+    let audit = audit_text(&f);
+    for name in [
+        "verify", "stop", "backup", "swap", "start", "health", "rollback", "result",
+    ] {
+        assert!(
+            audit.contains(&format!("\"update.{name}\"")),
+            "update.{name}"
+        );
+    }
+    assert!(audit.contains("alert.update_failed"));
+    let reports = f.script.update_reports.lock().expect("reports").clone();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(
+        (
+            reports[0].release_id,
+            reports[0].outcome,
+            reports[0].reason.as_str()
+        ),
+        (id, UpdateOutcome::Failed, "health_check_failed")
+    );
+    // A report the server did not take is sent again at the next round.
+    assert!(f.engine.vault.state.update.unreported.is_empty());
+    assert_eq!(f.engine.vault.state.update.failed, 1);
 }

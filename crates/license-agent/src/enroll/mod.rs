@@ -259,6 +259,7 @@ fn agent_config(opts: &EnrollOptions, answer: &BootstrapResponse, dir: &Path) ->
             ..ManagementSection::default()
         },
         alerts: crate::config::AlertsSection::default(),
+        update: crate::config::UpdateSection::default(),
         ipc: IpcSection {
             socket: opts
                 .socket

@@ -5,13 +5,17 @@ use std::time::Duration;
 
 use license_protocol::agent_api::{
     HealthReport, MachineLicenses, RenewCertificateRequest, RenewCertificateResponse, SecretStatus,
+    StatusQuery,
 };
 use license_protocol::enroll::{
     BootstrapRequest, BootstrapResponse, RecoverRequest, RecoverResponse,
 };
 use license_protocol::error::{ApiError, ErrorCode};
+use license_protocol::release::UpdateReport;
 use license_protocol::rotation::{AckRequest, RotateSecretRequest, RotateSecretResponse};
 use serde::de::DeserializeOwned;
+use sha2::Digest as _;
+use tokio::io::AsyncWriteExt as _;
 
 /// Whole-request timeout.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -134,8 +138,73 @@ impl ServerClient {
         self.post("/api/public/bootstrap", req).await
     }
 
-    pub async fn secret_status(&self) -> Result<SecretStatus, ClientError> {
-        self.get("/api/v1/secret-status").await
+    /// `GET /api/v1/secret-status`, with what the agent runs (so the server may offer it a
+    /// release) when `query` says it.
+    pub async fn secret_status(&self, query: &StatusQuery) -> Result<SecretStatus, ClientError> {
+        let url = format!("{}/api/v1/secret-status", self.base);
+        Self::answer(self.http.get(url).query(query).send().await).await
+    }
+
+    /// `GET /api/v1/releases/{release_id}/binary`, streamed into `dest` (created, 0600) while
+    /// hashed; more than `max` bytes is refused as it arrives. Answers the size and hex
+    /// SHA-256 of what was written. Memory stays flat whatever the size.
+    pub async fn download_release(
+        &self,
+        release_id: uuid::Uuid,
+        dest: &std::path::Path,
+        max: u64,
+    ) -> Result<(u64, String), ClientError> {
+        let url = format!("{}/api/v1/releases/{release_id}/binary", self.base);
+        let mut response = self
+            .http
+            .get(url)
+            // The whole-request timeout would cut a large download on a slow line: each
+            // chunk gets REQUEST_TIMEOUT instead.
+            .timeout(Duration::from_secs(24 * 3600))
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(chain(&e)))?;
+        if !response.status().is_success() {
+            return Self::answer::<serde_json::Value>(Ok(response))
+                .await
+                .map(|_| (0, String::new()));
+        }
+        let local = |e: std::io::Error| {
+            ClientError::BadResponse(format!("writing {}: {e}", dest.display()))
+        };
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(dest)
+            .await
+            .map_err(local)?;
+        let mut hasher = sha2::Sha256::new();
+        let mut size = 0u64;
+        loop {
+            let chunk = tokio::time::timeout(REQUEST_TIMEOUT, response.chunk())
+                .await
+                .map_err(|_| ClientError::Transport("the download stalled".into()))?
+                .map_err(|e| ClientError::Transport(chain(&e)))?;
+            let Some(chunk) = chunk else { break };
+            size += chunk.len() as u64;
+            if size > max {
+                return Err(ClientError::BadResponse(format!(
+                    "the download is larger than the {max} bytes announced"
+                )));
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk).await.map_err(local)?;
+        }
+        file.sync_all().await.map_err(local)?;
+        Ok((size, license_protocol::release::hex(&hasher.finalize())))
+    }
+
+    /// `POST /api/v1/update-report` (answered 204).
+    pub async fn report_update(&self, report: &UpdateReport) -> Result<(), ClientError> {
+        let _: serde_json::Value = self.post("/api/v1/update-report", report).await?;
+        Ok(())
     }
 
     pub async fn renew_certificate(

@@ -163,6 +163,9 @@ impl ManagementSocket {
             MgmtRequest::Degraded { mode, .. } => {
                 record = record.detail("mode", format!("{mode:?}").to_lowercase())
             }
+            MgmtRequest::Update { action, .. } => {
+                record = record.detail("action", format!("{action:?}").to_lowercase())
+            }
             _ => {}
         }
         if let Err(e) = self.audit.durable(record).await {
@@ -218,6 +221,10 @@ impl ManagementSocket {
             }
             MgmtRequest::Degraded { mode, .. } => {
                 serde_json::json!({ "degraded": self.control.degraded(mode).await? })
+            }
+            MgmtRequest::Update { action, .. } => {
+                let held = action == license_protocol::mgmt::UpdateSwitch::Hold;
+                serde_json::json!({ "held": self.control.hold_updates(held).await? })
             }
         })
     }

@@ -1,0 +1,700 @@
+//! The update step (`license-agent update apply`): runs as root outside the daemon's sandbox,
+//! started by systemd's `license-agent-update.path` when the daemon stages a release, and at
+//! boot while an update is unfinished.
+//!
+//! Steps, each recorded in a journal (`<work_dir>/journal.json`, root's only) before the next
+//! begins, so a power cut anywhere resumes where it stopped:
+//! 1. **verify**: copy the staged binary into the work directory and check it there (size,
+//!    SHA-256), the manifest's signature by a release key the license keys vouch for —
+//!    against trust kept in the work directory, starting from the license key pinned in the
+//!    configuration — the architecture and that it is no downgrade. Nothing the daemon's user
+//!    could have written is believed unchecked.
+//! 2. **stop** the agent (`[update] stop_command`).
+//! 3. **backup** the configuration file and the state directory into `<work_dir>/backup`.
+//! 4. **swap**: keep the installed binary as `<work_dir>/previous`, then rename the new one
+//!    over it (a rename: the path holds the old or the new binary, never neither).
+//! 5. **start** the agent (`[update] start_command`).
+//! 6. **health**: within `[update] health_deadline`, the agent must answer `status` on its
+//!    management socket with the new version and a round with the server finished since it
+//!    started.
+//!
+//! On failure at 5 or 6, **rollback**: stop, put the previous binary back, restore the backup,
+//! start. The [`UpdateResult`] (every step with its time) is left in the staging directory
+//! for the daemon to audit and report, and the staging directory is cleared.
+//!
+//! What to do next is decided from the journal alone ([`Journal::step`]); the machine is
+//! reached through [`Host`], so the whole sequence, resumptions included, is tested with a
+//! fake host and real files.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use license_protocol::license_keys::{KeySetError, StoredTrust, TrustedKeys};
+use license_protocol::release::{self, ReleaseTrust, UpdateOutcome, Version};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::{running_version, Staging, StagingError, StepRecord, UpdateResult, ARCH};
+use crate::platform::files::{ensure_dir, rename_durable, write_atomic, PRIVATE};
+
+/// Test hook, as the engine's: `LICENSE_AGENT_TEST_CRASH_AT=update.<step>` aborts the update
+/// step right after that step is journaled (`update.verified`, `update.stopped`,
+/// `update.backed_up`, `update.swapping`, `update.swap_half`, `update.swapped`,
+/// `update.started`, `update.rolling_back`, `update.done`), as a power cut would.
+const CRASH_ENV: &str = "LICENSE_AGENT_TEST_CRASH_AT";
+
+fn crash_point(step: &str) {
+    if std::env::var(CRASH_ENV).is_ok_and(|v| v == format!("update.{step}")) {
+        eprintln!("license-agent: test crash at update.{step}");
+        std::process::abort();
+    }
+}
+
+/// Where the update step works and what it checks against.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub staging: Staging,
+    /// Root's only: journal, candidate binary, backup, previous binary, trust.
+    pub work_dir: PathBuf,
+    /// The installed agent binary.
+    pub binary: PathBuf,
+    pub config_file: PathBuf,
+    pub state_dir: PathBuf,
+    /// `[server] license_public_key`: where the step's trust starts.
+    pub license_pin: ed25519_dalek::VerifyingKey,
+    pub health_deadline: Duration,
+}
+
+impl Plan {
+    fn journal(&self) -> PathBuf {
+        self.work_dir.join("journal.json")
+    }
+    fn candidate(&self) -> PathBuf {
+        self.work_dir.join("candidate")
+    }
+    fn previous(&self) -> PathBuf {
+        self.work_dir.join("previous")
+    }
+    fn backup(&self) -> PathBuf {
+        self.work_dir.join("backup")
+    }
+    fn license_keys(&self) -> PathBuf {
+        self.work_dir.join("license-keys.json")
+    }
+    fn release_keys(&self) -> PathBuf {
+        self.work_dir.join("release-keys.json")
+    }
+}
+
+/// What the update step needs from the machine.
+pub trait Host {
+    /// Stops the agent (waits until it has).
+    fn stop(&mut self) -> Result<(), String>;
+    /// Starts the agent.
+    fn start(&mut self) -> Result<(), String>;
+    /// `Ok` once the running agent is `version` and finished a round with the server at or
+    /// after `since` (Unix seconds); otherwise why not yet.
+    fn probe(&mut self, version: Version, since: i64) -> Result<(), String>;
+    /// Unix seconds.
+    fn now(&self) -> i64;
+    /// Pauses between two probes.
+    fn pause(&mut self);
+}
+
+/// Where an update stands (the journal's `step`): the last step completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Verified,
+    Stopped,
+    BackedUp,
+    /// The previous binary may or may not be kept yet, the new one may or may not be in place.
+    Swapping,
+    Swapped,
+    Started,
+    RollingBack,
+    Done,
+}
+
+/// `<work_dir>/journal.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Journal {
+    pub release_id: uuid::Uuid,
+    pub version: Version,
+    pub from_version: Version,
+    /// Hex SHA-256 of the new binary (the candidate).
+    pub sha256: String,
+    /// Hex SHA-256 of the installed binary when the swap began.
+    pub previous_sha256: Option<String>,
+    pub step: Step,
+    /// When the new version was started (the health check counts from there).
+    pub started_at: Option<i64>,
+    pub outcome: Option<UpdateOutcome>,
+    pub reason: String,
+    pub steps: Vec<StepRecord>,
+}
+
+impl Journal {
+    fn record(&mut self, step: &str, at: i64, detail: impl Into<String>) {
+        self.steps.push(StepRecord {
+            step: step.into(),
+            at,
+            detail: detail.into(),
+        });
+    }
+
+    fn result(&self) -> UpdateResult {
+        UpdateResult {
+            release_id: self.release_id,
+            version: self.version,
+            from_version: self.from_version,
+            outcome: self.outcome.unwrap_or(UpdateOutcome::Failed),
+            reason: self.reason.clone(),
+            steps: self.steps.clone(),
+        }
+    }
+}
+
+/// Why the update step could not go on (the journal is kept; the next run resumes).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApplyError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Malformed { path: String, message: String },
+    #[error(transparent)]
+    Staging(#[from] StagingError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ApplyError + '_ {
+    move |source| ApplyError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// A refusal at the verify step: a reason code and what was wrong.
+struct Refusal {
+    code: &'static str,
+    detail: String,
+}
+
+impl From<release::ReleaseError> for Refusal {
+    fn from(e: release::ReleaseError) -> Self {
+        Refusal {
+            code: e.code(),
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// Runs the update step: resumes an unfinished update, or installs the staged release.
+/// `Ok(None)` when there was nothing to do.
+pub fn apply(plan: &Plan, host: &mut impl Host) -> Result<Option<UpdateResult>, ApplyError> {
+    ensure_dir(&plan.work_dir, 0o700).map_err(io(&plan.work_dir))?;
+    let mut journal = match load_journal(plan)? {
+        Some(mut journal) => {
+            if journal.step != Step::Done {
+                let at = host.now();
+                journal.record("resume", at, format!("after {:?}", journal.step));
+                if journal.step == Step::Started {
+                    // The machine restarted the agent at boot: its health counts from now.
+                    journal.started_at = Some(at);
+                }
+                tracing::warn!(step = ?journal.step, "resuming an unfinished update");
+            }
+            journal
+        }
+        None => {
+            if !plan.staging.is_ready() {
+                return Ok(None);
+            }
+            match verify(plan, host.now()) {
+                Ok(journal) => journal,
+                Err((journal, refusal)) => {
+                    tracing::error!(reason = refusal.code, detail = %refusal.detail, "staged release refused");
+                    let result = journal.result();
+                    plan.staging.write_result(&result)?;
+                    plan.staging.clear();
+                    let _ = std::fs::remove_file(plan.candidate());
+                    return Ok(Some(result));
+                }
+            }
+        }
+    };
+    save_journal(plan, &journal)?;
+    crash_point("verified");
+    loop {
+        let now = host.now();
+        journal.step = match journal.step {
+            Step::Verified => match host.stop() {
+                Ok(()) => {
+                    journal.record("stop", now, "ok");
+                    Step::Stopped
+                }
+                Err(e) => {
+                    // Nothing changed: start the old one again.
+                    journal.record("stop", now, e);
+                    let _ = host.start();
+                    journal.outcome = Some(UpdateOutcome::Failed);
+                    journal.reason = "stop_failed".into();
+                    Step::Done
+                }
+            },
+            Step::Stopped => {
+                backup(plan)?;
+                journal.record("backup", now, "ok");
+                Step::BackedUp
+            }
+            Step::BackedUp => {
+                journal.previous_sha256 = Some(digest_of(&plan.binary)?.1);
+                journal.step = Step::Swapping;
+                save_journal(plan, &journal)?;
+                crash_point("swapping");
+                swap(plan, &journal)?;
+                journal.record("swap", now, "ok");
+                Step::Swapped
+            }
+            Step::Swapping => {
+                swap(plan, &journal)?;
+                journal.record("swap", now, "ok");
+                Step::Swapped
+            }
+            Step::Swapped => {
+                journal.started_at = Some(now);
+                match host.start() {
+                    Ok(()) => {
+                        journal.record("start", now, "ok");
+                        Step::Started
+                    }
+                    Err(e) => {
+                        journal.record("start", now, e);
+                        journal.reason = "start_failed".into();
+                        Step::RollingBack
+                    }
+                }
+            }
+            Step::Started => {
+                let since = journal.started_at.unwrap_or(now);
+                match health(plan, host, journal.version, since) {
+                    Ok(()) => {
+                        journal.record("health", host.now(), "ok");
+                        journal.outcome = Some(UpdateOutcome::Success);
+                        Step::Done
+                    }
+                    Err(why) => {
+                        journal.record("health", host.now(), why);
+                        journal.reason = "health_check_failed".into();
+                        Step::RollingBack
+                    }
+                }
+            }
+            Step::RollingBack => {
+                rollback(plan, host, &mut journal)?;
+                journal.outcome = Some(UpdateOutcome::Failed);
+                Step::Done
+            }
+            Step::Done => break,
+        };
+        save_journal(plan, &journal)?;
+        crash_point(match journal.step {
+            Step::Verified => "verified",
+            Step::Stopped => "stopped",
+            Step::BackedUp => "backed_up",
+            Step::Swapping => "swapping",
+            Step::Swapped => "swapped",
+            Step::Started => "started",
+            Step::RollingBack => "rolling_back",
+            Step::Done => "done",
+        });
+    }
+    // Done: the result for the daemon, then the staging directory cleared (its `ready` last
+    // read by systemd), then the journal.
+    let result = journal.result();
+    plan.staging.write_result(&result)?;
+    plan.staging.clear();
+    let _ = std::fs::remove_file(plan.candidate());
+    std::fs::remove_file(plan.journal()).map_err(io(&plan.journal()))?;
+    tracing::info!(version = %result.version, outcome = result.outcome.as_str(), reason = %result.reason, "update finished");
+    Ok(Some(result))
+}
+
+fn load_journal(plan: &Plan) -> Result<Option<Journal>, ApplyError> {
+    let path = plan.journal();
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| ApplyError::Malformed {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(&path)(e)),
+    }
+}
+
+fn save_journal(plan: &Plan, journal: &Journal) -> Result<(), ApplyError> {
+    let json = serde_json::to_vec_pretty(journal).expect("journals serialize");
+    write_atomic(&plan.journal(), &json, PRIVATE).map_err(io(&plan.journal()))
+}
+
+/// Copies `from` to `to` (created with `mode`), durably; answers the size and hex SHA-256 of
+/// what was copied. Streams: memory is flat whatever the size.
+fn copy_hashing(from: &Path, to: &Path, mode: u32) -> Result<(u64, String), ApplyError> {
+    let mut input = File::open(from).map_err(io(from))?;
+    let tmp = to.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut output = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let n = input.read(&mut buffer).map_err(io(from))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        output.write_all(&buffer[..n]).map_err(io(&tmp))?;
+        size += n as u64;
+    }
+    output.sync_all().map_err(io(&tmp))?;
+    // The mode again: the umask may have narrowed it.
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(io(&tmp))?;
+    rename_durable(&tmp, to).map_err(io(to))?;
+    Ok((size, release::hex(&hasher.finalize())))
+}
+
+/// Size and hex SHA-256 of a file.
+fn digest_of(path: &Path) -> Result<(u64, String), ApplyError> {
+    let mut input = File::open(path).map_err(io(path))?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let n = input.read(&mut buffer).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        size += n as u64;
+    }
+    Ok((size, release::hex(&hasher.finalize())))
+}
+
+/// Step 1. On refusal, the journal to report it with.
+fn verify(plan: &Plan, now: i64) -> Result<Journal, (Journal, Refusal)> {
+    let bundle = plan.staging.read_bundle();
+    let placeholder = |refusal: Refusal| {
+        let mut journal = Journal {
+            release_id: uuid::Uuid::nil(),
+            version: running_version(),
+            from_version: running_version(),
+            sha256: String::new(),
+            previous_sha256: None,
+            step: Step::Done,
+            started_at: None,
+            outcome: Some(UpdateOutcome::Refused),
+            reason: refusal.code.into(),
+            steps: Vec::new(),
+        };
+        journal.record("verify", now, refusal.detail.clone());
+        (journal, refusal)
+    };
+    let bundle = bundle.map_err(|e| {
+        placeholder(Refusal {
+            code: "malformed_bundle",
+            detail: e.to_string(),
+        })
+    })?;
+    let manifest = &bundle.offer.manifest;
+    let mut journal = Journal {
+        release_id: manifest.release_id,
+        version: manifest.version,
+        from_version: running_version(),
+        sha256: manifest.sha256.clone(),
+        previous_sha256: None,
+        step: Step::Verified,
+        started_at: None,
+        outcome: None,
+        reason: String::new(),
+        steps: Vec::new(),
+    };
+    let checked = (|| -> Result<(), Refusal> {
+        let unreadable = |e: ApplyError| Refusal {
+            code: "unreadable_binary",
+            detail: e.to_string(),
+        };
+        let (size, sha256) =
+            copy_hashing(&plan.staging.binary(), &plan.candidate(), 0o700).map_err(unreadable)?;
+        let license = license_trust(plan, &bundle.license_keys);
+        let mut trust = read_or_default::<ReleaseTrust>(&plan.release_keys());
+        trust.verify(&bundle.offer, &license)?;
+        release::applicable(manifest, running_version(), ARCH)?;
+        release::check_binary(manifest, size, &sha256)?;
+        let json = serde_json::to_vec_pretty(&trust).expect("trust serializes");
+        write_atomic(&plan.release_keys(), &json, PRIVATE).map_err(|e| Refusal {
+            code: "unreadable_binary",
+            detail: format!("{}: {e}", plan.release_keys().display()),
+        })?;
+        Ok(())
+    })();
+    match checked {
+        Ok(()) => {
+            journal.record("verify", now, "ok");
+            Ok(journal)
+        }
+        Err(refusal) => {
+            journal.step = Step::Done;
+            journal.outcome = Some(UpdateOutcome::Refused);
+            journal.reason = refusal.code.into();
+            journal.record("verify", now, refusal.detail.clone());
+            Err((journal, refusal))
+        }
+    }
+}
+
+/// The license keys the step trusts: the configured pin, what it accepted before (kept in
+/// its work directory), and `offered` when a key it trusts signed it.
+fn license_trust(
+    plan: &Plan,
+    offered: &license_protocol::license_keys::LicenseKeySet,
+) -> TrustedKeys {
+    let held = std::fs::read(plan.license_keys())
+        .ok()
+        .and_then(|b| serde_json::from_slice::<StoredTrust>(&b).ok())
+        .and_then(|s| TrustedKeys::from_stored(&s).ok());
+    let mut trust = match held {
+        Some(held) => held.with_pin(plan.license_pin),
+        None => TrustedKeys::pinned(plan.license_pin),
+    };
+    match trust.accept(offered) {
+        Ok(()) => {
+            let json = serde_json::to_vec_pretty(&trust.to_stored()).expect("trust serializes");
+            if let Err(e) = write_atomic(&plan.license_keys(), &json, PRIVATE) {
+                tracing::warn!(error = %e, "cannot keep the license keys learned");
+            }
+        }
+        Err(KeySetError::Older { .. }) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "the staged license key set was refused; the keys held are used")
+        }
+    }
+    trust
+}
+
+fn read_or_default<T: serde::de::DeserializeOwned + Default>(path: &Path) -> T {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Copies `from` over `to` keeping `from`'s mode and owner, durably (temp file and rename).
+fn restore_file(from: &Path, to: &Path) -> Result<(), ApplyError> {
+    let meta = std::fs::metadata(from).map_err(io(from))?;
+    let tmp = to.with_file_name(format!(
+        ".{}.update-tmp",
+        to.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    copy_hashing(from, &tmp, meta.mode() & 0o7777)?;
+    std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid())).map_err(io(&tmp))?;
+    rename_durable(&tmp, to).map_err(io(to))
+}
+
+/// Copies the regular files and directories under `from` into `to` (created), keeping modes
+/// and owners, skipping `skip` (the staging directory) and anything else (sockets).
+fn copy_tree(from: &Path, to: &Path, skip: &Path) -> Result<(), ApplyError> {
+    let meta = std::fs::metadata(from).map_err(io(from))?;
+    ensure_dir(to, 0o700).map_err(io(to))?;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+        .map_err(io(to))?;
+    std::os::unix::fs::chown(to, Some(meta.uid()), Some(meta.gid())).map_err(io(to))?;
+    for entry in std::fs::read_dir(from).map_err(io(from))? {
+        let entry = entry.map_err(io(from))?;
+        let path = entry.path();
+        if path == skip {
+            continue;
+        }
+        let kind = entry.file_type().map_err(io(&path))?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_tree(&path, &target, skip)?;
+        } else if kind.is_file() {
+            restore_file(&path, &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// Step 3: `<work_dir>/backup/config` and `<work_dir>/backup/state/`, made afresh.
+fn backup(plan: &Plan) -> Result<(), ApplyError> {
+    let dir = plan.backup();
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+    }
+    ensure_dir(&dir, 0o700).map_err(io(&dir))?;
+    restore_file(&plan.config_file, &dir.join("config"))?;
+    copy_tree(&plan.state_dir, &dir.join("state"), plan.staging.dir())
+}
+
+/// Step 4: the installed binary kept as `previous` (unless that was done before a power
+/// cut: the installed one is then already the new one or still the old one, which the
+/// journal's digests tell apart), then the candidate renamed over the installed one.
+fn swap(plan: &Plan, journal: &Journal) -> Result<(), ApplyError> {
+    let installed = digest_of(&plan.binary).ok().map(|(_, d)| d);
+    if installed.as_deref() == Some(journal.sha256.as_str()) {
+        return Ok(());
+    }
+    let kept = digest_of(&plan.previous()).ok().map(|(_, d)| d);
+    if kept.is_none() || kept != journal.previous_sha256 {
+        restore_file(&plan.binary, &plan.previous())?;
+    }
+    crash_point("swap_half");
+    let meta = std::fs::metadata(&plan.binary).map_err(io(&plan.binary))?;
+    let tmp = plan.binary.with_file_name(".license-agent.update-tmp");
+    copy_hashing(&plan.candidate(), &tmp, 0o755)?;
+    std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid())).map_err(io(&tmp))?;
+    rename_durable(&tmp, &plan.binary).map_err(io(&plan.binary))
+}
+
+/// Step 6: probes until the deadline.
+fn health(plan: &Plan, host: &mut impl Host, version: Version, since: i64) -> Result<(), String> {
+    let deadline = since.saturating_add(plan.health_deadline.as_secs() as i64);
+    loop {
+        let last = match host.probe(version, since) {
+            Ok(()) => return Ok(()),
+            Err(why) => why,
+        };
+        if host.now() >= deadline {
+            return Err(format!(
+                "not healthy within {} s: {last}",
+                plan.health_deadline.as_secs()
+            ));
+        }
+        host.pause();
+    }
+}
+
+/// Stop, previous binary back, backup restored, start.
+fn rollback(plan: &Plan, host: &mut impl Host, journal: &mut Journal) -> Result<(), ApplyError> {
+    if let Err(e) = host.stop() {
+        tracing::warn!(error = %e, "stopping the failed version");
+    }
+    let installed = digest_of(&plan.binary).ok().map(|(_, d)| d);
+    if installed != journal.previous_sha256 && plan.previous().exists() {
+        restore_file(&plan.previous(), &plan.binary)?;
+    }
+    let backup = plan.backup();
+    if backup.join("config").exists() {
+        restore_file(&backup.join("config"), &plan.config_file)?;
+    }
+    if backup.join("state").is_dir() {
+        copy_tree(&backup.join("state"), &plan.state_dir, plan.staging.dir())?;
+    }
+    let now = host.now();
+    match host.start() {
+        Ok(()) => journal.record("rollback", now, "ok"),
+        Err(e) => journal.record("rollback", now, format!("restored; start: {e}")),
+    }
+    Ok(())
+}
+
+/// The real machine: the configured commands, the management socket, the wall clock.
+#[derive(Debug)]
+pub struct SystemHost {
+    pub stop_command: Vec<String>,
+    pub start_command: Vec<String>,
+    pub mgmt_socket: PathBuf,
+    pub mgmt_token: Option<String>,
+}
+
+fn run(command: &[String]) -> Result<(), String> {
+    let (program, args) = command.split_first().ok_or("no command configured")?;
+    let status = std::process::Command::new(program)
+        .args(args)
+        .status()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{} exited with {status}", command.join(" ")))
+    }
+}
+
+impl Host for SystemHost {
+    fn stop(&mut self) -> Result<(), String> {
+        run(&self.stop_command)
+    }
+
+    fn start(&mut self) -> Result<(), String> {
+        run(&self.start_command)
+    }
+
+    fn probe(&mut self, version: Version, since: i64) -> Result<(), String> {
+        let view = mgmt_status(&self.mgmt_socket, self.mgmt_token.clone())?;
+        let running = view.agent_version.as_deref().unwrap_or("unknown");
+        if running != version.to_string() {
+            return Err(format!("the agent runs version {running}"));
+        }
+        let contact = view
+            .last_server_contact
+            .as_deref()
+            .and_then(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+            })
+            .map(time::OffsetDateTime::unix_timestamp);
+        match contact {
+            Some(at) if at >= since && view.consecutive_failures == 0 => Ok(()),
+            _ => Err("no round with the server finished since it started".into()),
+        }
+    }
+
+    fn now(&self) -> i64 {
+        time::OffsetDateTime::now_utc().unix_timestamp()
+    }
+
+    fn pause(&mut self) {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// One `status` request on the management socket.
+fn mgmt_status(
+    socket: &Path,
+    token: Option<String>,
+) -> Result<license_protocol::mgmt::StatusView, String> {
+    use license_protocol::ipc::{encode_frame, frame_len};
+    use license_protocol::mgmt::{MgmtRequest, MgmtResponse};
+    let fail = |e: std::io::Error| format!("management socket {}: {e}", socket.display());
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(fail)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(fail)?;
+    let request = serde_json::to_vec(&MgmtRequest::Status { token }).expect("requests serialize");
+    stream.write_all(&encode_frame(&request)).map_err(fail)?;
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).map_err(fail)?;
+    let mut answer = vec![0u8; frame_len(header).map_err(|e| e.to_string())?];
+    stream.read_exact(&mut answer).map_err(fail)?;
+    let answer: MgmtResponse = serde_json::from_slice(&answer).map_err(|e| e.to_string())?;
+    match (answer.ok, answer.result) {
+        (true, Some(result)) => serde_json::from_value(result).map_err(|e| e.to_string()),
+        _ => Err(format!(
+            "status refused: {}",
+            answer.message.unwrap_or_default()
+        )),
+    }
+}
