@@ -105,7 +105,7 @@ pub trait Host {
 }
 
 /// Where an update stands (the journal's `step`): the last step completed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
     Verified,
@@ -696,5 +696,352 @@ fn mgmt_status(
             "status refused: {}",
             answer.message.unwrap_or_default()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::update::Bundle;
+    use license_protocol::license_keys::{AnnouncedKey, KeyState, LicenseKeySet};
+    use license_protocol::release::{
+        AnnouncedReleaseKey, ReleaseKeyState, ReleaseKeys, ReleaseManifest, UpdateOffer,
+    };
+
+    /// A machine where the agent runs `binary`; `healthy` says whether the new one proves
+    /// itself, `running` which binary content runs (what start saw).
+    struct FakeHost {
+        binary: PathBuf,
+        healthy: bool,
+        now: i64,
+        running: Option<Vec<u8>>,
+        log: Vec<String>,
+    }
+
+    impl Host for FakeHost {
+        fn stop(&mut self) -> Result<(), String> {
+            self.running = None;
+            self.log.push("stop".into());
+            Ok(())
+        }
+        fn start(&mut self) -> Result<(), String> {
+            self.running = Some(std::fs::read(&self.binary).map_err(|e| e.to_string())?);
+            self.log.push("start".into());
+            Ok(())
+        }
+        fn probe(&mut self, _version: Version, _since: i64) -> Result<(), String> {
+            match (&self.running, self.healthy) {
+                (Some(b), true) if b == b"NEW" => Ok(()),
+                _ => Err("not the new version".into()),
+            }
+        }
+        fn now(&self) -> i64 {
+            self.now
+        }
+        fn pause(&mut self) {
+            self.now += 10;
+        }
+    }
+
+    struct Machine {
+        _dir: tempfile::TempDir,
+        plan: Plan,
+        host: FakeHost,
+        license: ed25519_dalek::SigningKey,
+    }
+
+    fn machine() -> Machine {
+        let dir = tempfile::tempdir().expect("dir");
+        let root = dir.path();
+        let state_dir = root.join("state");
+        std::fs::create_dir_all(state_dir.join("tokens")).expect("state");
+        std::fs::write(state_dir.join("state.json"), "before").expect("state");
+        std::fs::write(state_dir.join("tokens/t1"), "token").expect("token");
+        std::fs::write(root.join("config.toml"), "config before").expect("config");
+        std::fs::write(root.join("license-agent"), "OLD").expect("binary");
+        let license = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let plan = Plan {
+            staging: Staging::new(state_dir.join("updates")),
+            work_dir: root.join("work"),
+            binary: root.join("license-agent"),
+            config_file: root.join("config.toml"),
+            state_dir,
+            license_pin: license.verifying_key(),
+            health_deadline: Duration::from_secs(60),
+        };
+        let host = FakeHost {
+            binary: plan.binary.clone(),
+            healthy: true,
+            now: 1_000,
+            running: Some(b"OLD".to_vec()),
+            log: Vec::new(),
+        };
+        Machine {
+            _dir: dir,
+            plan,
+            host,
+            license,
+        }
+    }
+
+    /// Stages `served` as the binary of a release of `content`, vouched for by `signer`.
+    fn stage(m: &Machine, content: &[u8], served: &[u8], signer: &ed25519_dalek::SigningKey) {
+        let release_key = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
+        let manifest = ReleaseManifest {
+            release_id: uuid::Uuid::new_v4(),
+            version: "99.1.0".parse().expect("version"),
+            channel: "stable".parse().expect("channel"),
+            arch: ARCH.into(),
+            sha256: release::hex(&Sha256::digest(content)),
+            size: content.len() as u64,
+            min_version: None,
+            rollback: false,
+            published_at: 1,
+        };
+        let keys = ReleaseKeys::sign(
+            vec![AnnouncedReleaseKey::new(
+                &release_key.verifying_key(),
+                ReleaseKeyState::Current,
+            )],
+            5,
+            &[signer],
+        );
+        let license_keys = LicenseKeySet::sign(
+            vec![AnnouncedKey::new(
+                &signer.verifying_key(),
+                KeyState::Current,
+                1,
+            )],
+            1,
+            &[signer],
+        );
+        std::fs::create_dir_all(m.plan.staging.dir()).expect("staging");
+        std::fs::write(m.plan.staging.binary(), served).expect("binary");
+        m.plan
+            .staging
+            .stage(&Bundle {
+                offer: UpdateOffer::sign(manifest, &release_key, keys),
+                license_keys,
+            })
+            .expect("staged");
+    }
+
+    fn read(path: &Path) -> String {
+        std::fs::read_to_string(path).expect("read")
+    }
+
+    #[test]
+    fn nothing_staged_is_nothing_to_do() {
+        let mut m = machine();
+        assert_eq!(apply(&m.plan, &mut m.host).expect("apply"), None);
+        assert!(m.host.log.is_empty());
+    }
+
+    #[test]
+    fn a_healthy_release_is_installed_and_the_previous_binary_kept() {
+        let mut m = machine();
+        let license = m.license.clone();
+        stage(&m, b"NEW", b"NEW", &license);
+        let result = apply(&m.plan, &mut m.host)
+            .expect("apply")
+            .expect("a result");
+        assert_eq!(result.outcome, UpdateOutcome::Success, "{result:?}");
+        assert_eq!(read(&m.plan.binary), "NEW");
+        assert_eq!(read(&m.plan.previous()), "OLD");
+        assert_eq!(m.host.log, ["stop", "start"]);
+        let steps: Vec<&str> = result.steps.iter().map(|s| s.step.as_str()).collect();
+        assert_eq!(
+            steps,
+            ["verify", "stop", "backup", "swap", "start", "health"]
+        );
+        // Left for the daemon; nothing else staged; no journal.
+        assert_eq!(m.plan.staging.read_result().expect("result"), Some(result));
+        assert!(!m.plan.staging.is_ready() && !m.plan.staging.binary().exists());
+        assert!(!m.plan.journal().exists() && !m.plan.candidate().exists());
+        assert_eq!(
+            read(&m.plan.backup().join("state/state.json")),
+            "before",
+            "backed up"
+        );
+        assert!(
+            !m.plan.backup().join("state/updates").exists(),
+            "the staging directory is not backed up"
+        );
+    }
+
+    #[test]
+    fn an_unhealthy_release_is_rolled_back_with_the_backup() {
+        let mut m = machine();
+        m.host.healthy = false;
+        let license = m.license.clone();
+        stage(&m, b"NEW", b"NEW", &license);
+        // The new version writes its state before failing its health check.
+        struct Scribbler<'a>(&'a mut FakeHost, PathBuf);
+        impl Host for Scribbler<'_> {
+            fn stop(&mut self) -> Result<(), String> {
+                self.0.stop()
+            }
+            fn start(&mut self) -> Result<(), String> {
+                self.0.start()?;
+                if self.0.running.as_deref() == Some(b"NEW") {
+                    std::fs::write(&self.1, "written by the new version").expect("state");
+                }
+                Ok(())
+            }
+            fn probe(&mut self, v: Version, s: i64) -> Result<(), String> {
+                self.0.probe(v, s)
+            }
+            fn now(&self) -> i64 {
+                self.0.now()
+            }
+            fn pause(&mut self) {
+                self.0.pause()
+            }
+        }
+        let state = m.plan.state_dir.join("state.json");
+        let result = apply(&m.plan, &mut Scribbler(&mut m.host, state.clone()))
+            .expect("apply")
+            .expect("a result");
+        assert_eq!(result.outcome, UpdateOutcome::Failed);
+        assert_eq!(result.reason, "health_check_failed");
+        assert_eq!(read(&m.plan.binary), "OLD", "previous binary back");
+        assert_eq!(read(&state), "before", "state restored");
+        assert_eq!(read(&m.plan.config_file), "config before");
+        assert_eq!(
+            m.host.running.as_deref(),
+            Some(&b"OLD"[..]),
+            "the old one runs"
+        );
+        let health = result
+            .steps
+            .iter()
+            .find(|s| s.step == "health")
+            .expect("health");
+        assert!(health.detail.contains("within 60 s"), "{}", health.detail);
+        assert_eq!(
+            result.steps.last().map(|s| s.step.as_str()),
+            Some("rollback")
+        );
+    }
+
+    #[test]
+    fn what_the_daemons_user_could_write_is_checked_again() {
+        // A binary swapped after the daemon checked it.
+        let mut m = machine();
+        let license = m.license.clone();
+        stage(&m, b"NEW", b"EVIL", &license);
+        let result = apply(&m.plan, &mut m.host)
+            .expect("apply")
+            .expect("a result");
+        assert_eq!(
+            (result.outcome, result.reason.as_str()),
+            (UpdateOutcome::Refused, "wrong_size")
+        );
+        assert_eq!(read(&m.plan.binary), "OLD");
+        assert!(m.host.log.is_empty(), "the agent was never stopped");
+        assert!(!m.plan.staging.is_ready());
+
+        // A bundle vouched for by a key the configuration does not pin.
+        let mut m = machine();
+        let stranger = ed25519_dalek::SigningKey::from_bytes(&[66; 32]);
+        stage(&m, b"EVIL", b"EVIL", &stranger);
+        let result = apply(&m.plan, &mut m.host)
+            .expect("apply")
+            .expect("a result");
+        assert_eq!(
+            (result.outcome, result.reason.as_str()),
+            (UpdateOutcome::Refused, "release_keys_refused")
+        );
+        assert_eq!(read(&m.plan.binary), "OLD");
+
+        // Garbage instead of a bundle.
+        let mut m = machine();
+        std::fs::create_dir_all(m.plan.staging.dir()).expect("dir");
+        std::fs::write(m.plan.staging.bundle(), "{").expect("bundle");
+        std::fs::write(m.plan.staging.ready(), "x").expect("ready");
+        let result = apply(&m.plan, &mut m.host)
+            .expect("apply")
+            .expect("a result");
+        assert_eq!(result.reason, "malformed_bundle");
+        assert_eq!(read(&m.plan.binary), "OLD");
+    }
+
+    #[test]
+    fn an_interrupted_update_resumes_from_its_journal_at_every_step() {
+        // The journal as a power cut would leave it after each step (the files as they were
+        // then); the next run must end with the new binary running, or the old one.
+        for step in [
+            Step::Verified,
+            Step::Stopped,
+            Step::BackedUp,
+            Step::Swapping,
+            Step::Swapped,
+            Step::Started,
+            Step::RollingBack,
+            Step::Done,
+        ] {
+            let mut m = machine();
+            let license = m.license.clone();
+            stage(&m, b"NEW", b"NEW", &license);
+            ensure_dir(&m.plan.work_dir, 0o700).expect("work dir");
+            let mut journal = verify(&m.plan, 1_000)
+                .map_err(|_| "refused")
+                .expect("verified");
+            if step >= Step::BackedUp {
+                backup(&m.plan).expect("backup");
+            }
+            if step >= Step::Swapping {
+                journal.previous_sha256 = Some(digest_of(&m.plan.binary).expect("sha").1);
+            }
+            if step == Step::Swapping {
+                // Cut between keeping the previous binary and the rename.
+                restore_file(&m.plan.binary, &m.plan.previous()).expect("kept");
+            }
+            if step >= Step::Swapped && step != Step::RollingBack {
+                swap(&m.plan, &journal).expect("swap");
+            }
+            if step == Step::RollingBack {
+                swap(&m.plan, &journal).expect("swap");
+                journal.reason = "health_check_failed".into();
+            }
+            if step == Step::Done {
+                journal.outcome = Some(UpdateOutcome::Success);
+            }
+            journal.step = step;
+            save_journal(&m.plan, &journal).expect("journal");
+            // What boot does: the machine starts whatever is installed.
+            m.host.running = None;
+            m.host.start().expect("boot");
+            assert!(
+                matches!(m.host.running.as_deref(), Some(b"OLD") | Some(b"NEW")),
+                "{step:?}: a binary starts"
+            );
+
+            let result = apply(&m.plan, &mut m.host)
+                .expect("apply")
+                .expect("a result");
+            let expected = match step {
+                Step::RollingBack => (UpdateOutcome::Failed, "OLD"),
+                _ => (UpdateOutcome::Success, "NEW"),
+            };
+            assert_eq!(
+                (result.outcome, read(&m.plan.binary).as_str()),
+                expected,
+                "{step:?}"
+            );
+            if step != Step::Done {
+                assert!(
+                    result.steps.iter().any(|s| s.step == "resume"),
+                    "{step:?}: resumption recorded"
+                );
+            }
+            assert!(!m.plan.journal().exists(), "{step:?}");
+            assert!(!m.plan.staging.is_ready(), "{step:?}");
+            assert_eq!(
+                read(&m.plan.previous()),
+                "OLD",
+                "{step:?}: the kept binary is the old one"
+            );
+        }
     }
 }
