@@ -264,8 +264,45 @@ profile license-agent /usr/bin/license-agent {
 PROFILE
 }
 
+# The update step's units in directory $1 (docs/OPERATIONS.md "Releasing and rolling out"):
+# the path unit starts the step when the agent stages a checked release (and at boot while an
+# update is unfinished: `ready` stays until the step is done). The step runs as root outside
+# the agent's sandbox, from its own copy of the binary (/usr/lib/license-agent/
+# license-agent-update): the AppArmor profile confines /usr/bin/license-agent, the daemon.
+write_update_units() {
+  local dir="$1"
+  mkdir -p "$dir"
+  cat > "$dir/license-agent-update.path" <<'UNIT'
+[Unit]
+Description=License Secret Agent: install a release the agent staged
+Documentation=man:license-agent-cli(1)
+
+[Path]
+PathExists=/var/lib/license-agent/updates/ready
+Unit=license-agent-update.service
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+  cat > "$dir/license-agent-update.service" <<'UNIT'
+[Unit]
+Description=License Secret Agent update step (check, stop, back up, swap, start, health check, roll back)
+Documentation=man:license-agent-cli(1)
+ConditionPathExists=/etc/license-agent/config.toml
+
+[Service]
+Type=oneshot
+# Root, outside the agent's sandbox: it replaces /usr/bin/license-agent and restarts the agent.
+ExecStart=/usr/lib/license-agent/license-agent-update update apply --config /etc/license-agent/config.toml
+TimeoutStartSec=30min
+LimitCORE=0
+UMask=0077
+UNIT
+}
+
 if [ -n "$PACKAGE_FILES" ]; then
   write_unit "" "$PACKAGE_FILES/lib/systemd/system/license-agent.service"
+  write_update_units "$PACKAGE_FILES/lib/systemd/system"
   write_apparmor_profile "$PACKAGE_FILES/etc/apparmor.d/usr.bin.license-agent"
   exit 0
 fi
@@ -308,6 +345,9 @@ else
     || die "download failed (is the agent published under downloads/stable/ on the server?)"
   install -m 0755 "$tmp/license-agent" "$BIN_DIR/license-agent"
 fi
+# The update step's own copy (outside the daemon's AppArmor profile; refreshed by each update).
+mkdir -p "$PREFIX/usr/lib/license-agent"
+install -m 0755 "$BIN_DIR/license-agent" "$PREFIX/usr/lib/license-agent/license-agent-update"
 
 if [ -z "$PREFIX" ] && ! ldconfig -p 2>/dev/null | grep -q libtss2-esys; then
   say "installing the TPM software stack libraries"
@@ -359,8 +399,9 @@ LICENSE_AGENT_TOKEN="$TOKEN" "${AS_AGENT[@]}" "$BIN_DIR/license-agent" "$@"
 unset TOKEN
 IP_ALLOW="$(agent_ip_allow "$ETC_DIR/config.toml")"
 
-say "installing systemd unit (network: $IP_ALLOW)"
+say "installing systemd units (network: $IP_ALLOW)"
 write_unit "$IP_ALLOW" "$UNIT_DIR/license-agent.service"
+write_update_units "$UNIT_DIR"
 
 APPARMOR_DIR="$PREFIX/etc/apparmor.d"
 if [ ! -f "$APPARMOR_DIR/usr.bin.license-agent" ] || ! write_apparmor_profile /dev/stdout | cmp -s - "$APPARMOR_DIR/usr.bin.license-agent"; then
@@ -375,8 +416,9 @@ if [ -z "$PREFIX" ]; then
   chown -R license-agent:license-agent "$STATE_DIR" "$LOG_DIR" "$ETC_DIR"
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
-    systemctl enable license-agent.service
+    systemctl enable license-agent.service license-agent-update.path
     systemctl restart license-agent.service
+    systemctl start license-agent-update.path
   fi
 fi
 say "done: $("${AS_AGENT[@]}" "$BIN_DIR/license-agent" check-config --config "$ETC_DIR/config.toml")"

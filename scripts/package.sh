@@ -30,6 +30,10 @@ cmp "$files/lib/systemd/system/license-agent.service" packaging/deb/agent/licens
   || { echo "packaging/deb/agent/license-agent.service differs from install.sh's: copy it from install.sh --package-files" >&2; exit 1; }
 cmp "$files/etc/apparmor.d/usr.bin.license-agent" packaging/deb/agent/usr.bin.license-agent \
   || { echo "packaging/deb/agent/usr.bin.license-agent differs from install.sh's: copy it from install.sh --package-files" >&2; exit 1; }
+for unit in license-agent-update.path license-agent-update.service; do
+  cmp "$files/lib/systemd/system/$unit" "packaging/deb/agent/$unit" \
+    || { echo "packaging/deb/agent/$unit differs from install.sh's: copy it from install.sh --package-files" >&2; exit 1; }
+done
 
 mkdir -p "$target/debian"
 rm -f "$target"/debian/*.deb "$target"/debian/*.ddeb

@@ -366,6 +366,7 @@ pub fn update_apply(config_path: &Path, json: bool) -> Result<(), CommandError> 
         staging: crate::update::Staging::new(config.update_staging_dir()),
         work_dir: config.update.work_dir.clone(),
         binary: config.update.binary.clone(),
+        step_binary: config.update.step_binary.clone(),
         config_file: config_path.to_path_buf(),
         state_dir: config.agent.state_dir.clone(),
         license_pin,

@@ -27,6 +27,8 @@ pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
 pub const DEFAULT_UPDATE_WORK_DIR: &str = "/var/lib/license-agent-update";
 /// The agent binary the update step replaces.
 pub const DEFAULT_AGENT_BINARY: &str = "/usr/bin/license-agent";
+/// The update step's own copy of the binary.
+pub const DEFAULT_UPDATE_STEP_BINARY: &str = "/usr/lib/license-agent/license-agent-update";
 pub const DEFAULT_MGMT_SOCKET: &str = "/run/license-agent/mgmt.sock";
 pub const DEFAULT_SOCKET: &str = "/run/license-agent/agent.sock";
 /// Connections served at once on the validation socket.
@@ -102,6 +104,10 @@ pub struct UpdateSection {
     /// The agent binary the update step replaces.
     #[serde(default = "default_agent_binary")]
     pub binary: PathBuf,
+    /// The update step's own copy of the binary (outside the daemon's AppArmor profile),
+    /// refreshed after each successful update when it exists.
+    #[serde(default = "default_step_binary")]
+    pub step_binary: PathBuf,
     /// Seconds the new version has to answer `status` with its version and finish a round
     /// with the server, or it is rolled back.
     #[serde(default = "default_health_deadline")]
@@ -121,6 +127,7 @@ impl Default for UpdateSection {
             staging_dir: None,
             work_dir: default_update_work_dir(),
             binary: default_agent_binary(),
+            step_binary: default_step_binary(),
             health_deadline: default_health_deadline(),
             stop_command: default_stop_command(),
             start_command: default_start_command(),
@@ -139,6 +146,9 @@ fn default_update_work_dir() -> PathBuf {
 }
 fn default_agent_binary() -> PathBuf {
     DEFAULT_AGENT_BINARY.into()
+}
+fn default_step_binary() -> PathBuf {
+    DEFAULT_UPDATE_STEP_BINARY.into()
 }
 fn default_health_deadline() -> u64 {
     120

@@ -113,6 +113,9 @@ fn both_packages_have_their_files_metadata_and_scripts() {
         "./usr/bin/license-agent",
         "./usr/bin/license-agent-cli",
         "./usr/lib/systemd/system/license-agent.service",
+        "./usr/lib/systemd/system/license-agent-update.path",
+        "./usr/lib/systemd/system/license-agent-update.service",
+        "./usr/lib/license-agent/license-agent-update",
         "./etc/apparmor.d/usr.bin.license-agent",
         "./usr/share/man/man1/license-agent-cli.1.gz",
         "./usr/share/doc/license-agent/copyright",
@@ -129,6 +132,8 @@ fn both_packages_have_their_files_metadata_and_scripts() {
         .arg(ours.path()));
     for file in [
         "usr/lib/systemd/system/license-agent.service",
+        "usr/lib/systemd/system/license-agent-update.path",
+        "usr/lib/systemd/system/license-agent-update.service",
         "etc/apparmor.d/usr.bin.license-agent",
     ] {
         let written = file.replace("usr/lib/", "lib/");

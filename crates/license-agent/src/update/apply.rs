@@ -61,6 +61,8 @@ pub struct Plan {
     pub work_dir: PathBuf,
     /// The installed agent binary.
     pub binary: PathBuf,
+    /// The update step's own copy, refreshed after a successful update when it exists.
+    pub step_binary: PathBuf,
     pub config_file: PathBuf,
     pub state_dir: PathBuf,
     /// `[server] license_public_key`: where the step's trust starts.
@@ -288,6 +290,10 @@ pub fn apply(plan: &Plan, host: &mut impl Host) -> Result<Option<UpdateResult>, 
                     Ok(()) => {
                         journal.record("health", host.now(), "ok");
                         journal.outcome = Some(UpdateOutcome::Success);
+                        if plan.step_binary.exists() && plan.step_binary != plan.binary {
+                            // The next update runs this version's step.
+                            restore_file(&plan.binary, &plan.step_binary)?;
+                        }
                         Step::Done
                     }
                     Err(why) => {
@@ -759,11 +765,13 @@ mod tests {
         std::fs::write(state_dir.join("tokens/t1"), "token").expect("token");
         std::fs::write(root.join("config.toml"), "config before").expect("config");
         std::fs::write(root.join("license-agent"), "OLD").expect("binary");
+        std::fs::write(root.join("license-agent-update"), "OLD").expect("step binary");
         let license = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
         let plan = Plan {
             staging: Staging::new(state_dir.join("updates")),
             work_dir: root.join("work"),
             binary: root.join("license-agent"),
+            step_binary: root.join("license-agent-update"),
             config_file: root.join("config.toml"),
             state_dir,
             license_pin: license.verifying_key(),
@@ -848,6 +856,11 @@ mod tests {
         assert_eq!(result.outcome, UpdateOutcome::Success, "{result:?}");
         assert_eq!(read(&m.plan.binary), "NEW");
         assert_eq!(read(&m.plan.previous()), "OLD");
+        assert_eq!(
+            read(&m.plan.step_binary),
+            "NEW",
+            "the step's copy refreshed"
+        );
         assert_eq!(m.host.log, ["stop", "start"]);
         let steps: Vec<&str> = result.steps.iter().map(|s| s.step.as_str()).collect();
         assert_eq!(
