@@ -297,6 +297,7 @@ async fn load_state(
             },
             dashboard_sign_in_per_minute: config.dashboard_sign_in_per_minute,
         },
+        release_keys: Default::default(),
     }))
 }
 
