@@ -524,20 +524,17 @@ async fn find<'e>(ex: impl crate::store::AnyExecutor<'e>, release: &str) -> Resu
             .await?
             .ok_or_else(|| ReleaseError::release_not_found(release));
     }
-    let version: Version = release.parse().map_err(|_| {
-        ReleaseError::invalid(
-            "release",
-            format!("{release:?} is neither a release id (UUID) nor a version (MAJOR.MINOR.PATCH)"),
-        )
-    })?;
+    // A name that is neither an id nor a version names no release.
+    let Ok(version) = release.parse::<Version>() else {
+        return Err(ReleaseError::release_not_found(release));
+    };
     let mut rows = stored::by_version(ex, version).await?;
     match rows.len() {
         0 => Err(ReleaseError::release_not_found(release)),
         1 => Ok(rows.remove(0)),
-        n => Err(ReleaseError::invalid(
-            "release",
-            format!("{n} releases have version {version} (one per channel and arch): name one by its id"),
-        )),
+        n => Err(ReleaseError::Conflict(format!(
+            "{n} releases have version {version} (one per channel and arch): name one by its id"
+        ))),
     }
 }
 
