@@ -175,7 +175,7 @@ async fn the_public_agent_and_admin_apis_answer_as_their_openapi_document_says()
             "--request-cert-key",
             key_file.to_str().unwrap(),
         ],
-        9,
+        11,
     );
     let bearer = format!("Authorization: Bearer {token}");
     conformance_run(
@@ -184,7 +184,7 @@ async fn the_public_agent_and_admin_apis_answer_as_their_openapi_document_says()
         "admin",
         &server.server.admin_url,
         &["--header", &bearer],
-        22,
+        27,
     );
     // Whatever it sent, the server is still serving.
     let health = server
