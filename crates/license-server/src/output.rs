@@ -3,10 +3,10 @@
 use license_protocol::agent_api::LicenseToken;
 use license_server::clock::Timestamp;
 use license_server::service::admin::PurgeReport;
-use license_server::service::releases::{ReleaseView, RotateKeyReport};
 use license_server::service::keys::{
     KeysStatus, LicenseKeysReport, Progress, RotateReport, ServerTrustReport,
 };
+use license_server::service::releases::{ReleaseView, RotateKeyReport};
 use license_server::store::audit::AuditEvent;
 use license_server::store::certificates::{CertificateRecord, CertificateStats};
 use license_server::store::clients::ClientRecord;
@@ -544,8 +544,18 @@ pub fn rotate_report(r: &RotateReport) {
 impl Render for ReleaseView {
     fn headers() -> &'static [&'static str] {
         &[
-            "ID", "VERSION", "CHANNEL", "ARCH", "STATE", "PERCENT", "CLIENTS", "PUBLISHED", "SIZE",
-            "OK", "FAILED", "REFUSED",
+            "ID",
+            "VERSION",
+            "CHANNEL",
+            "ARCH",
+            "STATE",
+            "PERCENT",
+            "CLIENTS",
+            "PUBLISHED",
+            "SIZE",
+            "OK",
+            "FAILED",
+            "REFUSED",
         ]
     }
     fn row(&self) -> Vec<String> {
@@ -600,7 +610,10 @@ pub fn release(r: &ReleaseView) {
         "  min version          {}",
         r.min_version.as_deref().unwrap_or("-")
     );
-    println!("  rollback             {}", if r.rollback { "yes" } else { "no" });
+    println!(
+        "  rollback             {}",
+        if r.rollback { "yes" } else { "no" }
+    );
     println!("  signed by            release key {}", r.key_id);
     println!("  halt after failures  {}", r.halt_after_failures);
     println!(
@@ -611,7 +624,10 @@ pub fn release(r: &ReleaseView) {
 
 /// `admin release rotate-key`.
 pub fn release_key_rotated(r: &RotateKeyReport) {
-    println!("Release key {} is current; {} is retired.", r.new_key_id, r.retired_key_id);
+    println!(
+        "Release key {} is current; {} is retired.",
+        r.new_key_id, r.retired_key_id
+    );
     println!(
         "Re-signed {} release manifest(s) with the new key; agents learn the new key set with their next offer.",
         r.resigned.len()

@@ -134,11 +134,10 @@ impl ReleaseKeyFile {
         }
         let mut keys = Vec::with_capacity(file.keys.len());
         for k in &file.keys {
-            let raw = Zeroizing::new(
-                STANDARD
-                    .decode(&k.private_key)
-                    .map_err(|_| malformed(&path, format!("private key {} is not base64", k.id)))?,
-            );
+            let raw =
+                Zeroizing::new(STANDARD.decode(&k.private_key).map_err(|_| {
+                    malformed(&path, format!("private key {} is not base64", k.id))
+                })?);
             let seed: Zeroizing<[u8; 32]> =
                 Zeroizing::new(raw.as_slice().try_into().map_err(|_| {
                     malformed(&path, format!("private key {} is not 32 bytes", k.id))

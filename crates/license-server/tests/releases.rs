@@ -41,7 +41,10 @@ const QUERY: &str = "agent_version=1.0.0&channel=stable&arch=x86_64";
 async fn status(server: &TestServer, m: &Machine, query: &str) -> (u16, Value) {
     let r = server
         .mtls_client(&m.cert, &m.key)
-        .get(format!("{}/api/v1/secret-status?{query}", server.server.agent_url))
+        .get(format!(
+            "{}/api/v1/secret-status?{query}",
+            server.server.agent_url
+        ))
         .send()
         .await
         .unwrap();
@@ -88,9 +91,10 @@ fn license_key(server: &TestServer) -> TrustedKeys {
         .iter()
         .find(|k| k["state"] == "current")
         .unwrap();
-    let key =
-        license_protocol::rotation::parse_license_public_key(current["public_key"].as_str().unwrap())
-            .unwrap();
+    let key = license_protocol::rotation::parse_license_public_key(
+        current["public_key"].as_str().unwrap(),
+    )
+    .unwrap();
     TrustedKeys::pinned(key)
 }
 
@@ -122,17 +126,43 @@ async fn a_release_rolls_out_is_verified_downloaded_halted_and_rotated(db: Db) {
     let empty = server.dir.path().join("empty");
     std::fs::write(&empty, b"").unwrap();
     let empty_arg = empty.to_str().unwrap();
-    admin_fails(&server, &["release", "publish", empty_arg, "--version", "1.2.0"], 2, "is empty");
-    admin_fails(&server, &["release", "publish", file_arg, "--version", "1.2"], 2, "--version");
     admin_fails(
         &server,
-        &["release", "publish", file_arg, "--version", "1.2.0", "--channel", "Beta"],
+        &["release", "publish", empty_arg, "--version", "1.2.0"],
+        2,
+        "is empty",
+    );
+    admin_fails(
+        &server,
+        &["release", "publish", file_arg, "--version", "1.2"],
+        2,
+        "--version",
+    );
+    admin_fails(
+        &server,
+        &[
+            "release",
+            "publish",
+            file_arg,
+            "--version",
+            "1.2.0",
+            "--channel",
+            "Beta",
+        ],
         2,
         "--channel",
     );
     admin_fails(
         &server,
-        &["release", "publish", file_arg, "--version", "1.2.0", "--percent", "101"],
+        &[
+            "release",
+            "publish",
+            file_arg,
+            "--version",
+            "1.2.0",
+            "--percent",
+            "101",
+        ],
         2,
         "--percent",
     );
@@ -155,16 +185,33 @@ async fn a_release_rolls_out_is_verified_downloaded_halted_and_rotated(db: Db) {
     assert_eq!(published["sha256"], hex::encode(Sha256::digest(&binary)));
     admin_fails(
         &server,
-        &["release", "publish", file_arg, "--version", "1.2.0", "--arch", "x86_64"],
+        &[
+            "release",
+            "publish",
+            file_arg,
+            "--version",
+            "1.2.0",
+            "--arch",
+            "x86_64",
+        ],
         4,
         "already exists",
     );
     let list = server.admin_json(&["release", "list"]);
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["id"], id.as_str());
-    assert_eq!(list[0]["reports"], json!({"success": 0, "failed": 0, "refused": 0}));
-    assert_eq!(server.admin_json(&["release", "show", "1.2.0"])["id"], id.as_str());
-    assert_eq!(server.admin_json(&["release", "show", &id])["version"], "1.2.0");
+    assert_eq!(
+        list[0]["reports"],
+        json!({"success": 0, "failed": 0, "refused": 0})
+    );
+    assert_eq!(
+        server.admin_json(&["release", "show", "1.2.0"])["id"],
+        id.as_str()
+    );
+    assert_eq!(
+        server.admin_json(&["release", "show", &id])["version"],
+        "1.2.0"
+    );
     assert!(server
         .admin_json(&["release", "list", "--channel", "beta"])
         .as_array()
@@ -197,11 +244,17 @@ async fn a_release_rolls_out_is_verified_downloaded_halted_and_rotated(db: Db) {
     let (code, body) = status(&server, m, "agent_version=1.x&channel=stable&arch=x86_64").await;
     assert_eq!(code, 400, "{body}");
     assert_eq!(body["error"], "invalid_request");
-    assert!(body["message"].as_str().unwrap().contains("version"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("version"),
+        "{body}"
+    );
     let long_arch = format!("agent_version=1.0.0&channel=stable&arch={}", "a".repeat(33));
     let (code, body) = status(&server, m, &long_arch).await;
     assert_eq!(code, 400, "{body}");
-    assert!(body["message"].as_str().unwrap().starts_with("arch"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().starts_with("arch"),
+        "{body}"
+    );
 
     // The offer verifies along the license key and describes the file.
     let first = offer(&server, m, QUERY).await.unwrap();
@@ -215,17 +268,30 @@ async fn a_release_rolls_out_is_verified_downloaded_halted_and_rotated(db: Db) {
 
     // The download is exactly the file.
     let url = format!("{}/api/v1/releases/{id}/binary", server.server.agent_url);
-    let r = server.mtls_client(&m.cert, &m.key).get(&url).send().await.unwrap();
+    let r = server
+        .mtls_client(&m.cert, &m.key)
+        .get(&url)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "application/octet-stream");
-    assert_eq!(r.headers()["content-length"], binary.len().to_string().as_str());
+    assert_eq!(
+        r.headers()["content-length"],
+        binary.len().to_string().as_str()
+    );
     assert!(r.bytes().await.unwrap() == binary);
     let unknown = format!(
         "{}/api/v1/releases/{}/binary",
         server.server.agent_url,
         uuid::Uuid::new_v4()
     );
-    let r = server.mtls_client(&m.cert, &m.key).get(&unknown).send().await.unwrap();
+    let r = server
+        .mtls_client(&m.cert, &m.key)
+        .get(&unknown)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
 
     // Reports: malformed and unknown ones refused; a machine that refused the release is not
@@ -234,7 +300,8 @@ async fn a_release_rolls_out_is_verified_downloaded_halted_and_rotated(db: Db) {
     assert_eq!(report(&server, &ms[1], bad).await, 400);
     let unknown = json!({"release_id": uuid::Uuid::new_v4(), "outcome": "failed", "reason": "x", "running_version": "1.0.0"});
     assert_eq!(report(&server, &ms[1], unknown).await, 404);
-    let ok = json!({"release_id": id, "outcome": "success", "reason": "", "running_version": "1.2.0"});
+    let ok =
+        json!({"release_id": id, "outcome": "success", "reason": "", "running_version": "1.2.0"});
     assert_eq!(report(&server, &ms[0], ok).await, 204);
     let refused = json!({"release_id": id, "outcome": "refused", "reason": "wrong_digest", "running_version": "1.0.0"});
     assert_eq!(report(&server, &ms[1], refused).await, 204);
@@ -248,8 +315,14 @@ async fn a_release_rolls_out_is_verified_downloaded_halted_and_rotated(db: Db) {
     assert_eq!(offered(&server, &ms).await, 0);
     let shown = server.admin_json(&["release", "show", &id]);
     assert_eq!(shown["state"], "halted");
-    assert_eq!(shown["halted_reason"], "3 machines reported a failed update");
-    assert_eq!(shown["reports"], json!({"success": 1, "failed": 2, "refused": 1}));
+    assert_eq!(
+        shown["halted_reason"],
+        "3 machines reported a failed update"
+    );
+    assert_eq!(
+        shown["reports"],
+        json!({"success": 1, "failed": 2, "refused": 1})
+    );
     let events = audit_actions(&server);
     let halt = events
         .iter()
@@ -257,7 +330,10 @@ async fn a_release_rolls_out_is_verified_downloaded_halted_and_rotated(db: Db) {
         .expect("release.halt audited");
     assert_eq!(halt["actor"], "server");
     assert_eq!(halt["target"], id.as_str());
-    let reports = events.iter().filter(|e| e["action"] == "release.report").count();
+    let reports = events
+        .iter()
+        .filter(|e| e["action"] == "release.report")
+        .count();
     assert_eq!(reports, 4);
     for action in ["release.publish", "release.rollout"] {
         assert!(events.iter().any(|e| e["action"] == action), "{action}");
@@ -279,7 +355,10 @@ async fn a_release_rolls_out_is_verified_downloaded_halted_and_rotated(db: Db) {
     assert_eq!(rotated["resigned"], json!([id]));
     let second = offer(&server, &ms[4], QUERY).await.unwrap();
     assert_ne!(second.key_id, first.key_id);
-    assert_eq!(second.key_id.to_string(), rotated["new_key_id"].as_str().unwrap());
+    assert_eq!(
+        second.key_id.to_string(),
+        rotated["new_key_id"].as_str().unwrap()
+    );
     assert_eq!(second.manifest, first.manifest);
     let old = second
         .release_keys
@@ -296,7 +375,10 @@ async fn a_release_rolls_out_is_verified_downloaded_halted_and_rotated(db: Db) {
     let events = audit_actions(&server);
     assert!(events.iter().any(|e| e["action"] == "release.rotate_key"));
     let key_file = std::fs::read_to_string(server.data_dir().join("release-keys.json")).unwrap();
-    assert!(!key_file.contains(&first.key_id.to_string()), "retired private key kept");
+    assert!(
+        !key_file.contains(&first.key_id.to_string()),
+        "retired private key kept"
+    );
 
     // The admin API: readonly lists, only admin changes.
     let token = |name: &str, role: &str| {
@@ -359,7 +441,12 @@ async fn a_release_rolls_out_is_verified_downloaded_halted_and_rotated(db: Db) {
     assert_eq!(withdrawn["state"], "withdrawn");
     // Withdrawn is final: no offer, no download, no rollout.
     assert_eq!(offered(&server, &ms).await, 0);
-    let r = server.mtls_client(&m.cert, &m.key).get(&url).send().await.unwrap();
+    let r = server
+        .mtls_client(&m.cert, &m.key)
+        .get(&url)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     let r = http
         .post(format!("{admin_url}/api/admin/releases/{id}/rollout"))

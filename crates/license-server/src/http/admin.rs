@@ -599,7 +599,10 @@ async fn rollout_release(
     responses(AdminWriteRefusals, (status = 200, body = ReleaseView),
               (status = 404, description = "`not_found`: no such release", body = ApiError),
               (status = 409, description = "`conflict`: the release is withdrawn, or several releases have that version", body = ApiError)))]
-async fn pause_release(call: AdminCall, ApiPath(release): ApiPath<String>) -> ApiResult<ReleaseView> {
+async fn pause_release(
+    call: AdminCall,
+    ApiPath(release): ApiPath<String>,
+) -> ApiResult<ReleaseView> {
     Ok(Json(call.releases().pause(&release).await?))
 }
 
@@ -609,7 +612,10 @@ async fn pause_release(call: AdminCall, ApiPath(release): ApiPath<String>) -> Ap
     responses(AdminWriteRefusals, (status = 200, body = ReleaseView),
               (status = 404, description = "`not_found`: no such release", body = ApiError),
               (status = 409, description = "`conflict`: the release is withdrawn, or several releases have that version", body = ApiError)))]
-async fn resume_release(call: AdminCall, ApiPath(release): ApiPath<String>) -> ApiResult<ReleaseView> {
+async fn resume_release(
+    call: AdminCall,
+    ApiPath(release): ApiPath<String>,
+) -> ApiResult<ReleaseView> {
     Ok(Json(call.releases().resume(&release).await?))
 }
 

@@ -22,10 +22,10 @@ use license_protocol::agent_api::{
     HealthReport, MachineLicenses, RenewCertificateRequest, RenewCertificateResponse, SecretStatus,
     StatusQuery, ValidateLicenseRequest, ValidateLicenseResponse,
 };
-use license_protocol::release::UpdateReport;
 use license_protocol::error::{ApiError, ErrorCode};
 use license_protocol::identity::MachineIdentity;
 use license_protocol::license_keys::LicenseKeySet;
+use license_protocol::release::UpdateReport;
 use license_protocol::rotation::{AckRequest, RotateSecretRequest, RotateSecretResponse};
 use license_protocol::server_trust::ServerTrust;
 use utoipa_axum::router::OpenApiRouter;

@@ -803,7 +803,10 @@ mod tests {
         assert_eq!(chosen(&cands, "1.3.0"), None);
         let mut back = row(1, "1.2.0", 10);
         back.rollback = true;
-        assert_eq!(chosen(&[cand(back.clone())], "1.3.0").as_deref(), Some("1.2.0"));
+        assert_eq!(
+            chosen(&[cand(back.clone())], "1.3.0").as_deref(),
+            Some("1.2.0")
+        );
         assert_eq!(chosen(&[cand(back)], "1.2.0"), None);
         let mut needs = row(1, "2.0.0", 10);
         needs.min_version = Some("1.5.0".parse().unwrap());
@@ -844,6 +847,9 @@ mod tests {
             arch: Some("a".repeat(33)),
             ..StatusQuery::default()
         };
-        assert!(check_query(&long).unwrap_err().to_string().starts_with("arch:"));
+        assert!(check_query(&long)
+            .unwrap_err()
+            .to_string()
+            .starts_with("arch:"));
     }
 }

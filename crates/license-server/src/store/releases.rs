@@ -105,10 +105,12 @@ pub async fn insert_key(
 
 /// Retires the current key(s).
 pub async fn retire_current(conn: &mut AnyConnection, now: Timestamp) -> Result<()> {
-    sqlx::query("UPDATE release_keys SET state = 'retired', retired_at = $1 WHERE state = 'current'")
-        .bind(now.0)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "UPDATE release_keys SET state = 'retired', retired_at = $1 WHERE state = 'current'",
+    )
+    .bind(now.0)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -220,7 +222,8 @@ fn release_row(row: &AnyRow) -> Result<ReleaseRow> {
             .ok()
             .filter(|p| *p <= 100)
             .ok_or_else(|| corrupt("release percent", &percent.to_string()))?,
-        clients: serde_json::from_str(&clients).map_err(|_| corrupt("release clients", &clients))?,
+        clients: serde_json::from_str(&clients)
+            .map_err(|_| corrupt("release clients", &clients))?,
         halt_after_failures: u32::try_from(halt)
             .map_err(|_| corrupt("halt_after_failures", &halt.to_string()))?,
         halted_reason: row.try_get("halted_reason")?,
@@ -413,7 +416,11 @@ pub async fn set_state(
 }
 
 /// Halts a release if it is active; whether this call did (so one replica audits it).
-pub async fn halt_if_active(conn: &mut AnyConnection, id: &uuid::Uuid, reason: &str) -> Result<bool> {
+pub async fn halt_if_active(
+    conn: &mut AnyConnection,
+    id: &uuid::Uuid,
+    reason: &str,
+) -> Result<bool> {
     let done = sqlx::query(
         "UPDATE releases SET state = 'halted', halted_reason = $2 WHERE id = $1 AND state = 'active'",
     )
