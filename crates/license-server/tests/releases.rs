@@ -245,7 +245,7 @@ async fn a_release_rolls_out_is_verified_downloaded_halted_and_rotated(db: Db) {
     assert_eq!(code, 400, "{body}");
     assert_eq!(body["error"], "invalid_request");
     assert!(
-        body["message"].as_str().unwrap().contains("version"),
+        body["message"].as_str().unwrap().contains("agent_version"),
         "{body}"
     );
     let long_arch = format!("agent_version=1.0.0&channel=stable&arch={}", "a".repeat(33));
