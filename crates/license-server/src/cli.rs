@@ -143,6 +143,85 @@ pub enum AdminCommand {
     /// The server's keys: what each one is, what depends on it, and their rollovers.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Agent releases: publish, list, roll out, pause, resume, withdraw, rotate the release key.
+    #[command(subcommand)]
+    Release(ReleaseCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReleaseCommand {
+    /// Store an agent binary and sign its manifest with the release key (created on first
+    /// use); it is offered at once to the machines its rollout covers.
+    Publish {
+        /// The agent binary.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// MAJOR.MINOR.PATCH.
+        #[arg(long, value_name = "V")]
+        version: license_protocol::release::Version,
+        /// Release channel (a-z, 0-9, '-').
+        #[arg(long, value_name = "C", default_value = license_server::service::releases::DEFAULT_CHANNEL)]
+        channel: license_protocol::release::Channel,
+        /// Architecture as Rust names it [default: this host's, std::env::consts::ARCH].
+        #[arg(long, value_name = "ARCH")]
+        arch: Option<String>,
+        /// Agents older than this must not take the release.
+        #[arg(long, value_name = "V")]
+        min_version: Option<license_protocol::release::Version>,
+        /// Mark it a rollback: agents newer than it take it all the same.
+        #[arg(long)]
+        rollback: bool,
+        /// Share of the channel's machines offered the release, 0 to 100.
+        #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+        percent: u8,
+        /// Clients whose every machine is offered the release, comma separated.
+        #[arg(long, value_delimiter = ',', value_name = "UUID,…")]
+        clients: Vec<uuid::Uuid>,
+        /// Failed or refused updates that halt the rollout.
+        #[arg(long, value_name = "N", default_value_t = license_server::service::releases::DEFAULT_HALT_AFTER_FAILURES,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        halt_after_failures: u32,
+    },
+    /// Every release, newest first, with its rollout and the machines' report counts.
+    List {
+        #[arg(long, value_name = "C")]
+        channel: Option<String>,
+    },
+    /// One release.
+    Show {
+        /// The release id, or a version exactly one release has.
+        release: String,
+    },
+    /// Set the percentage of machines offered the release and add named clients.
+    Rollout {
+        /// The release id, or a version exactly one release has.
+        release: String,
+        /// 0 to 100.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=100))]
+        percent: Option<u8>,
+        /// Clients to add, comma separated.
+        #[arg(long, value_delimiter = ',', value_name = "UUID,…")]
+        clients: Vec<uuid::Uuid>,
+    },
+    /// Stop offering the release until resumed.
+    Pause {
+        /// The release id, or a version exactly one release has.
+        release: String,
+    },
+    /// Offer a paused or halted release again (clears a halt).
+    Resume {
+        /// The release id, or a version exactly one release has.
+        release: String,
+    },
+    /// Withdraw the release for good: no more offers nor downloads.
+    Withdraw {
+        /// The release id, or a version exactly one release has.
+        release: String,
+    },
+    /// A new release key becomes current, the previous one is retired, and every release not
+    /// withdrawn is re-signed with the new key.
+    #[command(name = "rotate-key")]
+    RotateKey,
 }
 
 #[derive(Debug, Subcommand)]

@@ -15,6 +15,8 @@
 //!                          `master_keys`); older data directories have a bare master.key
 //!   server-trust.json      TLS key and CA rollovers: the next TLS key, retired pins, the
 //!                          previous CA and the cross-certificate (0600; see `server_trust`)
+//!   release-keys.json      Ed25519 release key that signs agent release manifests (0600; see
+//!                          `release_keys`); only the publishing host needs it
 //!   license.db             SQLite database (default storage)
 //!   downloads/             agent binaries served under /downloads/
 //! ```
@@ -62,6 +64,8 @@ pub enum DataDirError {
     LicenseKeys(#[from] LicenseKeyError),
     #[error(transparent)]
     Rollover(#[from] crate::server_trust::RolloverError),
+    #[error(transparent)]
+    ReleaseKeys(#[from] crate::release_keys::ReleaseKeyFileError),
 }
 
 /// Paths inside a data directory.
@@ -186,7 +190,7 @@ impl DataDir {
         Ok(config)
     }
 
-    /// Creates the CA, the TLS certificate, the license signing key, the master key and the
+    /// Creates the CA, the TLS certificate, the license signing key, the master key, the release key and the
     /// configuration. Refuses to touch a directory that already holds key material.
     pub fn init(
         &self,
@@ -235,6 +239,12 @@ impl DataDir {
         self.write_new(&self.server_cert(), server_cert.pem.as_bytes(), 0o644)?;
         license_keys.write(&self.root)?;
         master.write(&self.root)?;
+        crate::release_keys::ReleaseKeyFile {
+            keys: vec![crate::release_keys::ReleaseKey::generate(
+                crate::clock::Timestamp::now(),
+            )],
+        }
+        .write(&self.root)?;
         // Written last: its presence marks a complete initialization.
         // 0600: `database_url` may carry a password.
         self.write_new(&self.config(), config.to_toml().as_bytes(), 0o600)?;
@@ -376,6 +386,10 @@ mod tests {
         assert_eq!(mode(&dir.config()), 0o600);
         assert_eq!(mode(&dir.ca_key()), 0o600);
         assert_eq!(mode(&dir.server_key()), 0o600);
+        assert_eq!(
+            mode(&dir.root().join(crate::release_keys::RELEASE_KEYS_FILE)),
+            0o600
+        );
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! SQLite in the data directory by default, PostgreSQL for several replicas.
 //!
 //! The agent API also rotates each machine's secret (kept encrypted under the master key) and
-//! hands out its license tokens, re-issued under every new secret version.
+//! hands out its license tokens, re-issued under every new secret version, and offers and serves
+//! signed agent releases in a staged rollout (`service::releases`).
 //!
 //! The request path reads top-down in the tree: `http/{listener,tls}` → `http/{public,agent,admin}`
 //! → `service/{enroll,recover,secrets,licenses,admin}` (certificates issued by one function,
@@ -21,6 +22,7 @@ pub mod key_files;
 pub mod license_keys;
 pub mod master_keys;
 pub mod pki;
+pub mod release_keys;
 pub mod server_trust;
 pub mod service;
 pub mod store;

@@ -28,9 +28,10 @@ use serde_json::json;
 
 use cli::{
     AdminArgs, AdminCommand, ApiTokenCommand, AuditCommand, CertCommand, Cli, ClientCommand,
-    Command, InitArgs, KeysCommand, LicenseCommand, ListenArgs, MachineCommand, ServeArgs,
-    TokenCommand,
+    Command, InitArgs, KeysCommand, LicenseCommand, ListenArgs, MachineCommand, ReleaseCommand,
+    ServeArgs, TokenCommand,
 };
+use license_server::service::releases::{PublishRequest, ReleaseAdmin, ReleaseError};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum RoleArg {
@@ -104,6 +105,21 @@ impl From<KeysError> for MainError {
             KeysError::LicenseKeys(
                 LicenseKeyError::RetireCurrent(_) | LicenseKeyError::AlreadyRetired(_),
             ) => MainError::Refused(e.to_string()),
+            _ => MainError::Runtime(e.to_string()),
+        }
+    }
+}
+
+impl From<ReleaseError> for MainError {
+    fn from(e: ReleaseError) -> Self {
+        match e {
+            ReleaseError::NotFound { .. } => MainError::NotFound(e.to_string()),
+            ReleaseError::InvalidInput { .. } | ReleaseError::File { .. } => {
+                MainError::Usage(e.to_string())
+            }
+            ReleaseError::Conflict(_) | ReleaseError::KeyNotHeld(_) => {
+                MainError::Refused(e.to_string())
+            }
             _ => MainError::Runtime(e.to_string()),
         }
     }
@@ -297,6 +313,7 @@ async fn load_state(
             },
             dashboard_sign_in_per_minute: config.dashboard_sign_in_per_minute,
         },
+        release_keys: Default::default(),
     }))
 }
 
@@ -424,6 +441,9 @@ async fn admin(args: AdminArgs) -> Result<(), MainError> {
     let json = args.json;
     let result = match args.command {
         AdminCommand::Keys(command) => keys_command(&state, &actor, command, json).await,
+        AdminCommand::Release(command) => {
+            release_command(&ReleaseAdmin::new(&state, actor), command, json).await
+        }
         command => admin_command(&Admin::new(&state, actor), command, json).await,
     };
     state.store.close().await;
@@ -527,8 +547,78 @@ async fn admin_command(
         AdminCommand::Audit(AuditCommand::List { since, limit }) => {
             print(json, &admin.audit_events(since, limit).await?)
         }
-        AdminCommand::Keys(_) => {
-            return Err(MainError::Usage("keys commands run on their own".into()))
+        AdminCommand::Keys(_) | AdminCommand::Release(_) => {
+            return Err(MainError::Usage(
+                "keys and release commands run on their own".into(),
+            ))
+        }
+    }
+    Ok(())
+}
+
+async fn release_command(
+    releases: &ReleaseAdmin<'_>,
+    command: ReleaseCommand,
+    json: bool,
+) -> Result<(), MainError> {
+    let one = |view: &license_server::service::releases::ReleaseView| {
+        if json {
+            output::json(view);
+        } else {
+            output::release(view);
+        }
+    };
+    match command {
+        ReleaseCommand::Publish {
+            file,
+            version,
+            channel,
+            arch,
+            min_version,
+            rollback,
+            percent,
+            clients,
+            halt_after_failures,
+        } => {
+            let request = PublishRequest {
+                file,
+                version,
+                channel,
+                arch: arch.unwrap_or_else(|| std::env::consts::ARCH.to_string()),
+                min_version,
+                rollback,
+                percent,
+                clients,
+                halt_after_failures,
+            };
+            one(&releases.publish(&request).await?);
+        }
+        ReleaseCommand::List { channel } => {
+            output::print(json, &releases.list(channel.as_deref()).await?);
+        }
+        ReleaseCommand::Show { release } => one(&releases.show(&release).await?),
+        ReleaseCommand::Rollout {
+            release,
+            percent,
+            clients,
+        } => {
+            if percent.is_none() && clients.is_empty() {
+                return Err(MainError::Usage(
+                    "rollout: give --percent, --clients or both".into(),
+                ));
+            }
+            one(&releases.rollout(&release, percent, &clients).await?);
+        }
+        ReleaseCommand::Pause { release } => one(&releases.pause(&release).await?),
+        ReleaseCommand::Resume { release } => one(&releases.resume(&release).await?),
+        ReleaseCommand::Withdraw { release } => one(&releases.withdraw(&release).await?),
+        ReleaseCommand::RotateKey => {
+            let report = releases.rotate_key().await?;
+            if json {
+                output::json(&report);
+            } else {
+                output::release_key_rotated(&report);
+            }
         }
     }
     Ok(())

@@ -6,6 +6,7 @@ use license_server::service::admin::PurgeReport;
 use license_server::service::keys::{
     KeysStatus, LicenseKeysReport, Progress, RotateReport, ServerTrustReport,
 };
+use license_server::service::releases::{ReleaseView, RotateKeyReport};
 use license_server::store::audit::AuditEvent;
 use license_server::store::certificates::{CertificateRecord, CertificateStats};
 use license_server::store::clients::ClientRecord;
@@ -538,4 +539,97 @@ pub fn rotate_report(r: &RotateReport) {
     if !r.kept.is_empty() {
         println!("  kept {} (--keep-old)", r.kept.join(", "));
     }
+}
+
+impl Render for ReleaseView {
+    fn headers() -> &'static [&'static str] {
+        &[
+            "ID",
+            "VERSION",
+            "CHANNEL",
+            "ARCH",
+            "STATE",
+            "PERCENT",
+            "CLIENTS",
+            "PUBLISHED",
+            "SIZE",
+            "OK",
+            "FAILED",
+            "REFUSED",
+        ]
+    }
+    fn row(&self) -> Vec<String> {
+        let state = match &self.halted_reason {
+            Some(reason) => format!("{} ({reason})", self.state.as_str()),
+            None => self.state.as_str().to_string(),
+        };
+        vec![
+            self.id.clone(),
+            self.version.clone(),
+            self.channel.clone(),
+            self.arch.clone(),
+            state,
+            format!("{}%", self.percent),
+            if self.clients.is_empty() {
+                "-".into()
+            } else {
+                self.clients.join(",")
+            },
+            self.published_at.rfc3339(),
+            self.size.to_string(),
+            self.reports.success.to_string(),
+            self.reports.failed.to_string(),
+            self.reports.refused.to_string(),
+        ]
+    }
+}
+
+/// `admin release show`: every field, one per line.
+pub fn release(r: &ReleaseView) {
+    println!("Release {}", r.id);
+    println!("  version              {}", r.version);
+    println!("  channel              {}", r.channel);
+    println!("  arch                 {}", r.arch);
+    println!("  state                {}", r.state.as_str());
+    if let Some(reason) = &r.halted_reason {
+        println!("  halted because       {reason}");
+    }
+    println!("  percent              {}%", r.percent);
+    println!(
+        "  clients              {}",
+        if r.clients.is_empty() {
+            "-".to_string()
+        } else {
+            r.clients.join(", ")
+        }
+    );
+    println!("  published            {}", r.published_at.rfc3339());
+    println!("  size                 {} bytes", r.size);
+    println!("  sha256               {}", r.sha256);
+    println!(
+        "  min version          {}",
+        r.min_version.as_deref().unwrap_or("-")
+    );
+    println!(
+        "  rollback             {}",
+        if r.rollback { "yes" } else { "no" }
+    );
+    println!("  signed by            release key {}", r.key_id);
+    println!("  halt after failures  {}", r.halt_after_failures);
+    println!(
+        "  reports              {} success, {} failed, {} refused",
+        r.reports.success, r.reports.failed, r.reports.refused
+    );
+}
+
+/// `admin release rotate-key`.
+pub fn release_key_rotated(r: &RotateKeyReport) {
+    println!(
+        "Release key {} is current; {} is retired.",
+        r.new_key_id, r.retired_key_id
+    );
+    println!(
+        "Re-signed {} release manifest(s) with the new key; agents learn the new key set with their next offer.",
+        r.resigned.len()
+    );
 }

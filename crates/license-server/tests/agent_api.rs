@@ -688,6 +688,8 @@ async fn openapi_lists_every_route() {
         ("post", "/api/v1/validate-license"),
         ("post", "/api/v1/renew-certificate"),
         ("post", "/api/v1/health"),
+        ("get", "/api/v1/releases/{release_id}/binary"),
+        ("post", "/api/v1/update-report"),
         ("get", "/api/admin/clients"),
         ("post", "/api/admin/clients"),
         ("get", "/api/admin/install-tokens"),
@@ -713,6 +715,11 @@ async fn openapi_lists_every_route() {
         ("post", "/api/admin/certificates/{serial}/restore"),
         ("post", "/api/admin/certificates/purge"),
         ("get", "/api/admin/audit"),
+        ("get", "/api/admin/releases"),
+        ("post", "/api/admin/releases/{release}/rollout"),
+        ("post", "/api/admin/releases/{release}/pause"),
+        ("post", "/api/admin/releases/{release}/resume"),
+        ("post", "/api/admin/releases/{release}/withdraw"),
     ];
     let paths = doc["paths"].as_object().unwrap();
     for (method, path) in routes {

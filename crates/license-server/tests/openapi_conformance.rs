@@ -125,7 +125,8 @@ async fn the_public_agent_and_admin_apis_answer_as_their_openapi_document_says()
     let server =
         TestServer::start_configured(Db::Sqlite, "bootstrap_rate_per_minute = 100000", &[], &[]);
     // Records for the lists to answer with, so their schemas are checked on real rows: a
-    // client with an unused install token, an enrolled machine, its certificate, a license.
+    // client with an unused install token, an enrolled machine, its certificate, a license, a
+    // release.
     let (client, enrolled, key) = server.enrolled_machine("Conformance", "HW-OPENAPI-1").await;
     server.new_token(&client);
     let cert_file = server.dir.path().join("machine.pem");
@@ -142,6 +143,18 @@ async fn the_public_agent_and_admin_apis_answer_as_their_openapi_document_says()
         "pos.sale,pos.refund",
         "--expires-in",
         "30d",
+    ]);
+    // A release, so the release list has a row and the binary route something to serve.
+    let binary = server.dir.path().join("license-agent");
+    std::fs::write(&binary, b"#!/bin/sh\nexit 0\n").unwrap();
+    server.admin_json(&[
+        "release",
+        "publish",
+        binary.to_str().unwrap(),
+        "--version",
+        "1.0.0",
+        "--percent",
+        "100",
     ]);
     let token = server.admin_json(&[
         "api-token",
@@ -175,7 +188,7 @@ async fn the_public_agent_and_admin_apis_answer_as_their_openapi_document_says()
             "--request-cert-key",
             key_file.to_str().unwrap(),
         ],
-        9,
+        11,
     );
     let bearer = format!("Authorization: Bearer {token}");
     conformance_run(
@@ -184,7 +197,7 @@ async fn the_public_agent_and_admin_apis_answer_as_their_openapi_document_says()
         "admin",
         &server.server.admin_url,
         &["--header", &bearer],
-        22,
+        27,
     );
     // Whatever it sent, the server is still serving.
     let health = server

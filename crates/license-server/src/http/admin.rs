@@ -20,6 +20,7 @@ use super::refusals::{AdminReadRefusals, AdminWriteRefusals, JsonBodyRefusals};
 use crate::clock::Timestamp;
 use crate::service::admin::{Admin, AdminError, CreatedInstallToken, PurgeReport};
 use crate::service::licenses::{IssuedLicense, LicenseRequest};
+use crate::service::releases::{ReleaseAdmin, ReleaseView};
 use crate::service::{credential_hash, SharedState};
 use crate::store::admin_tokens::{self, AdminTokenRecord, Role};
 use crate::store::audit::AuditEvent;
@@ -104,6 +105,11 @@ pub fn router() -> OpenApiRouter<SharedState> {
         .routes(routes!(restore_certificate))
         .routes(routes!(purge_certificates))
         .routes(routes!(audit_events))
+        .routes(routes!(list_releases))
+        .routes(routes!(rollout_release))
+        .routes(routes!(pause_release))
+        .routes(routes!(resume_release))
+        .routes(routes!(withdraw_release))
 }
 
 type ApiResult<T> = Result<Json<T>, ApiFailure>;
@@ -119,6 +125,10 @@ pub struct AdminCall {
 impl AdminCall {
     fn admin(&self) -> Admin<'_> {
         Admin::new(&self.state, self.principal.actor())
+    }
+
+    fn releases(&self) -> ReleaseAdmin<'_> {
+        ReleaseAdmin::new(&self.state, self.principal.actor())
     }
 }
 
@@ -520,6 +530,106 @@ async fn audit_events(
             .audit_events(q.since.unwrap_or(0), q.limit.unwrap_or(1000))
             .await?,
     ))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ReleaseFilter {
+    /// Only the releases of this channel.
+    #[param(pattern = r"^[a-z0-9-]{1,32}$")]
+    pub channel: Option<String>,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutRequest {
+    /// Share of the channel's machines offered the release, 0 to 100 (unchanged when absent).
+    #[serde(default, deserialize_with = "license_protocol::whole::option_u64")]
+    #[schema(minimum = 0, maximum = 100)]
+    pub percent: Option<u64>,
+    /// Clients whose every machine is offered the release, added to those named before.
+    #[serde(default)]
+    pub clients: Vec<uuid::Uuid>,
+}
+
+/// Every release, newest first, with its rollout and the machines' report counts.
+#[utoipa::path(get, path = "/api/admin/releases", tag = "admin", security(("bearer" = [])), params(ReleaseFilter),
+    responses(AdminReadRefusals, (status = 200, body = Vec<ReleaseView>),
+              (status = 400, description = "`invalid_request`: `channel` is not a channel name", body = ApiError)))]
+async fn list_releases(
+    call: AdminCall,
+    ApiQuery(q): ApiQuery<ReleaseFilter>,
+) -> ApiResult<Vec<ReleaseView>> {
+    Ok(Json(call.releases().list(q.channel.as_deref()).await?))
+}
+
+/// Set a release's percentage and add named clients; refused on a withdrawn release.
+#[utoipa::path(post, path = "/api/admin/releases/{release}/rollout", tag = "admin", security(("bearer" = [])),
+    params(("release" = String, Path, description = "the release id, or a version exactly one release has")),
+    request_body = RolloutRequest,
+    responses(JsonBodyRefusals, AdminWriteRefusals, (status = 200, body = ReleaseView),
+              (status = 404, description = "`not_found`: no such release or client", body = ApiError),
+              (status = 409, description = "`conflict`: the release is withdrawn, or several releases have that version", body = ApiError)))]
+async fn rollout_release(
+    call: AdminCall,
+    ApiPath(release): ApiPath<String>,
+    ApiJson(req): ApiJson<RolloutRequest>,
+) -> ApiResult<ReleaseView> {
+    let percent = req
+        .percent
+        .map(|p| {
+            u8::try_from(p).ok().filter(|p| *p <= 100).ok_or_else(|| {
+                crate::service::releases::ReleaseError::InvalidInput {
+                    field: "percent",
+                    message: "must be 0 to 100".into(),
+                }
+            })
+        })
+        .transpose()?;
+    Ok(Json(
+        call.releases()
+            .rollout(&release, percent, &req.clients)
+            .await?,
+    ))
+}
+
+/// Stop offering a release until it is resumed.
+#[utoipa::path(post, path = "/api/admin/releases/{release}/pause", tag = "admin", security(("bearer" = [])),
+    params(("release" = String, Path, description = "the release id, or a version exactly one release has")),
+    responses(AdminWriteRefusals, (status = 200, body = ReleaseView),
+              (status = 404, description = "`not_found`: no such release", body = ApiError),
+              (status = 409, description = "`conflict`: the release is withdrawn, or several releases have that version", body = ApiError)))]
+async fn pause_release(
+    call: AdminCall,
+    ApiPath(release): ApiPath<String>,
+) -> ApiResult<ReleaseView> {
+    Ok(Json(call.releases().pause(&release).await?))
+}
+
+/// Offer a paused or halted release again (clears a halt).
+#[utoipa::path(post, path = "/api/admin/releases/{release}/resume", tag = "admin", security(("bearer" = [])),
+    params(("release" = String, Path, description = "the release id, or a version exactly one release has")),
+    responses(AdminWriteRefusals, (status = 200, body = ReleaseView),
+              (status = 404, description = "`not_found`: no such release", body = ApiError),
+              (status = 409, description = "`conflict`: the release is withdrawn, or several releases have that version", body = ApiError)))]
+async fn resume_release(
+    call: AdminCall,
+    ApiPath(release): ApiPath<String>,
+) -> ApiResult<ReleaseView> {
+    Ok(Json(call.releases().resume(&release).await?))
+}
+
+/// Withdraw a release for good: it is neither offered nor downloadable any more.
+#[utoipa::path(post, path = "/api/admin/releases/{release}/withdraw", tag = "admin", security(("bearer" = [])),
+    params(("release" = String, Path, description = "the release id, or a version exactly one release has")),
+    responses(AdminWriteRefusals, (status = 200, body = ReleaseView),
+              (status = 404, description = "`not_found`: no such release", body = ApiError),
+              (status = 409, description = "`conflict`: the release is already withdrawn, or several releases have that version", body = ApiError)))]
+async fn withdraw_release(
+    call: AdminCall,
+    ApiPath(release): ApiPath<String>,
+) -> ApiResult<ReleaseView> {
+    Ok(Json(call.releases().withdraw(&release).await?))
 }
 
 #[cfg(test)]

@@ -9,7 +9,8 @@
 //! the certificate is checked first and always refuses.
 //!
 //! Routes: secret rotation and its acknowledgement, secret status, the license key set, the
-//! machine's license tokens, online license validation, certificate renewal, health reports.
+//! machine's license tokens, online license validation, certificate renewal, health reports,
+//! and agent updates: the offer in the secret status, the release binary, the update report.
 
 use std::sync::Arc;
 
@@ -19,22 +20,23 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use license_protocol::agent_api::{
     HealthReport, MachineLicenses, RenewCertificateRequest, RenewCertificateResponse, SecretStatus,
-    ValidateLicenseRequest, ValidateLicenseResponse,
+    StatusQuery, ValidateLicenseRequest, ValidateLicenseResponse,
 };
 use license_protocol::error::{ApiError, ErrorCode};
 use license_protocol::identity::MachineIdentity;
 use license_protocol::license_keys::LicenseKeySet;
+use license_protocol::release::UpdateReport;
 use license_protocol::rotation::{AckRequest, RotateSecretRequest, RotateSecretResponse};
 use license_protocol::server_trust::ServerTrust;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::error::{ApiFailure, ApiJson};
+use super::error::{ApiFailure, ApiJson, ApiPath, ApiQuery};
 use super::listener::{ConnInfo, PeerCertificate};
 use super::refusals::{AgentRefusals, JsonBodyRefusals};
 use crate::clock::Timestamp;
 use crate::service::enroll::PresentedCertificate;
-use crate::service::{enroll, licenses, secrets, SharedState};
+use crate::service::{enroll, licenses, releases, secrets, SharedState};
 use crate::store::audit::{self, NewAuditEvent};
 use crate::store::certificates::{self, CertState};
 use crate::store::machines;
@@ -70,6 +72,8 @@ pub fn router() -> OpenApiRouter<SharedState> {
         .routes(routes!(validate_license))
         .routes(routes!(renew_certificate))
         .routes(routes!(report_health))
+        .routes(routes!(release_binary))
+        .routes(routes!(update_report))
 }
 
 fn refuse(code: ErrorCode, message: &str) -> Response {
@@ -318,16 +322,80 @@ async fn report_health(
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
-/// State of the calling machine's secrets: forced rotations and invalidated versions.
-#[utoipa::path(get, path = "/api/v1/secret-status", tag = "agent",
-    responses(AgentRefusals, (status = 200, body = SecretStatus)))]
+/// State of the calling machine's secrets: forced rotations and invalidated versions; with
+/// the agent's version, channel and architecture, the release offered to it (`update`).
+#[utoipa::path(get, path = "/api/v1/secret-status", tag = "agent", params(StatusQuery),
+    responses(AgentRefusals, (status = 200, body = SecretStatus),
+              (status = 400, description = "`invalid_request`: a query parameter does not parse (the message names it)", body = ApiError)))]
 async fn secret_status(
     State(state): State<SharedState>,
     Extension(machine): Extension<AuthenticatedMachine>,
+    ApiQuery(query): ApiQuery<StatusQuery>,
 ) -> Result<Json<SecretStatus>, ApiFailure> {
-    Ok(Json(
-        secrets::status(&state, &machine.identity, machine.certificate_expires_at).await?,
-    ))
+    releases::check_query(&query)?;
+    let mut status =
+        secrets::status(&state, &machine.identity, machine.certificate_expires_at).await?;
+    status.update = releases::offer(&state, &machine.identity, &query).await?;
+    Ok(Json(status))
+}
+
+/// The binary of a release offered to machines, streamed a chunk at a time: check its size
+/// and SHA-256 against the offer's signed manifest.
+#[utoipa::path(get, path = "/api/v1/releases/{release_id}/binary", tag = "agent",
+    params(("release_id" = uuid::Uuid, Path, description = "the manifest's release_id")),
+    responses(AgentRefusals,
+              (status = 200, description = "the binary, `Content-Length` bytes", content_type = "application/octet-stream", body = Vec<u8>),
+              (status = 400, description = "`invalid_request`: the id is not a UUID", body = ApiError),
+              (status = 404, description = "`not_found`: no such release, or withdrawn", body = ApiError)))]
+async fn release_binary(
+    State(state): State<SharedState>,
+    Extension(_machine): Extension<AuthenticatedMachine>,
+    ApiPath(release_id): ApiPath<uuid::Uuid>,
+) -> Result<Response, ApiFailure> {
+    use axum::http::header;
+    let release = releases::downloadable(&state, &release_id).await?;
+    let chunks = release.chunk_count();
+    let pool = state.store.pool().clone();
+    // One chunk read per step: memory stays flat whatever the binary's size.
+    let stream = futures_util::stream::try_unfold(0u64, move |seq| {
+        let pool = pool.clone();
+        async move {
+            if seq >= chunks {
+                return Ok(None);
+            }
+            match crate::store::releases::chunk(&pool, &release_id, seq).await? {
+                Some(data) => Ok(Some((axum::body::Bytes::from(data), seq + 1))),
+                None => Err(crate::store::StoreError::Corrupt(format!(
+                    "release {release_id} lacks chunk {seq}"
+                ))),
+            }
+        }
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, release.size.to_string()),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// How the update to a release ended on the calling machine. Kept as the machine's latest
+/// report on that release; a release whose failed and refused reports reach its threshold is
+/// halted, and a release this machine reported failed or refused is not offered to it again.
+#[utoipa::path(post, path = "/api/v1/update-report", tag = "agent",
+    request_body = UpdateReport,
+    responses(JsonBodyRefusals, AgentRefusals,
+              (status = 204, description = "report kept"),
+              (status = 404, description = "`not_found`: no such release", body = ApiError)))]
+async fn update_report(
+    State(state): State<SharedState>,
+    Extension(machine): Extension<AuthenticatedMachine>,
+    ApiJson(report): ApiJson<UpdateReport>,
+) -> Result<axum::http::StatusCode, ApiFailure> {
+    releases::report(&state, &machine.identity, &report).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
 /// The server's license keys (current, previous, retired), signed by every key it holds; an

@@ -13,6 +13,7 @@ use license_protocol::error::{ApiError, ErrorCode};
 use crate::service::admin::AdminError;
 use crate::service::enroll::EnrollError;
 use crate::service::recover::RecoverError;
+use crate::service::releases::ReleaseError;
 use crate::service::secrets::RotationError;
 use crate::store::StoreError;
 
@@ -115,7 +116,13 @@ macro_rules! from_service_errors {
     )+};
 }
 
-from_service_errors!(EnrollError, RecoverError, AdminError, RotationError);
+from_service_errors!(
+    EnrollError,
+    RecoverError,
+    AdminError,
+    RotationError,
+    ReleaseError
+);
 
 /// Bodies up to this size are read and discarded before a 413 answer, so a client still
 /// writing its body gets the JSON error instead of a broken pipe; larger ones are cut off.

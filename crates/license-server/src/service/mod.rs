@@ -1,6 +1,6 @@
 //! What the server does, independent of how it is asked: enrollment and recovery (public listener),
 //! certificate renewal, secret rotation and license validation (agent listener), and
-//! administration (admin API and CLI), licenses included, and the server's keys (`keys`: which
+//! administration (admin API and CLI), licenses included, agent releases (`releases`), and the server's keys (`keys`: which
 //! master key seals secrets, its online rollover, `keys status`). Enrollment, renewal and recovery
 //! issue certificates through one function, `certificates::issue`.
 //!
@@ -14,6 +14,7 @@ pub mod fleet_alerts;
 pub mod keys;
 pub mod licenses;
 pub mod recover;
+pub mod releases;
 pub mod secrets;
 pub mod server_certificate;
 
@@ -32,6 +33,8 @@ pub struct AppState {
     pub store: Store,
     pub keys: ServerKeys,
     pub settings: Settings,
+    /// The signed release key set offers carry, kept between polls (`releases`).
+    pub release_keys: releases::ReleaseKeysCache,
 }
 
 pub type SharedState = Arc<AppState>;

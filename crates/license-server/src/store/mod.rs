@@ -1,7 +1,8 @@
 //! Persistent state of the server, one module per table family: `clients`, `install_tokens`,
 //! `machines` (with recovery tokens and the per-machine lock), `certificates`, `admin_tokens`,
 //! the append-only `audit` trail, machine `secrets`, `licenses`, rotation `nonces`, and the
-//! `master_keys` registry with the processes holding them.
+//! `master_keys` registry with the processes holding them, and agent `releases` (keys, manifests,
+//! binaries in chunks, update reports).
 //!
 //! One set of SQL serves both backends (`$N` placeholders, `RETURNING`, `ON CONFLICT`, and
 //! integer Unix times all mean the same on SQLite and PostgreSQL); only the DDL differs, in
@@ -22,6 +23,7 @@ pub mod licenses;
 pub mod machines;
 pub mod master_keys;
 pub mod nonces;
+pub mod releases;
 pub mod secrets;
 
 use std::str::FromStr;
