@@ -82,7 +82,8 @@ fn till(server: &Server, root: &Path, name: &str) -> Till {
     write_executable(
         &scripts.join("start.sh"),
         &format!(
-            "#!/bin/sh\n# as systemd would: the installed binary, in the background\n\
+            "#!/bin/sh\n# as systemctl start would: nothing if it runs, else the installed binary\n\
+             kill -0 $(cat {pidfile} 2>/dev/null) 2>/dev/null && exit 0\n\
              LICENSE_AGENT_LOG=info setsid {installed} run --config {config} \
              >>{dir}/agent.stdout 2>>{dir}/agent.stderr </dev/null &\necho $! > {pidfile}\n",
             installed = installed.display(),

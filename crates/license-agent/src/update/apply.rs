@@ -207,9 +207,20 @@ pub fn apply(plan: &Plan, host: &mut impl Host) -> Result<Option<UpdateResult>, 
             if journal.step != Step::Done {
                 let at = host.now();
                 journal.record("resume", at, format!("after {:?}", journal.step));
-                if journal.step == Step::Started {
-                    // The machine restarted the agent at boot: its health counts from now.
-                    journal.started_at = Some(at);
+                match journal.step {
+                    // The machine started the agent at boot: stop it again before the backup
+                    // is redone or the swap finished (the backup then holds what it wrote).
+                    Step::Verified | Step::Stopped | Step::BackedUp | Step::Swapping => {
+                        if let Err(e) = host.stop() {
+                            journal.record("stop", at, e);
+                        }
+                        if journal.step != Step::Swapping {
+                            journal.step = Step::Stopped;
+                        }
+                    }
+                    // The new version was started at boot: its health counts from now.
+                    Step::Started => journal.started_at = Some(at),
+                    Step::Swapped | Step::RollingBack | Step::Done => {}
                 }
                 tracing::warn!(step = ?journal.step, "resuming an unfinished update");
             }
@@ -611,10 +622,15 @@ fn rollback(plan: &Plan, host: &mut impl Host, journal: &mut Journal) -> Result<
         copy_tree(&backup.join("state"), &plan.state_dir, plan.staging.dir())?;
     }
     let now = host.now();
-    match host.start() {
-        Ok(()) => journal.record("rollback", now, "ok"),
-        Err(e) => journal.record("rollback", now, format!("restored; start: {e}")),
-    }
+    let detail = match host.start() {
+        // The previous version proves itself as the new one had to (recorded, not retried).
+        Ok(()) => match health(plan, host, journal.from_version, now) {
+            Ok(()) => "ok".to_string(),
+            Err(why) => format!("restored; the previous version: {why}"),
+        },
+        Err(e) => format!("restored; start: {e}"),
+    };
+    journal.record("rollback", now, detail);
     Ok(())
 }
 
@@ -735,10 +751,12 @@ mod tests {
             self.log.push("start".into());
             Ok(())
         }
-        fn probe(&mut self, _version: Version, _since: i64) -> Result<(), String> {
+        fn probe(&mut self, version: Version, _since: i64) -> Result<(), String> {
+            let old = version == running_version();
             match (&self.running, self.healthy) {
-                (Some(b), true) if b == b"NEW" => Ok(()),
-                _ => Err("not the new version".into()),
+                (Some(b), true) if b == b"NEW" && !old => Ok(()),
+                (Some(b), _) if b == b"OLD" && old => Ok(()),
+                _ => Err("not the version asked for".into()),
             }
         }
         fn now(&self) -> i64 {
