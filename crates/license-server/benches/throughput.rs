@@ -16,7 +16,13 @@
 //!    sent (what a poll with nothing new costs since the fleet-health work); the run fails if
 //!    any machine's stored last-seen or health time changed during the timed requests, so "no
 //!    write" is checked, not assumed;
-//! 4. a baseline in the same run: `GET /healthz` on the public listener (server-authenticated
+//! 4. releases: `secret-status` with the agent's update query while a release is published at
+//!    0% (the offer looked for, none made: what every poll costs once releases exist) and at
+//!    100% (the signed offer in every answer), then downloads of the release's binary
+//!    (`BENCH_RELEASE_MIB`, default 11, the agent's size) with the server's resident memory
+//!    sampled meanwhile, and from the download rate the time from publish to 100% of a fleet
+//!    of 1,000 machines polling every 60 s;
+//! 5. a baseline in the same run: `GET /healthz` on the public listener (server-authenticated
 //!    TLS 1.3, one `SELECT 1`), measured before and after the scenarios above.
 //!
 //! Why: an agent connects rarely and a resumed session hides the handshake cost, so the worst
@@ -29,7 +35,7 @@
 //! equal to the number of requests); nothing here asserts on time.
 //!
 //! Environment: `BENCH_REQUESTS` (per scenario, default 2000), `BENCH_CONCURRENCY` (requests in
-//! flight, default 4). Without `--bench` on the command line (as under `cargo test --benches`)
+//! flight, default 4), `BENCH_RELEASE_MIB`. Without `--bench` on the command line (as under `cargo test --benches`)
 //! it runs a small smoke pass instead (8 requests, concurrency 2).
 
 use std::future::Future;
@@ -410,6 +416,7 @@ fn main() -> Result<()> {
 }
 
 async fn bench(requests: usize, concurrency: usize, warmup: usize, bench_mode: bool) -> Result<()> {
+    let release_size_mib = env_usize("BENCH_RELEASE_MIB", if bench_mode { 11 } else { 1 })?;
     let server = Server::start()?;
     let ca_pem = server.ca_pem()?;
     let server_auth = client_config(&ca_pem, None)?;
@@ -616,6 +623,134 @@ async fn bench(requests: usize, concurrency: usize, warmup: usize, bench_mode: b
         "polls within five minutes wrote to the database"
     );
 
+    // ---- releases (docs/OPERATIONS.md "Releasing and rolling out") ----
+    // A published release at 0%: polls that name the agent's version look for an offer (one
+    // indexed read) and find none — what every poll costs once releases exist.
+    let release_bytes = release_size_mib * 1024 * 1024;
+    let release_file = server.data.with_file_name("release.bin");
+    {
+        // Incompressible, deterministic content.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut content = Vec::with_capacity(release_bytes);
+        while content.len() < release_bytes {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            content.extend_from_slice(&state.to_le_bytes());
+        }
+        content.truncate(release_bytes);
+        std::fs::write(&release_file, content)?;
+    }
+    let published = server.admin_json(&[
+        "release",
+        "publish",
+        release_file.to_str().ok_or("a UTF-8 temp path")?,
+        "--version",
+        "99.0.0",
+        "--percent",
+        "0",
+    ])?;
+    let release_id = published["id"]
+        .as_str()
+        .or_else(|| published["manifest"]["release_id"].as_str())
+        .ok_or_else(|| format!("release publish: no id in {published}"))?
+        .to_string();
+    let poll_with_query = |expect_offer: bool| {
+        let (configs, agent) = (machine_configs.clone(), server.agent);
+        move |i: usize| {
+            let tls = configs[i % configs.len()].clone();
+            async move {
+                let reply = request_on_new_connection(
+                    agent,
+                    tls,
+                    Method::GET,
+                    "/api/v1/secret-status?agent_version=0.1.0&channel=stable&arch=x86_64",
+                    None,
+                    None,
+                )
+                .await?;
+                let (answer, full) = reply.ok_json("secret-status with the update query")?;
+                ensure!(
+                    answer["update"].is_object() == expect_offer,
+                    "secret-status: offer expected {expect_offer}: {answer}"
+                );
+                Ok(full)
+            }
+        }
+    };
+    results.push(
+        run(
+            "secret-status + query, none offered",
+            0..requests,
+            concurrency,
+            poll_with_query(false),
+        )
+        .await?,
+    );
+    server.admin_json(&["release", "rollout", &release_id, "--percent", "100"])?;
+    results.push(
+        run(
+            "secret-status + query, offered",
+            0..requests,
+            concurrency,
+            poll_with_query(true),
+        )
+        .await?,
+    );
+    // Downloads: the binary streamed from the database chunk by chunk. The server's resident
+    // memory is sampled while they run: flat means it does not grow with the release's size.
+    let downloads = (requests / 50).clamp(4, 64);
+    let rss_before = rss_kib(server.child.id())?;
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (sampling, pid) = (sampling.clone(), server.child.id());
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while sampling.load(Ordering::Relaxed) {
+                peak = peak.max(rss_kib(pid).unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let download = {
+        let (configs, agent) = (machine_configs.clone(), server.agent);
+        let path = format!("/api/v1/releases/{release_id}/binary");
+        move |i: usize| {
+            let tls = configs[i % configs.len()].clone();
+            let path = path.clone();
+            async move {
+                let reply =
+                    request_on_new_connection(agent, tls, Method::GET, &path, None, None).await?;
+                ensure!(
+                    reply.status == StatusCode::OK && reply.body.len() == release_bytes,
+                    "download: HTTP {}, {} bytes",
+                    reply.status,
+                    reply.body.len()
+                );
+                Ok(reply.full_tls13)
+            }
+        }
+    };
+    let download_run = run(
+        &format!("release download ({release_size_mib} MiB)"),
+        0..downloads,
+        concurrency,
+        download,
+    )
+    .await?;
+    sampling.store(false, Ordering::Relaxed);
+    let rss_peak = sampler.join().map_err(|_| "the RSS sampler panicked")?;
+    let mib_per_s = (downloads * release_size_mib) as f64 / download_run.wall.as_secs_f64();
+    let rollout = Some(Rollout {
+        size_mib: release_size_mib,
+        downloads,
+        concurrency: download_run.concurrency,
+        mib_per_s,
+        seconds_each: download_run.percentile_ms(50.0) / 1000.0,
+        rss_growth_kib: rss_peak.saturating_sub(rss_before),
+    });
+
     // The report each machine sends while nothing changes: stored once (warm-up), then nothing.
     let unchanged = serde_json::json!({
         "agent_version": "0.1.0", "store": "file", "tpm_enabled": false, "tpm_available": false,
@@ -676,8 +811,60 @@ async fn bench(requests: usize, concurrency: usize, warmup: usize, bench_mode: b
     );
 
     report(&results, bench_mode);
+    if let Some(rollout) = rollout {
+        rollout.report();
+    }
     drop(server);
     Ok(())
+}
+
+/// What the release scenarios measured, and the time to roll a release out to a fleet.
+struct Rollout {
+    size_mib: usize,
+    downloads: usize,
+    concurrency: usize,
+    mib_per_s: f64,
+    seconds_each: f64,
+    rss_growth_kib: u64,
+}
+
+impl Rollout {
+    fn report(&self) {
+        println!(
+            "release downloads: {} × {} MiB, {} at a time: {:.1} MiB/s served, median {:.2} s each; \
+             server RSS grew {} KiB at most while serving them ({} KiB in flight if buffered)",
+            self.downloads,
+            self.size_mib,
+            self.concurrency,
+            self.mib_per_s,
+            self.seconds_each,
+            self.rss_growth_kib,
+            self.concurrency * self.size_mib * 1024,
+        );
+        // A fleet of 1,000 machines polling every 60 s at 100%: each sees the offer within one
+        // interval (spread evenly), so the server must serve 1,000 binaries within that minute.
+        let (machines, poll) = (1000.0, 60.0);
+        let needed = machines * self.size_mib as f64 / poll;
+        let serving = machines * self.size_mib as f64 / self.mib_per_s;
+        let last = poll.max(serving) + self.seconds_each;
+        println!(
+            "publish → 100% of {machines} machines at a {poll} s poll: the last machine sees the offer \
+             within {poll} s; serving {machines} × {} MiB takes {serving:.0} s at the rate measured \
+             ({needed:.1} MiB/s needed to keep up) → every machine has the binary after ≈ {last:.0} s, \
+             then its update step (stop, swap, start, one round) — seconds",
+            self.size_mib
+        );
+    }
+}
+
+/// The resident set of process `pid`, KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| "no VmRSS".into())
 }
 
 /// When each machine was last seen and last reported its health, as stored: a poll that
