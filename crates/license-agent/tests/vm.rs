@@ -20,7 +20,11 @@
 //! 3. **after-cut** (boot with the TPM kept): old or new secret, never neither; tokens valid;
 //!    the audit chain verifies or names what the cut truncated.
 //! 4. **reboot**: a clean boot again: secrets and licenses still there.
-//! 5. **tpm-cleared**: booted with a new, empty TPM: the agent recovers by itself.
+//! 5. **update**: a release published to everyone (this binary with its version bytes
+//!    changed) is staged by the sandboxed agent and installed by the real path unit and update
+//!    step (root, outside the AppArmor profile); then a broken release (exits at start) is
+//!    rolled back by itself and its rollout halts.
+//! 6. **tpm-cleared**: booted with a new, empty TPM: the agent recovers by itself.
 //!
 //! `LSA_VM_POWER_CUTS=N` repeats 2–3 N times (scripts/vm/power-cuts.sh runs 50; the figures go
 //! into docs/SECURITY.md). Each boot is bounded; the whole test takes a few minutes.
@@ -117,6 +121,34 @@ fn pos_application(share: &Path) {
         share.join("liblicense_client.so"),
     )
     .unwrap();
+}
+
+/// The agent binary the package installs, as release `version`: the same bytes but for the
+/// version between its markers (`<lsa-agent-version:0.1.0>`, same length), so the guest runs
+/// a genuinely different release of itself.
+fn release_binary(dir: &Path, version: &str) -> PathBuf {
+    let unpacked = dir.join("unpacked-agent");
+    run(Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(agent_package())
+        .arg(&unpacked));
+    let mut bytes = std::fs::read(unpacked.join("usr/bin/license-agent")).unwrap();
+    let (from, to) = (
+        b"<lsa-agent-version:0.1.0>".as_slice(),
+        format!("<lsa-agent-version:{version}>"),
+    );
+    assert_eq!(from.len(), to.len(), "a version of the same length");
+    let at: Vec<usize> = bytes
+        .windows(from.len())
+        .enumerate()
+        .filter(|(_, w)| *w == from)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(at.len(), 1, "the version marker appears once in the binary");
+    bytes[at[0]..at[0] + from.len()].copy_from_slice(to.as_bytes());
+    let path = dir.join(format!("license-agent-{version}"));
+    std::fs::write(&path, bytes).unwrap();
+    path
 }
 
 /// What one boot printed.
@@ -424,7 +456,63 @@ fn a_real_debian_machine_with_systemd_apparmor_and_a_tpm() {
         "reboot: no AppArmor denial",
     ]);
 
-    // 5. The TPM cleared between boots: the agent recovers by itself.
+    // 5. Updates: this very binary with its version bytes changed is 0.1.1, published to
+    //    everyone; once the guest runs it, a broken 0.1.2 (exits at start) is published and
+    //    must roll back by itself, halting its rollout.
+    let good = release_binary(root.path(), "0.1.1");
+    let id_good = server.admin(&[
+        "release",
+        "publish",
+        good.to_str().unwrap(),
+        "--version",
+        "0.1.1",
+        "--percent",
+        "100",
+    ])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut id_bad = None;
+    let update = guest.boot("update", Duration::from_secs(900), |share| {
+        if id_bad.is_none() && share.join("updated").exists() {
+            let out = server.admin(&[
+                "release",
+                "publish",
+                "/bin/false",
+                "--version",
+                "0.1.2",
+                "--percent",
+                "100",
+                "--halt-after-failures",
+                "1",
+            ]);
+            id_bad = Some(out["id"].as_str().unwrap().to_string());
+        }
+        false
+    });
+    print!("{}", update.log);
+    update.assert_passed(&[
+        "update: the step's units are installed",
+        "update: 0.1.1 installed by the path unit and the update step",
+        "update: license-agent-update.service succeeded",
+        "update: the previous binary kept",
+        "update: the step's own copy refreshed",
+        "update-0.1.1: confined by AppArmor in enforce mode",
+        "update: every step audited, outcome success",
+        "update: the token validates after the update",
+        "update: the broken 0.1.2 rolled back",
+        "update: 0.1.1 runs again",
+        "update: the token validates after the rollback",
+        "update: the failure reported (the rollout halts)",
+        "update: no AppArmor denial",
+    ]);
+    let shown = server.admin(&["release", "show", &id_good]);
+    assert_eq!(shown["reports"]["success"], 1, "{shown}");
+    let shown = server.admin(&["release", "show", id_bad.as_deref().unwrap()]);
+    assert_eq!(shown["state"], "halted", "{shown}");
+    assert_eq!(shown["reports"]["failed"], 1, "{shown}");
+
+    // 6. The TPM cleared between boots: the agent recovers by itself.
     guest.clear_tpm();
     let cleared = guest.boot("tpm-cleared", Duration::from_secs(400), |_| false);
     print!("{}", cleared.log);

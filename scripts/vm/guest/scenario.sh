@@ -11,6 +11,8 @@
 #   tpm-cleared  after a boot with a cleared TPM: the agent recovers by itself
 #   after-cut    after a power cut: old or new secret, never neither; audit chain; validations
 #   cut          busy (rotations) until the host cuts the power
+#   update       releases the host published: one installed by the path unit and the update
+#                step, then a broken one rolled back
 set -u
 share=/mnt/host
 . "$share/params"
@@ -156,7 +158,7 @@ phase_install() {
   echo "$machine" >"$share/machine_id.tmp" && mv "$share/machine_id.tmp" "$share/machine_id"
   sed -i '/^\[ipc\]/,/^\[/ s/^allowed_uids = .*/allowed_uids = ['"$(id -u pos)"']/' /etc/license-agent/config.toml
   sed -i '/^\[management\]/,/^\[/ s/^allowed_uids = .*/allowed_uids = [0, '"$(id -u ops)"']/' /etc/license-agent/config.toml
-  sed -i 's/^rotation_interval = .*/rotation_interval = 40/; s/^poll_interval = .*/poll_interval = 10/' /etc/license-agent/config.toml
+  sed -i 's/^rotation_interval = .*/rotation_interval = 40/; s/^poll_interval = .*/poll_interval = 10/; s/^health_deadline = .*/health_deadline = 60/' /etc/license-agent/config.toml
   grep -q '^poll_interval' /etc/license-agent/config.toml \
     || sed -i 's/^rotation_interval = 40$/&\npoll_interval = 10/' /etc/license-agent/config.toml
   pid_before="$(agent_pid)"
@@ -320,8 +322,43 @@ phase_after_cut() {
   check_no_denials after-cut
 }
 
+phase_update() {
+  # The host published 0.1.1 (this very binary with its version bytes changed) to everyone.
+  check_running update
+  license="$(cat "$share/license_id")"
+  check "update: the step's units are installed" sh -c 'systemctl is-enabled license-agent-update.path && test -x /usr/lib/license-agent/license-agent-update'
+  sha256sum /usr/bin/license-agent | cut -d' ' -f1 >"$keep/binary-before-update"
+  wait_for 240 "update: 0.1.1 installed by the path unit and the update step" sh -c 'test "$(license-agent-cli status --json | grep -o "\"agent_version\":\"[^\"]*\"")" = "\"agent_version\":\"0.1.1\""'
+  check "update: license-agent-update.service succeeded" test "$(systemctl show -p Result --value license-agent-update.service)" = success
+  info "update: the step's log" "$(journalctl -u license-agent-update.service -o cat --no-pager | tail -n 8 | tr '\n' '|')"
+  check "update: the previous binary kept" test "$(sha256sum /var/lib/license-agent-update/previous | cut -d' ' -f1)" = "$(cat "$keep/binary-before-update")"
+  check "update: the step's own copy refreshed" cmp /usr/bin/license-agent /usr/lib/license-agent/license-agent-update
+  check "update: the step's directory is root's only" test "$(stat -c '%a %U' /var/lib/license-agent-update)" = "700 root"
+  check_running update-0.1.1
+  wait_for 60 "update: every step audited, outcome success" sh -c 'grep "\"update.result\"" /var/log/license-agent/audit.log | grep -q success'
+  for step in verify stop backup swap start health; do
+    check "update: update.$step audited" grep -q "\"update.$step\"" /var/log/license-agent/audit.log
+  done
+  wait_for 60 "update: the token validates after the update" current_token_validates "$license"
+  echo "updated" >"$share/updated.tmp" && mv "$share/updated.tmp" "$share/updated"
+
+  # Now the host publishes 0.1.2, a binary that fails at start: rolled back by itself.
+  wait_for 240 "update: the broken 0.1.2 rolled back" sh -c 'license-agent-cli status --json | grep -q "\"outcome\":\"failed\""'
+  check "update: 0.1.1 runs again" test "$(status_field agent_version)" = 0.1.1
+  check "update: the step reported the failure (unit failed)" test "$(systemctl show -p Result --value license-agent-update.service)" != success
+  info "update: the step's log" "$(journalctl -u license-agent-update.service -o cat --no-pager | tail -n 10 | tr '\n' '|')"
+  check_running update-rollback
+  wait_for 60 "update: the token validates after the rollback" current_token_validates "$license"
+  check "update: no update staged any more" test ! -e /var/lib/license-agent/updates/ready
+  check_audit update
+  check_no_denials update
+  wait_for 60 "update: the failure reported (the rollout halts)" sh -c 'license-agent-cli status --json | grep -q "\"reason\":\"start_failed\"\|\"reason\":\"health_check_failed\""'
+  echo "rolled back" >"$share/rolled-back.tmp" && mv "$share/rolled-back.tmp" "$share/rolled-back"
+}
+
 case "$PHASE" in
   install) phase_install ;;
+  update) phase_update ;;
   reboot) phase_reboot ;;
   tpm-cleared) phase_tpm_cleared ;;
   cut) phase_cut ;;

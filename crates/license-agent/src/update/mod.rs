@@ -31,10 +31,22 @@ use crate::platform::files::{write_atomic, PUBLIC};
 /// tests can publish "newer" and "older" builds of the same binary.
 const TEST_VERSION_ENV: &str = "LICENSE_AGENT_TEST_VERSION";
 
+/// The package version, between markers that appear once in the binary: the VM test makes a
+/// "newer" release of the very binary it installed by changing these bytes (same length).
+static VERSION_MARK: &str = concat!("<lsa-agent-version:", env!("CARGO_PKG_VERSION"), ">");
+
 /// The version this binary is (its package version, or the test hook's).
 pub fn running_version() -> Version {
-    std::env::var(TEST_VERSION_ENV)
+    if let Some(v) = std::env::var(TEST_VERSION_ENV)
         .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return v;
+    }
+    // Read at run time (not folded by the compiler), so the marked bytes are what counts.
+    std::hint::black_box(VERSION_MARK)
+        .strip_prefix("<lsa-agent-version:")
+        .and_then(|v| v.strip_suffix('>'))
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| {
             env!("CARGO_PKG_VERSION")
@@ -164,9 +176,20 @@ impl Staging {
         }
     }
 
+    /// Written by the update step (root) for the daemon: owned by the staging directory's
+    /// owner (the agent's user), whatever the step's umask.
     pub fn write_result(&self, result: &UpdateResult) -> Result<(), StagingError> {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
         let json = serde_json::to_vec_pretty(result).expect("results serialize");
-        write_atomic(&self.result(), &json, PUBLIC).map_err(io_error(&self.result()))
+        let path = self.result();
+        let tmp = self.dir.join(".result.json.tmp");
+        write_atomic(&tmp, &json, PUBLIC).map_err(io_error(&tmp))?;
+        let owner = std::fs::metadata(&self.dir).map_err(io_error(&self.dir))?;
+        std::os::unix::fs::chown(&tmp, Some(owner.uid()), Some(owner.gid()))
+            .map_err(io_error(&tmp))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(PUBLIC))
+            .map_err(io_error(&tmp))?;
+        crate::platform::files::rename_durable(&tmp, &path).map_err(io_error(&path))
     }
 
     /// The update step's result, when one waits for the daemon.
