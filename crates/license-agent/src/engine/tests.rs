@@ -280,9 +280,7 @@ impl AgentServer for Arc<Script> {
         self.downloads.fetch_add(1, Ordering::SeqCst);
         let bytes = self.binary.lock().expect("binary").clone();
         if bytes.len() as u64 > max {
-            return Err(ClientError::BadResponse(format!(
-                "the download is larger than the {max} bytes announced"
-            )));
+            return Err(ClientError::Oversized(max));
         }
         std::fs::write(dest, &bytes).expect("download written");
         Ok((
@@ -983,7 +981,9 @@ async fn tampered_forged_foreign_and_older_releases_are_refused_audited_and_repo
     use license_protocol::release::UpdateOutcome;
     let bytes = b"the real binary".to_vec();
     let stranger = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
-    let cases: Vec<(&str, Box<dyn Fn(&Fixture) -> (UpdateOffer, Vec<u8>)>)> = vec![
+    /// An offer and the bytes served for it.
+    type Case<'a> = Box<dyn Fn(&Fixture) -> (UpdateOffer, Vec<u8>) + 'a>;
+    let cases: Vec<(&str, Case)> = vec![
         (
             "wrong_digest",
             Box::new(|f| {
@@ -1012,8 +1012,8 @@ async fn tampered_forged_foreign_and_older_releases_are_refused_audited_and_repo
         (
             "bad_signature",
             Box::new(|f| {
+                // Changed after signing.
                 let mut o = release_offer(f, "99.0.0", &bytes, None);
-                o.manifest.size += 0;
                 o.manifest.published_at += 1;
                 (o, bytes.clone())
             }),

@@ -231,13 +231,9 @@ impl<S: AgentServer> Engine<S> {
             .await;
         let (size, sha256) = match downloaded {
             Ok(got) => got,
-            Err(ClientError::BadResponse(message)) if message.contains("larger than") => {
+            Err(e @ ClientError::Oversized(_)) => {
                 let _ = std::fs::remove_file(&partial);
-                let e = release::ReleaseError::WrongSize {
-                    expected: m.size,
-                    got: m.size + 1,
-                };
-                self.refuse(&offer, e.code(), message).await;
+                self.refuse(&offer, "wrong_size", e.to_string()).await;
                 return;
             }
             Err(e) => {

@@ -36,6 +36,9 @@ pub enum ClientError {
     },
     #[error("unexpected answer from the server: {0}")]
     BadResponse(String),
+    /// A download brought more bytes than announced (and was stopped there).
+    #[error("the download is larger than the {0} bytes announced")]
+    Oversized(u64),
 }
 
 /// The error and its causes on one line: the useful part of a TLS failure (e.g. the pin
@@ -190,9 +193,7 @@ impl ServerClient {
             let Some(chunk) = chunk else { break };
             size += chunk.len() as u64;
             if size > max {
-                return Err(ClientError::BadResponse(format!(
-                    "the download is larger than the {max} bytes announced"
-                )));
+                return Err(ClientError::Oversized(max));
             }
             hasher.update(&chunk);
             file.write_all(&chunk).await.map_err(local)?;

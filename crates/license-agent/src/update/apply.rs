@@ -232,9 +232,10 @@ pub fn apply(plan: &Plan, host: &mut impl Host) -> Result<Option<UpdateResult>, 
             }
             match verify(plan, host.now()) {
                 Ok(journal) => journal,
-                Err((journal, refusal)) => {
-                    tracing::error!(reason = refusal.code, detail = %refusal.detail, "staged release refused");
-                    let result = journal.result();
+                Err(refused) => {
+                    let result = refused.result();
+                    let detail = result.steps.last().map_or("", |s| s.detail.as_str());
+                    tracing::error!(reason = %result.reason, detail, "staged release refused");
                     plan.staging.write_result(&result)?;
                     plan.staging.clear();
                     let _ = std::fs::remove_file(plan.candidate());
@@ -411,8 +412,9 @@ fn digest_of(path: &Path) -> Result<(u64, String), ApplyError> {
     Ok((size, release::hex(&hasher.finalize())))
 }
 
-/// Step 1. On refusal, the journal to report it with.
-fn verify(plan: &Plan, now: i64) -> Result<Journal, (Journal, Refusal)> {
+/// Step 1. On refusal, the journal to report it with (outcome `refused`, the reason code, the
+/// detail in its `verify` step).
+fn verify(plan: &Plan, now: i64) -> Result<Journal, Box<Journal>> {
     let bundle = plan.staging.read_bundle();
     let placeholder = |refusal: Refusal| {
         let mut journal = Journal {
@@ -427,8 +429,8 @@ fn verify(plan: &Plan, now: i64) -> Result<Journal, (Journal, Refusal)> {
             reason: refusal.code.into(),
             steps: Vec::new(),
         };
-        journal.record("verify", now, refusal.detail.clone());
-        (journal, refusal)
+        journal.record("verify", now, refusal.detail);
+        Box::new(journal)
     };
     let bundle = bundle.map_err(|e| {
         placeholder(Refusal {
@@ -477,8 +479,8 @@ fn verify(plan: &Plan, now: i64) -> Result<Journal, (Journal, Refusal)> {
             journal.step = Step::Done;
             journal.outcome = Some(UpdateOutcome::Refused);
             journal.reason = refusal.code.into();
-            journal.record("verify", now, refusal.detail.clone());
-            Err((journal, refusal))
+            journal.record("verify", now, refusal.detail);
+            Err(Box::new(journal))
         }
     }
 }
