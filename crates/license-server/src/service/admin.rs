@@ -140,28 +140,14 @@ impl<'a> Admin<'a> {
     /// the refusal. Either way nothing happens without a trace.
     pub(super) async fn finish<T>(
         &self,
-        mut tx: WriteTx,
+        tx: WriteTx,
         action: &str,
         target: Option<&str>,
         details: Value,
         result: Result<T>,
     ) -> Result<T> {
-        match result {
-            Ok(value) => {
-                let event =
-                    NewAuditEvent::success(Timestamp::now(), &self.actor, action, target, details);
-                audit::insert(&mut *tx, &event).await?;
-                tx.commit().await?;
-                Ok(value)
-            }
-            Err(e) => {
-                tx.rollback().await?;
-                let event =
-                    NewAuditEvent::refused(&self.actor, action, target, details, e.code().as_str());
-                audit::insert(self.store().pool(), &event).await?;
-                Err(e)
-            }
-        }
+        super::finish_audited(self.store().pool(), &self.actor, tx, action, target, details, result)
+            .await
     }
 
     pub(super) async fn begin(&self) -> Result<WriteTx> {
@@ -488,4 +474,10 @@ async fn create_client(conn: &mut AnyConnection, name: &str) -> Result<ClientRec
         }
         e => e.into(),
     })
+}
+
+impl super::Refusal for AdminError {
+    fn code(&self) -> ErrorCode {
+        AdminError::code(self)
+    }
 }

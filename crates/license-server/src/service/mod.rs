@@ -24,8 +24,43 @@ use std::sync::Arc;
 use rand::RngCore as _;
 use sha2::{Digest as _, Sha256};
 
+use crate::clock::Timestamp;
 use crate::datadir::{DataDir, ServerKeys};
-use crate::store::Store;
+use crate::store::audit::{self, NewAuditEvent};
+use crate::store::{Store, StoreError, WriteTx};
+
+/// An error of an audited administrative action: the code its refusal is audited with.
+pub trait Refusal: From<StoreError> {
+    fn code(&self) -> license_protocol::error::ErrorCode;
+}
+
+/// Runs an administrative action to its end: commits `result` in `tx` with its audit row (by
+/// `actor`), or rolls `tx` back and audits the refusal outside it. Either way nothing happens
+/// without a trace.
+pub(crate) async fn finish_audited<T, E: Refusal>(
+    pool: &sqlx::AnyPool,
+    actor: &str,
+    mut tx: WriteTx,
+    action: &str,
+    target: Option<&str>,
+    details: serde_json::Value,
+    result: Result<T, E>,
+) -> Result<T, E> {
+    match result {
+        Ok(value) => {
+            let event = NewAuditEvent::success(Timestamp::now(), actor, action, target, details);
+            audit::insert(&mut *tx, &event).await?;
+            tx.commit().await?;
+            Ok(value)
+        }
+        Err(e) => {
+            tx.rollback().await?;
+            let event = NewAuditEvent::refused(actor, action, target, details, e.code().as_str());
+            audit::insert(pool, &event).await?;
+            Err(e)
+        }
+    }
+}
 
 /// Shared state of a running server (or of one `admin` CLI invocation).
 #[derive(Debug)]

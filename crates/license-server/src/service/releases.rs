@@ -207,28 +207,14 @@ impl<'a> ReleaseAdmin<'a> {
     /// Commits `result` with its audit row, or rolls it back and audits the refusal.
     async fn finish<T>(
         &self,
-        mut tx: WriteTx,
+        tx: WriteTx,
         action: &str,
         target: Option<&str>,
         details: Value,
         result: Result<T>,
     ) -> Result<T> {
-        match result {
-            Ok(value) => {
-                let event =
-                    NewAuditEvent::success(Timestamp::now(), &self.actor, action, target, details);
-                audit::insert(&mut *tx, &event).await?;
-                tx.commit().await?;
-                Ok(value)
-            }
-            Err(e) => {
-                tx.rollback().await?;
-                let event =
-                    NewAuditEvent::refused(&self.actor, action, target, details, e.code().as_str());
-                audit::insert(self.state.store.pool(), &event).await?;
-                Err(e)
-            }
-        }
+        super::finish_audited(self.state.store.pool(), &self.actor, tx, action, target, details, result)
+            .await
     }
 
     /// Stores the binary in chunks while hashing it, signs its manifest with the current
@@ -851,5 +837,11 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("arch:"));
+    }
+}
+
+impl super::Refusal for ReleaseError {
+    fn code(&self) -> ErrorCode {
+        ReleaseError::code(self)
     }
 }
