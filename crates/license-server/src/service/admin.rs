@@ -13,7 +13,7 @@ use license_protocol::identity::{ClientId, MachineId};
 use super::{new_credential, AppState};
 use crate::clock::Timestamp;
 use crate::store::admin_tokens::{self, AdminTokenRecord, Role};
-use crate::store::audit::{self, AuditEvent, NewAuditEvent};
+use crate::store::audit::{self, AuditEvent};
 use crate::store::certificates::{self, CertificateRecord, CertificateStats};
 use crate::store::clients::{self, ClientRecord};
 use crate::store::install_tokens::{self, InstallTokenRecord};
@@ -146,8 +146,16 @@ impl<'a> Admin<'a> {
         details: Value,
         result: Result<T>,
     ) -> Result<T> {
-        super::finish_audited(self.store().pool(), &self.actor, tx, action, target, details, result)
-            .await
+        super::finish_audited(
+            self.store().pool(),
+            &self.actor,
+            tx,
+            action,
+            target,
+            details,
+            result,
+        )
+        .await
     }
 
     pub(super) async fn begin(&self) -> Result<WriteTx> {

@@ -213,8 +213,16 @@ impl<'a> ReleaseAdmin<'a> {
         details: Value,
         result: Result<T>,
     ) -> Result<T> {
-        super::finish_audited(self.state.store.pool(), &self.actor, tx, action, target, details, result)
-            .await
+        super::finish_audited(
+            self.state.store.pool(),
+            &self.actor,
+            tx,
+            action,
+            target,
+            details,
+            result,
+        )
+        .await
     }
 
     /// Stores the binary in chunks while hashing it, signs its manifest with the current
@@ -734,6 +742,12 @@ pub async fn report(
     Ok(())
 }
 
+impl super::Refusal for ReleaseError {
+    fn code(&self) -> ErrorCode {
+        ReleaseError::code(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -837,11 +851,5 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("arch:"));
-    }
-}
-
-impl super::Refusal for ReleaseError {
-    fn code(&self) -> ErrorCode {
-        ReleaseError::code(self)
     }
 }
