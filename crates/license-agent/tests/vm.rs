@@ -19,12 +19,12 @@
 //! 2. **cut**: rotations back to back, and QEMU killed at a random moment (a power cut).
 //! 3. **after-cut** (boot with the TPM kept): old or new secret, never neither; tokens valid;
 //!    the audit chain verifies or names what the cut truncated.
-//! 4. **reboot**: a clean boot again: secrets and licenses still there.
-//! 5. **update**: a release published to everyone (this binary with its version bytes
-//!    changed) is staged by the sandboxed agent and installed by the real path unit and update
-//!    step (root, outside the AppArmor profile); then a broken release (exits at start) is
-//!    rolled back by itself and its rollout halts.
-//! 6. **tpm-cleared**: booted with a new, empty TPM: the agent recovers by itself.
+//! 4. **reboot**: a clean boot again: secrets and licenses still there. Then, in the same boot,
+//!    updates: a release published to everyone (this binary with its version bytes changed) is
+//!    staged by the sandboxed agent and installed by the real path unit and update step (root,
+//!    outside the AppArmor profile); then a broken release (exits at start) is rolled back by
+//!    itself and its rollout halts.
+//! 5. **tpm-cleared**: booted with a new, empty TPM: the agent recovers by itself.
 //!
 //! `LSA_VM_POWER_CUTS=N` repeats 2–3 N times (scripts/vm/power-cuts.sh runs 50; the figures go
 //! into docs/SECURITY.md). Each boot is bounded; the whole test takes a few minutes.
@@ -446,34 +446,24 @@ fn a_real_debian_machine_with_systemd_apparmor_and_a_tpm() {
     }
     println!("power cuts tried: {cuts}");
 
-    // 4. A clean reboot with the TPM kept.
-    let reboot = guest.boot("reboot", Duration::from_secs(300), |_| false);
-    print!("{}", reboot.log);
-    reboot.assert_passed(&[
-        "reboot: agent active (Type=notify: READY reached)",
-        "the token from before the reboot validates",
-        "reboot: audit chain verifies",
-        "reboot: no AppArmor denial",
-    ]);
-
-    // 5. Updates: this very binary with its version bytes changed is 0.1.1, published to
-    //    everyone; once the guest runs it, a broken 0.1.2 (exits at start) is published and
-    //    must roll back by itself, halting its rollout.
+    // 4. A clean reboot with the TPM kept; then, in the same boot, updates: this very binary
+    //    with its version bytes changed is 0.1.1, published to everyone once the reboot's
+    //    checks are done; once the guest runs it, a broken 0.1.2 (exits at start) is
+    //    published and must roll back by itself, halting its rollout.
     let good = release_binary(root.path(), "0.1.1");
-    let id_good = server.admin(&[
-        "release",
-        "publish",
-        good.to_str().unwrap(),
-        "--version",
-        "0.1.1",
-        "--percent",
-        "100",
-    ])["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let mut id_bad = None;
-    let update = guest.boot("update", Duration::from_secs(900), |share| {
+    let (mut id_good, mut id_bad) = (None, None);
+    let reboot = guest.boot("reboot", Duration::from_secs(900), |share| {
+        if id_good.is_none() && share.join("rebooted").exists() {
+            let args = [
+                "release",
+                "publish",
+                good.to_str().unwrap(),
+                "--version",
+                "0.1.1",
+            ];
+            let out = server.admin(&[&args[..], &["--percent", "100"]].concat());
+            id_good = Some(out["id"].as_str().unwrap().to_string());
+        }
         if id_bad.is_none() && share.join("updated").exists() {
             let out = server.admin(&[
                 "release",
@@ -490,10 +480,15 @@ fn a_real_debian_machine_with_systemd_apparmor_and_a_tpm() {
         }
         false
     });
-    print!("{}", update.log);
-    update.assert_passed(&[
+    print!("{}", reboot.log);
+    reboot.assert_passed(&[
+        "reboot: agent active (Type=notify: READY reached)",
+        "the token from before the reboot validates",
+        "reboot: audit chain verifies",
+        "reboot: no AppArmor denial",
         "update: the step's units are installed",
         "update: 0.1.1 installed by the path unit and the update step",
+        "update: the update step finished",
         "update: license-agent-update.service succeeded",
         "update: the previous binary kept",
         "update: the step's own copy refreshed",
@@ -502,17 +497,18 @@ fn a_real_debian_machine_with_systemd_apparmor_and_a_tpm() {
         "update: the token validates after the update",
         "update: the broken 0.1.2 rolled back",
         "update: 0.1.1 runs again",
+        "update: the step reported the failure (unit failed)",
         "update: the token validates after the rollback",
         "update: the failure reported (the rollout halts)",
         "update: no AppArmor denial",
     ]);
-    let shown = server.admin(&["release", "show", &id_good]);
+    let shown = server.admin(&["release", "show", id_good.as_deref().unwrap()]);
     assert_eq!(shown["reports"]["success"], 1, "{shown}");
     let shown = server.admin(&["release", "show", id_bad.as_deref().unwrap()]);
     assert_eq!(shown["state"], "halted", "{shown}");
     assert_eq!(shown["reports"]["failed"], 1, "{shown}");
 
-    // 6. The TPM cleared between boots: the agent recovers by itself.
+    // 5. The TPM cleared between boots: the agent recovers by itself.
     guest.clear_tpm();
     let cleared = guest.boot("tpm-cleared", Duration::from_secs(400), |_| false);
     print!("{}", cleared.log);

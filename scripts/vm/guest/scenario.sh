@@ -11,8 +11,8 @@
 #   tpm-cleared  after a boot with a cleared TPM: the agent recovers by itself
 #   after-cut    after a power cut: old or new secret, never neither; audit chain; validations
 #   cut          busy (rotations) until the host cuts the power
-#   update       releases the host published: one installed by the path unit and the update
-#                step, then a broken one rolled back
+#   (reboot, then) releases the host publishes: one installed by the path unit and the update
+#                step, then a broken one rolled back (phase_update, in the reboot's boot)
 set -u
 share=/mnt/host
 . "$share/params"
@@ -272,6 +272,8 @@ phase_reboot() {
   check "the token from before the reboot validates" is_valid pos "$keep/current.token"
   check_audit reboot
   check_no_denials reboot
+  # The host publishes its first release once the reboot's checks are done (phase_update).
+  echo "rebooted" >"$share/rebooted.tmp" && mv "$share/rebooted.tmp" "$share/rebooted"
 }
 
 phase_tpm_cleared() {
@@ -323,12 +325,15 @@ phase_after_cut() {
 }
 
 phase_update() {
-  # The host published 0.1.1 (this very binary with its version bytes changed) to everyone.
+  # The host publishes 0.1.1 (this very binary with its version bytes changed) to everyone.
   check_running update
   license="$(cat "$share/license_id")"
   check "update: the step's units are installed" sh -c 'systemctl is-enabled license-agent-update.path && test -x /usr/lib/license-agent/license-agent-update'
   sha256sum /usr/bin/license-agent | cut -d' ' -f1 >"$keep/binary-before-update"
   wait_for 240 "update: 0.1.1 installed by the path unit and the update step" sh -c 'test "$(license-agent-cli status --json | grep -o "\"agent_version\":\"[^\"]*\"")" = "\"agent_version\":\"0.1.1\""'
+  # The agent answers as 0.1.1 once the step's health check may pass; the step then finishes
+  # (its own copy refreshed, the staging directory cleared) before the unit goes inactive.
+  wait_for 60 "update: the update step finished" sh -c 'test "$(systemctl show -p ActiveState --value license-agent-update.service)" = inactive && test ! -e /var/lib/license-agent/updates/ready'
   check "update: license-agent-update.service succeeded" test "$(systemctl show -p Result --value license-agent-update.service)" = success
   info "update: the step's log" "$(journalctl -u license-agent-update.service -o cat --no-pager | tail -n 8 | tr '\n' '|')"
   check "update: the previous binary kept" test "$(sha256sum /var/lib/license-agent-update/previous | cut -d' ' -f1)" = "$(cat "$keep/binary-before-update")"
@@ -345,7 +350,7 @@ phase_update() {
   # Now the host publishes 0.1.2, a binary that fails at start: rolled back by itself.
   wait_for 240 "update: the broken 0.1.2 rolled back" sh -c 'license-agent-cli status --json | grep -q "\"outcome\":\"failed\""'
   check "update: 0.1.1 runs again" test "$(status_field agent_version)" = 0.1.1
-  check "update: the step reported the failure (unit failed)" test "$(systemctl show -p Result --value license-agent-update.service)" != success
+  wait_for 30 "update: the step reported the failure (unit failed)" sh -c 'test "$(systemctl show -p ActiveState --value license-agent-update.service)" = failed'
   info "update: the step's log" "$(journalctl -u license-agent-update.service -o cat --no-pager | tail -n 10 | tr '\n' '|')"
   check_running update-rollback
   wait_for 60 "update: the token validates after the rollback" current_token_validates "$license"
@@ -358,8 +363,7 @@ phase_update() {
 
 case "$PHASE" in
   install) phase_install ;;
-  update) phase_update ;;
-  reboot) phase_reboot ;;
+  reboot) phase_reboot; phase_update ;;
   tpm-cleared) phase_tpm_cleared ;;
   cut) phase_cut ;;
   after-cut) phase_after_cut ;;
