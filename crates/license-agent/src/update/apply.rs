@@ -367,7 +367,6 @@ fn save_journal(plan: &Plan, journal: &Journal) -> Result<(), ApplyError> {
 /// Copies `from` to `to` (created with `mode`), durably; answers the size and hex SHA-256 of
 /// what was copied. Streams: memory is flat whatever the size.
 fn copy_hashing(from: &Path, to: &Path, mode: u32) -> Result<(u64, String), ApplyError> {
-    let mut input = File::open(from).map_err(io(from))?;
     let tmp = to.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let mut output = std::fs::OpenOptions::new()
@@ -376,6 +375,23 @@ fn copy_hashing(from: &Path, to: &Path, mode: u32) -> Result<(u64, String), Appl
         .mode(mode)
         .open(&tmp)
         .map_err(io(&tmp))?;
+    let digest = hash_into(from, &mut output, &tmp)?;
+    output.sync_all().map_err(io(&tmp))?;
+    // The mode again: the umask may have narrowed it.
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(io(&tmp))?;
+    rename_durable(&tmp, to).map_err(io(to))?;
+    Ok(digest)
+}
+
+/// Size and hex SHA-256 of a file.
+fn digest_of(path: &Path) -> Result<(u64, String), ApplyError> {
+    hash_into(path, &mut std::io::sink(), path)
+}
+
+/// Streams the file at `from` into `output` (named `to` in errors), 64 KiB at a time, hashing
+/// it: its size and hex SHA-256. Memory is flat whatever the size.
+fn hash_into(from: &Path, output: &mut impl Write, to: &Path) -> Result<(u64, String), ApplyError> {
+    let mut input = File::open(from).map_err(io(from))?;
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let mut buffer = vec![0u8; 64 * 1024];
@@ -385,28 +401,7 @@ fn copy_hashing(from: &Path, to: &Path, mode: u32) -> Result<(u64, String), Appl
             break;
         }
         hasher.update(&buffer[..n]);
-        output.write_all(&buffer[..n]).map_err(io(&tmp))?;
-        size += n as u64;
-    }
-    output.sync_all().map_err(io(&tmp))?;
-    // The mode again: the umask may have narrowed it.
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(io(&tmp))?;
-    rename_durable(&tmp, to).map_err(io(to))?;
-    Ok((size, release::hex(&hasher.finalize())))
-}
-
-/// Size and hex SHA-256 of a file.
-fn digest_of(path: &Path) -> Result<(u64, String), ApplyError> {
-    let mut input = File::open(path).map_err(io(path))?;
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        let n = input.read(&mut buffer).map_err(io(path))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
+        output.write_all(&buffer[..n]).map_err(io(to))?;
         size += n as u64;
     }
     Ok((size, release::hex(&hasher.finalize())))
