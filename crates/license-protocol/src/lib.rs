@@ -7,6 +7,8 @@
 //! - [`identity`]: the machine identity carried in a certificate's CN, `client_id:machine_id`.
 //! - [`pin`]: server pins, `sha256:<base64 of SHA-256 of the SubjectPublicKeyInfo>`.
 //! - [`enroll`]: `POST /api/public/bootstrap` request and response.
+//! - [`installer`]: the trailer the server appends to the Windows installer (server, pin,
+//!   one-time token).
 //! - [`agent_api`]: messages of the mTLS agent API.
 //! - [`error`]: the JSON error body every endpoint answers with.
 //! - [`secret`]: machine secrets and their ECIES delivery to the machine's key.
@@ -40,6 +42,7 @@ pub mod agent_api;
 pub mod enroll;
 pub mod error;
 pub mod identity;
+pub mod installer;
 /// The validation socket's wire types, defined in `license-ipc` (which clients take without the
 /// cryptography of this crate) and re-exported here under their old path.
 pub use license_ipc::ipc;
