@@ -8,18 +8,64 @@ use license_audit::Actor;
 
 use crate::config::AgentConfig;
 
-/// The process at the other end of a local connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A user or a group as the kernel names it: a uid or gid on Unix, a SID on Windows.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Principal {
+    Uid(u32),
+    Gid(u32),
+    Sid(String),
+}
+
+impl std::fmt::Display for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Principal::Uid(uid) => write!(f, "uid {uid}"),
+            Principal::Gid(gid) => write!(f, "gid {gid}"),
+            Principal::Sid(sid) => f.write_str(sid),
+        }
+    }
+}
+
+/// The process at the other end of a local connection, as the kernel reports it
+/// (`SO_PEERCRED` on Unix; the client's access token on Windows).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: Option<i32>,
+    /// The uid, or the user SID.
+    pub user: Principal,
+    /// The primary gid, or the token's enabled group SIDs.
+    pub groups: Vec<Principal>,
+    pub pid: Option<u32>,
 }
 
 impl Peer {
-    /// The peer as an audit actor.
+    /// The peer as an audit actor (a Windows user is named in the event's details).
     pub fn actor(&self) -> Actor {
-        Actor::peer(self.uid, self.pid.map_or(0, i32::unsigned_abs))
+        match self.user {
+            Principal::Uid(uid) => Actor::peer(uid, self.pid.unwrap_or(0)),
+            _ => Actor {
+                uid: None,
+                pid: self.pid,
+            },
+        }
+    }
+
+    /// The peer as JSON for audit details and logs: `{"uid", "gid", "pid"}` on Unix,
+    /// `{"sid", "pid"}` on Windows.
+    pub fn details(&self) -> serde_json::Value {
+        let mut details = serde_json::Map::new();
+        match &self.user {
+            Principal::Uid(uid) | Principal::Gid(uid) => {
+                details.insert("uid".into(), (*uid).into());
+            }
+            Principal::Sid(sid) => {
+                details.insert("sid".into(), sid.clone().into());
+            }
+        }
+        if let Some(Principal::Gid(gid)) = self.groups.first() {
+            details.insert("gid".into(), (*gid).into());
+        }
+        details.insert("pid".into(), self.pid.into());
+        details.into()
     }
 }
 
@@ -36,25 +82,53 @@ pub enum Role {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Access {
-    /// Validation socket: peers by uid…
-    pub ipc_uids: Vec<u32>,
-    /// …or by primary gid.
-    pub ipc_gids: Vec<u32>,
-    /// Management socket: read role.
-    pub mgmt_readers: Vec<u32>,
+    /// Validation socket: peers by user…
+    pub ipc_users: Vec<Principal>,
+    /// …or by group.
+    pub ipc_groups: Vec<Principal>,
+    /// Management socket: read role (users, or on Windows groups too).
+    pub mgmt_readers: Vec<Principal>,
     /// Management socket: admin role (reads too).
-    pub mgmt_admins: Vec<u32>,
+    pub mgmt_admins: Vec<Principal>,
 }
 
 pub type SharedAccess = Arc<RwLock<Access>>;
 
+/// SYSTEM and BUILTIN\Administrators: the Windows management socket's admins by default, as
+/// root is on Linux through `management.admin_uids = [0]`.
+pub const WINDOWS_DEFAULT_ADMINS: [&str; 2] = ["S-1-5-18", "S-1-5-32-544"];
+
 impl Access {
     pub fn from_config(config: &AgentConfig) -> Self {
-        Self {
-            ipc_uids: config.ipc.allowed_uids.clone(),
-            ipc_gids: config.ipc.allowed_gids.clone(),
-            mgmt_readers: config.management.allowed_uids.clone(),
-            mgmt_admins: config.management.admin_uids.clone(),
+        let sids = |list: &[String]| list.iter().cloned().map(Principal::Sid).collect::<Vec<_>>();
+        if cfg!(windows) {
+            let mut admins = sids(&config.management.admin_sids);
+            if admins.is_empty() {
+                admins = WINDOWS_DEFAULT_ADMINS
+                    .iter()
+                    .map(|s| Principal::Sid((*s).to_string()))
+                    .collect();
+            }
+            Self {
+                ipc_users: sids(&config.ipc.allowed_sids),
+                ipc_groups: sids(&config.ipc.allowed_groups),
+                mgmt_readers: sids(&config.management.allowed_sids),
+                mgmt_admins: admins,
+            }
+        } else {
+            let uids = |list: &[u32]| list.iter().copied().map(Principal::Uid).collect();
+            Self {
+                ipc_users: uids(&config.ipc.allowed_uids),
+                ipc_groups: config
+                    .ipc
+                    .allowed_gids
+                    .iter()
+                    .copied()
+                    .map(Principal::Gid)
+                    .collect(),
+                mgmt_readers: uids(&config.management.allowed_uids),
+                mgmt_admins: uids(&config.management.admin_uids),
+            }
         }
     }
 
@@ -74,14 +148,22 @@ impl Access {
 
     /// Whether `peer` may ask for validations.
     pub fn may_validate(&self, peer: &Peer) -> bool {
-        self.ipc_uids.contains(&peer.uid) || self.ipc_gids.contains(&peer.gid)
+        self.ipc_users.contains(&peer.user)
+            || peer.groups.iter().any(|g| self.ipc_groups.contains(g))
     }
 
-    /// `peer`'s role on the management socket (by uid only).
+    /// `peer`'s role on the management socket: by uid on Unix; by user or group SID on Windows.
     pub fn role(&self, peer: &Peer) -> Role {
-        if self.mgmt_admins.contains(&peer.uid) {
+        let listed = |list: &[Principal]| {
+            list.contains(&peer.user)
+                || peer
+                    .groups
+                    .iter()
+                    .any(|g| matches!(g, Principal::Sid(_)) && list.contains(g))
+        };
+        if listed(&self.mgmt_admins) {
             Role::Admin
-        } else if self.mgmt_readers.contains(&peer.uid) {
+        } else if listed(&self.mgmt_readers) {
             Role::Reader
         } else {
             Role::None
@@ -96,14 +178,14 @@ mod tests {
     #[test]
     fn roles_and_validation_rights() {
         let access = Access {
-            ipc_uids: vec![1000],
-            ipc_gids: vec![50],
-            mgmt_readers: vec![1001],
-            mgmt_admins: vec![0],
+            ipc_users: vec![Principal::Uid(1000)],
+            ipc_groups: vec![Principal::Gid(50)],
+            mgmt_readers: vec![Principal::Uid(1001)],
+            mgmt_admins: vec![Principal::Uid(0)],
         };
         let peer = |uid, gid| Peer {
-            uid,
-            gid,
+            user: Principal::Uid(uid),
+            groups: vec![Principal::Gid(gid)],
             pid: None,
         };
         assert!(access.may_validate(&peer(1000, 1)));
@@ -112,5 +194,44 @@ mod tests {
         assert_eq!(access.role(&peer(0, 0)), Role::Admin);
         assert_eq!(access.role(&peer(1001, 0)), Role::Reader);
         assert_eq!(access.role(&peer(1000, 0)), Role::None);
+        // A gid never gives a management role (Unix roles are by uid).
+        let by_gid = Access {
+            mgmt_admins: vec![Principal::Gid(0)],
+            ..access
+        };
+        assert_eq!(by_gid.role(&peer(5, 0)), Role::None);
+    }
+
+    #[test]
+    fn windows_peers_by_user_or_group_sid() {
+        let sid = |s: &str| Principal::Sid(s.into());
+        let access = Access {
+            ipc_users: vec![sid("S-1-5-21-1-2-3-1001")],
+            ipc_groups: vec![sid("S-1-5-21-1-2-3-2000")],
+            mgmt_readers: vec![sid("S-1-5-32-545")],
+            mgmt_admins: vec![sid("S-1-5-32-544")],
+        };
+        let peer = |user: &str, groups: &[&str]| Peer {
+            user: sid(user),
+            groups: groups.iter().map(|g| sid(g)).collect(),
+            pid: Some(42),
+        };
+        assert!(access.may_validate(&peer("S-1-5-21-1-2-3-1001", &[])));
+        assert!(access.may_validate(&peer("S-1-5-21-1-2-3-1002", &["S-1-5-21-1-2-3-2000"])));
+        assert!(!access.may_validate(&peer("S-1-5-21-1-2-3-1002", &["S-1-5-32-545"])));
+        assert_eq!(
+            access.role(&peer("S-1-5-18", &["S-1-5-32-544"])),
+            Role::Admin
+        );
+        assert_eq!(
+            access.role(&peer("S-1-5-21-9", &["S-1-5-32-545"])),
+            Role::Reader
+        );
+        assert_eq!(access.role(&peer("S-1-5-21-9", &[])), Role::None);
+        assert_eq!(
+            peer("S-1-5-21-9", &[]).details(),
+            serde_json::json!({"sid": "S-1-5-21-9", "pid": 42})
+        );
+        assert_eq!(peer("S-1-5-21-9", &[]).actor().uid, None);
     }
 }

@@ -107,6 +107,7 @@ impl Alerts {
     /// Raises one alert; returns once its audit record is written (never waits on the webhook).
     pub async fn raise(&self, kind: AlertKind, message: &str, details: serde_json::Value) {
         tracing::error!(alert = kind.as_str(), details = %details, "ALERT: {message}");
+        crate::platform::host::alert(kind.as_str(), message);
         let mut event = Event::new(format!("alert.{}", kind.as_str()), Outcome::Error)
             .detail("message", message);
         if let serde_json::Value::Object(map) = &details {

@@ -5,7 +5,6 @@
 //! 2 bad usage or configuration;
 //! 3 refused by the server (token used/expired/unknown, machine revoked, …); 4 already enrolled.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 
 use license_protocol::enroll::{FieldError, InstallToken};
@@ -55,6 +54,14 @@ pub enum CommandError {
     Signal(std::io::Error),
     #[error("update step: {0}")]
     Update(#[from] crate::update::apply::ApplyError),
+    /// Windows: the installer could not finish (the message says which step).
+    #[cfg(windows)]
+    #[error(transparent)]
+    Install(#[from] crate::enroll::installer::InstallError),
+    /// Windows: the service control manager refused or timed out.
+    #[cfg(windows)]
+    #[error(transparent)]
+    Service(#[from] crate::platform::windows::service::ServiceError),
     /// The update step ran and the release was refused or rolled back.
     #[error("the update to {version} ended {outcome} ({reason}); the previous version runs")]
     UpdateNotApplied {
@@ -81,6 +88,18 @@ impl CommandError {
             )
             | CommandError::Server(ClientError::Refused { .. })
             | CommandError::Renewal(RenewalError::Server(ClientError::Refused { .. })) => REFUSED,
+            #[cfg(windows)]
+            CommandError::Install(e) => {
+                use crate::enroll::installer::InstallError;
+                match e {
+                    InstallError::Trailer(_) => USAGE,
+                    InstallError::Enroll(
+                        EnrollError::Server(ClientError::Refused { .. })
+                        | EnrollError::BadAnswer(_),
+                    ) => REFUSED,
+                    _ => RUNTIME,
+                }
+            }
             _ => RUNTIME,
         }
     }
@@ -154,6 +173,13 @@ pub struct EnrollArgs {
     /// socket is 0660) [default: the agent's primary group].
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
+    /// Windows: SID of a user allowed to validate licenses on the pipe (repeatable).
+    #[arg(long = "allow-sid", value_name = "SID")]
+    allowed_sids: Vec<String>,
+    /// Windows: SID of a group whose members may validate licenses on the pipe (repeatable;
+    /// e.g. S-1-5-32-545, BUILTIN\Users).
+    #[arg(long = "allow-group", value_name = "SID")]
+    allowed_groups: Vec<String>,
     /// Make the machine key inside the TPM (non-exportable) reached through this TCTI,
     /// e.g. `device:/dev/tpmrm0`; also enables the TPM secret store.
     #[arg(long, value_name = "TCTI")]
@@ -178,6 +204,8 @@ impl EnrollArgs {
             socket: self.socket,
             allowed_uids: self.allowed_uids,
             socket_group: self.socket_group,
+            allowed_sids: self.allowed_sids,
+            allowed_groups: self.allowed_groups,
             tpm_tcti: self.tpm,
         }
     }
@@ -209,25 +237,11 @@ pub async fn enroll(mut args: EnrollArgs) -> Result<(), CommandError> {
     Ok(())
 }
 
-/// SIGTERM or SIGINT, registered now: a signal that arrives while the daemon is still starting
-/// (before the future is first polled) must drain and exit cleanly, not kill the process with
-/// the default action and leave TPM objects and state behind.
-fn shutdown_signal() -> Result<impl Future<Output = ()>, CommandError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(CommandError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(CommandError::Signal)?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    })
-}
-
 /// `run`: the daemon, until SIGTERM or SIGINT.
 pub async fn run(config_path: PathBuf) -> Result<(), CommandError> {
     let config = load(&config_path)?;
-    daemon::run(config, config_path, shutdown_signal()?).await?;
+    let shutdown = crate::platform::host::shutdown_requested().map_err(CommandError::Signal)?;
+    daemon::run(config, config_path, shutdown).await?;
     Ok(())
 }
 
@@ -426,4 +440,72 @@ pub fn update_apply(config_path: &Path, json: bool) -> Result<(), CommandError> 
             reason: result.reason,
         })
     }
+}
+
+// --- Windows ---------------------------------------------------------------------------------
+
+/// `install` (Windows): the installer flow of [`crate::enroll::installer`], step by step, or its
+/// report as JSON.
+#[cfg(windows)]
+pub async fn install(
+    options: crate::enroll::installer::InstallOptions,
+    json: bool,
+) -> Result<(), CommandError> {
+    let report = crate::enroll::installer::install(options).await?;
+    if json {
+        print_json(&report);
+    } else {
+        println!(
+            "License Secret Agent is installed: machine {}, service {}",
+            report.machine_id, report.service_state
+        );
+    }
+    Ok(())
+}
+
+/// `service-run` (Windows): hands the process to the service control manager, which runs the
+/// daemon on its own thread until the service is stopped.
+#[cfg(windows)]
+pub fn service_run(config_path: PathBuf) -> Result<(), CommandError> {
+    use crate::platform::windows::service;
+    service::run_dispatcher(move || {
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the async runtime");
+                return 1;
+            }
+        };
+        match runtime.block_on(run(config_path)) {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!(error = %e, "the agent stopped on an error");
+                e.exit_code()
+            }
+        }
+    })?;
+    Ok(())
+}
+
+/// `service status|start|stop|uninstall` (Windows).
+#[cfg(windows)]
+pub fn service(action: &str, json: bool) -> Result<(), CommandError> {
+    use crate::platform::windows::service;
+    let wait = std::time::Duration::from_secs(60);
+    match action {
+        "start" => service::start(wait)?,
+        "stop" => service::stop(wait)?,
+        "uninstall" => service::uninstall(wait)?,
+        _ => {}
+    }
+    let state = service::query().map_or("not installed", service::state_name);
+    if json {
+        print_json(&serde_json::json!({"service": service::SERVICE_NAME, "state": state}));
+    } else {
+        println!("service {}: {state}", service::SERVICE_NAME);
+    }
+    Ok(())
 }

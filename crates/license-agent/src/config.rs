@@ -16,21 +16,44 @@ pub const DEFAULT_ROTATION_INTERVAL_SECS: u64 = 86_400;
 pub const DEFAULT_GRACE_PERIOD_SECS: u64 = 604_800;
 /// Shortest rotation interval accepted (tests use a few seconds).
 pub const MIN_ROTATION_INTERVAL_SECS: u64 = 1;
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/license-agent/config.toml";
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/license-agent";
-pub const DEFAULT_LOG_DIR: &str = "/var/log/license-agent";
+pub use paths::*;
+
+/// Where things live unless the config says otherwise: the Linux layout (FHS, systemd's
+/// `/run`)…
+#[cfg(unix)]
+mod paths {
+    pub const DEFAULT_CONFIG_PATH: &str = "/etc/license-agent/config.toml";
+    pub const DEFAULT_STATE_DIR: &str = "/var/lib/license-agent";
+    pub const DEFAULT_LOG_DIR: &str = "/var/log/license-agent";
+    /// The update step's directory (root only).
+    pub const DEFAULT_UPDATE_WORK_DIR: &str = "/var/lib/license-agent-update";
+    /// The agent binary the update step replaces.
+    pub const DEFAULT_AGENT_BINARY: &str = "/usr/bin/license-agent";
+    /// The update step's own copy of the binary.
+    pub const DEFAULT_UPDATE_STEP_BINARY: &str = "/usr/lib/license-agent/license-agent-update";
+    pub const DEFAULT_MGMT_SOCKET: &str = "/run/license-agent/mgmt.sock";
+    pub const DEFAULT_SOCKET: &str = "/run/license-agent/agent.sock";
+}
+
+/// …and the Windows one: `%ProgramData%\LicenseAgent` (SYSTEM and Administrators only), the
+/// binary in `%ProgramFiles%\LicenseAgent`, named pipes for the sockets.
+#[cfg(windows)]
+mod paths {
+    pub const DEFAULT_CONFIG_PATH: &str = r"C:\ProgramData\LicenseAgent\config.toml";
+    pub const DEFAULT_STATE_DIR: &str = r"C:\ProgramData\LicenseAgent\state";
+    pub const DEFAULT_LOG_DIR: &str = r"C:\ProgramData\LicenseAgent\log";
+    pub const DEFAULT_UPDATE_WORK_DIR: &str = r"C:\ProgramData\LicenseAgent\update";
+    pub const DEFAULT_AGENT_BINARY: &str = r"C:\Program Files\LicenseAgent\license-agent.exe";
+    pub const DEFAULT_UPDATE_STEP_BINARY: &str =
+        r"C:\Program Files\LicenseAgent\license-agent-update.exe";
+    pub const DEFAULT_MGMT_SOCKET: &str = r"\\.\pipe\license-agent-mgmt";
+    pub const DEFAULT_SOCKET: &str = r"\\.\pipe\license-agent";
+}
+
 /// Seconds between checks with the server (forced rotation, invalidation, revocation).
 pub const DEFAULT_POLL_INTERVAL_SECS: u64 = 60;
 /// The kernel's TPM resource manager.
 pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
-/// The update step's directory (root only).
-pub const DEFAULT_UPDATE_WORK_DIR: &str = "/var/lib/license-agent-update";
-/// The agent binary the update step replaces.
-pub const DEFAULT_AGENT_BINARY: &str = "/usr/bin/license-agent";
-/// The update step's own copy of the binary.
-pub const DEFAULT_UPDATE_STEP_BINARY: &str = "/usr/lib/license-agent/license-agent-update";
-pub const DEFAULT_MGMT_SOCKET: &str = "/run/license-agent/mgmt.sock";
-pub const DEFAULT_SOCKET: &str = "/run/license-agent/agent.sock";
 /// Connections served at once on the validation socket.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 /// A connection idle this long (no complete frame) is closed.
@@ -89,8 +112,9 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateSection {
-    /// Take releases the server offers (`false`: never download one).
-    #[serde(default = "default_true")]
+    /// Take releases the server offers (`false`: never download one). Linux only for now:
+    /// `false` by default on Windows, where `true` is refused (releases are Linux binaries).
+    #[serde(default = "default_update_enabled")]
     pub enabled: bool,
     /// The release channel followed.
     #[serde(default = "default_channel")]
@@ -122,7 +146,7 @@ pub struct UpdateSection {
 impl Default for UpdateSection {
     fn default() -> Self {
         Self {
-            enabled: true,
+            enabled: default_update_enabled(),
             channel: default_channel(),
             staging_dir: None,
             work_dir: default_update_work_dir(),
@@ -135,8 +159,8 @@ impl Default for UpdateSection {
     }
 }
 
-fn default_true() -> bool {
-    true
+fn default_update_enabled() -> bool {
+    cfg!(unix)
 }
 fn default_channel() -> license_protocol::release::Channel {
     "stable".parse().expect("a valid channel")
@@ -284,6 +308,13 @@ pub struct IpcSection {
     /// …and so may peers whose primary gid is listed.
     #[serde(default)]
     pub allowed_gids: Vec<u32>,
+    /// Windows: users allowed to validate, by SID (`S-1-5-21-…`)…
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_sids: Vec<String>,
+    /// …and members of these groups (SIDs, e.g. `S-1-5-32-545` for BUILTIN\Users), as their
+    /// access token says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_groups: Vec<String>,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     #[serde(default = "default_idle_timeout")]
@@ -298,6 +329,89 @@ pub struct IpcSection {
     /// POS applications' users are its members.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_group: Option<String>,
+}
+
+/// Whether `s` reads as a SID in string form: `S-1-<authority>-<sub>…`, decimal numbers.
+pub fn is_sid(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix("S-1-") else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.split('-').collect();
+    (1..=16).contains(&parts.len())
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+impl AgentConfig {
+    /// Keys of the other platform are refused, naming the key to use instead: a uid means
+    /// nothing to Windows, nor a SID to Linux.
+    fn check_platform_keys(&self) -> Result<(), ConfigError> {
+        let sids = [
+            ("ipc.allowed_sids", &self.ipc.allowed_sids),
+            ("ipc.allowed_groups", &self.ipc.allowed_groups),
+            ("management.allowed_sids", &self.management.allowed_sids),
+            ("management.admin_sids", &self.management.admin_sids),
+        ];
+        if cfg!(windows) {
+            if self.update.enabled {
+                return Err(invalid(
+                    "update.enabled",
+                    "agent updates are not supported on Windows yet (the releases are Linux binaries)",
+                ));
+            }
+            let unix = [
+                (
+                    "ipc.allowed_uids",
+                    !self.ipc.allowed_uids.is_empty(),
+                    "ipc.allowed_sids",
+                ),
+                (
+                    "ipc.allowed_gids",
+                    !self.ipc.allowed_gids.is_empty(),
+                    "ipc.allowed_groups",
+                ),
+                (
+                    "ipc.socket_group",
+                    self.ipc.socket_group.is_some(),
+                    "ipc.allowed_groups",
+                ),
+                (
+                    "management.allowed_uids",
+                    !self.management.allowed_uids.is_empty(),
+                    "management.allowed_sids",
+                ),
+                (
+                    "management.admin_uids",
+                    !self.management.admin_uids.is_empty(),
+                    "management.admin_sids",
+                ),
+            ];
+            for (key, set, instead) in unix {
+                if set {
+                    return Err(invalid(
+                        key,
+                        format!("is a Linux setting; on Windows use {instead}"),
+                    ));
+                }
+            }
+            for (key, list) in sids {
+                if let Some(bad) = list.iter().find(|s| !is_sid(s)) {
+                    return Err(invalid(key, format!("{bad:?} is not a SID (S-1-…)")));
+                }
+            }
+        } else {
+            for (key, list) in sids {
+                if !list.is_empty() {
+                    return Err(invalid(
+                        key,
+                        "is a Windows setting; on Linux use the *_uids/*_gids keys",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Permission bits of a socket file, written in config files as an octal string (`"0660"`).
@@ -350,6 +464,8 @@ impl Default for IpcSection {
             socket_group: None,
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
+            allowed_sids: Vec::new(),
+            allowed_groups: Vec::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             idle_timeout: DEFAULT_IDLE_TIMEOUT_SECS,
             replay_window: DEFAULT_REPLAY_WINDOW_SECS,
@@ -439,6 +555,12 @@ pub struct ManagementSection {
     /// UIDs allowed to act (rotate, invalidate, degraded mode); they may read too.
     #[serde(default)]
     pub admin_uids: Vec<u32>,
+    /// Windows: SIDs allowed to read status (users or groups of the caller's token).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_sids: Vec<String>,
+    /// Windows: SIDs allowed to act (users or groups; default: SYSTEM and Administrators).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub admin_sids: Vec<String>,
     #[serde(default = "default_mgmt_socket")]
     pub socket: PathBuf,
     /// Optional second factor: requests must carry this file's content (0600).
@@ -451,6 +573,8 @@ impl Default for ManagementSection {
         Self {
             allowed_uids: Vec::new(),
             admin_uids: Vec::new(),
+            allowed_sids: Vec::new(),
+            admin_sids: Vec::new(),
             socket: default_mgmt_socket(),
             token_file: None,
         }
@@ -538,6 +662,7 @@ impl AgentConfig {
 
     /// Cross-field checks.
     pub fn check(&self) -> Result<(), ConfigError> {
+        self.check_platform_keys()?;
         for (key, url) in [
             ("server.url", &self.server.url),
             ("server.public_url", &self.server.public_url),

@@ -26,6 +26,8 @@ use crate::engine::{Engine, EngineParts, EngineSettings, Machine, Vault};
 use crate::net::AgentApi;
 use crate::platform::blocking;
 use crate::platform::clock::GuardedClock;
+use crate::platform::host;
+use crate::platform::local_socket::BindOptions;
 use crate::platform::tpm::{Tpm, TpmError};
 use crate::sockets::listener::{Limits, Listener};
 use crate::sockets::management::{self, ManagementSocket};
@@ -70,24 +72,12 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
     }
 }
 
-/// `WATCHDOG_USEC` as sd_watchdog_enabled(3) reads it: the interval, unless `WATCHDOG_PID`
-/// names another process.
-fn watchdog_usec() -> Option<u64> {
-    let usec = std::env::var("WATCHDOG_USEC")
-        .ok()?
-        .parse::<u64>()
-        .ok()
-        .filter(|u| *u > 0)?;
-    match std::env::var("WATCHDOG_PID").ok().map(|p| p.parse::<u32>()) {
-        Some(Ok(pid)) if pid != std::process::id() => None,
-        _ => Some(usec),
-    }
-}
-
 /// systemd's watchdog: pinged at half the interval while the validator's locks can be taken,
 /// so a wedged agent gets restarted.
 fn start_watchdog(validator: Arc<Validator>) {
-    let Some(usec) = watchdog_usec() else { return };
+    let Some(usec) = host::watchdog_usec() else {
+        return;
+    };
     let period = Duration::from_micros(usec / 2).max(Duration::from_millis(50));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
@@ -98,7 +88,7 @@ fn start_watchdog(validator: Arc<Validator>) {
                 .await
                 .unwrap_or(false);
             if alive {
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                host::watchdog();
             }
         }
     });
@@ -329,9 +319,15 @@ fn start_sockets(
     stop: &watch::Receiver<bool>,
 ) -> Result<Sockets, DaemonError> {
     let idle_timeout = Duration::from_secs(config.ipc.idle_timeout);
-    let gid = crate::platform::files::socket_gid(&config.ipc)?;
-    let validation = Listener::bind(&config.ipc.socket, config.ipc.socket_mode.0, gid)
-        .map_err(io_error(&config.ipc.socket))?;
+    let mut allowed = config.ipc.allowed_sids.clone();
+    allowed.extend(config.ipc.allowed_groups.iter().cloned());
+    let options = BindOptions {
+        mode: config.ipc.socket_mode.0,
+        gid: crate::platform::files::socket_gid(&config.ipc)?,
+        sids: Some(allowed),
+    };
+    let validation =
+        Listener::bind(&config.ipc.socket, &options).map_err(io_error(&config.ipc.socket))?;
     let validation_task = tokio::spawn(validation.serve(
         Arc::new(ValidationSocket {
             validator: validator.clone(),
@@ -360,7 +356,12 @@ fn start_sockets(
     let (control, control_rx) = control::channel();
     // Anyone may connect: roles are decided per peer, and a peer without one gets one answer
     // and is closed (root must reach it whatever the file's owner and group).
-    let mgmt = Listener::bind(&config.management.socket, 0o666, None)
+    let anyone = BindOptions {
+        mode: 0o666,
+        gid: None,
+        sids: None,
+    };
+    let mgmt = Listener::bind(&config.management.socket, &anyone)
         .map_err(io_error(&config.management.socket))?;
     let mgmt_task = tokio::spawn(mgmt.serve(
         Arc::new(ManagementSocket {
@@ -498,10 +499,9 @@ pub async fn run(
     });
     engine.set_start_findings(clock_rollback, audit_chain_ok);
 
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    host::ready();
     start_watchdog(validator);
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(io_error(Path::new("SIGHUP")))?;
+    let mut reloads = host::Reloads::listen().map_err(io_error(Path::new("SIGHUP")))?;
     tracing::info!(socket = %config.ipc.socket.display(), machine = %machine_id, store = store_kind,
         machine_key = machine_key.kind(), "license-agent ready");
     println!(
@@ -520,10 +520,7 @@ pub async fn run(
             wait = engine.tick() => wait,
             () = &mut shutdown => break 'rounds,
         };
-        let _ = sd_notify::notify(
-            false,
-            &[sd_notify::NotifyState::Status(&engine.status_line())],
-        );
+        host::status(&engine.status_line());
         let sleep = tokio::time::sleep(wait);
         tokio::pin!(sleep);
         loop {
@@ -531,15 +528,15 @@ pub async fn run(
                 () = &mut shutdown => break 'rounds,
                 () = &mut sleep => break,
                 Some(request) = control.recv() => engine.control(request).await,
-                _ = hangup.recv() => {
-                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+                () = reloads.recv() => {
+                    host::reloading();
                     reload(&config_path, &mut config, &access, &mut engine, &audit).await;
-                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                    host::reloaded();
                 }
             }
         }
     }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    host::stopping();
     let _ = stop_tx.send(true);
     for task in sockets.tasks {
         let _ = task.await;

@@ -94,7 +94,41 @@ pub fn log_files(path: &Path) -> Result<Vec<PathBuf>, AuditError> {
 
 /// fsync a directory so that renames and creations in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), AuditError> {
+    // Windows cannot open a directory as a file to sync it; NTFS journals renames.
+    if cfg!(windows) {
+        return Ok(());
+    }
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| AuditError::io(dir, "fsync directory", e))
+}
+
+/// Options opening a log file for appending, created `mode` on Unix (on Windows the file
+/// inherits the log directory's ACL).
+pub(crate) fn append_options(mode: u32) -> fs::OpenOptions {
+    let mut options = fs::OpenOptions::new();
+    options.create(true).append(true).read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    options
+}
+
+/// What tells one file from another that replaced it under the same name: device and inode
+/// on Unix; on Windows the creation time (std has no stable file index there).
+pub(crate) fn identity(meta: &fs::Metadata) -> (u64, u64) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        (meta.dev(), meta.ino())
+    }
+    #[cfg(windows)]
+    {
+        use std::os::windows::fs::MetadataExt as _;
+        (0, meta.creation_time())
+    }
 }

@@ -13,9 +13,8 @@
 //! writer committed. So a full disk refuses actions while it lasts and the log resumes, chain
 //! intact, once space returns.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -357,11 +356,7 @@ impl Writer {
     /// last committed to the same file: a cut line beyond it is our own failed write, removed.
     fn resume(&self, committed: Option<u64>) -> Result<(File, Identity, u64, Anchor), AuditError> {
         let existed = self.path.exists();
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .mode(FILE_MODE)
+        let file = files::append_options(FILE_MODE)
             .open(&self.path)
             .map_err(|e| AuditError::io(&self.path, "open", e))?;
         if !existed {
@@ -377,7 +372,7 @@ impl Writer {
                 io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
             ));
         }
-        let identity = (meta.dev(), meta.ino());
+        let identity = files::identity(&meta);
         let mut data = fs::read(&self.path).map_err(|e| AuditError::io(&self.path, "read", e))?;
         if let (Some(committed), Some(last)) = (committed, data.last()) {
             let ours = self.identity == Some(identity);
@@ -438,18 +433,14 @@ impl Writer {
         }
         files::sync_dir(&self.dir)?;
         self.shared.rotations.fetch_add(1, Ordering::Relaxed);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .mode(FILE_MODE)
+        let file = files::append_options(FILE_MODE)
             .open(&self.path)
             .map_err(|e| AuditError::io(&self.path, "open", e))?;
         files::sync_dir(&self.dir)?;
         let meta = file
             .metadata()
             .map_err(|e| AuditError::io(&self.path, "stat", e))?;
-        self.identity = Some((meta.dev(), meta.ino()));
+        self.identity = Some(files::identity(&meta));
         self.len = meta.len();
         self.file = Some(file);
         Ok(())
@@ -594,7 +585,7 @@ mod tests {
             dir: files::parent(path),
             options: LogOptions::default(),
             file: None,
-            identity: Some((meta.dev(), meta.ino())),
+            identity: Some(files::identity(&meta)),
             len: meta.len(),
             head: log.head(),
             last_time: OffsetDateTime::UNIX_EPOCH,
@@ -657,7 +648,7 @@ mod tests {
         let mut w = writer_after(&path, &log);
         drop(log);
         // A write that failed half-way and could not be rolled back.
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"seq\":2,\"ti").unwrap();
         drop(f);
         w.reopen().unwrap();
@@ -674,7 +665,7 @@ mod tests {
         let mut w = writer_after(&path, &log);
         drop(log);
         w.identity = Some((0, 0));
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"seq\":2").unwrap();
         drop(f);
         assert!(matches!(

@@ -8,6 +8,8 @@
 //! directory (key 0600), the config last, so a half-finished enrollment leaves no config.
 
 pub mod hardware;
+#[cfg(windows)]
+pub mod installer;
 pub mod recovery;
 
 use std::path::{Path, PathBuf};
@@ -78,6 +80,10 @@ pub struct EnrollOptions {
     pub allowed_uids: Vec<u32>,
     /// Group of the validation socket file.
     pub socket_group: Option<String>,
+    /// Windows: SIDs of users allowed on the validation pipe…
+    pub allowed_sids: Vec<String>,
+    /// …and of groups whose members are.
+    pub allowed_groups: Vec<String>,
     /// Generate the machine key inside the TPM reached through this TCTI (non-exportable).
     pub tpm_tcti: Option<String>,
 }
@@ -253,10 +259,15 @@ fn agent_config(opts: &EnrollOptions, answer: &BootstrapResponse, dir: &Path) ->
             sealed_storage: opts.state_dir.join("secrets.tpm.json"),
             ..TpmSection::default()
         },
-        management: ManagementSection {
-            allowed_uids: vec![0],
-            admin_uids: vec![0],
-            ..ManagementSection::default()
+        // Root on Linux; on Windows SYSTEM and Administrators are the default admins.
+        management: if cfg!(windows) {
+            ManagementSection::default()
+        } else {
+            ManagementSection {
+                allowed_uids: vec![0],
+                admin_uids: vec![0],
+                ..ManagementSection::default()
+            }
         },
         alerts: crate::config::AlertsSection::default(),
         update: crate::config::UpdateSection::default(),
@@ -267,6 +278,8 @@ fn agent_config(opts: &EnrollOptions, answer: &BootstrapResponse, dir: &Path) ->
                 .unwrap_or_else(|| crate::config::DEFAULT_SOCKET.into()),
             allowed_uids: opts.allowed_uids.clone(),
             socket_group: opts.socket_group.clone(),
+            allowed_sids: opts.allowed_sids.clone(),
+            allowed_groups: opts.allowed_groups.clone(),
             ..IpcSection::default()
         },
     }

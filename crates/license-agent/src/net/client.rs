@@ -175,14 +175,11 @@ impl ServerClient {
         let local = |e: std::io::Error| {
             ClientError::BadResponse(format!("writing {}: {e}", dest.display()))
         };
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(dest)
-            .await
-            .map_err(local)?;
+        let mut options = tokio::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        options.mode(0o600);
+        let mut file = options.open(dest).await.map_err(local)?;
         let mut hasher = sha2::Sha256::new();
         let mut size = 0u64;
         loop {

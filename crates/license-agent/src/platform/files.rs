@@ -1,10 +1,11 @@
 //! Durable file writes: temp file in the same directory, fsync, rename, fsync the directory,
 //! with the final mode set before any byte is written (keys are never world-readable, even
-//! for an instant).
+//! for an instant). On Windows the mode stands for an ACL ([`super::windows::acl`]): private
+//! files are SYSTEM's and Administrators' only, public ones readable by Users too; NTFS
+//! journals the rename, and a directory cannot be fsynced there.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
 /// Mode of private keys, of the machine certificate (seed §6.2: `client.pem` 600) and of the
@@ -28,16 +29,11 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<
         std::process::id()
     ));
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
+        let mut f = create_private(&tmp, mode)?;
         f.write_all(contents)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+        sync_dir(dir)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -52,28 +48,81 @@ pub fn rename_durable(from: &Path, to: &Path) -> std::io::Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    File::open(dir)?.sync_all()
+    sync_dir(dir)
+}
+
+/// Creates (truncating) `path` with `mode` already applied, before any byte is written.
+fn create_private(path: &Path, mode: u32) -> std::io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(mode);
+    }
+    let file = options.open(path)?;
+    #[cfg(windows)]
+    super::windows::acl::set(path, acl_of(mode, false))?;
+    Ok(file)
+}
+
+/// The ACL standing for `mode`: readable by Users only if the mode lets others read.
+#[cfg(windows)]
+fn acl_of(mode: u32, dir: bool) -> &'static str {
+    use super::windows::acl;
+    match (mode & 0o004 != 0, dir) {
+        (false, false) => acl::PRIVATE_FILE,
+        (true, false) => acl::PUBLIC_FILE,
+        (false, true) => acl::PRIVATE_DIR,
+        (true, true) => acl::PUBLIC_DIR,
+    }
+}
+
+/// Makes a rename in `dir` durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    return File::open(dir)?.sync_all();
+    #[cfg(windows)]
+    {
+        let _ = dir;
+        Ok(())
+    }
 }
 
 /// Creates a directory (and parents) with the given mode if it does not exist.
 pub fn ensure_dir(path: &Path, mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt as _;
     if path.is_dir() {
         return Ok(());
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(path)
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(path)
+    }
+    #[cfg(windows)]
+    {
+        std::fs::create_dir_all(path)?;
+        super::windows::acl::set(path, acl_of(mode, true))
+    }
 }
 
-/// The gid `[ipc] socket_group` names, looked up in the system's group database.
+/// The gid `[ipc] socket_group` names, looked up in the system's group database (none on
+/// Windows, where the pipe's DACL names the allowed SIDs instead).
 pub fn socket_gid(
     ipc: &crate::config::IpcSection,
 ) -> Result<Option<u32>, crate::config::ConfigError> {
     let Some(group) = &ipc.socket_group else {
         return Ok(None);
     };
+    #[cfg(windows)]
+    return Err(crate::config::ConfigError::Invalid {
+        key: "ipc.socket_group",
+        message: format!("`{group}`: a Linux setting; on Windows use ipc.allowed_groups"),
+    });
+    #[cfg(unix)]
     group_id(group)
         .map(Some)
         .ok_or_else(|| crate::config::ConfigError::Invalid {
@@ -83,6 +132,7 @@ pub fn socket_gid(
 }
 
 /// The gid of `group`: a number as is, else a name looked up in the group database (NSS).
+#[cfg(unix)]
 #[allow(unsafe_code)]
 pub fn group_id(group: &str) -> Option<u32> {
     if let Ok(gid) = group.parse::<u32>() {
@@ -110,8 +160,8 @@ pub fn group_id(group: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt as _;
 
+    #[cfg(unix)]
     #[test]
     fn groups_by_number_or_name() {
         assert_eq!(group_id("4242"), Some(4242));
@@ -127,10 +177,23 @@ mod tests {
         write_atomic(&p, b"one", PRIVATE).unwrap();
         write_atomic(&p, b"two", PRIVATE).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        assert_eq!(
-            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
+        #[cfg(windows)]
+        {
+            let sddl = super::super::windows::acl::get(&p).unwrap();
+            assert!(sddl.contains(";;;SY)") && sddl.contains(";;;BA)"), "{sddl}");
+            assert!(
+                !sddl.contains(";;;BU)") && !sddl.contains(";;;WD)"),
+                "{sddl}"
+            );
+        }
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),
             1,

@@ -6,5 +6,14 @@ pub mod blocking;
 pub mod clock;
 pub mod files;
 pub mod hardening;
+pub mod host;
 pub mod keys;
+pub mod local_socket;
+pub mod sealing;
+#[cfg(unix)]
 pub mod tpm;
+#[cfg(windows)]
+#[path = "tpm_windows.rs"]
+pub mod tpm;
+#[cfg(windows)]
+pub mod windows;

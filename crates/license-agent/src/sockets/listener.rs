@@ -13,16 +13,16 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use license_protocol::ipc::{encode_frame, frame_len, FrameError};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::access::Peer;
+use crate::access::{Peer, Principal};
+use crate::platform::local_socket::{BindOptions, LocalListener, LocalStream};
 
 /// Time in-flight requests get to finish at shutdown.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,25 +45,25 @@ pub struct Limits {
 
 /// Open connections by uid.
 #[derive(Debug, Default)]
-struct PerUid(Mutex<HashMap<u32, usize>>);
+struct PerUid(Mutex<HashMap<Principal, usize>>);
 
 /// One connection counted against its uid; uncounted on drop.
 struct UidSlot {
     counts: Arc<PerUid>,
-    uid: u32,
+    uid: Principal,
 }
 
 impl PerUid {
-    fn acquire(self: &Arc<Self>, uid: u32, limit: usize) -> Option<UidSlot> {
+    fn acquire(self: &Arc<Self>, uid: &Principal, limit: usize) -> Option<UidSlot> {
         let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let count = open.entry(uid).or_insert(0);
+        let count = open.entry(uid.clone()).or_insert(0);
         if *count >= limit {
             return None;
         }
         *count += 1;
         Some(UidSlot {
             counts: self.clone(),
-            uid,
+            uid: uid.clone(),
         })
     }
 }
@@ -95,7 +95,7 @@ pub enum Frame {
 /// An accepted connection: framed reads within the idle timeout, framed JSON writes.
 #[derive(Debug)]
 pub struct Connection {
-    stream: UnixStream,
+    stream: LocalStream,
     idle: Duration,
     stop: watch::Receiver<bool>,
 }
@@ -130,7 +130,7 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopping| *stopping).await;
 }
 
-async fn read_frame(stream: &mut UnixStream, idle: Duration) -> std::io::Result<Frame> {
+async fn read_frame(stream: &mut LocalStream, idle: Duration) -> std::io::Result<Frame> {
     let mut header = [0u8; 4];
     if !read_within(stream, &mut header, idle).await? {
         return Ok(Frame::Closed);
@@ -150,7 +150,7 @@ async fn read_frame(stream: &mut UnixStream, idle: Duration) -> std::io::Result<
 
 /// Fills `buf` within `idle`; false on end of stream or timeout.
 async fn read_within(
-    stream: &mut UnixStream,
+    stream: &mut LocalStream,
     buf: &mut [u8],
     idle: Duration,
 ) -> std::io::Result<bool> {
@@ -182,37 +182,16 @@ pub trait Handler: Send + Sync + 'static {
 /// A bound local socket.
 #[derive(Debug)]
 pub struct Listener {
-    inner: UnixListener,
-    path: PathBuf,
+    inner: LocalListener,
 }
 
 impl Listener {
-    /// Binds `path`, replacing a stale socket file, and gives the file `mode` and, when given,
-    /// group `gid`: who may connect at all. Who is served is decided per connection from the
+    /// Binds `path` (a socket file, replacing a stale one; a pipe name on Windows) with who
+    /// may connect at all (`options`). Who is served is decided per connection from the
     /// peer's credentials.
-    pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> std::io::Result<Self> {
-        use std::os::unix::fs::PermissionsExt as _;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    format!("{} is served by another process", path.display()),
-                ))
-            }
-            Err(_) if path.exists() => std::fs::remove_file(path)?,
-            Err(_) => {}
-        }
-        let inner = UnixListener::bind(path)?;
-        if gid.is_some() {
-            std::os::unix::fs::chown(path, None, gid)?;
-        }
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    pub fn bind(path: &Path, options: &BindOptions) -> std::io::Result<Self> {
         Ok(Self {
-            inner,
-            path: path.to_path_buf(),
+            inner: LocalListener::bind(path, options)?,
         })
     }
 
@@ -220,7 +199,7 @@ impl Listener {
     /// connection finishes the request in hand (within [`DRAIN_TIMEOUT`]) and the socket file
     /// is removed.
     pub async fn serve<H: Handler>(
-        self,
+        mut self,
         handler: Arc<H>,
         limits: Limits,
         stop: watch::Receiver<bool>,
@@ -230,10 +209,10 @@ impl Listener {
         let reserved_slots = Arc::new(Semaphore::new(reserved));
         let per_uid = Arc::new(PerUid::default());
         loop {
-            let stream = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 () = stopped(stop.clone()) => break,
                 accepted = self.inner.accept() => match accepted {
-                    Ok((stream, _)) => stream,
+                    Ok(accepted) => accepted,
                     Err(e) => {
                         tracing::warn!(error = %e, socket = H::NAME, "accept failed");
                         tokio::time::sleep(ACCEPT_RETRY).await;
@@ -241,21 +220,10 @@ impl Listener {
                     }
                 },
             };
-            let peer = match stream.peer_cred() {
-                Ok(cred) => Peer {
-                    uid: cred.uid(),
-                    gid: cred.gid(),
-                    pid: cred.pid(),
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, socket = H::NAME, "no peer credentials; closing");
-                    continue;
-                }
-            };
-            let Some(uid_slot) = per_uid.acquire(peer.uid, limits.max_per_uid) else {
+            let Some(uid_slot) = per_uid.acquire(&peer.user, limits.max_per_uid) else {
                 tracing::warn!(
                     socket = H::NAME,
-                    uid = peer.uid,
+                    user = %peer.user,
                     "this uid holds its share of the connections; closing a new one"
                 );
                 continue;
@@ -287,7 +255,7 @@ impl Listener {
                 }
             });
         }
-        drop(self.inner);
+        self.inner.close();
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         let drained = async {
             let all = slots.acquire_many(count(limits.max_connections - reserved));
@@ -300,6 +268,5 @@ impl Listener {
                 "drain timeout: closing the remaining connections"
             );
         }
-        let _ = std::fs::remove_file(&self.path);
     }
 }

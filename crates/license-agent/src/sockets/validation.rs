@@ -21,7 +21,7 @@ use license_audit::{Actor, Event, Outcome};
 use license_protocol::ipc::{parse_request, Reason, Request, Response};
 
 use super::listener::{Connection, Frame, Handler};
-use crate::access::{Access, Peer, SharedAccess};
+use crate::access::{Access, Peer, Principal, SharedAccess};
 use crate::alerts::{AlertKind, Alerts};
 use crate::audit::Audit;
 use crate::validation::{Subject, Validator};
@@ -31,17 +31,17 @@ pub const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
 
 /// Refused peers by uid: when the current window started and how many were only counted.
 #[derive(Debug, Default)]
-pub struct Refusals(Mutex<HashMap<u32, (Instant, u64)>>);
+pub struct Refusals(Mutex<HashMap<Principal, (Instant, u64)>>);
 
 impl Refusals {
     /// `Some(counted)` when this refusal opens a new window and is to be recorded (`counted`:
     /// the refusals only counted in the window before); `None` when it is only counted.
-    pub fn note(&self, uid: u32, now: Instant) -> Option<u64> {
+    pub fn note(&self, user: &Principal, now: Instant) -> Option<u64> {
         let mut windows = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if windows.len() > 4096 {
             windows.clear(); // uids are few; a map this large is garbage
         }
-        match windows.get_mut(&uid) {
+        match windows.get_mut(user) {
             Some((started, counted)) if now.duration_since(*started) < REFUSAL_WINDOW => {
                 *counted += 1;
                 None
@@ -52,7 +52,7 @@ impl Refusals {
                 Some(counted)
             }
             None => {
-                windows.insert(uid, (now, 0));
+                windows.insert(user.clone(), (now, 0));
                 Some(0)
             }
         }
@@ -78,22 +78,26 @@ impl ValidationSocket {
     /// refusal when it opens a new window (see the module docs). The record is not waited
     /// for: nothing is validated for this peer.
     async fn refuse(&self, mut conn: Connection, peer: &Peer, why: &str) -> std::io::Result<()> {
-        if let Some(counted) = self.refusals.note(peer.uid, Instant::now()) {
+        if let Some(counted) = self.refusals.note(&peer.user, Instant::now()) {
+            let mut details = peer.details();
+            details["refused_before_in_window"] = counted.into();
             self.alerts
                 .raise(
                     AlertKind::UnauthorizedAccess,
                     &format!("validation socket: peer refused ({why})"),
-                    serde_json::json!({
-                        "uid": peer.uid, "gid": peer.gid, "pid": peer.pid,
-                        "refused_before_in_window": counted,
-                    }),
+                    details.clone(),
                 )
                 .await;
+            // uid and pid are the actor; the rest (gid, or the SID) goes with the reason.
+            let mut event = Event::new("ipc.peer_refused", Outcome::Refused).actor(peer.actor());
+            for (key, value) in details.as_object().into_iter().flatten() {
+                if !["uid", "pid", "refused_before_in_window"].contains(&key.as_str()) {
+                    event = event.detail(key.clone(), value.clone());
+                }
+            }
             self.audit
                 .note(
-                    Event::new("ipc.peer_refused", Outcome::Refused)
-                        .actor(peer.actor())
-                        .detail("gid", peer.gid)
+                    event
                         .detail("reason", why)
                         .detail("refused_before_in_window", counted),
                 )
@@ -193,20 +197,26 @@ mod tests {
     fn refusals_are_recorded_once_per_uid_and_window() {
         let refusals = Refusals::default();
         let t0 = Instant::now();
-        assert_eq!(refusals.note(1000, t0), Some(0));
+        assert_eq!(refusals.note(&Principal::Uid(1000), t0), Some(0));
         for i in 1..=50 {
-            assert_eq!(refusals.note(1000, t0 + Duration::from_millis(i)), None);
+            assert_eq!(
+                refusals.note(&Principal::Uid(1000), t0 + Duration::from_millis(i)),
+                None
+            );
         }
         assert_eq!(
-            refusals.note(2000, t0),
+            refusals.note(&Principal::Uid(2000), t0),
             Some(0),
             "another uid has its own window"
         );
         assert_eq!(
-            refusals.note(1000, t0 + REFUSAL_WINDOW),
+            refusals.note(&Principal::Uid(1000), t0 + REFUSAL_WINDOW),
             Some(50),
             "the next window's record counts the ones only counted"
         );
-        assert_eq!(refusals.note(1000, t0 + REFUSAL_WINDOW), None);
+        assert_eq!(
+            refusals.note(&Principal::Uid(1000), t0 + REFUSAL_WINDOW),
+            None
+        );
     }
 }

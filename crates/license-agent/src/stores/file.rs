@@ -178,8 +178,9 @@ impl FileStore {
         iterations: u32,
         machine_id: MachineId,
     ) -> Result<Self, StoreError> {
-        let material = Zeroizing::new(match std::fs::read(key_file) {
-            Ok(bytes) => bytes,
+        let material = match std::fs::read(key_file) {
+            Ok(bytes) => crate::platform::sealing::unseal(&bytes)
+                .map_err(|e| corrupt(key_file, format!("key material cannot be unsealed: {e}")))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if path.exists() {
                     // A store without its key material can never be read: say so.
@@ -188,13 +189,14 @@ impl FileStore {
                         "key material is missing but the secret store exists",
                     ));
                 }
-                let mut fresh = vec![0u8; 32];
+                let mut fresh = Zeroizing::new(vec![0u8; 32]);
                 rand::rngs::OsRng.fill_bytes(&mut fresh);
-                write_atomic(key_file, &fresh, PRIVATE).map_err(io(key_file))?;
+                let sealed = crate::platform::sealing::seal(&fresh).map_err(io(key_file))?;
+                write_atomic(key_file, &sealed, PRIVATE).map_err(io(key_file))?;
                 fresh
             }
             Err(e) => return Err(io(key_file)(e)),
-        });
+        };
         if material.len() != 32 {
             return Err(corrupt(key_file, "key material must be exactly 32 bytes"));
         }

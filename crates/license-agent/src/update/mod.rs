@@ -17,6 +17,10 @@
 //!
 //! Versions: what this binary is comes from [`running_version`].
 
+#[cfg(unix)]
+pub mod apply;
+#[cfg(windows)]
+#[path = "apply_windows.rs"]
 pub mod apply;
 
 use std::path::{Path, PathBuf};
@@ -179,16 +183,19 @@ impl Staging {
     /// Written by the update step (root) for the daemon: owned by the staging directory's
     /// owner (the agent's user), whatever the step's umask.
     pub fn write_result(&self, result: &UpdateResult) -> Result<(), StagingError> {
-        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
         let json = serde_json::to_vec_pretty(result).expect("results serialize");
         let path = self.result();
         let tmp = self.dir.join(".result.json.tmp");
         write_atomic(&tmp, &json, PUBLIC).map_err(io_error(&tmp))?;
-        let owner = std::fs::metadata(&self.dir).map_err(io_error(&self.dir))?;
-        std::os::unix::fs::chown(&tmp, Some(owner.uid()), Some(owner.gid()))
-            .map_err(io_error(&tmp))?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(PUBLIC))
-            .map_err(io_error(&tmp))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+            let owner = std::fs::metadata(&self.dir).map_err(io_error(&self.dir))?;
+            std::os::unix::fs::chown(&tmp, Some(owner.uid()), Some(owner.gid()))
+                .map_err(io_error(&tmp))?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(PUBLIC))
+                .map_err(io_error(&tmp))?;
+        }
         crate::platform::files::rename_durable(&tmp, &path).map_err(io_error(&path))
     }
 

@@ -1,0 +1,215 @@
+//! File and directory ACLs: what stands for Unix modes on Windows. A private file (keys, config,
+//! secrets, state) is readable by SYSTEM and Administrators only; a public one (CA certificate,
+//! metrics) also by Users. The DACL is protected (no inherited entries), so a file keeps its ACL
+//! whatever the folder it sits in allows.
+
+use std::path::Path;
+
+use windows_sys::Win32::Foundation::LocalFree;
+use windows_sys::Win32::Security::Authorization::{
+    ConvertSecurityDescriptorToStringSecurityDescriptorW,
+    ConvertStringSecurityDescriptorToSecurityDescriptorW, SDDL_REVISION_1,
+};
+use windows_sys::Win32::Security::{
+    GetFileSecurityW, SetFileSecurityW, DACL_SECURITY_INFORMATION,
+    PROTECTED_DACL_SECURITY_INFORMATION, PSECURITY_DESCRIPTOR,
+};
+
+use super::{last_error, take_local_wide, wide};
+
+/// SYSTEM and Administrators: full control; nobody else. Inherited by what a folder holds.
+pub const PRIVATE_DIR: &str = "D:P(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)";
+/// A folder Users may list and read (files keep their own protected ACLs).
+pub const PUBLIC_DIR: &str = "D:P(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)(A;OICI;0x1200a9;;;BU)";
+pub const PRIVATE_FILE: &str = "D:P(A;;FA;;;SY)(A;;FA;;;BA)";
+pub const PUBLIC_FILE: &str = "D:P(A;;FA;;;SY)(A;;FA;;;BA)(A;;FR;;;BU)";
+
+/// A security descriptor parsed from SDDL, freed on drop.
+#[derive(Debug)]
+pub struct SecurityDescriptor(PSECURITY_DESCRIPTOR);
+
+impl SecurityDescriptor {
+    pub fn from_sddl(sddl: &str) -> std::io::Result<Self> {
+        let text = wide(sddl);
+        let mut sd: PSECURITY_DESCRIPTOR = std::ptr::null_mut();
+        // SAFETY: `text` is NUL-terminated and outlives the call; `sd` receives a LocalAlloc'd
+        // descriptor that Drop frees.
+        let ok = unsafe {
+            ConvertStringSecurityDescriptorToSecurityDescriptorW(
+                text.as_ptr(),
+                SDDL_REVISION_1,
+                &mut sd,
+                std::ptr::null_mut(),
+            )
+        };
+        if ok == 0 {
+            return Err(last_error());
+        }
+        Ok(Self(sd))
+    }
+
+    pub fn as_ptr(&self) -> PSECURITY_DESCRIPTOR {
+        self.0
+    }
+}
+
+impl Drop for SecurityDescriptor {
+    fn drop(&mut self) {
+        // SAFETY: allocated by ConvertStringSecurityDescriptorToSecurityDescriptorW, freed once.
+        unsafe { LocalFree(self.0) };
+    }
+}
+
+/// Replaces `path`'s DACL with the one in `sddl` (protected: nothing inherited).
+pub fn set(path: &Path, sddl: &str) -> std::io::Result<()> {
+    let sd = SecurityDescriptor::from_sddl(sddl)?;
+    let name = wide(path);
+    // SAFETY: `name` is NUL-terminated, `sd` a valid descriptor; both outlive the call.
+    let ok = unsafe {
+        SetFileSecurityW(
+            name.as_ptr(),
+            DACL_SECURITY_INFORMATION | PROTECTED_DACL_SECURITY_INFORMATION,
+            sd.as_ptr(),
+        )
+    };
+    if ok == 0 {
+        return Err(last_error());
+    }
+    Ok(())
+}
+
+/// `path`'s DACL as SDDL (for checks and `check-config`).
+pub fn get(path: &Path) -> std::io::Result<String> {
+    let name = wide(path);
+    let mut needed = 0u32;
+    // SAFETY: a size query: no buffer, `needed` receives the size.
+    unsafe {
+        GetFileSecurityW(
+            name.as_ptr(),
+            DACL_SECURITY_INFORMATION,
+            std::ptr::null_mut(),
+            0,
+            &mut needed,
+        )
+    };
+    if needed == 0 {
+        return Err(last_error());
+    }
+    let mut buffer = vec![0u64; (needed as usize).div_ceil(8)];
+    // SAFETY: `buffer` holds at least `needed` bytes, 8-byte aligned.
+    let ok = unsafe {
+        GetFileSecurityW(
+            name.as_ptr(),
+            DACL_SECURITY_INFORMATION,
+            buffer.as_mut_ptr().cast(),
+            needed,
+            &mut needed,
+        )
+    };
+    if ok == 0 {
+        return Err(last_error());
+    }
+    sddl_of(buffer.as_mut_ptr().cast())
+}
+
+/// SYSTEM (the service's account) full control of the agent's process; Administrators only
+/// query its state: no `PROCESS_VM_READ`, no debugging handle, no thread injection without
+/// SeDebugPrivilege (which Windows lets no DACL stop).
+pub const PROCESS: &str = "D:P(A;;0x1fffff;;;SY)(A;;0x1400;;;BA)";
+
+/// Replaces this process's DACL.
+pub fn set_process(sddl: &str) -> std::io::Result<()> {
+    use windows_sys::Win32::Security::SetKernelObjectSecurity;
+    use windows_sys::Win32::System::Threading::GetCurrentProcess;
+    let sd = SecurityDescriptor::from_sddl(sddl)?;
+    // SAFETY: the pseudo-handle of this process and a valid descriptor outliving the call.
+    let ok = unsafe {
+        SetKernelObjectSecurity(GetCurrentProcess(), DACL_SECURITY_INFORMATION, sd.as_ptr())
+    };
+    if ok == 0 {
+        return Err(last_error());
+    }
+    Ok(())
+}
+
+/// This process's DACL as SDDL.
+pub fn process() -> std::io::Result<String> {
+    use windows_sys::Win32::Security::GetKernelObjectSecurity;
+    use windows_sys::Win32::System::Threading::GetCurrentProcess;
+    let mut needed = 0u32;
+    // SAFETY: a size query: no buffer.
+    unsafe {
+        GetKernelObjectSecurity(
+            GetCurrentProcess(),
+            DACL_SECURITY_INFORMATION,
+            std::ptr::null_mut(),
+            0,
+            &mut needed,
+        )
+    };
+    if needed == 0 {
+        return Err(last_error());
+    }
+    let mut buffer = vec![0u64; (needed as usize).div_ceil(8)];
+    // SAFETY: `buffer` holds at least `needed` bytes.
+    let ok = unsafe {
+        GetKernelObjectSecurity(
+            GetCurrentProcess(),
+            DACL_SECURITY_INFORMATION,
+            buffer.as_mut_ptr().cast(),
+            needed,
+            &mut needed,
+        )
+    };
+    if ok == 0 {
+        return Err(last_error());
+    }
+    sddl_of(buffer.as_mut_ptr().cast())
+}
+
+fn sddl_of(sd: PSECURITY_DESCRIPTOR) -> std::io::Result<String> {
+    let mut text = std::ptr::null_mut();
+    // SAFETY: `sd` is a valid descriptor for the call; `text` receives a LocalAlloc'd string
+    // that take_local_wide frees.
+    let ok = unsafe {
+        ConvertSecurityDescriptorToStringSecurityDescriptorW(
+            sd,
+            SDDL_REVISION_1,
+            DACL_SECURITY_INFORMATION,
+            &mut text,
+            std::ptr::null_mut(),
+        )
+    };
+    if ok == 0 {
+        return Err(last_error());
+    }
+    // SAFETY: a LocalAlloc'd, NUL-terminated string from the call above.
+    Ok(unsafe { take_local_wide(text) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_files_name_system_and_administrators_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        std::fs::write(&path, b"x").unwrap();
+        set(&path, PRIVATE_FILE).unwrap();
+        let sddl = get(&path).unwrap();
+        assert!(sddl.contains(";;;SY)"), "{sddl}");
+        assert!(sddl.contains(";;;BA)"), "{sddl}");
+        assert!(
+            !sddl.contains(";;;BU)") && !sddl.contains(";;;WD)"),
+            "{sddl}"
+        );
+        set(&path, PUBLIC_FILE).unwrap();
+        assert!(get(&path).unwrap().contains(";;;BU)"));
+    }
+
+    #[test]
+    fn bad_sddl_is_an_error() {
+        assert!(SecurityDescriptor::from_sddl("D:(nonsense)").is_err());
+    }
+}
