@@ -293,7 +293,8 @@ pub enum ClientCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Mint a token; it is printed once and stored hashed.
+    /// Mint a token; it is printed once (or only written into a Windows installer) and stored
+    /// hashed.
     Create {
         #[arg(long = "client", value_name = "CLIENT_ID")]
         client: String,
