@@ -83,6 +83,9 @@ stable_codes! {
         NotFound => "not_found",
         /// The request contradicts the current state (duplicate, already revoked, …).
         Conflict => "conflict",
+        /// The server has no usable Windows agent to build an installer from (missing,
+        /// unreadable, or not a Windows executable); the message names its path.
+        WindowsStubMissing => "windows_stub_missing",
 
     }
 }
@@ -121,7 +124,7 @@ mod tests {
     use super::*;
 
     /// Every code but `Unrecognized`, which the server never sends.
-    const SENT: [ErrorCode; 30] = [
+    const SENT: [ErrorCode; 31] = [
         ErrorCode::InvalidRequest,
         ErrorCode::UnsupportedMediaType,
         ErrorCode::BodyTooLarge,
@@ -152,6 +155,7 @@ mod tests {
         ErrorCode::Forbidden,
         ErrorCode::NotFound,
         ErrorCode::Conflict,
+        ErrorCode::WindowsStubMissing,
     ];
 
     #[test]

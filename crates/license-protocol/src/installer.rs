@@ -97,7 +97,7 @@ impl InstallerPayload {
     pub fn encode(&self) -> Vec<u8> {
         // Infallible: every field serializes to a JSON string.
         let mut payload = serde_json::to_vec(self).unwrap_or_default();
-        while (payload.len() + FOOTER) % ALIGN != 0 {
+        while !(payload.len() + FOOTER).is_multiple_of(ALIGN) {
             payload.push(b' ');
         }
         let mut out = Vec::with_capacity(payload.len() + FOOTER);
@@ -197,7 +197,7 @@ pub fn append(stub: &[u8], payload: &InstallerPayload) -> Result<Vec<u8>, Append
             if end != stub.len() {
                 return Err(AppendError::CertificateTableNotLast);
             }
-            while out.len() % ALIGN != 0 {
+            while !out.len().is_multiple_of(ALIGN) {
                 out.push(0);
             }
             out.extend_from_slice(&trailer);

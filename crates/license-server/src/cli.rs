@@ -293,7 +293,8 @@ pub enum ClientCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Mint a token; it is printed once and stored hashed.
+    /// Mint a token; it is printed once (or only written into a Windows installer) and stored
+    /// hashed.
     Create {
         #[arg(long = "client", value_name = "CLIENT_ID")]
         client: String,
@@ -304,6 +305,14 @@ pub enum TokenCommand {
         /// replaced till) under whatever hardware id it reports, with a new key.
         #[arg(long = "machine", value_name = "MACHINE_ID")]
         machine: Option<String>,
+        /// Write the Windows installer carrying the token to this file (mode 0600) instead of
+        /// printing the token: the Windows agent with the server, its pin and the token appended.
+        #[arg(long, value_name = "OUT.exe")]
+        windows_installer: Option<PathBuf>,
+        /// The Windows agent (license-agent.exe) to build the installer from [default:
+        /// `windows_stub` in server.toml, else DATA_DIR/windows/license-agent.exe].
+        #[arg(long, value_name = "PATH", requires = "windows_installer")]
+        windows_stub: Option<PathBuf>,
     },
     List {
         #[arg(long = "client", value_name = "CLIENT_ID")]

@@ -4,7 +4,7 @@
 //! single keys. Unknown keys are refused, naming the key.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -63,6 +63,9 @@ pub const MAX_DASHBOARD_SESSION_LIFETIME_SECS: u64 = 7 * 86_400;
 pub const DEFAULT_DASHBOARD_MAX_SESSIONS: u32 = 256;
 /// Dashboard sign-in attempts allowed per client IP and minute.
 pub const DEFAULT_DASHBOARD_SIGN_IN_PER_MINUTE: u32 = 10;
+/// The Windows agent (`license-agent.exe`) Windows installers are built from, relative to the
+/// data directory.
+pub const DEFAULT_WINDOWS_STUB: &str = "windows/license-agent.exe";
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -229,6 +232,11 @@ pub struct ServerConfig {
     /// Dashboard sign-in attempts allowed per client IP and minute (at least 1).
     #[serde(default = "default_sign_in_rate")]
     pub dashboard_sign_in_per_minute: u32,
+    /// The Windows agent (`license-agent.exe`) that Windows installers are built from: an
+    /// absolute path, or one relative to the data directory; [`DEFAULT_WINDOWS_STUB`] when
+    /// absent. Only read when an installer is asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows_stub: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -261,6 +269,7 @@ impl ServerConfig {
             dashboard_session_idle_secs: DEFAULT_DASHBOARD_SESSION_IDLE_SECS,
             dashboard_max_sessions: DEFAULT_DASHBOARD_MAX_SESSIONS,
             dashboard_sign_in_per_minute: DEFAULT_DASHBOARD_SIGN_IN_PER_MINUTE,
+            windows_stub: None,
         }
     }
 
@@ -404,6 +413,16 @@ impl ServerConfig {
                 }
             }
         }
+        if self
+            .windows_stub
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(ConfigError::Invalid {
+                key: "windows_stub",
+                message: "must be a path to license-agent.exe (or absent for the default)".into(),
+            });
+        }
         if !is_host(&self.public_host) {
             return Err(ConfigError::Invalid {
                 key: "public_host",
@@ -461,6 +480,16 @@ impl ServerConfig {
             .certificate_validity_secs
             .unwrap_or(u64::from(self.certificate_validity_days) * 86_400);
         i64::try_from(secs).unwrap_or(i64::MAX)
+    }
+
+    /// The Windows agent that installers are built from: `windows_stub`, resolved against
+    /// `data_dir` when relative, else `data_dir/`[`DEFAULT_WINDOWS_STUB`].
+    pub fn windows_stub_path(&self, data_dir: &Path) -> PathBuf {
+        data_dir.join(
+            self.windows_stub
+                .as_deref()
+                .unwrap_or(Path::new(DEFAULT_WINDOWS_STUB)),
+        )
     }
 
     pub fn to_toml(&self) -> String {
@@ -630,6 +659,36 @@ mod tests {
             set(&mut c);
             assert!(c.check().unwrap_err().to_string().starts_with(key), "{key}");
         }
+    }
+
+    #[test]
+    fn windows_stub_defaults_to_the_data_directory() {
+        let data = Path::new("/var/lib/license-server");
+        let old: ServerConfig = toml::from_str("public_host = \"x\"\n").unwrap();
+        assert_eq!(old.windows_stub, None);
+        assert_eq!(
+            old.windows_stub_path(data),
+            data.join("windows/license-agent.exe")
+        );
+        // Absent from what `init` writes, so older servers read it unchanged.
+        assert!(!ServerConfig::new("x".into())
+            .to_toml()
+            .contains("windows_stub"));
+        let base = "public_host = \"x\"\n";
+        let absolute =
+            ServerConfig::parse(&format!("{base}windows_stub = \"/opt/lsa/agent.exe\"\n")).unwrap();
+        assert_eq!(
+            absolute.windows_stub_path(data),
+            Path::new("/opt/lsa/agent.exe")
+        );
+        let relative =
+            ServerConfig::parse(&format!("{base}windows_stub = \"stubs/a.exe\"\n")).unwrap();
+        assert_eq!(relative.windows_stub_path(data), data.join("stubs/a.exe"));
+        let back: ServerConfig = toml::from_str(&relative.to_toml()).unwrap();
+        assert_eq!(back.windows_stub, relative.windows_stub);
+        let err = ServerConfig::parse(&format!("{base}windows_stub = \"\"\n")).unwrap_err();
+        assert!(err.to_string().starts_with("windows_stub"), "{err}");
+        assert!(ServerConfig::parse(&format!("{base}windows_stub = 3\n")).is_err());
     }
 
     #[test]

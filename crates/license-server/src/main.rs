@@ -7,7 +7,9 @@
 mod cli;
 mod output;
 
-use std::os::unix::fs::MetadataExt as _;
+use std::io::Write as _;
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -32,6 +34,7 @@ use cli::{
     ServeArgs, TokenCommand,
 };
 use license_server::service::releases::{PublishRequest, ReleaseAdmin, ReleaseError};
+use license_server::service::windows_installer::StubSource;
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum RoleArg {
@@ -79,7 +82,9 @@ impl From<AdminError> for MainError {
     fn from(e: AdminError) -> Self {
         match e {
             AdminError::NotFound { .. } => MainError::NotFound(e.to_string()),
-            AdminError::InvalidInput { .. } => MainError::Usage(e.to_string()),
+            AdminError::InvalidInput { .. } | AdminError::WindowsStub { .. } => {
+                MainError::Usage(e.to_string())
+            }
             AdminError::Conflict(_) => MainError::Refused(e.to_string()),
             _ => MainError::Runtime(e.to_string()),
         }
@@ -312,6 +317,7 @@ async fn load_state(
                 max_sessions: usize::try_from(config.dashboard_max_sessions).unwrap_or(usize::MAX),
             },
             dashboard_sign_in_per_minute: config.dashboard_sign_in_per_minute,
+            windows_stub: config.windows_stub_path(dir.root()),
         },
         release_keys: Default::default(),
     }))
@@ -465,6 +471,8 @@ async fn admin_command(
             client,
             ttl,
             machine,
+            windows_installer: None,
+            windows_stub: _,
         }) => {
             let created = admin
                 .create_install_token(&client, ttl.map(|d| d.as_secs()), machine.as_deref())
@@ -547,11 +555,125 @@ async fn admin_command(
         AdminCommand::Audit(AuditCommand::List { since, limit }) => {
             print(json, &admin.audit_events(since, limit).await?)
         }
+        AdminCommand::Token(TokenCommand::Create {
+            client,
+            ttl,
+            machine,
+            windows_installer: Some(out),
+            windows_stub,
+        }) => {
+            let stub = match windows_stub {
+                Some(path) => StubSource {
+                    path,
+                    field: "--windows-stub",
+                },
+                None => StubSource::configured(&admin.settings().windows_stub),
+            };
+            let request = InstallerRequest {
+                client: &client,
+                ttl_secs: ttl.map(|d| d.as_secs()),
+                machine: machine.as_deref(),
+                stub: &stub,
+                out: &out,
+            };
+            windows_installer(admin, &request, json).await?;
+        }
         AdminCommand::Keys(_) | AdminCommand::Release(_) => {
             return Err(MainError::Usage(
                 "keys and release commands run on their own".into(),
             ))
         }
+    }
+    Ok(())
+}
+
+/// What `admin token create --windows-installer` asks for.
+struct InstallerRequest<'a> {
+    client: &'a str,
+    ttl_secs: Option<u64>,
+    machine: Option<&'a str>,
+    stub: &'a StubSource,
+    out: &'a Path,
+}
+
+/// `admin token create --windows-installer OUT`: mints the token into the installer and writes
+/// it to `out` (0600, through a temporary file renamed over it). The temporary file is created
+/// first, so an unwritable destination costs no token; the token itself is never printed.
+async fn windows_installer(
+    admin: &Admin<'_>,
+    request: &InstallerRequest<'_>,
+    json: bool,
+) -> Result<(), MainError> {
+    let out = request.out;
+    let at = |e: &dyn std::fmt::Display| {
+        MainError::Runtime(format!("--windows-installer {}: {e}", out.display()))
+    };
+    let name = out.file_name().and_then(|n| n.to_str());
+    let Some(name) = name.filter(|_| !out.is_dir()) else {
+        return Err(MainError::Usage(format!(
+            "--windows-installer {}: not a file name",
+            out.display()
+        )));
+    };
+    let tmp = out.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| at(&e))?;
+    let built = admin
+        .create_windows_installer(
+            request.client,
+            request.ttl_secs,
+            request.machine,
+            request.stub,
+        )
+        .await;
+    let installer = match built {
+        Ok(installer) => installer,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+    };
+    let record = &installer.created.record;
+    let written = file
+        .write_all(&installer.exe)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, out));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(at(&format!(
+            "{e}; install token {} was minted but not written anywhere: it expires unused at {}",
+            record.id, record.expires_at
+        )));
+    }
+    let settings = admin.settings();
+    let pin = admin.server_pin().to_string();
+    if json {
+        let mut report = serde_json::to_value(record).map_err(runtime)?;
+        report["windows_installer"] = json!(out);
+        report["server"] = json!(settings.public_url);
+        report["server_pin"] = json!(pin);
+        output::json(&report);
+    } else {
+        println!(
+            "Windows installer for client {} written to {} (mode 0600)",
+            record.client_id,
+            out.display()
+        );
+        println!(
+            "  install token  {} (single use, expires {})",
+            record.id, record.expires_at
+        );
+        if let Some(machine) = &record.machine_id {
+            println!("  (bound to machine {machine}: it re-enrolls that machine)");
+        }
+        println!("  enrolls with   {} (pin {pin})", settings.public_url);
+        println!(
+            "Run it as an administrator on the Windows machine (docs/WINDOWS.md). It carries the token: keep it private until used."
+        );
     }
     Ok(())
 }

@@ -156,6 +156,15 @@ async fn the_public_agent_and_admin_apis_answer_as_their_openapi_document_says()
         "--percent",
         "100",
     ]);
+    // A Windows agent (a minimal PE header), so the installer route answers with installers.
+    let mut stub = vec![0u8; 0x200];
+    stub[..2].copy_from_slice(b"MZ");
+    stub[0x3c..0x40].copy_from_slice(&0x80u32.to_le_bytes());
+    stub[0x80..0x84].copy_from_slice(b"PE\0\0");
+    stub[0x98..0x9a].copy_from_slice(&0x20bu16.to_le_bytes());
+    let windows = server.data_dir().join("windows");
+    std::fs::create_dir_all(&windows).unwrap();
+    std::fs::write(windows.join("license-agent.exe"), stub).unwrap();
     let token = server.admin_json(&[
         "api-token",
         "create",
@@ -197,7 +206,7 @@ async fn the_public_agent_and_admin_apis_answer_as_their_openapi_document_says()
         "admin",
         &server.server.admin_url,
         &["--header", &bearer],
-        27,
+        28,
     );
     // Whatever it sent, the server is still serving.
     let health = server

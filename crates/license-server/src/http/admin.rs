@@ -21,6 +21,7 @@ use crate::clock::Timestamp;
 use crate::service::admin::{Admin, AdminError, CreatedInstallToken, PurgeReport};
 use crate::service::licenses::{IssuedLicense, LicenseRequest};
 use crate::service::releases::{ReleaseAdmin, ReleaseView};
+use crate::service::windows_installer::{StubSource, WindowsInstaller};
 use crate::service::{credential_hash, SharedState};
 use crate::store::admin_tokens::{self, AdminTokenRecord, Role};
 use crate::store::audit::AuditEvent;
@@ -89,6 +90,7 @@ pub fn router() -> OpenApiRouter<SharedState> {
     OpenApiRouter::new()
         .routes(routes!(list_clients, create_client))
         .routes(routes!(list_install_tokens, create_install_token))
+        .routes(routes!(create_windows_installer))
         .routes(routes!(list_machines))
         .routes(routes!(get_machine, delete_machine))
         .routes(routes!(revoke_machine))
@@ -321,6 +323,59 @@ async fn create_install_token(
             .create_install_token(&req.client_id, req.ttl_secs, req.machine_id.as_deref())
             .await?,
     ))
+}
+
+/// The media type of a Windows executable.
+pub const PE_MEDIA_TYPE: &str = "application/vnd.microsoft.portable-executable";
+
+/// The answer carrying a Windows installer: the file as an attachment named after the client,
+/// and the id of the token inside it (`X-Install-Token-Id`), never the token.
+pub fn installer_response(installer: WindowsInstaller) -> Response {
+    let record = &installer.created.record;
+    // A client id is a UUID (checked before the token was minted): safe in a header.
+    let disposition = format!(
+        "attachment; filename=\"license-agent-installer-{}.exe\"",
+        record.client_id
+    );
+    let id = record.id.clone();
+    (
+        [
+            (header::CONTENT_TYPE, PE_MEDIA_TYPE.to_string()),
+            (header::CONTENT_DISPOSITION, disposition),
+            (header::HeaderName::from_static("x-install-token-id"), id),
+        ],
+        installer.exe,
+    )
+        .into_response()
+}
+
+/// Mint a one-time install token into a Windows installer: the Windows agent (`windows_stub`
+/// in server.toml) with this server's URL, pin and the token appended. The token appears only
+/// inside the file.
+#[utoipa::path(post, path = "/api/admin/install-tokens/windows-installer", tag = "admin", security(("bearer" = [])), request_body = CreateInstallToken,
+    responses(JsonBodyRefusals, AdminWriteRefusals,
+              (status = 200, description = "the installer (`license-agent-installer-<client_id>.exe`)",
+               content_type = "application/vnd.microsoft.portable-executable", body = Vec<u8>,
+               headers(("Content-Disposition" = String, description = "`attachment; filename=\"license-agent-installer-<client_id>.exe\"`"),
+                       ("X-Install-Token-Id" = String, description = "the id of the install token inside the installer"))),
+              (status = 400, description = "`invalid_request`: not JSON, `client_id` not a UUID, or `ttl_secs` out of range", body = ApiError),
+              (status = 404, description = "`not_found`: no such client", body = ApiError),
+              (status = 503, description = "`windows_stub_missing`: the server's Windows agent (`windows_stub`) is missing, unreadable or not a Windows executable; the message names its path. No token is minted", body = ApiError)))]
+async fn create_windows_installer(
+    call: AdminCall,
+    ApiJson(req): ApiJson<CreateInstallToken>,
+) -> Result<Response, ApiFailure> {
+    let stub = StubSource::configured(&call.state.settings.windows_stub);
+    let installer = call
+        .admin()
+        .create_windows_installer(
+            &req.client_id,
+            req.ttl_secs,
+            req.machine_id.as_deref(),
+            &stub,
+        )
+        .await?;
+    Ok(installer_response(installer))
 }
 
 #[utoipa::path(get, path = "/api/admin/machines", tag = "admin", security(("bearer" = [])), params(ClientFilter),

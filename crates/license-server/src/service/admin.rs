@@ -35,6 +35,14 @@ pub enum AdminError {
     },
     #[error("{0}")]
     Conflict(String),
+    /// The Windows agent an installer is built from is missing, unreadable or not a Windows
+    /// executable: `field` names where its path was set (`windows_stub`, `--windows-stub`).
+    #[error("{field}: cannot build a Windows installer from {path}: {reason}")]
+    WindowsStub {
+        field: &'static str,
+        path: String,
+        reason: String,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -46,6 +54,7 @@ impl AdminError {
             AdminError::NotFound { .. } => ErrorCode::NotFound,
             AdminError::InvalidInput { .. } => ErrorCode::InvalidRequest,
             AdminError::Conflict(_) => ErrorCode::Conflict,
+            AdminError::WindowsStub { .. } => ErrorCode::WindowsStubMissing,
             AdminError::Store(_) => ErrorCode::InternalError,
         }
     }
@@ -136,6 +145,16 @@ impl<'a> Admin<'a> {
         &self.state.store
     }
 
+    /// The settings of the server this administrator acts on.
+    pub fn settings(&self) -> &super::Settings {
+        &self.state.settings
+    }
+
+    /// The pin of the server's TLS key, as install commands and installers carry it.
+    pub fn server_pin(&self) -> &license_protocol::pin::CertPin {
+        &self.state.keys.server_pin
+    }
+
     /// Runs `result` to its end: commits it with its audit row, or rolls it back and audits
     /// the refusal. Either way nothing happens without a trace.
     pub(super) async fn finish<T>(
@@ -199,7 +218,7 @@ impl<'a> Admin<'a> {
         .await
     }
 
-    async fn create_install_token_in(
+    pub(super) async fn create_install_token_in(
         &self,
         conn: &mut AnyConnection,
         client_id: &str,

@@ -1,6 +1,7 @@
 //! What the server does, independent of how it is asked: enrollment and recovery (public listener),
 //! certificate renewal, secret rotation and license validation (agent listener), and
-//! administration (admin API and CLI), licenses included, agent releases (`releases`), and the server's keys (`keys`: which
+//! administration (admin API and CLI), licenses included, Windows installers
+//! (`windows_installer`), agent releases (`releases`), and the server's keys (`keys`: which
 //! master key seals secrets, its online rollover, `keys status`). Enrollment, renewal and recovery
 //! issue certificates through one function, `certificates::issue`.
 //!
@@ -17,6 +18,7 @@ pub mod recover;
 pub mod releases;
 pub mod secrets;
 pub mod server_certificate;
+pub mod windows_installer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -109,6 +111,9 @@ pub struct Settings {
     pub dashboard_sessions: crate::http::dashboard::session::SessionPolicy,
     /// Dashboard sign-in attempts per client IP and minute.
     pub dashboard_sign_in_per_minute: u32,
+    /// The Windows agent (`license-agent.exe`) that Windows installers are built from
+    /// (`windows_stub`, resolved against the data directory).
+    pub windows_stub: PathBuf,
 }
 
 impl Settings {

@@ -2,7 +2,8 @@
 //! make, each through the same `service::admin::Admin` method as the admin API and CLI (so it
 //! is audited the same way, with the same actor). Each action is an [`Act`]: signed in, role
 //! `admin`, same origin, CSRF token checked; it then redirects back to the page it came from
-//! (POST/redirect/GET), except creating an install token, whose answer shows the token once.
+//! (POST/redirect/GET), except creating an install token, whose answer shows the token once,
+//! and building a Windows installer, whose answer is the file.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,11 +19,12 @@ use super::pages::{self, Created};
 use super::session;
 use super::{check_origin, done, Act, Dashboard, DashboardError, DashboardResult, Viewer, PREFIX};
 use crate::clock::Timestamp;
-use crate::http::admin::AdminPrincipal;
+use crate::http::admin::{installer_response, AdminPrincipal};
 use crate::http::listener::ConnInfo;
 use crate::http::public::rate_key;
 use crate::service::admin::AdminError;
 use crate::service::licenses::LicenseRequest;
+use crate::service::windows_installer::StubSource;
 use crate::service::{credential_hash, SharedState};
 use crate::store::admin_tokens;
 use crate::store::audit::{self, NewAuditEvent};
@@ -285,26 +287,34 @@ pub struct NewInstallToken {
     machine_id: String,
 }
 
-/// Mints an install token and answers with the page showing it and its one-liner, once.
-pub async fn create_install_token(act: Act<NewInstallToken>) -> DashboardResult<Response> {
-    let ttl = act.form.ttl_hours.trim();
-    let ttl_secs = if ttl.is_empty() {
-        None
-    } else {
+impl NewInstallToken {
+    /// The lifetime asked for, in seconds (`None`: the server's default).
+    fn ttl_secs(&self) -> Result<Option<u64>, AdminError> {
+        let ttl = self.ttl_hours.trim();
+        if ttl.is_empty() {
+            return Ok(None);
+        }
         let hours: u64 = ttl.parse().map_err(|_| AdminError::InvalidInput {
             field: "ttl_hours",
             message: "must be a whole number of hours, or empty".into(),
         })?;
-        Some(hours.saturating_mul(3600))
-    };
-    let machine = act.form.machine_id.trim();
+        Ok(Some(hours.saturating_mul(3600)))
+    }
+
+    fn machine_id(&self) -> Option<&str> {
+        Some(self.machine_id.trim()).filter(|m| !m.is_empty())
+    }
+}
+
+/// Mints an install token and answers with the page showing it and its one-liner, once.
+pub async fn create_install_token(act: Act<NewInstallToken>) -> DashboardResult<Response> {
     let created = act
         .viewer
         .admin()
         .create_install_token(
             act.form.client_id.trim(),
-            ttl_secs,
-            (!machine.is_empty()).then_some(machine),
+            act.form.ttl_secs()?,
+            act.form.machine_id(),
         )
         .await?;
     let client_id = created.record.client_id.clone();
@@ -315,4 +325,22 @@ pub async fn create_install_token(act: Act<NewInstallToken>) -> DashboardResult<
         None,
     )
     .await
+}
+
+/// Mints an install token into a Windows installer and answers with the file, as
+/// `POST /api/admin/install-tokens/windows-installer` does; without a usable Windows agent on
+/// the server, the error page (503) names its path and no token is minted.
+pub async fn windows_installer(act: Act<NewInstallToken>) -> DashboardResult<Response> {
+    let stub = StubSource::configured(&act.viewer.state.settings.windows_stub);
+    let installer = act
+        .viewer
+        .admin()
+        .create_windows_installer(
+            act.form.client_id.trim(),
+            act.form.ttl_secs()?,
+            act.form.machine_id(),
+            &stub,
+        )
+        .await?;
+    Ok(installer_response(installer))
 }

@@ -85,6 +85,9 @@ impl DashboardError {
             DashboardError::Admin(AdminError::NotFound { .. }) => StatusCode::NOT_FOUND,
             DashboardError::Admin(AdminError::InvalidInput { .. }) => StatusCode::BAD_REQUEST,
             DashboardError::Admin(AdminError::Conflict(_)) => StatusCode::CONFLICT,
+            DashboardError::Admin(AdminError::WindowsStub { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             DashboardError::Admin(_) | DashboardError::Store(_) | DashboardError::Render(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -190,6 +193,10 @@ pub fn router(state: &SharedState) -> Router<SharedState> {
         .route(
             &r("/install-tokens"),
             get(pages::install_tokens).post(actions::create_install_token),
+        )
+        .route(
+            &r("/install-tokens/windows-installer"),
+            post(actions::windows_installer),
         )
         .route(&r("/audit"), get(pages::audit))
         .layer(axum::middleware::map_response(security_headers))
