@@ -53,6 +53,13 @@ command -v lintian >/dev/null || packages+=(lintian)
 # runs `npm ci` itself). Only when npm is missing: nodesource's nodejs ships its own npm and
 # conflicts with Debian's npm package.
 [ -x /usr/bin/chromium ] || packages+=(chromium)
+# The Windows build and its tests under wine (docs/WINDOWS.md): Debian's Rust 1.96 with the
+# standard library's source (-Zbuild-std for x86_64-pc-windows-gnu), mingw-w64, wine 8.
+[ -x /usr/bin/rustc ] || packages+=(rustc-web)
+[ -x /usr/bin/cargo ] || packages+=(cargo-web)
+[ -d /usr/lib/rustlib/src/rust/library ] || packages+=(rust-web-src)
+command -v x86_64-w64-mingw32-gcc >/dev/null || packages+=(mingw-w64)
+[ -x /usr/lib/wine/wine64 ] || packages+=(wine64 wine)
 command -v npm >/dev/null || packages+=(nodejs npm)
 postgres_ready() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
 installed_postgres=false
@@ -120,6 +127,12 @@ say "cargo build --bins (the integration tests run license-agent, another packag
 cargo build --workspace --bins --locked
 say "Debian packages (scripts/package.sh: release build, cargo-deb, -dbgsym packages)"
 scripts/package.sh
+# The Windows binaries the wine tests run (crates/license-agent/tests/windows.rs and
+# crates/license-client/tests/windows_c_example.rs): built once here, std included, with the
+# dev profile (quicker to build; the tests run them, nothing ships from this run).
+say "Windows binaries (scripts/windows/build.sh, dev profile)"
+export LSA_WINDOWS_PROFILE=dev
+scripts/windows/build.sh
 # The VM test (crates/license-agent/tests/vm.rs) boots a Debian 12 guest that
 # scripts/vm/image.sh builds with debootstrap (and fetches QEMU 7.2 for): once per run, never
 # reused from an earlier one.
@@ -130,7 +143,11 @@ trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
 say "the secret-lifecycle end-to-end suite again, every agent on its own swtpm (TPM backend)"
-LSA_TEST_TPM=1 cargo test --locked -p license-agent --test lifecycle 2>&1 | tee -a "$log" || status=$?
+# --workspace, not -p: the same features as the run above, so nothing is rebuilt.
+LSA_TEST_TPM=1 cargo test --workspace --locked --test lifecycle 2>&1 | tee -a "$log" || status=$?
+say "the Windows unit tests under wine (license-client, license-agent's platform layer)"
+(source scripts/windows/env.sh && lsa_windows_cargo test -j 2 -p license-client --lib \
+  && lsa_windows_cargo test -j 2 -p license-agent --lib platform::) 2>&1 | tee -a "$log" || status=$?
 
 # ---- Fuzzing (docs/SECURITY.md, "Fuzzing") ------------------------------------------------
 # Every fuzz target in fuzz/ for a short bounded time (LSA_FUZZ_SECONDS each, 8 by default):

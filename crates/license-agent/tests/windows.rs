@@ -58,6 +58,11 @@ fn build_artefacts(target_dir: &Path) -> PathBuf {
     let output = clean(&mut Command::new("bash"))
         .arg(&script)
         .env("LSA_WINDOWS_TARGET_DIR", target_dir)
+        // What scripts/test.sh built (quicker to build than release) unless told otherwise.
+        .env(
+            "LSA_WINDOWS_PROFILE",
+            std::env::var("LSA_WINDOWS_PROFILE").unwrap_or_else(|_| "dev".into()),
+        )
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
     assert!(
