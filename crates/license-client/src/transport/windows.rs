@@ -406,6 +406,38 @@ mod tests {
         }
     }
 
+    /// A server that accepts one client and holds its connection open, answering nothing, until
+    /// dropped; it first reads one request when `read_request` says so.
+    struct Silent {
+        done: Option<mpsc::Sender<()>>,
+        thread: Option<thread::JoinHandle<()>>,
+    }
+
+    fn silent_server(name: &Path, read_request: bool) -> Silent {
+        let mut listener = Listener::bind(name).unwrap();
+        let (done, done_rx) = mpsc::channel::<()>();
+        let thread = thread::spawn(move || {
+            let mut stream = listener.accept().unwrap();
+            if read_request {
+                let _request = read_frame(&mut stream);
+            }
+            let _ = done_rx.recv();
+        });
+        Silent {
+            done: Some(done),
+            thread: Some(thread),
+        }
+    }
+
+    impl Drop for Silent {
+        fn drop(&mut self) {
+            drop(self.done.take());
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
     #[test]
     fn frames_go_both_ways_and_the_client_validates() {
         let name = pipe_name("roundtrip");
@@ -438,14 +470,7 @@ mod tests {
     #[test]
     fn a_server_that_never_answers_times_out_within_the_timeout() {
         let name = pipe_name("silent");
-        let mut listener = Listener::bind(&name).unwrap();
-        let (done_tx, done_rx) = mpsc::channel::<()>();
-        let server = thread::spawn(move || {
-            let mut stream = listener.accept().unwrap();
-            let _request = read_frame(&mut stream);
-            // Holds the connection open, answering nothing, until the client is done.
-            let _ = done_rx.recv();
-        });
+        let _server = silent_server(&name, true);
 
         let timeout = Duration::from_millis(300);
         let mut stream = Stream::connect(&name, timeout, timeout).unwrap();
@@ -463,20 +488,12 @@ mod tests {
 
         // The cancelled read left the stream usable: a write still goes through.
         stream.write_all(&ipc::encode_frame(b"{}")).unwrap();
-        done_tx.send(()).unwrap();
-        server.join().unwrap();
     }
 
     #[test]
     fn the_client_reports_a_silent_agent_as_a_timeout() {
         let name = pipe_name("silent-client");
-        let mut listener = Listener::bind(&name).unwrap();
-        let (done_tx, done_rx) = mpsc::channel::<()>();
-        let server = thread::spawn(move || {
-            let mut stream = listener.accept().unwrap();
-            let _request = read_frame(&mut stream);
-            let _ = done_rx.recv();
-        });
+        let _server = silent_server(&name, true);
         let config = ClientConfig::new(&name).with_timeout(Duration::from_millis(200));
         let mut client = Client::connect_with(&config).unwrap();
         let started = Instant::now();
@@ -485,8 +502,6 @@ mod tests {
             Err(ClientError::Timeout)
         ));
         assert!(started.elapsed() < Duration::from_secs(3));
-        done_tx.send(()).unwrap();
-        server.join().unwrap();
     }
 
     #[test]
@@ -650,12 +665,7 @@ mod tests {
     #[test]
     fn a_write_the_server_never_reads_times_out() {
         let name = pipe_name("full");
-        let mut listener = Listener::bind(&name).unwrap();
-        let (done_tx, done_rx) = mpsc::channel::<()>();
-        let server = thread::spawn(move || {
-            let _stream = listener.accept().unwrap();
-            let _ = done_rx.recv();
-        });
+        let _server = silent_server(&name, false);
         let timeout = Duration::from_millis(300);
         let mut stream = Stream::connect(&name, timeout, timeout).unwrap();
         let chunk = vec![0u8; 64 * 1024];
@@ -670,8 +680,6 @@ mod tests {
             );
         };
         assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
-        done_tx.send(()).unwrap();
-        server.join().unwrap();
     }
 
     #[test]
