@@ -12,12 +12,7 @@ use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::{MainError, EXIT_OK, EXIT_TAMPERED};
-
-/// Default path of the current audit log file (DESIGN.md §3.4).
-pub const DEFAULT_AUDIT_LOG: &str = "/var/log/license-agent/audit.log";
-/// Where the agent keeps the audit log's anchor (`audit_anchor`).
-pub const DEFAULT_STATE_FILE: &str = "/var/lib/license-agent/state.json";
+use crate::{paths, MainError, EXIT_OK, EXIT_TAMPERED};
 
 /// `audit` subcommands.
 #[derive(Debug, Subcommand)]
@@ -31,7 +26,7 @@ pub enum AuditCommand {
 #[derive(Debug, Args)]
 pub struct LogArg {
     /// Current log file (rotated files `<log>.1`, `<log>.2`, … are read too), or its directory.
-    #[arg(long, value_name = "PATH", env = "LICENSE_AGENT_AUDIT_LOG", default_value = DEFAULT_AUDIT_LOG)]
+    #[arg(long, value_name = "PATH", env = "LICENSE_AGENT_AUDIT_LOG", default_value_os_t = paths::audit_log())]
     log: PathBuf,
 }
 
@@ -47,7 +42,7 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "HEX", requires = "anchor_seq")]
     anchor_hash: Option<String>,
     /// The agent's state file, whose `audit_anchor` is checked by default.
-    #[arg(long, value_name = "PATH", env = "LICENSE_AGENT_STATE", default_value = DEFAULT_STATE_FILE)]
+    #[arg(long, value_name = "PATH", env = "LICENSE_AGENT_STATE", default_value_os_t = paths::state_file())]
     state: PathBuf,
     /// Check the chain only, not the anchor.
     #[arg(long, conflicts_with_all = ["anchor_seq", "anchor_hash"])]

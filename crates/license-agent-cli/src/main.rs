@@ -22,7 +22,7 @@
 //! | 1 | the command failed (agent error `failed`/`bad_request`), `validate`: the license is invalid, `audit verify`: tampering found |
 //! | 2 | usage error, or an I/O or protocol error (unreadable file, no audit log, timeout, bad answer) |
 //! | 3 | refused by the agent (`not_authorized`, `refused`, `audit_unavailable`) |
-//! | 4 | the agent is unreachable (no socket at the path, or connection refused) |
+//! | 4 | the agent is unreachable (no socket or pipe at the path, or connection refused) |
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -34,6 +34,7 @@ use license_ipc::mgmt::MgmtErrorCode;
 mod audit;
 mod client;
 mod mgmt;
+mod paths;
 
 /// Success; `validate`: the license is valid; `audit verify`: the log is intact.
 pub const EXIT_OK: u8 = 0;
@@ -49,8 +50,6 @@ pub const EXIT_REFUSED: u8 = 3;
 /// The agent could not be reached (no socket, connection refused).
 pub const EXIT_UNREACHABLE: u8 = 4;
 
-/// Default path of the agent's management socket (DESIGN.md §3.3).
-pub const DEFAULT_MGMT_SOCKET: &str = "/run/license-agent/mgmt.sock";
 /// Default time to wait for the agent's answer, in seconds (`rotate` waits for a whole round).
 pub const DEFAULT_TIMEOUT_SECS: u64 = 30;
 
@@ -60,7 +59,7 @@ Exit codes:
   1  the command failed; validate: the license is invalid; audit verify: tampering found
   2  usage error, I/O or protocol error (unreadable file, no audit log, timeout, bad answer)
   3  refused by the agent (not_authorized, refused, audit_unavailable)
-  4  the agent is unreachable (no socket at the path, or connection refused)";
+  4  the agent is unreachable (no socket or pipe at the path, or connection refused)";
 
 /// Local management of the License Secret Agent.
 #[derive(Debug, Parser)]
@@ -75,13 +74,13 @@ struct Cli {
 /// Options every command accepts, before or after its name.
 #[derive(Debug, clap::Args)]
 struct GlobalArgs {
-    /// The agent's management socket.
+    /// The agent's management socket (on Windows, its pipe).
     #[arg(
         long,
         global = true,
         value_name = "PATH",
         env = "LICENSE_AGENT_MGMT_SOCKET",
-        default_value = DEFAULT_MGMT_SOCKET
+        default_value = paths::MGMT_SOCKET
     )]
     socket: PathBuf,
     /// File holding the management token (second factor, when the agent is configured with

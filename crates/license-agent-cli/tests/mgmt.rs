@@ -2,6 +2,8 @@
 //! Unix socket in a temp dir) that checks each request it receives and answers canned results
 //! and errors: requests on the wire, human and `--json` output, and every exit code.
 
+// The fake agent listens on a Unix socket.
+#![cfg(unix)]
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};

@@ -4,6 +4,12 @@
  * Lets a POS application ask the local License Secret Agent whether a license token is valid,
  * over the agent's Unix socket (protocol: docs/PROTOCOL.md). Link with -llicense_client.
  *
+ * Windows: the "socket" is the agent's named pipe, and every socket_path argument is a pipe name
+ * in UTF-8, like \\.\pipe\license-agent ("\\\\.\\pipe\\license-agent" in C source; NULL means
+ * that one). The library is license_client.dll; with mingw-w64 link against its import library
+ * liblicense_client.dll.a (-llicense_client) and ship the DLL beside the executable
+ * (docs/PROTOCOL.md, "Windows: the named pipe and the DLL").
+ *
  * Ownership:
  *   - lsa_client_connect() returns a client owned by the caller; free it with lsa_client_free().
  *   - lsa_validate_license() stores in *out a validation owned by the caller; free it with
@@ -54,8 +60,10 @@ typedef struct lsa_validation lsa_validation;
 /* The message of the last failed call on this thread, or NULL if none failed yet. */
 const char *lsa_last_error(void);
 
-/* Connects to the agent's socket; NULL socket_path means "/run/license-agent/agent.sock".
- * Read and write timeouts are 5 s. Returns NULL on failure (see lsa_last_error()). */
+/* Connects to the agent's socket; NULL socket_path means "/run/license-agent/agent.sock"
+ * (Windows: the pipe \\.\pipe\license-agent; a socket_path there is a pipe name in UTF-8).
+ * Read and write timeouts are 5 s; on Windows a busy pipe is waited for at most as long.
+ * Returns NULL on failure (see lsa_last_error()). */
 lsa_client *lsa_client_connect(const char *socket_path);
 
 /* Like lsa_client_connect() with read and write timeouts of timeout_ms milliseconds

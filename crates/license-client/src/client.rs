@@ -7,17 +7,18 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use license_ipc::ipc::{self, Reason, Response};
 use license_ipc::Nonce;
 
+use crate::transport::{self, Stream};
 use crate::ClientError;
 
-/// Where the agent listens unless configured otherwise (DESIGN.md §3.2).
-pub const DEFAULT_SOCKET_PATH: &str = "/run/license-agent/agent.sock";
+/// Where the agent listens unless configured otherwise (DESIGN.md §3.2):
+/// `/run/license-agent/agent.sock` on Unix, the pipe `\\.\pipe\license-agent` on Windows.
+pub const DEFAULT_SOCKET_PATH: &str = transport::DEFAULT_VALIDATION_PATH;
 
 /// Read and write timeout of a connection unless configured otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -25,7 +26,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How to reach the agent: socket path and timeouts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
-    /// The agent's Unix socket.
+    /// The agent's socket: a Unix socket's path, or on Windows a pipe name.
     pub socket_path: PathBuf,
     /// Longest wait for the agent's answer (each read).
     pub read_timeout: Duration,
@@ -50,7 +51,7 @@ impl ClientConfig {
     }
 
     /// The same configuration with both timeouts set to `timeout`. A zero duration is not a
-    /// valid socket timeout and is replaced by one millisecond.
+    /// valid socket timeout and counts as one millisecond.
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.read_timeout = timeout;
@@ -144,7 +145,7 @@ impl Validation {
 /// dropped and later calls fail with [`ClientError::Closed`]: connect again.
 #[derive(Debug)]
 pub struct Client {
-    stream: Option<UnixStream>,
+    stream: Option<Stream>,
 }
 
 impl Client {
@@ -160,17 +161,15 @@ impl Client {
 
     /// Connects as `config` says.
     pub fn connect_with(config: &ClientConfig) -> Result<Self, ClientError> {
-        let connect_err = |source| ClientError::Connect {
+        let stream = Stream::connect(
+            &config.socket_path,
+            config.read_timeout,
+            config.write_timeout,
+        )
+        .map_err(|source| ClientError::Connect {
             path: config.socket_path.clone(),
             source,
-        };
-        let stream = UnixStream::connect(&config.socket_path).map_err(connect_err)?;
-        stream
-            .set_read_timeout(Some(non_zero(config.read_timeout)))
-            .map_err(connect_err)?;
-        stream
-            .set_write_timeout(Some(non_zero(config.write_timeout)))
-            .map_err(connect_err)?;
+        })?;
         Ok(Self {
             stream: Some(stream),
         })
@@ -194,12 +193,8 @@ impl Client {
     }
 }
 
-fn non_zero(d: Duration) -> Duration {
-    d.max(Duration::from_millis(1))
-}
-
 /// One request and its answer on `stream`.
-fn exchange(stream: &mut UnixStream, license_token: &str) -> Result<Validation, ClientError> {
+fn exchange(stream: &mut Stream, license_token: &str) -> Result<Validation, ClientError> {
     let nonce = Nonce::random().to_string();
     let request = serde_json::json!({
         "op": "validate_license",
@@ -228,14 +223,14 @@ fn exchange(stream: &mut UnixStream, license_token: &str) -> Result<Validation, 
 }
 
 /// Reads and parses one answer.
-fn read_answer(stream: &mut UnixStream) -> Result<Response, ClientError> {
+fn read_answer(stream: &mut Stream) -> Result<Response, ClientError> {
     let payload = read_frame(stream)?;
     serde_json::from_slice(&payload)
         .map_err(|e| ClientError::Malformed(format!("not a protocol answer: {e}")))
 }
 
 /// Reads one frame's payload, refusing an oversized one before reading it.
-fn read_frame(stream: &mut UnixStream) -> Result<Vec<u8>, ClientError> {
+fn read_frame(stream: &mut Stream) -> Result<Vec<u8>, ClientError> {
     let mut header = [0u8; 4];
     stream
         .read_exact(&mut header)

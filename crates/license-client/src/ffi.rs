@@ -1,9 +1,11 @@
 //! The C ABI of the client (`include/license_client.h`), for POS applications in C, C++, C#,
-//! Java or Python that load `liblicense_client.so` instead of linking Rust.
+//! Java or Python that load `liblicense_client.so` (`license_client.dll` on Windows) instead of
+//! linking Rust.
 //!
-//! This is the only module of the crate with `unsafe` code: turning C pointers into Rust
-//! references. Every function is NULL-safe, never lets a panic cross into C (a panic becomes
-//! [`LSA_ERR_INTERNAL`] or NULL), and records a message for [`lsa_last_error`] when it fails.
+//! Besides the Windows pipe transport (`transport/windows.rs`), this is the only module of the
+//! crate with `unsafe` code: turning C pointers into Rust references. Every function is
+//! NULL-safe, never lets a panic cross into C (a panic becomes [`LSA_ERR_INTERNAL`] or NULL),
+//! and records a message for [`lsa_last_error`] when it fails.
 //!
 //! Ownership, as the header documents it: a `lsa_client*` from [`lsa_client_connect`] is freed
 //! with [`lsa_client_free`]; a `lsa_validation*` from [`lsa_validate_license`] is freed with
@@ -15,10 +17,9 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::ffi::{c_char, c_int, c_uint, CStr, CString, OsStr};
-use std::os::unix::ffi::OsStrExt as _;
+use std::ffi::{c_char, c_int, c_uint, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::Path;
+use std::path::PathBuf;
 use std::ptr;
 use std::time::Duration;
 
@@ -122,8 +123,11 @@ pub extern "C" fn lsa_last_error() -> *const c_char {
     })
 }
 
-/// Connects to the agent's socket (`NULL`: `/run/license-agent/agent.sock`) with 5 s timeouts.
-/// Returns NULL on failure (see [`lsa_last_error`]).
+/// Connects to the agent's socket (`NULL`: [`DEFAULT_SOCKET_PATH`](crate::DEFAULT_SOCKET_PATH))
+/// with 5 s timeouts. Returns NULL on failure (see [`lsa_last_error`]).
+///
+/// On Unix the path is any bytes; on Windows it is a pipe name in UTF-8
+/// (`\\.\pipe\license-agent`).
 ///
 /// # Safety
 /// `socket_path` is NULL or a NUL-terminated string readable for the duration of the call.
@@ -151,9 +155,13 @@ pub unsafe extern "C" fn lsa_client_connect_timeout(
         Some(unsafe { CStr::from_ptr(socket_path) })
     };
     no_panic(ptr::null_mut(), || {
-        let mut config = match path {
+        let mut config = match path.map(socket_path_of) {
             None => ClientConfig::default(),
-            Some(p) => ClientConfig::new(Path::new(OsStr::from_bytes(p.to_bytes()))),
+            Some(Ok(p)) => ClientConfig::new(p),
+            Some(Err(e)) => {
+                set_last_error(e);
+                return ptr::null_mut();
+            }
         };
         if timeout_ms > 0 {
             config = config.with_timeout(Duration::from_millis(u64::from(timeout_ms)));
@@ -166,6 +174,21 @@ pub unsafe extern "C" fn lsa_client_connect_timeout(
             }
         }
     })
+}
+
+/// The socket path a C string names: its bytes on Unix.
+#[cfg(unix)]
+fn socket_path_of(path: &CStr) -> Result<PathBuf, &'static str> {
+    use std::os::unix::ffi::OsStrExt as _;
+    Ok(std::ffi::OsStr::from_bytes(path.to_bytes()).into())
+}
+
+/// The pipe name a C string names: UTF-8 on Windows.
+#[cfg(windows)]
+fn socket_path_of(path: &CStr) -> Result<PathBuf, &'static str> {
+    path.to_str()
+        .map(PathBuf::from)
+        .map_err(|_| "lsa_client_connect: socket_path is not UTF-8")
 }
 
 /// Asks the agent whether `license_token` is valid. Returns `LSA_OK` (0) when the agent

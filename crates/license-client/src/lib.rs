@@ -1,17 +1,19 @@
 //! Client library for POS applications: asks the local License Secret Agent whether a license
-//! token is valid, over the agent's Unix socket (DESIGN.md §3.2; the wire protocol is in
-//! `docs/PROTOCOL.md`).
+//! token is valid, over the agent's Unix socket, or its named pipe on Windows (DESIGN.md §3.2;
+//! the wire protocol is in `docs/PROTOCOL.md`).
 //!
-//! A POS application links this crate (Rust) or its C ABI (`liblicense_client.so` and
-//! `include/license_client.h`, see [`ffi`]) instead of speaking the socket protocol itself. The
-//! client sends each request with a fresh random nonce and only accepts an answer that echoes it,
-//! reads at most [`MAX_FRAME_LEN`] bytes per answer, and never waits longer than its timeouts.
+//! A POS application links this crate (Rust) or its C ABI (`liblicense_client.so`, on Windows
+//! `license_client.dll`, and `include/license_client.h`, see [`ffi`]) instead of speaking the
+//! socket protocol itself. The client sends each request with a fresh random nonce and only
+//! accepts an answer that echoes it, reads at most [`MAX_FRAME_LEN`] bytes per answer, and never
+//! waits longer than its timeouts. [`transport`] is the byte stream underneath, the one place
+//! that differs between Unix and Windows.
 //!
 //! # Example
 //!
-//! The example starts a stand-in agent on a temporary socket that answers every request with a
-//! valid license; a real application connects to [`DEFAULT_SOCKET_PATH`] with
-//! [`Client::connect_default`].
+//! The example starts a stand-in agent (on a temporary socket, or a pipe on Windows) that
+//! answers every request with a valid license; a real application connects to
+//! [`DEFAULT_SOCKET_PATH`] with [`Client::connect_default`].
 //!
 //! ```
 //! use license_client::{Client, ClientError};
@@ -19,10 +21,14 @@
 //! # use license_ipc::ipc::{self, Request, Response, ValidAnswer};
 //! #
 //! # let dir = tempfile::tempdir()?;
-//! # let socket = dir.path().join("agent.sock");
-//! # let listener = std::os::unix::net::UnixListener::bind(&socket)?;
+//! # let socket = if cfg!(windows) {
+//! #     std::path::PathBuf::from(format!(r"\\.\pipe\license-client-doc-{}", std::process::id()))
+//! # } else {
+//! #     dir.path().join("agent.sock")
+//! # };
+//! # let mut listener = license_client::transport::Listener::bind(&socket)?;
 //! # std::thread::spawn(move || -> std::io::Result<()> {
-//! #     let (mut conn, _) = listener.accept()?;
+//! #     let mut conn = listener.accept()?;
 //! #     loop {
 //! #         let mut header = [0u8; 4];
 //! #         if conn.read_exact(&mut header).is_err() { return Ok(()); }
@@ -62,6 +68,7 @@ mod client;
 mod error;
 #[allow(unsafe_code)]
 pub mod ffi;
+pub mod transport;
 
 pub use client::{Client, ClientConfig, Validation, DEFAULT_SOCKET_PATH, DEFAULT_TIMEOUT};
 pub use error::ClientError;

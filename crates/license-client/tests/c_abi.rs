@@ -5,6 +5,9 @@
 //! The shared library is the one cargo builds next to this test binary (the lib target's
 //! `cdylib`); if it is missing the tests fail, they never skip.
 
+// The fake agent (tests/common) listens on a Unix socket; the pipe transport has its own
+// tests (src/transport/windows.rs) and the Windows C example tests/windows_c_example.rs.
+#![cfg(unix)]
 // Helpers outside #[test] functions: a panic is the failure report here too.
 #![allow(clippy::unwrap_used)]
 

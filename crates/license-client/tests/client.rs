@@ -2,6 +2,10 @@
 //! nonces, and every way an answer can be refused (wrong nonce, oversized, truncated, malformed,
 //! missing socket, timeout).
 
+// The fake agent (tests/common) listens on a Unix socket; the pipe transport has its own
+// tests (src/transport/windows.rs) and the Windows C example tests/windows_c_example.rs.
+#![cfg(unix)]
+
 mod common;
 
 use std::time::Duration;

@@ -2,6 +2,10 @@
 //! fake agent: the protocol description is enough to write a working client, and the document's
 //! example stays true.
 
+// The fake agent (tests/common) listens on a Unix socket; the pipe transport has its own
+// tests (src/transport/windows.rs) and the Windows C example tests/windows_c_example.rs.
+#![cfg(unix)]
+
 mod common;
 
 use std::path::Path;

@@ -3,11 +3,15 @@
  * liblicense_client's C ABI (include/license_client.h).
  *
  * Usage: validate SOCKET TOKEN
+ * (on Windows, SOCKET is the agent's pipe name, e.g. \\.\pipe\license-agent).
  * Prints "valid features=a,b expires_at=<RFC 3339|never>" and exits 0 when the license is valid,
  * prints "invalid reason=<code>" and exits 1 when it is not, and prints "error: <message>" on
  * stderr and exits 2 when there is no verdict (agent unreachable, timeout, bad answer).
  *
  * Build: cc validate.c -I../../include -L<dir of liblicense_client.so> -llicense_client
+ * Windows (mingw-w64): x86_64-w64-mingw32-gcc validate.c -I../../include
+ *   -L<dir of liblicense_client.dll.a> -llicense_client -o validate.exe, and license_client.dll
+ *   beside validate.exe (scripts/windows/build.sh does this into target/windows/dist).
  */
 #include <stdio.h>
 
