@@ -38,11 +38,21 @@ for p in "${packages[@]}"; do args+=(-p "$p"); done
 # license-client, since cargo refuses it when no selected package has a library.
 targets=(--bins)
 wants license-client && targets+=(--lib --example pipe_echo)
+# The wine tests replay a nonce through the real pipe with it.
+wants license-agent && targets+=(--example pipe_probe)
+
+# LSA_WINDOWS_PROFILE=dev: unoptimized, quicker to build (what the test suite runs).
+profile="${LSA_WINDOWS_PROFILE:-release}"
+case "$profile" in
+  release) profile_dir=release ;;
+  dev) profile_dir=debug ;;
+  *) echo "build.sh: LSA_WINDOWS_PROFILE is release or dev, not '$profile'" >&2; exit 2 ;;
+esac
 
 cd "$root"
-lsa_windows_cargo build --release -j "${CARGO_BUILD_JOBS:-2}" "${args[@]}" "${targets[@]}"
+lsa_windows_cargo build --profile "$profile" -j "${CARGO_BUILD_JOBS:-2}" "${args[@]}" "${targets[@]}"
 
-out="$CARGO_TARGET_DIR/$LSA_WINDOWS_TARGET/release"
+out="$CARGO_TARGET_DIR/$LSA_WINDOWS_TARGET/$profile_dir"
 dist="$CARGO_TARGET_DIR/dist"
 mkdir -p "$dist"
 strip=x86_64-w64-mingw32-strip
@@ -62,6 +72,7 @@ ship() {
 
 echo "build.sh: artefacts in $dist:"
 wants license-agent && ship "$out/license-agent.exe" strip
+wants license-agent && ship "$out/examples/pipe_probe.exe" strip
 wants license-agent-cli && ship "$out/license-agent-cli.exe" strip
 if wants license-client; then
   ship "$out/license_client.dll" strip

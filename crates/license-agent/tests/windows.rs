@@ -165,7 +165,11 @@ fn a_windows_till_installs_enrolls_and_validates_under_wine() {
     ]);
     assert_eq!(created["windows_installer"], installer.to_str().unwrap());
 
+    eprintln!("installer written; creating the wine prefix");
     let wine = Wine::new(&target_dir);
+    // The prefix first (about 10 s), then the process that keeps wine's services alive.
+    let (code, out, err) = wine.run(&dist.join("license-agent.exe"), &["--version"]);
+    assert_eq!(code, Some(0), "{out}{err}");
     // wine stops its services when the prefix's last ordinary process exits: one stays.
     let keepalive = Running(
         wine.command(Path::new("cmd.exe"), &[])
@@ -176,6 +180,7 @@ fn a_windows_till_installs_enrolls_and_validates_under_wine() {
             .unwrap(),
     );
 
+    eprintln!("prefix ready; a tampered installer");
     // A tampered trailer is refused before anything is done.
     let mut tampered = std::fs::read(&installer).unwrap();
     let at = tampered.len() - 60;
@@ -192,6 +197,7 @@ fn a_windows_till_installs_enrolls_and_validates_under_wine() {
         .drive_c("ProgramData/LicenseAgent/config.toml")
         .exists());
 
+    eprintln!("the installer");
     // The installer, run without arguments: every step printed, the service running.
     let started = std::time::Instant::now();
     let (code, out, err) = wine.run(&installer, &[]);
@@ -224,6 +230,7 @@ fn a_windows_till_installs_enrolls_and_validates_under_wine() {
         std::fs::read(wine.drive_c("Program Files/LicenseAgent/license-agent.exe")).unwrap();
     assert!(license_protocol::installer::read(&installed).is_err());
 
+    eprintln!("installed; a license");
     // A license, validated by a C program through license_client.dll and the pipe.
     let license = server.issue_license(&machine, "pos,loyalty", &[]);
     let token_file = wine.drive_c(&format!(
@@ -247,6 +254,7 @@ fn a_windows_till_installs_enrolls_and_validates_under_wine() {
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("valid features=pos,loyalty"), "{out}");
 
+    eprintln!("validated; a replay");
     // A nonce seen once is refused the second time.
     let probe = dist.join("pipe_probe.exe");
     let (code, out, err) = wine.run(
@@ -259,12 +267,14 @@ fn a_windows_till_installs_enrolls_and_validates_under_wine() {
     assert!(answers[0].contains("\"valid\":true"), "{out}");
     assert!(answers[1].contains("replay"), "{out}");
 
+    eprintln!("replay refused; the installer again");
     // Running the installer again is safe: the token is not used, the service runs.
     let (code, out, err) = wine.run(&installer, &[]);
     assert_eq!(code, Some(0), "second run: {out}{err}");
     assert!(out.contains("already enrolled"), "{out}");
     assert!(out.contains("service license-agent running"), "{out}");
 
+    eprintln!("a caller refused by SID");
     // A caller the config does not allow is refused by its SID.
     let config_path = wine.drive_c("ProgramData/LicenseAgent/config.toml");
     let narrowed = config.replace(
@@ -288,6 +298,7 @@ fn a_windows_till_installs_enrolls_and_validates_under_wine() {
     );
     std::fs::write(&config_path, &config).unwrap();
 
+    eprintln!("the used token");
     // The used token, in a fresh prefix: refused with the server's reason.
     let second = Wine::new(&target_dir);
     let (code, out, err) = second.run(&installer, &[]);

@@ -177,8 +177,16 @@ fn init_stderr(filter: tracing_subscriber::EnvFilter) {
 
 /// The command line; on Windows, the installer run without arguments (double-clicked) installs.
 fn parse() -> Cli {
+    // A damaged trailer installs too: the install command then says what is wrong with it.
     #[cfg(windows)]
-    if std::env::args_os().len() == 1 && license_agent::enroll::installer::own_trailer().is_ok() {
+    if std::env::args_os().len() == 1
+        && !matches!(
+            license_agent::enroll::installer::own_trailer(),
+            Err(license_agent::enroll::installer::InstallError::Trailer(
+                license_protocol::installer::TrailerError::Missing
+            ))
+        )
+    {
         return Cli {
             command: Command::Install(InstallArgs {
                 allowed_sids: Vec::new(),
