@@ -145,9 +145,9 @@ cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
 say "the secret-lifecycle end-to-end suite again, every agent on its own swtpm (TPM backend)"
 # --workspace, not -p: the same features as the run above, so nothing is rebuilt.
 LSA_TEST_TPM=1 cargo test --workspace --locked --test lifecycle 2>&1 | tee -a "$log" || status=$?
-say "the Windows unit tests under wine (license-client, license-agent's platform layer)"
+say "the Windows unit tests under wine (license-client, license-agent)"
 (source scripts/windows/env.sh && lsa_windows_cargo test -j 2 -p license-client --lib \
-  && lsa_windows_cargo test -j 2 -p license-agent --lib platform::) 2>&1 | tee -a "$log" || status=$?
+  && lsa_windows_cargo test -j 2 -p license-agent --lib) 2>&1 | tee -a "$log" || status=$?
 
 # ---- Fuzzing (docs/SECURITY.md, "Fuzzing") ------------------------------------------------
 # Every fuzz target in fuzz/ for a short bounded time (LSA_FUZZ_SECONDS each, 8 by default):

@@ -813,6 +813,69 @@ allowed_uids = [1000, 1001]
     }
 
     #[test]
+    fn sids_are_recognised() {
+        assert!(is_sid("S-1-5-32-545"));
+        assert!(is_sid("S-1-5-21-3623811015-3361044348-30300820-1013"));
+        for bad in [
+            "",
+            "S-1-",
+            "S-1-5-",
+            "S-1-5-x",
+            "s-1-5-18",
+            "S-2-5-18",
+            "S-1-5-18-",
+        ] {
+            assert!(!is_sid(bad), "{bad}");
+        }
+    }
+
+    /// Each system refuses the other's keys, naming the one to use.
+    #[test]
+    fn the_other_systems_keys_are_refused() {
+        let with = |extra: &str| {
+            let mut text = sample()
+                .replace("[management]\nallowed_uids = [1000, 1001]\n", "")
+                .replace("[tpm]", &format!("[update]\nenabled = false\n\n[tpm]"));
+            text.push_str(extra);
+            AgentConfig::parse(&text)
+        };
+        if cfg!(windows) {
+            let c = with("[ipc]\nallowed_sids = [\"S-1-5-21-1-2-3-1001\"]\nallowed_groups = [\"S-1-5-32-545\"]\n").unwrap();
+            assert_eq!(c.ipc.allowed_groups, ["S-1-5-32-545"]);
+            let err = with("[ipc]\nallowed_uids = [1000]\n")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("ipc.allowed_uids") && err.contains("ipc.allowed_sids"),
+                "{err}"
+            );
+            let err = with("[ipc]\nallowed_groups = [\"Users\"]\n")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("ipc.allowed_groups") && err.contains("not a SID"),
+                "{err}"
+            );
+            let updates = sample()
+                .replace("[management]\nallowed_uids = [1000, 1001]\n", "")
+                .replace("[tpm]", "[update]\nenabled = true\n\n[tpm]");
+            let err = AgentConfig::parse(&updates).unwrap_err().to_string();
+            assert!(err.contains("update.enabled"), "{err}");
+        } else {
+            assert!(with("[ipc]\nallowed_uids = [1000]\n").is_ok());
+            let err = with("[ipc]\nallowed_sids = [\"S-1-5-21-1-2-3-1001\"]\n")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("ipc.allowed_sids") && err.contains("Windows setting"),
+                "{err}"
+            );
+        }
+    }
+
+    // A Linux config (uids, the Linux example): Windows refuses its keys, see above.
+    #[cfg(unix)]
+    #[test]
     fn parses_the_seed_keys() {
         let c = AgentConfig::parse(&sample()).unwrap();
         assert_eq!(c.agent.rotation_interval, 86_400);
@@ -821,6 +884,8 @@ allowed_uids = [1000, 1001]
         assert_eq!(again.agent.id, c.agent.id);
     }
 
+    // A Linux config (uids, the Linux example): Windows refuses its keys, see below.
+    #[cfg(unix)]
     #[test]
     fn shipped_example_parses() {
         let example = include_str!("../../../packaging/agent-config.example.toml");
@@ -828,6 +893,8 @@ allowed_uids = [1000, 1001]
         assert_eq!(c.agent.grace_period, DEFAULT_GRACE_PERIOD_SECS);
     }
 
+    // A Linux config (uids, the Linux example): Windows refuses its keys, see below.
+    #[cfg(unix)]
     #[test]
     fn errors_name_the_key() {
         let cases = [

@@ -186,14 +186,9 @@ mod tests {
             );
         }
         #[cfg(windows)]
-        {
-            let sddl = super::super::windows::acl::get(&p).unwrap();
-            assert!(sddl.contains(";;;SY)") && sddl.contains(";;;BA)"), "{sddl}");
-            assert!(
-                !sddl.contains(";;;BU)") && !sddl.contains(";;;WD)"),
-                "{sddl}"
-            );
-        }
+        super::super::windows::acl::tests::assert_private(
+            &super::super::windows::acl::get(&p).unwrap(),
+        );
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),
             1,

@@ -349,7 +349,8 @@ mod tests {
         assert!(matches!(again.load(), Err(StoreError::Corrupt { .. })));
         // Other key material cannot read it.
         std::fs::write(&path, &text).unwrap();
-        std::fs::write(&key, [7u8; 32]).unwrap();
+        let other_material = crate::platform::sealing::seal(&[7u8; 32]).unwrap();
+        std::fs::write(&key, other_material).unwrap();
         let other = FileStore::open(&path, &key, 10_000, id).unwrap();
         assert!(matches!(other.load(), Err(StoreError::Corrupt { .. })));
         // An iteration count outside the bounds is refused before any key is derived: an

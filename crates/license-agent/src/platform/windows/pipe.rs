@@ -209,6 +209,17 @@ fn sid_string(sid: PSID) -> std::io::Result<String> {
     Ok(unsafe { take_local_wide(text) })
 }
 
+/// The SID of the user this process runs as.
+pub fn current_user_sid() -> std::io::Result<String> {
+    use windows_sys::Win32::System::Threading::GetCurrentProcess;
+    let mut token: HANDLE = std::ptr::null_mut();
+    // SAFETY: this process's pseudo-handle; `token` receives a handle owned below.
+    if unsafe { OpenProcessToken(GetCurrentProcess(), TOKEN_QUERY, &mut token) } == 0 {
+        return Err(last_error());
+    }
+    token_user(&Owned(token))
+}
+
 fn token_user(token: &Owned) -> std::io::Result<String> {
     let buffer = token_information(token, TokenUser)?;
     // SAFETY: the buffer holds a TOKEN_USER (and the SID it points to), suitably aligned.
