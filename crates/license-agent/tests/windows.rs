@@ -267,7 +267,25 @@ fn a_windows_till_installs_enrolls_and_validates_under_wine() {
     assert!(answers[0].contains("\"valid\":true"), "{out}");
     assert!(answers[1].contains("replay"), "{out}");
 
-    eprintln!("replay refused; the installer again");
+    eprintln!("replay refused; management and a rotation");
+    // Management over its own pipe (the wine user is an administrator), and a rotation: the
+    // re-issued token validates, the old one still does in its grace.
+    let cli = dist.join("license-agent-cli.exe");
+    let (code, out, err) = wine.run(&cli, &["status"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(&machine), "{out}");
+    let (code, out, err) = wine.run(&cli, &["rotate"]);
+    assert_eq!(code, Some(0), "rotate: {out}{err}");
+    wait_until("the re-issued token", Duration::from_secs(60), || {
+        std::fs::read_to_string(&token_file).is_ok_and(|t| t.trim() != token)
+    });
+    let reissued = std::fs::read_to_string(&token_file).unwrap();
+    for (which, t) in [("re-issued", reissued.trim()), ("old, in grace", token)] {
+        let (code, out, err) = wine.run(&validate, &[PIPE, t]);
+        assert_eq!(code, Some(0), "{which}: {out}{err}");
+    }
+
+    eprintln!("the installer again");
     // Running the installer again is safe: the token is not used, the service runs.
     let (code, out, err) = wine.run(&installer, &[]);
     assert_eq!(code, Some(0), "second run: {out}{err}");
@@ -277,10 +295,13 @@ fn a_windows_till_installs_enrolls_and_validates_under_wine() {
     eprintln!("a caller refused by SID");
     // A caller the config does not allow is refused by its SID.
     let config_path = wine.drive_c("ProgramData/LicenseAgent/config.toml");
-    let narrowed = config.replace(
-        "allowed_groups = [\"S-1-5-32-545\"]",
-        "allowed_sids = [\"S-1-5-21-1-2-3-4242\"]",
-    );
+    // And the TPM asked for: Windows has none here, the agent falls back to the file store.
+    let narrowed = config
+        .replace(
+            "allowed_groups = [\"S-1-5-32-545\"]",
+            "allowed_sids = [\"S-1-5-21-1-2-3-4242\"]",
+        )
+        .replace("[tpm]\nenabled = false", "[tpm]\nenabled = true");
     assert_ne!(narrowed, config);
     std::fs::write(&config_path, &narrowed).unwrap();
     for action in ["stop", "start"] {
@@ -295,6 +316,14 @@ fn a_windows_till_installs_enrolls_and_validates_under_wine() {
     assert!(
         audit.contains("ipc.peer_refused") && audit.contains("\"sid\":\"S-1-"),
         "{audit}"
+    );
+    assert!(audit.contains("alert.tpm_unavailable"), "{audit}");
+    let metrics =
+        std::fs::read_to_string(wine.drive_c("ProgramData/LicenseAgent/state/metrics.prom"))
+            .unwrap();
+    assert!(
+        metrics.contains("license_agent_tpm_available 0"),
+        "{metrics}"
     );
     std::fs::write(&config_path, &config).unwrap();
 
