@@ -37,7 +37,7 @@ for p in "${packages[@]}"; do args+=(-p "$p"); done
 # The executables, and license-client's library (the DLL) and example; `--lib` only names
 # license-client, since cargo refuses it when no selected package has a library.
 targets=(--bins)
-wants license-client && targets+=(--lib --example pipe_echo)
+wants license-client && targets+=(--lib --example pipe_echo --example pipe_load)
 # The wine tests replay a nonce through the real pipe with it.
 wants license-agent && targets+=(--example pipe_probe)
 
@@ -79,6 +79,7 @@ if wants license-client; then
   ship "$out/liblicense_client.dll.a"
   ship "$root/crates/license-client/include/license_client.h"
   ship "$out/examples/pipe_echo.exe" strip
+  ship "$out/examples/pipe_load.exe" strip
   # The C example against the DLL, as a POS application would link it (see docs/PROTOCOL.md).
   x86_64-w64-mingw32-gcc -std=c99 -Wall -Wextra -Werror -pedantic -O2 \
     "$root/crates/license-client/examples/c/validate.c" -I"$dist" -L"$dist" -llicense_client \

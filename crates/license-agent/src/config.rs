@@ -835,7 +835,7 @@ allowed_uids = [1000, 1001]
         let with = |extra: &str| {
             let mut text = sample()
                 .replace("[management]\nallowed_uids = [1000, 1001]\n", "")
-                .replace("[tpm]", &format!("[update]\nenabled = false\n\n[tpm]"));
+                .replace("[tpm]", "[update]\nenabled = false\n\n[tpm]");
             text.push_str(extra);
             AgentConfig::parse(&text)
         };

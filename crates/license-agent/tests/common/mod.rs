@@ -13,6 +13,8 @@ use license_client::{Client, Validation};
 #[path = "../tpm_support/mod.rs"]
 pub mod tpm_support;
 
+pub mod wine;
+
 /// With `LSA_TEST_TPM=1`, every agent enrolls with `--tpm` on its own swtpm: the lifecycle
 /// suite then runs on the TPM backend (machine key, sealed secrets, TPM clock).
 pub fn tpm_backend() -> bool {

@@ -1,0 +1,126 @@
+//! Windows binaries under wine for the tests and benches: the artefacts of
+//! `scripts/windows/build.sh`, a wine prefix of one's own, children killed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn windows_target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LSA_WINDOWS_TARGET_DIR") {
+        return dir.into();
+    }
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => Path::new(&dir).join("windows"),
+        None => workspace_root().join("target/windows"),
+    }
+}
+
+/// This process's environment minus what cargo and rustup set, which must reach neither the
+/// Windows build (another toolchain) nor wine.
+pub fn clean(command: &mut Command) -> &mut Command {
+    for var in [
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "LD_LIBRARY_PATH",
+    ] {
+        command.env_remove(var);
+    }
+    command
+}
+
+pub fn build_artefacts(target_dir: &Path) -> PathBuf {
+    let script = workspace_root().join("scripts/windows/build.sh");
+    let output = clean(&mut Command::new("bash"))
+        .arg(&script)
+        .env("LSA_WINDOWS_TARGET_DIR", target_dir)
+        // What scripts/test.sh built (quicker to build than release) unless told otherwise.
+        .env(
+            "LSA_WINDOWS_PROFILE",
+            std::env::var("LSA_WINDOWS_PROFILE").unwrap_or_else(|_| "dev".into()),
+        )
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        output.status.success(),
+        "{} failed ({}):\n{}{}",
+        script.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    target_dir.join("dist")
+}
+
+/// A wine prefix of this test's own; every wine process in it is ended on drop.
+pub struct Wine {
+    pub prefix: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Wine {
+    pub fn new(target_dir: &Path) -> Self {
+        std::fs::create_dir_all(target_dir).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("wine-till-")
+            .tempdir_in(target_dir)
+            .unwrap();
+        Self {
+            prefix: dir.path().join("prefix"),
+            _dir: dir,
+        }
+    }
+
+    pub fn command(&self, exe: &Path, args: &[&str]) -> Command {
+        let mut command = Command::new(workspace_root().join("scripts/windows/wine-run"));
+        clean(&mut command)
+            .arg(exe)
+            .args(args)
+            .env("WINEPREFIX", &self.prefix)
+            .env("WINEDEBUG", "-all");
+        command
+    }
+
+    pub fn run(&self, exe: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+        text(&self.command(exe, args).output().unwrap())
+    }
+
+    /// `C:\…` of the prefix as a Linux path.
+    pub fn drive_c(&self, rest: &str) -> PathBuf {
+        self.prefix.join("drive_c").join(rest)
+    }
+}
+
+impl Drop for Wine {
+    fn drop(&mut self) {
+        for flag in ["-k", "-w"] {
+            let _ = Command::new("/usr/lib/wine/wineserver")
+                .arg(flag)
+                .env("WINEPREFIX", &self.prefix)
+                .status();
+        }
+    }
+}
+
+/// A child process killed on drop.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn text(output: &Output) -> (Option<i32>, String, String) {
+    let lf = |bytes: &[u8]| String::from_utf8_lossy(bytes).replace("\r\n", "\n");
+    (output.status.code(), lf(&output.stdout), lf(&output.stderr))
+}
