@@ -70,16 +70,7 @@ fn main() {
         dist.join("license-agent.exe").to_str().unwrap(),
     ]);
     let wine = Wine::new(&target_dir);
-    let (code, out, err) = wine.run(&dist.join("license-agent.exe"), &["--version"]);
-    assert_eq!(code, Some(0), "{out}{err}");
-    let _keepalive = Running(
-        wine.command(Path::new("cmd.exe"), &[])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _keepalive = wine.start(&dist.join("license-agent.exe"), &["--version"]);
 
     let started = Instant::now();
     let (code, out, err) = wine.run(&installer, &[]);

@@ -14,11 +14,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::wine::{build_artefacts, windows_target_dir, Running, Wine};
+use common::wine::{build_artefacts, windows_target_dir, Wine};
 use common::{wait_until, Server};
 
 const PIPE: &str = r"\\.\pipe\license-agent";
@@ -48,17 +46,7 @@ fn a_windows_till_installs_enrolls_and_validates_under_wine() {
     eprintln!("installer written; creating the wine prefix");
     let wine = Wine::new(&target_dir);
     // The prefix first (about 10 s), then the process that keeps wine's services alive.
-    let (code, out, err) = wine.run(&dist.join("license-agent.exe"), &["--version"]);
-    assert_eq!(code, Some(0), "{out}{err}");
-    // wine stops its services when the prefix's last ordinary process exits: one stays.
-    let keepalive = Running(
-        wine.command(Path::new("cmd.exe"), &[])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let keepalive = wine.start(&dist.join("license-agent.exe"), &["--version"]);
 
     eprintln!("prefix ready; a tampered installer");
     // A tampered trailer is refused before anything is done.
@@ -210,12 +198,14 @@ fn a_windows_till_installs_enrolls_and_validates_under_wine() {
     eprintln!("the used token");
     // The used token, in a fresh prefix: refused with the server's reason.
     let second = Wine::new(&target_dir);
+    let second_keepalive = second.start(&dist.join("license-agent.exe"), &["--version"]);
     let (code, out, err) = second.run(&installer, &[]);
     assert_eq!(code, Some(3), "{out}{err}");
     assert!(err.contains("token"), "{err}");
     assert!(!second
         .drive_c("ProgramData/LicenseAgent/config.toml")
         .exists());
+    drop(second_keepalive);
     drop(second);
 
     drop(keepalive);

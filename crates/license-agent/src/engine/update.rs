@@ -260,12 +260,7 @@ impl<S: AgentServer> Engine<S> {
         };
         let trust_file = self.settings.update.trust_file.clone();
         let staged = blocking::run(move || -> Result<(), String> {
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt as _;
-                std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755))
-                    .map_err(|e| e.to_string())?;
-            }
+            crate::platform::files::make_executable(&partial).map_err(|e| e.to_string())?;
             rename_durable(&partial, &staging.binary()).map_err(|e| e.to_string())?;
             staging.stage(&bundle).map_err(|e| e.to_string())?;
             let json = serde_json::to_vec_pretty(&trust).expect("trust serializes");

@@ -51,6 +51,21 @@ pub fn rename_durable(from: &Path, to: &Path) -> std::io::Result<()> {
     sync_dir(dir)
 }
 
+/// Makes `path` executable by everyone (0755); nothing to do on Windows, where the extension
+/// makes a program.
+pub fn make_executable(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+    }
+    #[cfg(windows)]
+    {
+        let _ = path;
+        Ok(())
+    }
+}
+
 /// Creates (truncating) `path` with `mode` already applied, before any byte is written.
 fn create_private(path: &Path, mode: u32) -> std::io::Result<File> {
     let mut options = OpenOptions::new();

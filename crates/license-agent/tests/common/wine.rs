@@ -93,6 +93,65 @@ impl Wine {
         text(&self.command(exe, args).output().unwrap())
     }
 
+    /// Creates the prefix by running `exe args` once, and starts `cmd.exe` to keep it alive
+    /// (wine stops its services when the prefix's last ordinary process exits). Wine 8's first
+    /// program in a fresh prefix now and then never returns (its `start.exe` waits on a child
+    /// that has exited): such a first start is killed, the prefix reset, and tried again.
+    pub fn start(&self, exe: &Path, args: &[&str]) -> Running {
+        for attempt in 1..=3 {
+            let mut child = self
+                .command(exe, args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break Some(status);
+                }
+                if std::time::Instant::now() > deadline {
+                    break None;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            };
+            match status {
+                Some(status) => {
+                    assert!(
+                        status.success(),
+                        "{} in a fresh prefix: {status}",
+                        exe.display()
+                    );
+                    return Running(
+                        self.command(Path::new("cmd.exe"), &[])
+                            .stdin(std::process::Stdio::piped())
+                            .stdout(std::process::Stdio::null())
+                            .stderr(std::process::Stdio::null())
+                            .spawn()
+                            .unwrap(),
+                    );
+                }
+                None => {
+                    eprintln!("wine's first start hung (attempt {attempt}); resetting the prefix");
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    self.kill_all();
+                }
+            }
+        }
+        panic!("wine never started {} in a fresh prefix", exe.display());
+    }
+
+    /// Ends every wine process of the prefix.
+    pub fn kill_all(&self) {
+        for flag in ["-k", "-w"] {
+            let _ = Command::new("/usr/lib/wine/wineserver")
+                .arg(flag)
+                .env("WINEPREFIX", &self.prefix)
+                .status();
+        }
+    }
+
     /// `C:\…` of the prefix as a Linux path.
     pub fn drive_c(&self, rest: &str) -> PathBuf {
         self.prefix.join("drive_c").join(rest)
@@ -101,12 +160,7 @@ impl Wine {
 
 impl Drop for Wine {
     fn drop(&mut self) {
-        for flag in ["-k", "-w"] {
-            let _ = Command::new("/usr/lib/wine/wineserver")
-                .arg(flag)
-                .env("WINEPREFIX", &self.prefix)
-                .status();
-        }
+        self.kill_all();
     }
 }
 
