@@ -444,7 +444,7 @@ pub fn update_apply(config_path: &Path, json: bool) -> Result<(), CommandError> 
 
 // --- Windows ---------------------------------------------------------------------------------
 
-/// `install` (Windows): the installer flow of [`crate::enroll::installer`], step by step, or its
+/// `install` (Windows): the installer flow of `crate::enroll::installer`, step by step, or its
 /// report as JSON.
 #[cfg(windows)]
 pub async fn install(

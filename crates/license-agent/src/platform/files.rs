@@ -1,6 +1,6 @@
 //! Durable file writes: temp file in the same directory, fsync, rename, fsync the directory,
 //! with the final mode set before any byte is written (keys are never world-readable, even
-//! for an instant). On Windows the mode stands for an ACL ([`super::windows::acl`]): private
+//! for an instant). On Windows the mode stands for an ACL (`platform::windows::acl`): private
 //! files are SYSTEM's and Administrators' only, public ones readable by Users too; NTFS
 //! journals the rename, and a directory cannot be fsynced there.
 

@@ -2,7 +2,7 @@
 //! other processes of the same user, so unsealed secrets cannot be lifted from a dump or a
 //! debugger. On Windows: no crash dialog or Windows Error Reporting dump (`SetErrorMode`), and a
 //! process DACL that gives Administrators no memory-read or debugging rights (see
-//! [`super::windows::acl::PROCESS`]). Besides the TPM's FFI (`platform/tpm/esys.rs`) and the
+//! `platform::windows::acl::PROCESS`). Besides the TPM's FFI (`platform/tpm/esys.rs`) and the
 //! Windows FFI (`platform/windows`), the one file with `unsafe`.
 #![allow(unsafe_code)]
 

@@ -1,6 +1,6 @@
 //! The agent's local sockets, whatever the system: a Unix socket file with the peer's
 //! credentials from `SO_PEERCRED`, or a Windows named pipe with the peer's SIDs from its
-//! access token ([`super::windows::pipe`]). [`crate::sockets::listener`] serves both the same.
+//! access token (`platform::windows::pipe`). [`crate::sockets::listener`] serves both the same.
 
 use std::path::Path;
 
