@@ -130,6 +130,23 @@ def main():
     write("tpm_blob", "sealed", bytes([1, 1]) + tpm2b(sealed_public) + private)
     write("tpm_blob", "machine_key", bytes([1, 2]) + tpm2b(ecc_public) + private)
     # Request bodies.
+    # installer_trailer: a minimal PE32+ stub with a trailer (license_protocol::installer).
+    stub = bytearray(0x200)
+    stub[0:2] = b"MZ"
+    stub[0x3c:0x40] = struct.pack("<I", 0x80)
+    stub[0x80:0x84] = b"PE\0\0"
+    stub[0x98:0x9a] = struct.pack("<H", 0x20b)
+    stub[0x98 + 108:0x98 + 112] = struct.pack("<I", 16)
+    payload = json.dumps({"server": "https://licenses.example:8443",
+                          "pin": "sha256:" + base64.b64encode(b"\x01" * 32).decode(),
+                          "token": "lit_0123456789abcdef"}, separators=(",", ":")).encode()
+    while (len(payload) + 46) % 8:
+        payload += b" "
+    trailer = (payload + hashlib.sha256(payload).digest() + struct.pack("<I", len(payload))
+               + struct.pack("<H", 1) + b"LSA-INST")
+    write("installer_trailer", "tagged.exe", bytes(stub) + trailer)
+    write("installer_trailer", "plain.exe", bytes(stub))
+
     pem, key = csr_pem()
     write("csr", "p256.csr", pem)
     write("bootstrap_request", "csr", json.dumps({
