@@ -81,32 +81,34 @@ pub fn set(path: &Path, sddl: &str) -> std::io::Result<()> {
 /// `path`'s DACL as SDDL (for checks and `check-config`).
 pub fn get(path: &Path) -> std::io::Result<String> {
     let name = wide(path);
+    dacl_sddl(|buffer, len, needed| {
+        // SAFETY: `name` is NUL-terminated; `buffer` holds `len` bytes (or is null with `len`
+        // 0, a size query); `needed` receives the size.
+        unsafe {
+            GetFileSecurityW(
+                name.as_ptr(),
+                DACL_SECURITY_INFORMATION,
+                buffer,
+                len,
+                needed,
+            )
+        }
+    })
+}
+
+/// A security descriptor's DACL as SDDL, read with `query` as the Get*Security functions do:
+/// once for the size, once into a buffer that large.
+fn dacl_sddl(
+    query: impl Fn(PSECURITY_DESCRIPTOR, u32, &mut u32) -> windows_sys::core::BOOL,
+) -> std::io::Result<String> {
     let mut needed = 0u32;
-    // SAFETY: a size query: no buffer, `needed` receives the size.
-    unsafe {
-        GetFileSecurityW(
-            name.as_ptr(),
-            DACL_SECURITY_INFORMATION,
-            std::ptr::null_mut(),
-            0,
-            &mut needed,
-        )
-    };
+    query(std::ptr::null_mut(), 0, &mut needed);
     if needed == 0 {
         return Err(last_error());
     }
+    // 8-byte aligned, at least `needed` bytes.
     let mut buffer = vec![0u64; (needed as usize).div_ceil(8)];
-    // SAFETY: `buffer` holds at least `needed` bytes, 8-byte aligned.
-    let ok = unsafe {
-        GetFileSecurityW(
-            name.as_ptr(),
-            DACL_SECURITY_INFORMATION,
-            buffer.as_mut_ptr().cast(),
-            needed,
-            &mut needed,
-        )
-    };
-    if ok == 0 {
+    if query(buffer.as_mut_ptr().cast(), needed, &mut needed) == 0 {
         return Err(last_error());
     }
     sddl_of(buffer.as_mut_ptr().cast())
@@ -136,35 +138,19 @@ pub fn set_process(sddl: &str) -> std::io::Result<()> {
 pub fn process() -> std::io::Result<String> {
     use windows_sys::Win32::Security::GetKernelObjectSecurity;
     use windows_sys::Win32::System::Threading::GetCurrentProcess;
-    let mut needed = 0u32;
-    // SAFETY: a size query: no buffer.
-    unsafe {
-        GetKernelObjectSecurity(
-            GetCurrentProcess(),
-            DACL_SECURITY_INFORMATION,
-            std::ptr::null_mut(),
-            0,
-            &mut needed,
-        )
-    };
-    if needed == 0 {
-        return Err(last_error());
-    }
-    let mut buffer = vec![0u64; (needed as usize).div_ceil(8)];
-    // SAFETY: `buffer` holds at least `needed` bytes.
-    let ok = unsafe {
-        GetKernelObjectSecurity(
-            GetCurrentProcess(),
-            DACL_SECURITY_INFORMATION,
-            buffer.as_mut_ptr().cast(),
-            needed,
-            &mut needed,
-        )
-    };
-    if ok == 0 {
-        return Err(last_error());
-    }
-    sddl_of(buffer.as_mut_ptr().cast())
+    dacl_sddl(|buffer, len, needed| {
+        // SAFETY: this process's pseudo-handle; `buffer` holds `len` bytes (or is null with
+        // `len` 0, a size query); `needed` receives the size.
+        unsafe {
+            GetKernelObjectSecurity(
+                GetCurrentProcess(),
+                DACL_SECURITY_INFORMATION,
+                buffer,
+                len,
+                needed,
+            )
+        }
+    })
 }
 
 fn sddl_of(sd: PSECURITY_DESCRIPTOR) -> std::io::Result<String> {
