@@ -4,70 +4,8 @@
 
 use std::sync::{Arc, RwLock};
 
-use license_audit::Actor;
-
 use crate::config::AgentConfig;
-
-/// A user or a group as the kernel names it: a uid or gid on Unix, a SID on Windows.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Principal {
-    Uid(u32),
-    Gid(u32),
-    Sid(String),
-}
-
-impl std::fmt::Display for Principal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Principal::Uid(uid) => write!(f, "uid {uid}"),
-            Principal::Gid(gid) => write!(f, "gid {gid}"),
-            Principal::Sid(sid) => f.write_str(sid),
-        }
-    }
-}
-
-/// The process at the other end of a local connection, as the kernel reports it
-/// (`SO_PEERCRED` on Unix; the client's access token on Windows).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peer {
-    /// The uid, or the user SID.
-    pub user: Principal,
-    /// The primary gid, or the token's enabled group SIDs.
-    pub groups: Vec<Principal>,
-    pub pid: Option<u32>,
-}
-
-impl Peer {
-    /// The peer as an audit actor (a Windows user is named in the event's details).
-    pub fn actor(&self) -> Actor {
-        match self.user {
-            Principal::Uid(uid) => Actor::peer(uid, self.pid.unwrap_or(0)),
-            _ => Actor {
-                uid: None,
-                pid: self.pid,
-            },
-        }
-    }
-
-    /// The peer as JSON for audit details and logs: `{"uid", "gid", "pid"}` on Unix,
-    /// `{"sid", "pid"}` on Windows.
-    pub fn details(&self) -> serde_json::Value {
-        let mut details = serde_json::Map::new();
-        match &self.user {
-            Principal::Uid(uid) | Principal::Gid(uid) => {
-                details.insert("uid".into(), (*uid).into());
-            }
-            Principal::Sid(sid) => {
-                details.insert("sid".into(), sid.clone().into());
-            }
-        }
-        if let Some(Principal::Gid(gid)) = self.groups.first() {
-            details.insert("gid".into(), (*gid).into());
-        }
-        details.insert("pid".into(), self.pid.into());
-        details.into()
-    }
-}
+pub use crate::platform::local_socket::{Peer, Principal};
 
 /// What a peer may do on the management socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
