@@ -1,5 +1,7 @@
 //! Windows binaries under wine for the tests and benches: the artefacts of
-//! `scripts/windows/build.sh`, a wine prefix of one's own, children killed on drop.
+//! `scripts/windows/build.sh`, a wine prefix of one's own, children killed on drop. Shared by
+//! license-agent's tests and bench and license-client's `tests/windows_c_example.rs`.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
@@ -93,7 +95,8 @@ impl Wine {
         text(&self.command(exe, args).output().unwrap())
     }
 
-    /// Creates the prefix by running `exe args` once, and starts `cmd.exe` to keep it alive
+    /// Creates the prefix by running `exe args` once (whatever its exit), and starts `cmd.exe`
+    /// to keep it alive
     /// (wine stops its services when the prefix's last ordinary process exits). Wine 8's first
     /// program in a fresh prefix now and then never returns (its `start.exe` waits on a child
     /// that has exited): such a first start is killed, the prefix reset, and tried again.
@@ -116,12 +119,8 @@ impl Wine {
                 std::thread::sleep(std::time::Duration::from_millis(200));
             };
             match status {
-                Some(status) => {
-                    assert!(
-                        status.success(),
-                        "{} in a fresh prefix: {status}",
-                        exe.display()
-                    );
+                // Any exit will do: the prefix is made (a usage message is fine).
+                Some(_) => {
                     return Running(
                         self.command(Path::new("cmd.exe"), &[])
                             .stdin(std::process::Stdio::piped())
