@@ -694,6 +694,7 @@ async fn openapi_lists_every_route() {
         ("post", "/api/admin/clients"),
         ("get", "/api/admin/install-tokens"),
         ("post", "/api/admin/install-tokens"),
+        ("post", "/api/admin/install-tokens/windows-installer"),
         ("get", "/api/admin/machines"),
         ("get", "/api/admin/machines/{id}"),
         ("delete", "/api/admin/machines/{id}"),
