@@ -151,11 +151,11 @@ say "the Windows unit tests under wine (license-client, license-agent)"
   && lsa_windows_cargo test -j 2 -p license-agent --lib) 2>&1 | tee -a "$log" || status=$?
 
 # ---- Fuzzing (docs/SECURITY.md, "Fuzzing") ------------------------------------------------
-# Every fuzz target in fuzz/ for a short bounded time (LSA_FUZZ_SECONDS each, 8 by default):
+# Every fuzz target in fuzz/ for a short bounded time (LSA_FUZZ_SECONDS each, 5 by default):
 # any crash or failed assertion fails the run. fuzz.sh installs nightly and cargo-fuzz when
 # missing; its instrumented build is cached in fuzz/target.
-say "fuzz targets, ${LSA_FUZZ_SECONDS:-8} s each (scripts/fuzz.sh)"
-LSA_FUZZ_DEV=1 scripts/fuzz.sh "${LSA_FUZZ_SECONDS:-8}" || status=$?
+say "fuzz targets, ${LSA_FUZZ_SECONDS:-5} s each (scripts/fuzz.sh)"
+LSA_FUZZ_DEV=1 scripts/fuzz.sh "${LSA_FUZZ_SECONDS:-5}" || status=$?
 # ---- end of fuzzing --------------------------------------------------------------------------
 
 # One closing line with the totals over every test binary and doc-test run.
