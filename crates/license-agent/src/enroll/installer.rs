@@ -142,8 +142,7 @@ pub async fn install(options: InstallOptions) -> Result<InstallReport, InstallEr
     let program_dir = service::program_dir();
     let binary = program_dir.join("license-agent.exe");
     ensure_dir(&program_dir, 0o755).map_err(io("creating", &program_dir))?;
-    let running = service::query();
-    if running.is_some_and(|s| s != windows_service::service::ServiceState::Stopped) {
+    if service::is_running() {
         steps.say("stopping the running agent to replace its binary");
         service::stop(START_WAIT)?;
     }

@@ -135,6 +135,11 @@ pub fn query() -> Option<ServiceState> {
     service.query_status().ok().map(|s| s.current_state)
 }
 
+/// Whether the service is installed and not stopped.
+pub fn is_running() -> bool {
+    query().is_some_and(|s| s != ServiceState::Stopped)
+}
+
 /// Starts the service (if not running) and waits until it runs.
 pub fn start(wait: Duration) -> Result<(), ServiceError> {
     let service = open(ServiceAccess::QUERY_STATUS | ServiceAccess::START)?;
