@@ -53,12 +53,14 @@ impl Peer {
     pub fn details(&self) -> serde_json::Value {
         let mut details = serde_json::Map::new();
         match &self.user {
-            Principal::Uid(uid) | Principal::Gid(uid) => {
+            Principal::Uid(uid) => {
                 details.insert("uid".into(), (*uid).into());
             }
             Principal::Sid(sid) => {
                 details.insert("sid".into(), sid.clone().into());
             }
+            // A group is never a peer's user.
+            Principal::Gid(_) => {}
         }
         if let Some(Principal::Gid(gid)) = self.groups.first() {
             details.insert("gid".into(), (*gid).into());
