@@ -16,7 +16,7 @@ say() { printf '\n==> %s\n' "$*"; }
 command -v cargo-deb >/dev/null || { say "installing cargo-deb"; cargo install cargo-deb --locked; }
 
 say "release build: license-server, license-agent, license-agent-cli"
-cargo build --release --locked --workspace --bins
+cargo build --release --locked -p license-server -p license-agent -p license-agent-cli --bins
 
 target="${CARGO_TARGET_DIR:-target}"
 mkdir -p "$target/release/package"

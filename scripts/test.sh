@@ -20,6 +20,15 @@ cd "$(dirname "$0")/.."
 # Each step says how long the run has taken so far (CI's budget is 45 minutes).
 say() { printf '\n==> [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+# The tools this run needs from crates.io (cargo-deny, cargo-deb, cargo-fuzz), compiled when
+# missing with a quick release profile: cargo-deny's own (fat LTO, one codegen unit) took
+# 4 min 45 s on two cores; the tools run seconds here, however optimized.
+install_tool() {
+  command -v "$1" >/dev/null && return
+  say "installing $1 (cargo install --locked, quick release profile)"
+  CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+    CARGO_PROFILE_RELEASE_OPT_LEVEL=1 cargo install "$1" --locked
+}
 
 packages=()
 command -v cc >/dev/null || packages+=(build-essential)
@@ -45,6 +54,9 @@ command -v pgrep >/dev/null || packages+=(procps)
 # AppArmor's parser checks the profile install.sh writes.
 [ -x /usr/sbin/apparmor_parser ] || [ -x /sbin/apparmor_parser ] || packages+=(apparmor)
 command -v faketime >/dev/null || packages+=(faketime)
+# The handshake bench's smoke pass (cargo test --benches) measures nginx beside the server, with
+# openssl s_time (the openssl package, a dependency of ca-certificates).
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || packages+=(nginx-light)
 # The Debian packages: built by cargo-deb (dpkg-shlibdeps from dpkg-dev for their
 # dependencies, objcopy and readelf from binutils for the split debug info), checked by lintian.
 command -v dpkg-shlibdeps >/dev/null || packages+=(dpkg-dev)
@@ -62,6 +74,8 @@ command -v lintian >/dev/null || packages+=(lintian)
 command -v x86_64-w64-mingw32-gcc >/dev/null || packages+=(mingw-w64)
 [ -x /usr/lib/wine/wine64 ] || packages+=(wine64 wine)
 command -v npm >/dev/null || packages+=(nodejs npm)
+# The fleet simulator's test and benchmark put HAProxy (TCP, TLS passthrough) before two replicas.
+command -v haproxy >/dev/null || packages+=(haproxy)
 postgres_ready() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
 installed_postgres=false
 if [ -z "${LSA_TEST_POSTGRES:-}" ] && ! { command -v pg_isready >/dev/null && postgres_ready; }; then
@@ -89,6 +103,17 @@ if [ -z "${LSA_TEST_POSTGRES:-}" ] && ! postgres_ready; then
   postgres_ready || { echo "PostgreSQL does not answer on 127.0.0.1:5432" >&2; exit 1; }
 fi
 
+# The VM test (crates/license-agent/tests/vm.rs) boots a Debian 12 guest that
+# scripts/vm/image.sh builds with debootstrap (and fetches QEMU 7.2 for): once per run, never
+# reused from an earlier one. Built in the background from here, beside the builds (mostly
+# downloads and unpacking: four of the VM test's eleven minutes when it built the image itself);
+# the tests wait for it. Should it fail, the VM test builds it again and says why.
+rm -f target/vm/.done
+mkdir -p target/vm
+say "building the VM test's guest image in the background (scripts/vm/image.sh, log in target/vm/image.log)"
+scripts/vm/image.sh target/vm >target/vm/image.log 2>&1 &
+vm_image=$!
+
 # schemathesis (PyPI) holds the server's OpenAPI document to what it answers
 # (crates/license-server/tests/openapi_conformance.rs, which installs it itself when this did
 # not); it lives in a virtualenv under the target directory, at the version pinned there.
@@ -105,12 +130,8 @@ cargo fmt --all -- --check
 say "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # cargo-deny checks the dependency tree against deny.toml (licenses, banned and duplicate
-# crates, crates.io as the only source). Installing it compiles it: 4.5 minutes on two cores,
-# once per machine.
-if ! command -v cargo-deny >/dev/null; then
-  say "installing cargo-deny (cargo install --locked)"
-  cargo install cargo-deny --locked
-fi
+# crates, crates.io as the only source).
+install_tool cargo-deny
 say "cargo deny check licenses bans sources"
 cargo deny --locked check licenses bans sources
 # Advisories need the RustSec database, a git repository this machine may not reach: checked
@@ -124,8 +145,10 @@ else
 fi
 say "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
-say "cargo build --bins (the integration tests run license-agent, another package's binary)"
-cargo build --workspace --bins --locked
+install_tool cargo-deb
+# The packages the tests check and install, as they ship: the release build is the longest step
+# of this run (12 min on two cores). Built at opt-level 1 it took 5.5 min, but the agent then
+# weighs 12.7 MB, over the 12 MiB the packages test holds it to.
 say "Debian packages (scripts/package.sh: release build, cargo-deb, -dbgsym packages)"
 scripts/package.sh
 # The Windows binaries the wine tests run (crates/license-agent/tests/windows.rs and
@@ -134,10 +157,10 @@ scripts/package.sh
 say "Windows binaries (scripts/windows/build.sh, dev profile)"
 export LSA_WINDOWS_PROFILE=dev
 scripts/windows/build.sh
-# The VM test (crates/license-agent/tests/vm.rs) boots a Debian 12 guest that
-# scripts/vm/image.sh builds with debootstrap (and fetches QEMU 7.2 for): once per run, never
-# reused from an earlier one.
-rm -f "${CARGO_TARGET_DIR:-target}/vm/.done"
+say "waiting for the VM guest image"
+wait "$vm_image" || { tail -n 30 target/vm/image.log; say "the guest image failed to build in the background: the VM test builds it again"; }
+# `cargo test --workspace` builds every package's binaries before it runs a test: the
+# integration tests that run another package's (license-agent, license-server) find them.
 say "cargo test (unit and integration: real server, agent, TLS, SQLite and PostgreSQL)"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
@@ -154,6 +177,7 @@ say "the Windows unit tests under wine (license-client, license-agent)"
 # Every fuzz target in fuzz/ for a short bounded time (LSA_FUZZ_SECONDS each, 5 by default):
 # any crash or failed assertion fails the run. fuzz.sh installs nightly and cargo-fuzz when
 # missing; its instrumented build is cached in fuzz/target.
+install_tool cargo-fuzz
 say "fuzz targets, ${LSA_FUZZ_SECONDS:-5} s each (scripts/fuzz.sh)"
 LSA_FUZZ_DEV=1 scripts/fuzz.sh "${LSA_FUZZ_SECONDS:-5}" || status=$?
 # ---- end of fuzzing --------------------------------------------------------------------------

@@ -52,6 +52,9 @@ mod paths {
 
 /// Seconds between checks with the server (forced rotation, invalidation, revocation).
 pub const DEFAULT_POLL_INTERVAL_SECS: u64 = 60;
+/// While the watch stream is held (changes are pushed), the agent still makes a round this
+/// often (seconds): the fallback for anything the stream could not say.
+pub const DEFAULT_WATCH_POLL_INTERVAL_SECS: u64 = 3600;
 /// The kernel's TPM resource manager.
 pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
 /// Connections served at once on the validation socket.
@@ -251,6 +254,14 @@ pub struct AgentSection {
     /// revoked licenses.
     #[serde(default = "default_poll_interval")]
     pub poll_interval: u64,
+    /// Hold a watch stream with the server (`GET /api/v1/watch`): revocations, forced
+    /// rotations, key rollovers and update announcements arrive within a second, and rounds
+    /// are made every `watch_poll_interval` instead of every `poll_interval` while it is held.
+    #[serde(default = "default_true")]
+    pub watch: bool,
+    /// Seconds between rounds while the watch stream is held.
+    #[serde(default = "default_watch_poll_interval")]
+    pub watch_poll_interval: u64,
     /// The tamper-evident audit log (default: `log_dir/audit.log`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_log: Option<PathBuf>,
@@ -482,6 +493,12 @@ fn default_audit_keep_files() -> u32 {
 fn default_metrics_file() -> PathBuf {
     Path::new(DEFAULT_STATE_DIR).join("metrics.prom")
 }
+fn default_true() -> bool {
+    true
+}
+fn default_watch_poll_interval() -> u64 {
+    DEFAULT_WATCH_POLL_INTERVAL_SECS
+}
 fn default_poll_interval() -> u64 {
     DEFAULT_POLL_INTERVAL_SECS
 }
@@ -699,6 +716,7 @@ impl AgentConfig {
         }
         let positive = [
             ("agent.poll_interval", self.agent.poll_interval),
+            ("agent.watch_poll_interval", self.agent.watch_poll_interval),
             (
                 "agent.audit_keep_files",
                 u64::from(self.agent.audit_keep_files),

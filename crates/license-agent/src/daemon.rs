@@ -23,6 +23,7 @@ use crate::engine::renewal::{Certificate, IdentityFiles, RenewalError, Settled};
 use crate::engine::server::AgentServer;
 use crate::engine::state::{AgentState, LoadOutcome, StateFile};
 use crate::engine::{Engine, EngineParts, EngineSettings, Machine, Vault};
+use crate::net::watch::Signal;
 use crate::net::AgentApi;
 use crate::platform::blocking;
 use crate::platform::clock::GuardedClock;
@@ -387,6 +388,32 @@ fn start_sockets(
     })
 }
 
+/// What a watch stream signal does to the round scheduled at `deadline`: the new time of the
+/// next round, if it moves.
+fn next_round<S: AgentServer>(
+    signal: Signal,
+    engine: &mut Engine<S>,
+    deadline: tokio::time::Instant,
+) -> Option<tokio::time::Instant> {
+    let now = tokio::time::Instant::now();
+    match signal {
+        Signal::Connected => {
+            engine.set_watching(true);
+            None
+        }
+        // Back to polling: the next round no later than a poll interval from now.
+        Signal::Lost => {
+            engine.set_watching(false);
+            let poll = now + Duration::from_secs(engine.settings().poll_interval);
+            (poll < deadline).then_some(poll)
+        }
+        Signal::Round { delay, .. } => {
+            engine.request_round();
+            (now + delay < deadline).then_some(now + delay)
+        }
+    }
+}
+
 /// Runs the agent until `shutdown` completes.
 pub async fn run(
     config: AgentConfig,
@@ -472,6 +499,7 @@ pub async fn run(
     validator.set_revoked(state.revoked_licenses.iter().copied());
 
     let server = AgentApi::connect(&config, machine_key.clone())?;
+    let connection = server.connection();
     let (stop_tx, stop_rx) = watch::channel(false);
     let access = Access::shared(&config);
     let sockets = start_sockets(&config, &validator, &alerts, &access, &stop_rx)?;
@@ -511,6 +539,15 @@ pub async fn run(
 
     let mut config = config;
     let mut control = sockets.control;
+    // The watch stream: changes pushed by the server bring the next round forward.
+    let (watch_tx, mut watch_rx) = tokio::sync::mpsc::channel(16);
+    let watcher = config.agent.watch.then(|| {
+        tokio::spawn(crate::net::watch::hold(
+            connection,
+            engine.watch_cursor(),
+            watch_tx,
+        ))
+    });
     tokio::pin!(shutdown);
     'rounds: loop {
         // A round waiting on a hung server must not hold up a stop (systemd would escalate to
@@ -527,6 +564,11 @@ pub async fn run(
             tokio::select! {
                 () = &mut shutdown => break 'rounds,
                 () = &mut sleep => break,
+                Some(signal) = watch_rx.recv() => {
+                    if let Some(at) = next_round(signal, &mut engine, sleep.deadline()) {
+                        sleep.as_mut().reset(at);
+                    }
+                }
                 Some(request) = control.recv() => engine.control(request).await,
                 () = reloads.recv() => {
                     host::reloading();
@@ -537,6 +579,9 @@ pub async fn run(
         }
     }
     host::stopping();
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     let _ = stop_tx.send(true);
     for task in sockets.tasks {
         let _ = task.await;

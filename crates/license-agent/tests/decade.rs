@@ -29,7 +29,9 @@ fn certificate(agent: &Agent) -> license_agent::engine::renewal::Certificate {
 }
 
 /// Waits until `agent` has talked to the server at this step, holds a certificate valid at
-/// `now` and a token for `license` under its newest secret, then checks that it validates.
+/// `now` and a token for `license` under its newest secret, one still valid at `now` (the
+/// agent saves its state during the round, before its rotation: the newest secret can still
+/// be the one that expired while it was off), then checks that it validates.
 fn check_till(agent: &Agent, license: &str, now: i64, step: &str) {
     wait_until(
         &format!("{step}: a round with a valid certificate"),
@@ -46,10 +48,14 @@ fn check_till(agent: &Agent, license: &str, now: i64, step: &str) {
         &format!("{step}: a token under the newest secret"),
         WAIT,
         || {
-            let newest = agent.newest_version();
+            let newest = agent.state()["secrets"]
+                .as_array()
+                .and_then(|secrets| secrets.last().cloned())
+                .filter(|secret| secret["valid_until"].as_i64().is_some_and(|u| u > now))
+                .and_then(|secret| secret["version"].as_u64());
             token = agent
                 .token(license)
-                .filter(|t| decode_version(t) == Some(newest));
+                .filter(|t| newest.is_some() && decode_version(t) == newest);
             token.is_some()
         },
     );

@@ -218,8 +218,13 @@ fn the_ca_rolls_over_machines_move_at_renewal_and_the_old_ca_retires() {
     );
     let pin = server.pin.clone();
     let old_ca = std::fs::read_to_string(server.dir.join("ca.pem")).unwrap();
-    let mut online = Agent::enroll(&server, root.path(), "online", 3600, |_| {});
-    let mut sleeper = Agent::enroll(&server, root.path(), "sleeper", 3600, |_| {});
+    // This test counts rounds with the server: one a second even while the watch stream is
+    // held (a held stream spaces them by watch_poll_interval otherwise).
+    let every_second = |t: &mut toml::Table| {
+        t["agent"]["watch_poll_interval"] = toml::Value::Integer(1);
+    };
+    let mut online = Agent::enroll(&server, root.path(), "online", 3600, every_second);
+    let mut sleeper = Agent::enroll(&server, root.path(), "sleeper", 3600, every_second);
     let licenses: Vec<String> = [&online, &sleeper]
         .iter()
         .map(|a| server.issue_license(&a.machine_id, "pos.sale", &[]))

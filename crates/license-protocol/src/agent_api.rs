@@ -51,6 +51,10 @@ pub struct SecretStatus {
     /// the agent checks it and downloads `GET /api/v1/releases/{release_id}/binary`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<crate::release::UpdateOffer>,
+    /// The change feed's position before this status was read (see [`watch`](crate::watch)):
+    /// the `since` of the agent's next watch stream. `None` from older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch_cursor: Option<i64>,
 }
 
 /// Query of `GET /api/v1/secret-status`: what the agent runs, so the server can offer it a

@@ -57,6 +57,8 @@ stable_codes! {
         CertificateSuperseded => "certificate_superseded",
         /// The certificate is past its expiry.
         CertificateExpired => "certificate_expired",
+        /// The server is shedding load (HTTP 503): retry after its `Retry-After` seconds.
+        ServerBusy => "server_busy",
 
         // --- agent listener: secret rotation ----------------------------------------------------
         /// `agent_id` is not the machine of the presented certificate.
@@ -124,7 +126,7 @@ mod tests {
     use super::*;
 
     /// Every code but `Unrecognized`, which the server never sends.
-    const SENT: [ErrorCode; 31] = [
+    const SENT: [ErrorCode; 32] = [
         ErrorCode::InvalidRequest,
         ErrorCode::UnsupportedMediaType,
         ErrorCode::BodyTooLarge,
@@ -144,6 +146,7 @@ mod tests {
         ErrorCode::CertificateRevoked,
         ErrorCode::CertificateSuperseded,
         ErrorCode::CertificateExpired,
+        ErrorCode::ServerBusy,
         ErrorCode::AgentIdMismatch,
         ErrorCode::StaleRequest,
         ErrorCode::BadSignature,

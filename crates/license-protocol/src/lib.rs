@@ -10,6 +10,7 @@
 //! - [`installer`]: the trailer the server appends to the Windows installer (server, pin,
 //!   one-time token).
 //! - [`agent_api`]: messages of the mTLS agent API.
+//! - [`watch`]: the change stream an agent holds (`GET /api/v1/watch`, server-sent events).
 //! - [`error`]: the JSON error body every endpoint answers with.
 //! - [`secret`]: machine secrets and their ECIES delivery to the machine's key.
 //! - [`rotation`]: rotate-secret request and response, with their signatures.
@@ -57,4 +58,5 @@ pub mod secret;
 pub mod server_trust;
 pub mod token;
 pub mod verdict;
+pub mod watch;
 pub mod whole;

@@ -63,6 +63,30 @@ pub const MAX_DASHBOARD_SESSION_LIFETIME_SECS: u64 = 7 * 86_400;
 pub const DEFAULT_DASHBOARD_MAX_SESSIONS: u32 = 256;
 /// Dashboard sign-in attempts allowed per client IP and minute.
 pub const DEFAULT_DASHBOARD_SIGN_IN_PER_MINUTE: u32 = 10;
+/// A watch stream with nothing to say sends a ping this often (seconds): each ping is a write
+/// per connected machine, so not more often than the idle timeouts on the way need (TCP load
+/// balancers and NATs drop idle flows after 4 minutes or more; set HAProxy's `timeout tunnel`,
+/// or `timeout client`/`server`, above it).
+pub const DEFAULT_WATCH_HEARTBEAT_SECS: u64 = 60;
+/// A watch stream ends after this long (± a tenth), and the agent reconnects: its certificate
+/// and machine are checked again then (seconds). A revocation does not wait for it (it is
+/// pushed, and ends the stream), nor does a renewal (a new connection): six hours.
+pub const DEFAULT_WATCH_MAX_SECS: u64 = 21_600;
+/// A change for every machine (a key rollover, an update announcement) or a resync asks
+/// agents to spread their rounds over up to this many seconds.
+pub const DEFAULT_WATCH_SPREAD_SECS: u64 = 60;
+/// How often each serving process reads the change feed (milliseconds).
+pub const DEFAULT_WATCH_FEED_INTERVAL_MS: u64 = 250;
+/// Connections the agent listener serves at once (each connected agent holds one).
+pub const DEFAULT_AGENT_MAX_CONNECTIONS: u32 = 20_000;
+/// Agent requests handled at once per serving process; more are answered 503 with
+/// `Retry-After` (the watch stream counts only while it is being opened).
+pub const DEFAULT_AGENT_MAX_INFLIGHT: u32 = 256;
+/// `Retry-After` of a shed request is drawn between half this and this (seconds).
+pub const DEFAULT_AGENT_RETRY_AFTER_SECS: u64 = 30;
+/// Routed reads go to the read replica only while it holds every commit made on the primary
+/// up to this many milliseconds ago (`read_replica_max_lag_ms`).
+pub const DEFAULT_READ_REPLICA_MAX_LAG_MS: u64 = 1000;
 /// The Windows agent (`license-agent.exe`) Windows installers are built from, relative to the
 /// data directory.
 pub const DEFAULT_WINDOWS_STUB: &str = "windows/license-agent.exe";
@@ -141,6 +165,30 @@ fn default_session_idle() -> u64 {
 fn default_max_sessions() -> u32 {
     DEFAULT_DASHBOARD_MAX_SESSIONS
 }
+fn default_watch_heartbeat() -> u64 {
+    DEFAULT_WATCH_HEARTBEAT_SECS
+}
+fn default_watch_max() -> u64 {
+    DEFAULT_WATCH_MAX_SECS
+}
+fn default_watch_spread() -> u64 {
+    DEFAULT_WATCH_SPREAD_SECS
+}
+fn default_watch_feed_interval() -> u64 {
+    DEFAULT_WATCH_FEED_INTERVAL_MS
+}
+fn default_agent_max_connections() -> u32 {
+    DEFAULT_AGENT_MAX_CONNECTIONS
+}
+fn default_agent_max_inflight() -> u32 {
+    DEFAULT_AGENT_MAX_INFLIGHT
+}
+fn default_agent_retry_after() -> u64 {
+    DEFAULT_AGENT_RETRY_AFTER_SECS
+}
+fn default_read_replica_max_lag() -> u64 {
+    DEFAULT_READ_REPLICA_MAX_LAG_MS
+}
 fn default_sign_in_rate() -> u32 {
     DEFAULT_DASHBOARD_SIGN_IN_PER_MINUTE
 }
@@ -166,6 +214,15 @@ pub struct ServerConfig {
     /// `sqlite://…` or `postgres://…`; the SQLite file in the data directory when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
+    /// `postgres://…` of a hot standby of `database_url` (PostgreSQL only): the per-request
+    /// certificate check, the secret status and the machine's licenses are read there while it
+    /// is fresh enough (`read_replica_max_lag_ms`, and every change the server saw for the
+    /// machine), from `database_url` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_read_url: Option<String>,
+    /// Milliseconds the read replica may lag the primary and still be read (100 to 60000).
+    #[serde(default = "default_read_replica_max_lag")]
+    pub read_replica_max_lag_ms: u64,
     /// Lifetime of a machine certificate, days (ignored when `certificate_validity_secs` is set).
     #[serde(default = "default_validity")]
     pub certificate_validity_days: u32,
@@ -237,6 +294,35 @@ pub struct ServerConfig {
     /// absent. Only read when an installer is asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub windows_stub: Option<PathBuf>,
+    /// Connections to the database per serving process (1 to 1000); 8 on SQLite and 16 on
+    /// PostgreSQL when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_max_connections: Option<u32>,
+    /// Seconds between pings on a quiet watch stream (1 to 300).
+    #[serde(default = "default_watch_heartbeat")]
+    pub watch_heartbeat_secs: u64,
+    /// Seconds a watch stream lasts (± a tenth) before the agent reconnects (10 to 86400).
+    #[serde(default = "default_watch_max")]
+    pub watch_max_secs: u64,
+    /// Seconds over which agents spread the rounds a change for every machine, or a resync,
+    /// asks for (0 to 3600).
+    #[serde(default = "default_watch_spread")]
+    pub watch_spread_secs: u64,
+    /// Milliseconds between two reads of the change feed by each serving process (50 to 5000).
+    #[serde(default = "default_watch_feed_interval")]
+    pub watch_feed_interval_ms: u64,
+    /// Connections the agent listener serves at once (1 to 1000000); each connected agent
+    /// holds one. The process's open-file limit is raised to its hard limit at start.
+    #[serde(default = "default_agent_max_connections")]
+    pub agent_max_connections: u32,
+    /// Agent requests handled at once per serving process (1 to 100000); more are answered
+    /// 503 `server_busy` with `Retry-After`.
+    #[serde(default = "default_agent_max_inflight")]
+    pub agent_max_inflight: u32,
+    /// Largest `Retry-After` of a shed agent request, seconds (1 to 3600); each answer draws
+    /// between half of it and all of it.
+    #[serde(default = "default_agent_retry_after")]
+    pub agent_retry_after_secs: u64,
 }
 
 impl ServerConfig {
@@ -249,6 +335,8 @@ impl ServerConfig {
             public_url: None,
             agent_url: None,
             database_url: None,
+            database_read_url: None,
+            read_replica_max_lag_ms: DEFAULT_READ_REPLICA_MAX_LAG_MS,
             certificate_validity_days: DEFAULT_CERTIFICATE_VALIDITY_DAYS,
             certificate_validity_secs: None,
             certificate_renew_after_expiry_days: DEFAULT_CERTIFICATE_RENEW_AFTER_EXPIRY_DAYS,
@@ -270,6 +358,14 @@ impl ServerConfig {
             dashboard_max_sessions: DEFAULT_DASHBOARD_MAX_SESSIONS,
             dashboard_sign_in_per_minute: DEFAULT_DASHBOARD_SIGN_IN_PER_MINUTE,
             windows_stub: None,
+            database_max_connections: None,
+            watch_heartbeat_secs: DEFAULT_WATCH_HEARTBEAT_SECS,
+            watch_max_secs: DEFAULT_WATCH_MAX_SECS,
+            watch_spread_secs: DEFAULT_WATCH_SPREAD_SECS,
+            watch_feed_interval_ms: DEFAULT_WATCH_FEED_INTERVAL_MS,
+            agent_max_connections: DEFAULT_AGENT_MAX_CONNECTIONS,
+            agent_max_inflight: DEFAULT_AGENT_MAX_INFLIGHT,
+            agent_retry_after_secs: DEFAULT_AGENT_RETRY_AFTER_SECS,
         }
     }
 
@@ -394,6 +490,55 @@ impl ServerConfig {
                 message: "must be between 1 and 100000".into(),
             });
         }
+        let ranges: [(&'static str, u64, u64, u64); 9] = [
+            (
+                "agent_max_connections",
+                u64::from(self.agent_max_connections),
+                1,
+                1_000_000,
+            ),
+            ("watch_heartbeat_secs", self.watch_heartbeat_secs, 1, 300),
+            ("watch_max_secs", self.watch_max_secs, 10, 86_400),
+            ("watch_spread_secs", self.watch_spread_secs, 0, 3_600),
+            (
+                "watch_feed_interval_ms",
+                self.watch_feed_interval_ms,
+                50,
+                5_000,
+            ),
+            (
+                "agent_max_inflight",
+                u64::from(self.agent_max_inflight),
+                1,
+                100_000,
+            ),
+            (
+                "agent_retry_after_secs",
+                self.agent_retry_after_secs,
+                1,
+                3_600,
+            ),
+            (
+                "read_replica_max_lag_ms",
+                self.read_replica_max_lag_ms,
+                100,
+                60_000,
+            ),
+            (
+                "database_max_connections",
+                self.database_max_connections.map_or(1, u64::from),
+                1,
+                1_000,
+            ),
+        ];
+        for (key, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!("must be between {min} and {max}"),
+                });
+            }
+        }
         if self.dashboard_sign_in_per_minute == 0 {
             return Err(ConfigError::Invalid {
                 key: "dashboard_sign_in_per_minute",
@@ -413,6 +558,7 @@ impl ServerConfig {
                 }
             }
         }
+        self.check_read_replica()?;
         if self
             .windows_stub
             .as_ref()
@@ -427,6 +573,31 @@ impl ServerConfig {
             return Err(ConfigError::Invalid {
                 key: "public_host",
                 message: "must be a host name or IP address".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `database_read_url`: a PostgreSQL URL, beside a PostgreSQL `database_url`.
+    fn check_read_replica(&self) -> Result<(), ConfigError> {
+        let Some(url) = &self.database_read_url else {
+            return Ok(());
+        };
+        let is_postgres = |url: &str| {
+            crate::store::Backend::of_url(url).is_ok_and(|b| b == crate::store::Backend::Postgres)
+        };
+        if !is_postgres(url) || url.contains(char::is_whitespace) {
+            return Err(ConfigError::Invalid {
+                key: "database_read_url",
+                message: "must be a postgres:// URL (a hot standby of database_url)".into(),
+            });
+        }
+        if !self.database_url.as_deref().is_some_and(is_postgres) {
+            return Err(ConfigError::Invalid {
+                key: "database_read_url",
+                message: "read replicas need database_url on PostgreSQL; the database is \
+                          SQLite (remove database_read_url)"
+                    .into(),
             });
         }
         Ok(())
@@ -659,6 +830,46 @@ mod tests {
             set(&mut c);
             assert!(c.check().unwrap_err().to_string().starts_with(key), "{key}");
         }
+    }
+
+    #[test]
+    fn the_read_replica_needs_postgres_on_both_sides() {
+        let pg = "database_url = \"postgres://lsa@db/lsa\"\n";
+        let base = format!("public_host = \"x\"\n{pg}");
+        let old = ServerConfig::parse(&base).unwrap();
+        assert_eq!(old.database_read_url, None);
+        assert_eq!(old.read_replica_max_lag_ms, DEFAULT_READ_REPLICA_MAX_LAG_MS);
+        let c = ServerConfig::parse(&format!(
+            "{base}database_read_url = \"postgresql://lsa@standby/lsa\"\nread_replica_max_lag_ms = 100\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.database_read_url.as_deref(),
+            Some("postgresql://lsa@standby/lsa")
+        );
+        let back: ServerConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back.database_read_url, c.database_read_url);
+        assert_eq!(back.read_replica_max_lag_ms, 100);
+        for bad in [
+            format!("{base}database_read_url = \"sqlite:///tmp/x.db\"\n"),
+            format!("{base}database_read_url = \"mysql://db/lsa\"\n"),
+            format!("{base}database_read_url = \"postgres://db/lsa x\"\n"),
+            // The SQLite file of the data directory: no replica to read.
+            "public_host = \"x\"\ndatabase_read_url = \"postgres://standby/lsa\"\n".into(),
+            "public_host = \"x\"\ndatabase_url = \"sqlite:///tmp/x.db\"\n\
+             database_read_url = \"postgres://standby/lsa\"\n"
+                .into(),
+        ] {
+            let err = ServerConfig::parse(&bad).unwrap_err().to_string();
+            assert!(err.starts_with("database_read_url"), "{bad}: {err}");
+        }
+        for lag in [0, 99, 60_001] {
+            let err = ServerConfig::parse(&format!("{base}read_replica_max_lag_ms = {lag}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("read_replica_max_lag_ms"), "{lag}: {err}");
+        }
+        ServerConfig::parse(&format!("{base}read_replica_max_lag_ms = 60000\n")).unwrap();
     }
 
     #[test]

@@ -176,7 +176,8 @@ impl DataDir {
     pub fn load_config(&self) -> Result<ServerConfig, DataDirError> {
         self.check_initialized()?;
         let config = ServerConfig::load(&self.config())?;
-        if config.database_url.as_deref().is_some_and(url_has_password) {
+        let urls = [&config.database_url, &config.database_read_url];
+        if urls.into_iter().flatten().any(|url| url_has_password(url)) {
             use std::os::unix::fs::PermissionsExt as _;
             let mode = std::fs::metadata(self.config()).map_or(0, |m| m.permissions().mode());
             if mode & 0o077 != 0 {

@@ -23,8 +23,10 @@ use license_server::server_trust::RolloverError;
 use license_server::service::admin::{Admin, AdminError};
 use license_server::service::keys::{self, KeysError, Progress, RotateOptions};
 use license_server::service::licenses::LicenseRequest;
+use license_server::service::reads::Reads;
 use license_server::service::{AppState, Settings};
 use license_server::store::admin_tokens::Role;
+use license_server::store::replica::ReadReplica;
 use license_server::store::Store;
 use serde_json::json;
 
@@ -206,7 +208,11 @@ fn database_url(dir: &DataDir, config: &ServerConfig) -> String {
 }
 
 async fn open_store(url: &str) -> Result<Store, MainError> {
-    Store::open(url)
+    open_store_with(url, None).await
+}
+
+async fn open_store_with(url: &str, max_connections: Option<u32>) -> Result<Store, MainError> {
+    Store::open_with(url, max_connections)
         .await
         .map_err(|e| MainError::Runtime(format!("database {}: {e}", redact_url(url))))
 }
@@ -273,7 +279,21 @@ async fn load_state(
     urls: Option<(String, String)>,
 ) -> Result<Arc<AppState>, MainError> {
     let keys = dir.load_keys()?;
-    let store = open_store(&database_url(dir, config)).await?;
+    let store =
+        open_store_with(&database_url(dir, config), config.database_max_connections).await?;
+    // Connected when first read: a replica that is down does not keep the server from serving.
+    let replica = match &config.database_read_url {
+        Some(url) => Some(ReadReplica::new(
+            Store::connect_replica(url, config.database_max_connections).map_err(|e| {
+                MainError::Runtime(format!("database_read_url {}: {e}", redact_url(url)))
+            })?,
+        )),
+        None => None,
+    };
+    let reads = Reads::new(
+        replica,
+        std::time::Duration::from_millis(config.read_replica_max_lag_ms),
+    );
     let (public_url, agent_url) = urls.unwrap_or_else(|| {
         (
             config
@@ -318,8 +338,22 @@ async fn load_state(
             },
             dashboard_sign_in_per_minute: config.dashboard_sign_in_per_minute,
             windows_stub: config.windows_stub_path(dir.root()),
+            watch: license_server::service::WatchSettings {
+                heartbeat_secs: config.watch_heartbeat_secs,
+                max_secs: config.watch_max_secs,
+                spread_secs: u32::try_from(config.watch_spread_secs).unwrap_or(u32::MAX),
+                feed_interval_ms: config.watch_feed_interval_ms,
+            },
+            agent_max_connections: usize::try_from(config.agent_max_connections)
+                .unwrap_or(usize::MAX),
+            shedding: license_server::service::Shedding {
+                max_inflight: usize::try_from(config.agent_max_inflight).unwrap_or(usize::MAX),
+                retry_after_secs: config.agent_retry_after_secs,
+            },
         },
         release_keys: Default::default(),
+        changes: Default::default(),
+        reads,
     }))
 }
 

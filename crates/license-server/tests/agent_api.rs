@@ -690,6 +690,7 @@ async fn openapi_lists_every_route() {
         ("post", "/api/v1/health"),
         ("get", "/api/v1/releases/{release_id}/binary"),
         ("post", "/api/v1/update-report"),
+        ("get", "/api/v1/watch"),
         ("get", "/api/admin/clients"),
         ("post", "/api/admin/clients"),
         ("get", "/api/admin/install-tokens"),

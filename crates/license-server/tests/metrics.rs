@@ -8,7 +8,7 @@ mod common;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
-use common::{Db, TestServer};
+use common::{metric_sample, Db, TestServer};
 use serde_json::json;
 
 async fn sql(server: &TestServer, statement: &str) {
@@ -16,15 +16,6 @@ async fn sql(server: &TestServer, statement: &str) {
     let pool = sqlx::AnyPool::connect(&server.db.url).await.unwrap();
     sqlx::query(statement).execute(&pool).await.unwrap();
     pool.close().await;
-}
-
-/// The value of the sample whose line starts with `series` (name and labels).
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("{series} missing in\n{text}"))
-        .parse()
-        .unwrap()
 }
 
 async fn server_metrics(db: Db) {
@@ -112,17 +103,17 @@ async fn server_metrics(db: Db) {
     let text = r.text().await.unwrap();
 
     assert!(
-        sample(
+        metric_sample(
             &text,
             "license_server_enrollments_total{outcome=\"success\"}"
         ) >= 3.0
     );
     assert!(
-        sample(&text, "license_server_rate_limited_total") >= 1.0,
+        metric_sample(&text, "license_server_rate_limited_total") >= 1.0,
         "{text}"
     );
     assert!(
-        sample(
+        metric_sample(
             &text,
             "license_server_http_requests_total{listener=\"agent\",route=\"/api/v1/secret-status\",method=\"GET\",status=\"200\"}"
         ) >= 1.0
@@ -137,7 +128,7 @@ async fn server_metrics(db: Db) {
         ("clock_rollback", 1.0),
     ] {
         assert_eq!(
-            sample(
+            metric_sample(
                 &text,
                 &format!("license_server_machines{{health=\"{health}\"}}")
             ),
@@ -146,14 +137,14 @@ async fn server_metrics(db: Db) {
         );
     }
     assert_eq!(
-        sample(&text, "license_server_licenses_expiring{within=\"7d\"}"),
+        metric_sample(&text, "license_server_licenses_expiring{within=\"7d\"}"),
         1.0
     );
     assert_eq!(
-        sample(&text, "license_server_certificates_expiring{within=\"7d\"}"),
+        metric_sample(&text, "license_server_certificates_expiring{within=\"7d\"}"),
         0.0
     );
-    assert!(sample(&text, "license_server_db_pool_max_connections") >= 1.0);
+    assert!(metric_sample(&text, "license_server_db_pool_max_connections") >= 1.0);
 
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])

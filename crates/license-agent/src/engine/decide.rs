@@ -153,6 +153,21 @@ pub fn backoff(failures: u32, poll_interval: u64) -> Duration {
     )
 }
 
+/// Wait before the next round after `failures` failed rounds in a row: [`backoff`] with
+/// jitter (between half of it and all of it, so a fleet that failed together does not come
+/// back together), and never less than the server's `Retry-After` when it shed the request.
+pub fn retry_wait(
+    failures: u32,
+    poll_interval: u64,
+    retry_after: Option<u64>,
+    rng: &mut impl Rng,
+) -> Duration {
+    let base = u64::try_from(backoff(failures, poll_interval).as_millis()).unwrap_or(u64::MAX);
+    let jittered = rng.gen_range(base / 2..=base).max(1_000);
+    let floor = retry_after.unwrap_or(0).saturating_mul(1_000);
+    Duration::from_millis(jittered.max(floor))
+}
+
 /// When a machine renews a certificate valid from `not_before` to `not_after`: at 2/3 of its
 /// life, brought forward by up to a tenth of the life by a jitter fixed per machine (so a
 /// fleet enrolled together does not renew together, and a machine does not drift between
@@ -286,6 +301,29 @@ pub fn expired_without_replacement(
     }
 }
 
+/// While the watch stream is held, the licenses are fetched again at least this often
+/// (seconds), whatever the stream said.
+pub const LICENSES_REFRESH_SECS: i64 = 6 * 3600;
+
+/// Whether a round fetches the machine's licenses (`GET /api/v1/licenses`): always while
+/// polling; while the watch stream is held, when the server asked for the round (a change, a
+/// resync), after a rotation (the tokens follow the newest version), when none was fetched
+/// since the stream was opened (`last` is cleared then), or when the last fetch is
+/// [`LICENSES_REFRESH_SECS`] old. A license issued or revoked is pushed (`licenses_changed`),
+/// so the rounds a held stream leaves quiet have nothing to fetch.
+pub fn licenses_refresh_due(
+    watching: bool,
+    asked: bool,
+    rotated: bool,
+    last: Option<i64>,
+    now: i64,
+) -> bool {
+    !watching
+        || asked
+        || rotated
+        || last.is_none_or(|at| now.saturating_sub(at) >= LICENSES_REFRESH_SECS || now < at)
+}
+
 /// A health report unchanged this long is sent again (the server's "last report" stays fresh).
 pub const HEALTH_REPORT_REFRESH_SECS: i64 = 86_400;
 
@@ -391,6 +429,28 @@ mod tests {
     use super::*;
     use rand::SeedableRng as _;
 
+    #[test]
+    fn licenses_are_fetched_when_they_may_have_changed() {
+        let (t, day) = (1_000_000, LICENSES_REFRESH_SECS);
+        // Polling: every round.
+        assert!(licenses_refresh_due(false, false, false, Some(t), t));
+        // Held stream: asked, rotated, never fetched since it opened, or stale.
+        assert!(licenses_refresh_due(true, true, false, Some(t), t));
+        assert!(licenses_refresh_due(true, false, true, Some(t), t));
+        assert!(licenses_refresh_due(true, false, false, None, t));
+        assert!(licenses_refresh_due(true, false, false, Some(t), t + day));
+        // A clock that went back does not keep the last fetch fresh.
+        assert!(licenses_refresh_due(true, false, false, Some(t), t - 1));
+        // Otherwise, a quiet round fetches nothing.
+        assert!(!licenses_refresh_due(
+            true,
+            false,
+            false,
+            Some(t),
+            t + day - 1
+        ));
+    }
+
     fn dates(from: i64, until: i64, grace: i64) -> SecretDates {
         SecretDates {
             valid_from: from,
@@ -445,6 +505,19 @@ mod tests {
             .all(|d| (1_000 + 3_240..=1_000 + 3_960).contains(d)));
         assert!(dues.iter().any(|d| *d != dues[0]), "jittered");
         assert_eq!(next_due(1_000, 5, &mut rng), 1_005, "no jitter under 10 s");
+    }
+
+    #[test]
+    fn retries_are_spread_and_honour_retry_after() {
+        let mut rng = rand::thread_rng();
+        let waits: std::collections::BTreeSet<u128> = (0..500)
+            .map(|_| retry_wait(5, 60, None, &mut rng).as_millis())
+            .collect();
+        // backoff(5) is 32 s: drawn between 16 s and 32 s.
+        assert!(*waits.first().unwrap() >= 16_000 && *waits.last().unwrap() <= 32_000);
+        assert!(waits.len() > 50, "spread: {} values", waits.len());
+        assert_eq!(retry_wait(0, 60, None, &mut rng), Duration::from_secs(1));
+        assert!(retry_wait(1, 60, Some(25), &mut rng) >= Duration::from_secs(25));
     }
 
     #[test]

@@ -101,6 +101,8 @@ pub struct Vault {
 pub struct EngineSettings {
     pub rotation_interval: u64,
     pub poll_interval: u64,
+    /// Seconds between rounds while the watch stream is held (`agent.watch_poll_interval`).
+    pub watch_poll_interval: u64,
     /// The configured degraded-mode policy (`degraded auto` returns to it).
     pub degraded_policy: DegradedPolicy,
     /// What validations answer while the server refuses this machine as revoked.
@@ -128,6 +130,12 @@ impl EngineSettings {
                 .agent
                 .poll_interval
                 .min(config.agent.rotation_interval.max(1)),
+            // Never less often than the rotations either, nor more often than polling.
+            watch_poll_interval: config
+                .agent
+                .watch_poll_interval
+                .min(config.agent.rotation_interval.max(1))
+                .max(config.agent.poll_interval),
             degraded_policy: config.agent.degraded_mode,
             revoked_policy: config.agent.on_machine_revoked,
             metrics_file: config.agent.metrics_file.clone(),
@@ -170,6 +178,18 @@ struct Health {
     /// round is settled.
     offered: Option<String>,
     offer: Option<license_protocol::release::UpdateOffer>,
+    /// The watch stream is held: rounds with the server every `watch_poll_interval`.
+    watching: bool,
+    /// A change was pushed: the next tick talks to the server.
+    round_requested: bool,
+    /// When the licenses were last fetched while the stream was held (cleared when it is
+    /// opened or lost: `decide::licenses_refresh_due`).
+    licenses_fetched: Option<i64>,
+    /// When a round last reached the server.
+    last_server_round: Option<tokio::time::Instant>,
+    /// The change feed's position as the last secret status gave it (shared with the
+    /// daemon's watch stream).
+    watch_cursor: crate::net::watch::WatchCursor,
 }
 
 /// Everything the engine is made of.
@@ -245,6 +265,56 @@ impl<S: AgentServer> Engine<S> {
         self.alerts.audit()
     }
 
+    /// Whether the daemon holds a watch stream (rounds with the server are then spaced by
+    /// `watch_poll_interval`).
+    pub fn set_watching(&mut self, watching: bool) {
+        if self.health.watching != watching {
+            // What was pushed while no stream was held is not known: fetch at the next round.
+            self.health.licenses_fetched = None;
+        }
+        self.health.watching = watching;
+    }
+
+    /// The server pushed a change: the next tick talks to the server whatever the interval.
+    pub fn request_round(&mut self) {
+        self.health.round_requested = true;
+    }
+
+    /// Whether this tick talks to the server: always while polling (no watch stream held);
+    /// while one is held, when a change was pushed, the last round failed, a rotation is due,
+    /// an update's result is to be reported, or `watch_poll_interval` has passed since the last
+    /// round that reached the server.
+    /// Local checks (expiry, purges, the audit log's pace) run at every tick either way.
+    fn server_round_due(&self) -> bool {
+        let rotation_due = decide::rotation_due(
+            self.vault.state.next_rotation_due,
+            self.validator.keyring().newest().map(|(_, dates)| dates),
+            self.validator.clock.now(),
+        );
+        // What this machine has to tell the server: an update step's result, reports not
+        // accepted yet.
+        let update_to_report = !self.vault.state.update.unreported.is_empty()
+            || self.settings.update.staging.result().exists();
+        !self.health.watching
+            || self.health.round_requested
+            || rotation_due
+            || update_to_report
+            || self.vault.state.consecutive_failures > 0
+            || self.health.last_server_round.is_none_or(|at| {
+                at.elapsed() >= Duration::from_secs(self.settings.watch_poll_interval)
+            })
+    }
+
+    /// The change feed's position the watch stream resumes from.
+    pub fn watch_cursor(&self) -> crate::net::watch::WatchCursor {
+        self.health.watch_cursor.clone()
+    }
+
+    /// The settings the daemon schedules rounds by.
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
     fn link(&self) -> Link {
         self.health.link
     }
@@ -255,6 +325,7 @@ impl<S: AgentServer> Engine<S> {
         let fresh = EngineSettings::from_config(config);
         self.settings.rotation_interval = fresh.rotation_interval;
         self.settings.poll_interval = fresh.poll_interval;
+        self.settings.watch_poll_interval = fresh.watch_poll_interval;
         self.settings.degraded_policy = fresh.degraded_policy;
         self.settings.revoked_policy = fresh.revoked_policy;
         self.settings.update.enabled = fresh.update.enabled;
@@ -508,15 +579,25 @@ impl<S: AgentServer> Engine<S> {
             return poll;
         }
         self.renew_if_due().await;
-        let wait = match self.talk_to_server().await {
+        if !self.server_round_due() {
+            self.persist().await;
+            return poll;
+        }
+        let asked = std::mem::take(&mut self.health.round_requested);
+        let wait = match self.talk_to_server(asked).await {
             Ok(()) => {
+                self.health.last_server_round = Some(tokio::time::Instant::now());
                 self.back_online().await;
                 let offer = self.health.offer.take();
                 self.follow_updates(offer).await;
                 self.report_health().await;
                 poll
             }
-            Err(e) => self.round_failed(e).await,
+            Err(e) => {
+                // What the server asked for is still to be done.
+                self.health.round_requested |= asked;
+                self.round_failed(e).await
+            }
         };
         self.persist().await;
         wait
@@ -538,6 +619,7 @@ impl<S: AgentServer> Engine<S> {
 
     async fn round_failed(&mut self, e: RotationError) -> Duration {
         let now = self.validator.clock.now();
+        let retry_after = e.retry_after();
         if let Some(code) = revoked::revocation(&e) {
             self.machine_revoked(code, now).await;
         }
@@ -579,6 +661,11 @@ impl<S: AgentServer> Engine<S> {
         self.health.link = after.link;
         self.validator
             .set_degraded(self.health.overridden.degraded(after.link));
-        decide::backoff(failures, self.settings.poll_interval)
+        decide::retry_wait(
+            failures,
+            self.settings.poll_interval,
+            retry_after,
+            &mut rand::thread_rng(),
+        )
     }
 }

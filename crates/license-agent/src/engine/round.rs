@@ -58,7 +58,20 @@ impl RotationError {
     /// Whether this failure means "the server could not be reached" (degraded mode) rather
     /// than "the server answered something wrong".
     pub fn unreachable(&self) -> bool {
-        matches!(self, RotationError::Server(ClientError::Transport(_)))
+        matches!(
+            self,
+            RotationError::Server(ClientError::Transport(_) | ClientError::Busy { .. })
+        )
+    }
+
+    /// The server shed the request and asked to come back after this many seconds.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            RotationError::Server(ClientError::Busy {
+                retry_after_secs, ..
+            }) => *retry_after_secs,
+            _ => None,
+        }
     }
 }
 
@@ -143,10 +156,14 @@ impl<S: AgentServer> Engine<S> {
         Ok(())
     }
 
-    /// The server part of a round: status, rotation when it must, licenses.
-    pub(super) async fn talk_to_server(&mut self) -> Result<(), RotationError> {
+    /// The server part of a round: status, rotation when it must, licenses when they may have
+    /// changed (`decide::licenses_refresh_due`; `asked`: the server asked for this round).
+    pub(super) async fn talk_to_server(&mut self, asked: bool) -> Result<(), RotationError> {
         let status = self.server.secret_status(&self.status_query()).await?;
         self.health.offer = status.update.clone();
+        if let Some(cursor) = status.watch_cursor {
+            self.health.watch_cursor.advance(cursor);
+        }
         if let Some(server_time) = status.server_time {
             self.attest(server_time);
         }
@@ -176,10 +193,17 @@ impl<S: AgentServer> Engine<S> {
             newest.map(|(_, d)| d),
             now,
         );
-        if decide::must_rotate(newest.map(|(v, _)| v), due, &status) {
+        let rotated = decide::must_rotate(newest.map(|(v, _)| v), due, &status);
+        if rotated {
             let version = self.rotate().await?;
             tracing::info!(version, "rotation complete");
         }
-        self.refresh_licenses().await
+        let watching = self.health.watching;
+        let last = self.health.licenses_fetched;
+        if decide::licenses_refresh_due(watching, asked, rotated, last, now) {
+            self.refresh_licenses().await?;
+            self.health.licenses_fetched = watching.then_some(now);
+        }
+        Ok(())
     }
 }

@@ -73,6 +73,8 @@ struct Script {
     key_set: Mutex<Option<LicenseKeySet>>,
     /// `GET /api/v1/license-keys` calls.
     key_set_fetches: AtomicU64,
+    /// `GET /api/v1/licenses` calls.
+    license_fetches: AtomicU64,
     /// The server trust it announces (none: an older server), its fetches, and the trusts the
     /// engine adopted.
     trust: Mutex<Option<ServerTrust>>,
@@ -193,6 +195,7 @@ impl AgentServer for Arc<Script> {
 
     async fn licenses(&self) -> Result<MachineLicenses, ClientError> {
         self.gate()?;
+        self.license_fetches.fetch_add(1, Ordering::SeqCst);
         Ok(MachineLicenses {
             secret_version: Some(self.version.load(Ordering::SeqCst)),
             tokens: Vec::new(),
@@ -336,6 +339,7 @@ fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
         license: Mutex::new(license.clone()),
         key_set: Mutex::default(),
         key_set_fetches: AtomicU64::new(0),
+        license_fetches: AtomicU64::new(0),
         trust: Mutex::default(),
         trust_fetches: AtomicU64::new(0),
         adopted: Mutex::default(),
@@ -396,6 +400,7 @@ fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
         settings: EngineSettings {
             rotation_interval: 3_600,
             poll_interval: 60,
+            watch_poll_interval: 900,
             degraded_policy: policy,
             revoked_policy: crate::config::RevokedPolicy::Deny,
             metrics_file: dir.path().join("metrics.prom"),
@@ -458,17 +463,66 @@ async fn a_first_round_rotates_stores_acknowledges_and_schedules() {
 }
 
 #[tokio::test]
+async fn while_the_stream_is_held_licenses_are_fetched_only_when_they_may_have_changed() {
+    let mut f = fixture(DegradedPolicy::Allow);
+    let fetched = |f: &Fixture| f.script.license_fetches.load(Ordering::SeqCst);
+    // A round the stream did not ask for, `watch_poll_interval` after the last one.
+    let quiet_round = |f: &mut Fixture| f.engine.health.last_server_round = None;
+    // Polling: every round fetches.
+    f.engine.tick().await;
+    f.engine.tick().await;
+    assert_eq!(fetched(&f), 2);
+    // The stream held: the first round after it opened fetches, a quiet one does not.
+    f.engine.set_watching(true);
+    quiet_round(&mut f);
+    f.engine.tick().await;
+    assert_eq!(fetched(&f), 3);
+    quiet_round(&mut f);
+    f.engine.tick().await;
+    assert_eq!(fetched(&f), 3, "a quiet round fetches nothing");
+    // A change pushed: fetched.
+    f.engine.request_round();
+    f.engine.tick().await;
+    assert_eq!(fetched(&f), 4);
+    // Asked while the server cannot be reached: still asked once it can.
+    f.script.reachable.store(false, Ordering::SeqCst);
+    f.engine.request_round();
+    f.engine.tick().await;
+    f.script.reachable.store(true, Ordering::SeqCst);
+    f.engine.tick().await;
+    assert_eq!(fetched(&f), 5);
+    // A rotation: the tokens follow the newest version.
+    f.engine.vault.state.next_rotation_due = Some(f.engine.validator.clock.now());
+    f.engine.tick().await;
+    assert_eq!(newest(&f), Some(2));
+    assert_eq!(fetched(&f), 6);
+    // The stream lost and opened again: what was pushed meanwhile is unknown.
+    f.engine.set_watching(false);
+    f.engine.set_watching(true);
+    quiet_round(&mut f);
+    f.engine.tick().await;
+    assert_eq!(fetched(&f), 7);
+}
+
+#[tokio::test]
 async fn unreachable_and_overdue_is_degraded_mode_and_the_engine_heals() {
     let mut f = fixture(DegradedPolicy::Allow);
     f.engine.tick().await;
     f.script.reachable.store(false, Ordering::SeqCst);
     // Reachable or not, nothing is overdue yet: still online.
     let wait = f.engine.tick().await;
-    assert_eq!(wait, Duration::from_secs(2), "backoff after one failure");
+    // Backoff after one failure: 2 s, drawn between half of it and all of it (at least 1 s).
+    assert!(
+        (Duration::from_secs(1)..=Duration::from_secs(2)).contains(&wait),
+        "backoff after one failure: {wait:?}"
+    );
     assert_eq!(f.engine.link(), Link::Online);
     f.engine.vault.state.next_rotation_due = Some(0);
     let wait = f.engine.tick().await;
-    assert_eq!(wait, Duration::from_secs(4));
+    assert!(
+        (Duration::from_secs(2)..=Duration::from_secs(4)).contains(&wait),
+        "backoff after two failures: {wait:?}"
+    );
     assert!(matches!(f.engine.link(), Link::Degraded { .. }));
     assert!(f.engine.validator.is_degraded());
     assert!(f.engine.status_line().ends_with("; degraded"));

@@ -239,6 +239,8 @@ fn agent_config(opts: &EnrollOptions, answer: &BootstrapResponse, dir: &Path) ->
             state_dir: opts.state_dir.clone(),
             log_dir: opts.log_dir.clone(),
             poll_interval: crate::config::DEFAULT_POLL_INTERVAL_SECS,
+            watch: true,
+            watch_poll_interval: crate::config::DEFAULT_WATCH_POLL_INTERVAL_SECS,
             metrics_file: opts.state_dir.join("metrics.prom"),
             audit_log: None,
             danger_unaudited_validations: false,

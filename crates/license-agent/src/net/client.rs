@@ -34,6 +34,10 @@ pub enum ClientError {
         code: Option<ErrorCode>,
         message: String,
     },
+    /// The server is shedding load (503 or 429): come back after `retry_after_secs` (its
+    /// `Retry-After`), not sooner.
+    #[error("the server is busy{}", retry_after_secs.map(|s| format!("; retry in {s} s")).unwrap_or_default())]
+    Busy { retry_after_secs: Option<u64> },
     #[error("unexpected answer from the server: {0}")]
     BadResponse(String),
     /// A download brought more bytes than announced (and was stopped there).
@@ -55,6 +59,18 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// A shed request: its `Retry-After` (seconds; an HTTP date is not sent by the server and
+/// reads as absent), at most a day.
+fn busy(response: &reqwest::Response) -> ClientError {
+    let retry_after_secs = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| s.min(86_400));
+    ClientError::Busy { retry_after_secs }
 }
 
 /// A client for one server base URL.
@@ -85,6 +101,11 @@ impl ServerClient {
     ) -> Result<T, ClientError> {
         let response = response.map_err(|e| ClientError::Transport(chain(&e)))?;
         let status = response.status();
+        if status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+            || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+        {
+            return Err(busy(&response));
+        }
         let body = response
             .bytes()
             .await
@@ -197,6 +218,30 @@ impl ServerClient {
         }
         file.sync_all().await.map_err(local)?;
         Ok((size, license_protocol::release::hex(&hasher.finalize())))
+    }
+
+    /// `GET /api/v1/watch`: the change stream, from the feed position `since`.
+    pub async fn watch(
+        &self,
+        since: Option<i64>,
+    ) -> Result<super::watch::WatchStream, ClientError> {
+        let url = format!("{}{}", self.base, license_protocol::watch::WATCH_PATH);
+        let query = license_protocol::watch::WatchQuery { since };
+        let response = self
+            .http
+            .get(url)
+            .query(&query)
+            // The stream lasts as long as the server keeps it; silence is caught per event.
+            .timeout(Duration::from_secs(7 * 86_400))
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(chain(&e)))?;
+        if !response.status().is_success() {
+            return Self::answer::<serde_json::Value>(Ok(response))
+                .await
+                .and_then(|_| Err(ClientError::BadResponse("an empty watch answer".into())));
+        }
+        Ok(super::watch::WatchStream::new(response))
     }
 
     /// `POST /api/v1/update-report` (answered 204).

@@ -7,6 +7,7 @@
 pub mod client;
 pub mod tls;
 pub mod trust;
+pub mod watch;
 
 use std::sync::{Arc, RwLock};
 
@@ -55,7 +56,17 @@ pub fn agent_client(
 pub struct AgentApi {
     server: ServerSection,
     trust: RwLock<AgentTrust>,
-    client: RwLock<ServerClient>,
+    client: Arc<RwLock<ServerClient>>,
+}
+
+/// The daemon's current connection, for the watch stream (follows renewals and rollovers).
+#[derive(Debug, Clone)]
+pub struct CurrentConnection(Arc<RwLock<ServerClient>>);
+
+impl watch::Connection for CurrentConnection {
+    fn current(&self) -> ServerClient {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 impl AgentApi {
@@ -63,10 +74,15 @@ impl AgentApi {
     pub fn connect(config: &AgentConfig, key: Arc<dyn MachineKey>) -> Result<Self, ConnectError> {
         let trust = TrustFile::from_config(config).load()?;
         Ok(Self {
-            client: RwLock::new(connect(&config.server, &trust, key)?),
+            client: Arc::new(RwLock::new(connect(&config.server, &trust, key)?)),
             trust: RwLock::new(trust),
             server: config.server.clone(),
         })
+    }
+
+    /// A handle on the current connection, for the watch stream.
+    pub fn connection(&self) -> CurrentConnection {
+        CurrentConnection(self.client.clone())
     }
 
     /// The connection for the next request.

@@ -188,9 +188,13 @@ pub fn mutual(
     if certs.is_empty() {
         return Err(material(client_cert, "no certificate in file"));
     }
-    Ok(ClientConfig::builder_with_provider(provider)
+    let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(Arc::new(MachineCertResolver::new(certs, machine_key))))
+        .with_client_cert_resolver(Arc::new(MachineCertResolver::new(certs, machine_key)));
+    // HTTP/2 when the server offers it: the watch stream and a round's requests share one
+    // connection. Sessions resume from the server's tickets (rustls keeps them in memory).
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
 }

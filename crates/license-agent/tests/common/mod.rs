@@ -124,14 +124,26 @@ impl Server {
             "init: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        if !settings.is_empty() {
-            let toml = dir.join("server.toml");
-            let mut text = std::fs::read_to_string(&toml).unwrap();
-            text.push('\n');
-            text.push_str(settings);
-            text.push('\n');
-            std::fs::write(&toml, text).unwrap();
-        }
+        // A change for every machine (a key rollover) reaches these few tills within a second
+        // instead of being spread over the fleet's minute.
+        let settings = if settings.contains("watch_spread_secs") {
+            settings.to_string()
+        } else {
+            format!("watch_spread_secs = 1\n{settings}")
+        };
+        // Each key set here replaces the line `init` wrote for it.
+        let key_of = |line: &str| line.split('=').next().unwrap_or("").trim().to_string();
+        let keys: Vec<String> = settings.lines().map(key_of).collect();
+        let toml = dir.join("server.toml");
+        let mut text: String = std::fs::read_to_string(&toml)
+            .unwrap()
+            .lines()
+            .filter(|line| !keys.contains(&key_of(line)))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        text.push_str(&settings);
+        text.push('\n');
+        std::fs::write(&toml, text).unwrap();
         let extra = vec![
             "--secret-validity-secs".to_string(),
             validity.to_string(),

@@ -2,6 +2,11 @@
 //! its certificate's CN and checked against the database — certificate active and unexpired,
 //! machine not revoked — so a revocation takes effect at the next request on every replica.
 //!
+//! With a read replica (`database_read_url`) the check (but the renewal's), the secret status,
+//! the licenses and online validation are read there while it is fresh enough
+//! (`service::reads`): a revocation is then in force within `read_replica_max_lag_ms`, or as
+//! soon as the change feed read it, whichever comes first.
+//!
 //! One exception, on `POST /api/v1/renew-certificate` only: a certificate that expired at most
 //! `certificate_renew_after_expiry_days` ago may renew itself (a till switched off for months
 //! comes back by itself; the TLS handshake accepts such a certificate, see `tls.rs`), and a
@@ -36,7 +41,7 @@ use super::listener::{ConnInfo, PeerCertificate};
 use super::refusals::{AgentRefusals, JsonBodyRefusals};
 use crate::clock::Timestamp;
 use crate::service::enroll::PresentedCertificate;
-use crate::service::{enroll, licenses, releases, secrets, SharedState};
+use crate::service::{enroll, licenses, reads, releases, secrets, SharedState};
 use crate::store::audit::{self, NewAuditEvent};
 use crate::store::certificates::{self, CertState};
 use crate::store::machines;
@@ -74,6 +79,7 @@ pub fn router() -> OpenApiRouter<SharedState> {
         .routes(routes!(report_health))
         .routes(routes!(release_binary))
         .routes(routes!(update_report))
+        .merge(super::watch::router())
 }
 
 fn refuse(code: ErrorCode, message: &str) -> Response {
@@ -119,7 +125,20 @@ async fn authenticated(
             ))
         }
     };
-    let auth = match certificates::auth(state.store.pool(), &peer.serial).await {
+    let machine_id = identity.machine_id.to_string();
+    let serial = peer.serial.as_str();
+    let auth = if renewing {
+        // A renewal issues a certificate: checked on the primary, never on a lagging replica.
+        certificates::auth(state.store.pool(), serial).await
+    } else {
+        // On the replica when it is fresh enough; one that does not know the certificate yet
+        // (issued a moment ago) hands the check to the primary.
+        let read = reads::for_machine(state, &machine_id, |pool| async move {
+            certificates::auth(&pool, serial).await
+        });
+        read.await
+    };
+    let auth = match auth {
         Ok(Some(auth)) => auth,
         Ok(None) => {
             return Err(refuse(
@@ -333,9 +352,28 @@ async fn secret_status(
     ApiQuery(query): ApiQuery<StatusQuery>,
 ) -> Result<Json<SecretStatus>, ApiFailure> {
     releases::check_query(&query)?;
-    let mut status =
-        secrets::status(&state, &machine.identity, machine.certificate_expires_at).await?;
-    status.update = releases::offer(&state, &machine.identity, &query).await?;
+    // Before the reads: a change after this position is replayed to the agent's watch.
+    let cursor = state.changes.cursor();
+    let machine_id = machine.identity.machine_id.to_string();
+    let (app, machine, query) = (&*state, &machine, &query);
+    let status = reads::for_machine(app, &machine_id, |pool| async move {
+        let status = secrets::status_on(
+            app,
+            &pool,
+            &machine.identity,
+            machine.certificate_expires_at,
+        );
+        let Some(mut status) = status.await? else {
+            return Ok(None);
+        };
+        status.update = releases::offer(app, &pool, &machine.identity, query).await?;
+        Ok(Some(status))
+    })
+    .await?;
+    let mut status = status.ok_or_else(|| {
+        crate::store::StoreError::Corrupt(format!("machine {machine_id} vanished"))
+    })?;
+    status.watch_cursor = Some(cursor);
     Ok(Json(status))
 }
 
@@ -430,9 +468,12 @@ async fn machine_licenses(
     State(state): State<SharedState>,
     Extension(machine): Extension<AuthenticatedMachine>,
 ) -> Result<Json<MachineLicenses>, ApiFailure> {
-    Ok(Json(
-        licenses::machine_licenses(&state, &machine.identity).await?,
-    ))
+    let (app, identity) = (&*state, &machine.identity);
+    let machine_id = identity.machine_id.to_string();
+    let answer = reads::for_machine_always(app, &machine_id, |pool| async move {
+        licenses::machine_licenses(app, &pool, identity).await
+    });
+    Ok(Json(answer.await?))
 }
 
 /// Online validation of a token by the server (seed §2.4); `reason` uses the IPC codes.
@@ -444,9 +485,12 @@ async fn validate_license(
     Extension(machine): Extension<AuthenticatedMachine>,
     ApiJson(req): ApiJson<ValidateLicenseRequest>,
 ) -> Result<Json<ValidateLicenseResponse>, ApiFailure> {
-    Ok(Json(
-        licenses::validate(&state, &machine.identity, &req.license_token).await?,
-    ))
+    let (app, identity, token) = (&*state, &machine.identity, req.license_token.as_str());
+    let machine_id = identity.machine_id.to_string();
+    let answer = reads::for_machine_always(app, &machine_id, |pool| async move {
+        licenses::validate(app, &pool, identity, token).await
+    });
+    Ok(Json(answer.await?))
 }
 
 /// A new certificate for the calling machine; the presented one is superseded. Also with a

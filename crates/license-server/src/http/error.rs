@@ -43,7 +43,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-        ErrorCode::WindowsStubMissing => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::WindowsStubMissing | ErrorCode::ServerBusy => StatusCode::SERVICE_UNAVAILABLE,
         // Unrecognized is never sent; should it ever be, it is the server's fault.
         ErrorCode::InternalError | ErrorCode::Unrecognized => StatusCode::INTERNAL_SERVER_ERROR,
         // ErrorCode is non_exhaustive: a code added to the protocol before the server maps it.

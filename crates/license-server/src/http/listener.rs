@@ -1,5 +1,6 @@
 //! The accept loop shared by the three listeners: TLS handshake, peer certificate parsing,
-//! then HTTP/1.1 on the router, with bounded connections and timeouts.
+//! then HTTP/1.1 or HTTP/2 (the agent listener offers `h2` in ALPN) on the router, with
+//! bounded connections and timeouts.
 //!
 //! What one peer can hold is bounded: [`Limits::per_address`] connections per IPv4 address or
 //! IPv6 /64 and listener (further ones are closed at accept, so idle sockets from one address
@@ -9,6 +10,7 @@
 //! ([`MAX_HANDSHAKES`]): when they are all taken, the oldest is cut off for the newcomer, so
 //! idle TCP connections from many addresses cannot hold the slots a machine needs to get its
 //! certificate checked — a real handshake takes milliseconds, an idle one is always the oldest.
+//! Every handshake's outcome is counted for `/metrics` ([`HandshakeCounts`]).
 //!
 //! axum's own `serve` does not expose the TLS session, and the agent listener needs the peer
 //! certificate on every request; so this loop puts a [`ConnInfo`] in each request's extensions.
@@ -24,7 +26,7 @@ use std::time::Duration;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper::Request;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use license_protocol::identity::{IdentityError, MachineIdentity};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
@@ -32,9 +34,32 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
-/// Connections served at once per listener, once past their TLS handshake; further ones are
-/// closed when their handshake ends.
+use super::metrics::{HandshakeCounts, HandshakeOutcome};
+
+/// Connections served at once on the public and admin listeners, once past their TLS
+/// handshake; further ones are closed when their handshake ends. The agent listener's bound
+/// is `agent_max_connections`.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// HTTP/2 streams one connection may have open at once (an agent holds its watch stream and
+/// makes a round's requests beside it).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+/// An HTTP/2 connection is pinged after this long without a frame from its peer, and closed
+/// when the ping is not answered within [`PING_TIMEOUT`]: peers that stopped answering do not
+/// hold their slots. A connected agent sends nothing between its rounds, so its connection is
+/// pinged at this interval: each ping wakes the process for the connection, hence half an
+/// hour. Peers that vanished (a till switched off, a cable pulled) are found far sooner by the
+/// kernel ([`TCP_USER_TIMEOUT`], [`KEEPALIVE_IDLE`]).
+pub const PING_INTERVAL: Duration = Duration::from_secs(1800);
+pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// Data a peer has not acknowledged for this long closes its connection (`TCP_USER_TIMEOUT`):
+/// with a watch stream's pings going out, a vanished agent's connection is closed within a
+/// ping interval and this.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
+/// A connection with nothing in flight for this long is probed by the kernel (TCP keepalive,
+/// every [`KEEPALIVE_INTERVAL`], closed after [`KEEPALIVE_PROBES`] unanswered probes).
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(120);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+pub const KEEPALIVE_PROBES: u32 = 3;
 /// Connections in their TLS handshake at once per listener; a newcomer beyond it cuts off the
 /// oldest.
 pub const MAX_HANDSHAKES: usize = 256;
@@ -48,6 +73,8 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// What one peer may hold on a listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Connections served at once, past their handshake.
+    pub max_connections: usize,
     /// Connections per IPv4 address or IPv6 /64 (0: no cap).
     pub per_address: usize,
     /// A write making no progress for this long closes the connection.
@@ -268,16 +295,18 @@ impl PeerCertificate {
     }
 }
 
-/// Serves `router` over TLS on `listener` until `shutdown` completes, then drains.
+/// Serves `router` over TLS on `listener` until `shutdown` completes, then drains. Every
+/// handshake's outcome is counted in `handshakes_done`.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     router: Router,
     limits: Limits,
+    handshakes_done: Arc<HandshakeCounts>,
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let handshakes = Handshakes::new(MAX_HANDSHAKES);
     let per_address = Arc::new(PerAddress::default());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -304,11 +333,15 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(%remote, error = %e, "cannot set TCP_NODELAY");
         }
+        if let Err(e) = dead_peer_detection(&tcp) {
+            tracing::debug!(%remote, error = %e, "cannot set TCP keepalive and user timeout");
+        }
         let (ticket, cut_off) = handshakes.enter();
         let slots = slots.clone();
         let acceptor = acceptor.clone();
         let router = router.clone();
         let watcher = graceful.watcher();
+        let handshakes_done = handshakes_done.clone();
         tokio::spawn(async move {
             let tcp = StallGuard::new(tcp, limits.write_stall);
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
@@ -316,17 +349,32 @@ pub async fn serve(
                 done = handshake => match done {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
+                        // tokio-rustls reports what rustls refused as InvalidData; anything
+                        // else is the transport (reset, closed, stalled).
+                        handshakes_done.count(if e.kind() == std::io::ErrorKind::InvalidData {
+                            HandshakeOutcome::Refused
+                        } else {
+                            HandshakeOutcome::Aborted
+                        });
                         tracing::debug!(%remote, error = %e, "TLS handshake refused");
                         return;
                     }
-                    Err(_) => return,
+                    Err(_) => {
+                        handshakes_done.count(HandshakeOutcome::TimedOut);
+                        return;
+                    }
                 },
                 _ = cut_off => {
+                    handshakes_done.count(HandshakeOutcome::CutOff);
                     tracing::debug!(%remote, "handshake cut off for a newer connection");
                     return;
                 }
             };
             drop(ticket);
+            handshakes_done.count(match tls.get_ref().1.handshake_kind() {
+                Some(rustls::HandshakeKind::Resumed) => HandshakeOutcome::Resumed,
+                _ => HandshakeOutcome::Full,
+            });
             let Ok(slot) = slots.try_acquire_owned() else {
                 tracing::warn!(%remote, "connection limit reached; closing");
                 return;
@@ -344,10 +392,19 @@ pub async fn serve(
                 req.extensions_mut().insert(info.clone());
                 router.clone().oneshot(req)
             });
-            let conn = hyper::server::conn::http1::Builder::new()
+            // HTTP/1.1, or HTTP/2 when the client says so (ALPN, or its preface).
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(tls), service);
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+                .keep_alive_interval(PING_INTERVAL)
+                .keep_alive_timeout(PING_TIMEOUT);
+            let conn = builder.serve_connection(TokioIo::new(tls), service);
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
@@ -358,6 +415,18 @@ pub async fn serve(
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("drain timeout; closing remaining connections"),
     }
+}
+
+/// Lets the kernel close connections whose peer vanished ([`TCP_USER_TIMEOUT`],
+/// [`KEEPALIVE_IDLE`]): it costs the process nothing until one does.
+fn dead_peer_detection(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+    let socket = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket.set_tcp_keepalive(&keepalive)?;
+    socket.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT))
 }
 
 #[cfg(test)]

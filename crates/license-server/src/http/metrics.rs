@@ -1,13 +1,18 @@
 //! `GET /metrics` on the admin listener (Prometheus text format, version 0.0.4): requests and
 //! their latency per listener and route, what those requests did (enrollments, rotations,
-//! renewals, online validations, rate-limit refusals), the database pool, and fleet gauges read
-//! from the database at scrape time.
+//! renewals, online validations, rate-limit refusals), the database pool, the routed reads by
+//! the pool that answered them and the read replica's lag (`service::reads`), the agent
+//! listener's load (open watch streams, requests shed), and fleet gauges read from the
+//! database at scrape time.
 //!
 //! Requests are counted by a route layer on each listener ([`track`]), keyed by the route's
-//! template (`/api/v1/licenses`, never a concrete id), so the label set stays bounded.
+//! template (`/api/v1/licenses`, never a concrete id), so the label set stays bounded. TLS
+//! handshakes are counted by the accept loop ([`HandshakeCounts`]): refused handshakes on the
+//! agent listener are machines whose certificate no longer chains, or scanners.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -17,6 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 
 use super::error::ApiFailure;
+use super::shed::Shedder;
 use crate::clock::Timestamp;
 use crate::service::SharedState;
 use crate::store::fleet;
@@ -35,13 +41,93 @@ struct RouteStats {
     sum_secs: f64,
 }
 
-/// The request counters of all three listeners; cheap to clone.
+/// How a TLS handshake ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeOutcome {
+    /// Completed with a full handshake (certificates exchanged and verified).
+    Full,
+    /// Completed by resuming a session from a ticket.
+    Resumed,
+    /// Refused by the TLS layer: a client certificate that does not verify, a protocol error.
+    Refused,
+    /// Broken off by the peer (closed or reset mid-handshake, or it stopped reading). A client
+    /// that resets the connection as soon as it has sent its last handshake message (`openssl
+    /// s_time` does) lands here even though its certificate was verified.
+    Aborted,
+    /// Not finished within the handshake timeout.
+    TimedOut,
+    /// Cut off for a newer connection while all handshake places were taken.
+    CutOff,
+}
+
+impl HandshakeOutcome {
+    const ALL: [Self; 6] = [
+        Self::Full,
+        Self::Resumed,
+        Self::Refused,
+        Self::Aborted,
+        Self::TimedOut,
+        Self::CutOff,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Resumed => "resumed",
+            Self::Refused => "refused",
+            Self::Aborted => "aborted",
+            Self::TimedOut => "timed_out",
+            Self::CutOff => "cut_off",
+        }
+    }
+}
+
+/// The TLS handshakes of one listener, by outcome; one atomic increment per handshake.
+#[derive(Debug, Default)]
+pub struct HandshakeCounts {
+    counts: [AtomicU64; HandshakeOutcome::ALL.len()],
+}
+
+impl HandshakeCounts {
+    pub fn count(&self, outcome: HandshakeOutcome) {
+        self.counts[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> [u64; HandshakeOutcome::ALL.len()] {
+        std::array::from_fn(|i| self.counts[i].load(Ordering::Relaxed))
+    }
+}
+
+/// The request and handshake counters of all three listeners; cheap to clone.
 #[derive(Debug, Default, Clone)]
 pub struct HttpMetrics {
     routes: Arc<Mutex<BTreeMap<(&'static str, String), RouteStats>>>,
+    handshakes: Arc<Mutex<BTreeMap<&'static str, Arc<HandshakeCounts>>>>,
 }
 
+/// Handshake counts by listener, as [`HttpMetrics::handshake_snapshot`] reads them.
+type HandshakeSnapshot = BTreeMap<&'static str, [u64; HandshakeOutcome::ALL.len()]>;
+
 impl HttpMetrics {
+    /// The handshake counters of `listener`, for its accept loop.
+    pub fn handshakes(&self, listener: &'static str) -> Arc<HandshakeCounts> {
+        self.handshakes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(listener)
+            .or_default()
+            .clone()
+    }
+
+    fn handshake_snapshot(&self) -> HandshakeSnapshot {
+        self.handshakes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(listener, counts)| (*listener, counts.snapshot()))
+            .collect()
+    }
+
     fn record(&self, listener: &'static str, route: &str, method: &str, status: u16, secs: f64) {
         let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         let stats = routes.entry((listener, route.to_string())).or_default();
@@ -88,9 +174,23 @@ pub async fn track(
 pub async fn serve(
     State(state): State<SharedState>,
     Extension(metrics): Extension<HttpMetrics>,
+    Extension(shedder): Extension<Arc<Shedder>>,
 ) -> Result<Response, ApiFailure> {
     let fleet = fleet::gauges(state.store.pool(), Timestamp::now()).await?;
-    let body = render(&metrics.snapshot(), &fleet, pool_state(&state));
+    let load = AgentLoad {
+        watch_streams: state.changes.streams(),
+        feed_reads: state.changes.reads(),
+        feed_listening: state.changes.listening(),
+        shed: shedder.shed_total(),
+    };
+    let body = render(
+        &metrics.snapshot(),
+        &metrics.handshake_snapshot(),
+        &fleet,
+        pool_state(&state),
+        read_stats(&state),
+        load,
+    );
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
@@ -109,6 +209,36 @@ fn pool_state(state: &SharedState) -> (u32, usize, u32) {
         pool.num_idle(),
         pool.options().get_max_connections(),
     )
+}
+
+/// The routed reads and the read replica, as exposed.
+#[derive(Debug, Clone, Copy, Default)]
+struct ReadStats {
+    primary: u64,
+    replica: u64,
+    /// `None` without a replica; `Some(None)` while it was never found fresh.
+    lag: Option<Option<std::time::Duration>>,
+}
+
+fn read_stats(state: &SharedState) -> ReadStats {
+    let (primary, replica) = state.reads.served();
+    ReadStats {
+        primary,
+        replica,
+        lag: state
+            .reads
+            .replica()
+            .map(|replica| replica.lag(Instant::now())),
+    }
+}
+
+/// The agent listener's load, as exposed.
+#[derive(Debug, Clone, Copy, Default)]
+struct AgentLoad {
+    watch_streams: usize,
+    feed_reads: u64,
+    feed_listening: bool,
+    shed: u64,
 }
 
 /// One family's HELP and TYPE lines.
@@ -134,8 +264,11 @@ fn outcomes(
 
 fn render(
     routes: &BTreeMap<(&'static str, String), RouteStats>,
+    handshakes: &HandshakeSnapshot,
     fleet: &fleet::Gauges,
     (open, idle, max): (u32, usize, u32),
+    reads: ReadStats,
+    load: AgentLoad,
 ) -> String {
     let mut out = String::new();
     family(
@@ -181,6 +314,22 @@ fn render(
             "license_server_http_request_duration_seconds_count{{{labels}}} {}",
             stats.count
         );
+    }
+    family(
+        &mut out,
+        "license_server_tls_handshakes_total",
+        "counter",
+        "TLS handshakes, by listener and outcome (full, resumed, refused, aborted, timed_out, \
+         cut_off).",
+    );
+    for (listener, counts) in handshakes {
+        for (outcome, n) in HandshakeOutcome::ALL.iter().zip(counts) {
+            let _ = writeln!(
+                out,
+                "license_server_tls_handshakes_total{{listener=\"{listener}\",outcome=\"{}\"}} {n}",
+                outcome.label()
+            );
+        }
     }
     let ok = |s: u16| (200..300).contains(&s);
     let refused = |s: u16| (400..500).contains(&s);
@@ -236,6 +385,45 @@ fn render(
         .map(|(_, n)| n)
         .sum();
     let _ = writeln!(out, "license_server_rate_limited_total {limited}");
+    family(
+        &mut out,
+        "license_server_agent_shed_total",
+        "counter",
+        "Agent requests answered 503 server_busy with Retry-After: no place free among \
+         agent_max_inflight within the queue wait.",
+    );
+    let _ = writeln!(out, "license_server_agent_shed_total {}", load.shed);
+    family(
+        &mut out,
+        "license_server_watch_streams",
+        "gauge",
+        "Watch streams (GET /api/v1/watch) open on this process.",
+    );
+    let _ = writeln!(out, "license_server_watch_streams {}", load.watch_streams);
+    family(
+        &mut out,
+        "license_server_change_feed_reads_total",
+        "counter",
+        "Reads of the audit trail by the change feed behind the watch streams.",
+    );
+    let _ = writeln!(
+        out,
+        "license_server_change_feed_reads_total {}",
+        load.feed_reads
+    );
+    family(
+        &mut out,
+        "license_server_change_feed_listening",
+        "gauge",
+        "1 while the change feed hears PostgreSQL's notifications of new audit rows (it then \
+         reads the trail when told, and every 5 s); 0 while it reads it every \
+         watch_feed_interval_ms (SQLite, or the listening connection is down).",
+    );
+    let _ = writeln!(
+        out,
+        "license_server_change_feed_listening {}",
+        u8::from(load.feed_listening)
+    );
 
     family(
         &mut out,
@@ -259,6 +447,34 @@ fn render(
         "Largest number of connections the database pool opens.",
     );
     let _ = writeln!(out, "license_server_db_pool_max_connections {max}");
+    family(
+        &mut out,
+        "license_server_db_reads_total",
+        "counter",
+        "Routed reads (certificate check, secret status, licenses, online validation), by the \
+         pool that answered them.",
+    );
+    for (pool, n) in [("primary", reads.primary), ("replica", reads.replica)] {
+        let _ = writeln!(out, "license_server_db_reads_total{{pool=\"{pool}\"}} {n}");
+    }
+    if let Some(lag) = reads.lag {
+        family(
+            &mut out,
+            "license_server_db_replica_lag_seconds",
+            "gauge",
+            "How far the read replica may be behind the primary: time since the newest instant \
+             it is known to hold every commit from (+Inf until first measured).",
+        );
+        match lag {
+            Some(lag) => {
+                let secs = lag.as_secs_f64();
+                let _ = writeln!(out, "license_server_db_replica_lag_seconds {secs:.3}");
+            }
+            None => {
+                let _ = writeln!(out, "license_server_db_replica_lag_seconds +Inf");
+            }
+        }
+    }
 
     family(
         &mut out,
@@ -311,7 +527,24 @@ mod tests {
         metrics.record("public", "/api/public/bootstrap", "POST", 200, 0.3);
         metrics.record("public", "/api/public/bootstrap", "POST", 429, 0.001);
         metrics.record("agent", "/api/v1/rotate-secret", "POST", 409, 7.0);
-        let text = render(&metrics.snapshot(), &fleet::Gauges::default(), (3, 1, 10));
+        let reads = ReadStats {
+            primary: 4,
+            replica: 9,
+            lag: Some(Some(std::time::Duration::from_millis(1250))),
+        };
+        let text = render(
+            &metrics.snapshot(),
+            &metrics.handshake_snapshot(),
+            &fleet::Gauges::default(),
+            (3, 1, 10),
+            reads,
+            AgentLoad {
+                watch_streams: 7,
+                feed_reads: 12,
+                feed_listening: true,
+                shed: 5,
+            },
+        );
         for line in [
             "license_server_http_request_duration_seconds_bucket{listener=\"public\",route=\"/api/public/bootstrap\",le=\"0.005\"} 2",
             "license_server_http_request_duration_seconds_bucket{listener=\"public\",route=\"/api/public/bootstrap\",le=\"0.25\"} 2",
@@ -323,6 +556,67 @@ mod tests {
             "license_server_rotations_total{outcome=\"refused\"} 1",
             "license_server_rate_limited_total 1",
             "license_server_db_pool_connections{state=\"in_use\"} 2",
+            "license_server_db_reads_total{pool=\"primary\"} 4",
+            "license_server_db_reads_total{pool=\"replica\"} 9",
+            "license_server_db_replica_lag_seconds 1.250",
+            "license_server_agent_shed_total 5",
+            "license_server_watch_streams 7",
+            "license_server_change_feed_reads_total 12",
+            "license_server_change_feed_listening 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        let unmeasured = ReadStats {
+            lag: Some(None),
+            ..ReadStats::default()
+        };
+        let text = render(
+            &metrics.snapshot(),
+            &Default::default(),
+            &Default::default(),
+            (0, 0, 1),
+            unmeasured,
+            AgentLoad::default(),
+        );
+        assert!(text.contains("license_server_db_replica_lag_seconds +Inf\n"));
+        let text = render(
+            &metrics.snapshot(),
+            &Default::default(),
+            &Default::default(),
+            (0, 0, 1),
+            ReadStats::default(),
+            AgentLoad::default(),
+        );
+        assert!(!text.contains("replica_lag"), "no replica, no lag");
+    }
+
+    #[test]
+    fn handshakes_are_counted_per_listener_and_outcome() {
+        let metrics = HttpMetrics::default();
+        let agent = metrics.handshakes("agent");
+        agent.count(HandshakeOutcome::Full);
+        agent.count(HandshakeOutcome::Full);
+        agent.count(HandshakeOutcome::Refused);
+        // The same listener's counters, wherever they are asked for.
+        metrics.handshakes("agent").count(HandshakeOutcome::Resumed);
+        metrics
+            .handshakes("admin")
+            .count(HandshakeOutcome::TimedOut);
+        let text = render(
+            &metrics.snapshot(),
+            &metrics.handshake_snapshot(),
+            &fleet::Gauges::default(),
+            (3, 1, 10),
+            ReadStats::default(),
+            AgentLoad::default(),
+        );
+        for line in [
+            "license_server_tls_handshakes_total{listener=\"agent\",outcome=\"full\"} 2",
+            "license_server_tls_handshakes_total{listener=\"agent\",outcome=\"resumed\"} 1",
+            "license_server_tls_handshakes_total{listener=\"agent\",outcome=\"refused\"} 1",
+            "license_server_tls_handshakes_total{listener=\"agent\",outcome=\"aborted\"} 0",
+            "license_server_tls_handshakes_total{listener=\"agent\",outcome=\"cut_off\"} 0",
+            "license_server_tls_handshakes_total{listener=\"admin\",outcome=\"timed_out\"} 1",
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }

@@ -6,7 +6,9 @@
 //!
 //! [`run`] takes already-bound listeners and a shutdown future, so tests bind port 0. It also
 //! keeps the server's TLS certificate fresh: renewed at start when due and checked every
-//! `server_certificate_check_interval_secs` while serving (`service::server_certificate`).
+//! `server_certificate_check_interval_secs` while serving (`service::server_certificate`), and
+//! runs the background tasks of a serving process: the change feed, the read replica's
+//! monitor, the fleet checks, the key watch and the sweeper.
 
 pub mod admin;
 pub mod agent;
@@ -16,7 +18,9 @@ pub mod listener;
 pub mod metrics;
 pub mod public;
 pub mod refusals;
+pub mod shed;
 pub mod tls;
+pub mod watch;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -163,20 +167,25 @@ pub async fn run(
     // The rate limit inside the request counter, so its 429s are counted.
     let public = public.route_layer(middleware::from_fn(public::rate_limit));
     let (public, agent) = (tracked(public, "public"), tracked(agent, "agent"));
+    // Shedding outside the certificate check: a shed request costs no database access.
+    let shedder = shed::Shedder::new(state.settings.shedding);
     let admin = tracked(
         admin.route("/metrics", axum::routing::get(metrics::serve)),
         "admin",
     )
-    .layer(Extension(http_metrics.clone()));
+    .layer(Extension(http_metrics.clone()))
+    .layer(Extension(shedder.clone()));
     let public = body_limit(public, public::MAX_PUBLIC_BODY_BYTES)
         .layer(Extension(limiter.clone()))
         .layer(Extension(doc))
         .with_state(state.clone());
     let agent = body_limit(
-        agent.layer(middleware::from_fn_with_state(
-            state.clone(),
-            agent::authenticate,
-        )),
+        agent
+            .layer(middleware::from_fn_with_state(
+                state.clone(),
+                agent::authenticate,
+            ))
+            .layer(middleware::from_fn_with_state(shedder.clone(), shed::shed)),
         agent::MAX_AGENT_BODY_BYTES,
     )
     .with_state(state.clone());
@@ -223,6 +232,27 @@ pub async fn run(
         }
     });
 
+    // The change feed the agents' watch streams follow.
+    let keys_state = state.clone();
+    let feed = tokio::spawn(crate::service::changes::follow(
+        state.changes.clone(),
+        state.store.clone(),
+        std::time::Duration::from_millis(state.settings.watch.feed_interval_ms),
+        move || {
+            if let Err(e) = keys_state.keys.license_keys.reload_if_changed() {
+                tracing::warn!(error = %e, "cannot read the license key set again");
+            }
+        },
+    ));
+
+    // How fresh the read replica is, when there is one (`store::replica`).
+    let replica_monitor = state.reads.replica().map(|replica| {
+        tokio::spawn(crate::store::replica::monitor(
+            replica.clone(),
+            state.store.pool().clone(),
+        ))
+    });
+
     // Fleet conditions (machines unseen, certificates not renewed), raised once across replicas.
     let fleet_watch = tokio::spawn(crate::service::fleet_alerts::watch(state.clone()));
 
@@ -244,9 +274,14 @@ pub async fn run(
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let limits = listener::Limits {
+        max_connections: listener::MAX_CONNECTIONS,
         per_address: usize::try_from(state.settings.max_connections_per_address)
             .unwrap_or(usize::MAX),
         write_stall: std::time::Duration::from_secs(state.settings.write_stall_timeout_secs),
+    };
+    let agent_limits = listener::Limits {
+        max_connections: state.settings.agent_max_connections,
+        ..limits
     };
     let servers = async {
         tokio::join!(
@@ -255,16 +290,25 @@ pub async fn run(
                 public_tls,
                 public,
                 limits,
+                http_metrics.handshakes("public"),
                 stopped(stop_rx.clone()),
             ),
             listener::serve(
                 listeners.agent,
                 agent_tls,
                 agent,
-                limits,
+                agent_limits,
+                http_metrics.handshakes("agent"),
                 stopped(stop_rx.clone()),
             ),
-            listener::serve(listeners.admin, admin_tls, admin, limits, stopped(stop_rx)),
+            listener::serve(
+                listeners.admin,
+                admin_tls,
+                admin,
+                limits,
+                http_metrics.handshakes("admin"),
+                stopped(stop_rx),
+            ),
         );
     };
     tokio::pin!(servers);
@@ -276,11 +320,18 @@ pub async fn run(
         () = &mut servers => {}
     }
     sweeper.abort();
+    feed.abort();
+    if let Some(monitor) = replica_monitor {
+        monitor.abort();
+    }
     fleet_watch.abort();
     renewer.abort();
     key_watcher.abort();
     if let Err(e) = key_watch.lock().await.forget(&state).await {
         tracing::warn!(error = %e, "could not withdraw this process from the master key holders");
+    }
+    if let Some(replica) = state.reads.replica() {
+        replica.store().close().await;
     }
     state.store.close().await;
     Ok(())

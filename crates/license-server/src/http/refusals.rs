@@ -93,12 +93,18 @@ pub struct AgentRefusals;
 
 impl utoipa::IntoResponses for AgentRefusals {
     fn responses() -> BTreeMap<String, RefOr<Response>> {
-        let mut responses = error_responses(&[(
-            403,
-            "the certificate is refused: `machine_revoked`, `certificate_revoked`, \
+        let mut responses = error_responses(&[
+            (
+                403,
+                "the certificate is refused: `machine_revoked`, `certificate_revoked`, \
              `certificate_superseded`, `certificate_expired`, `unknown_certificate` or \
              `bad_certificate_cn`",
-        )]);
+            ),
+            (
+                503,
+                "`server_busy`: the server is shedding load; retry after the `Retry-After` seconds",
+            ),
+        ]);
         responses.extend(InternalRefusal::responses());
         responses
     }

@@ -130,11 +130,17 @@ pub fn agent_config(
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
         .map_err(|e| TlsError::Material(e.to_string()))?;
-    let config = ServerConfig::builder_with_provider(provider())
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(AllowExpiredClientCerts::new(verifier)))
         .with_cert_resolver(cert.clone());
-    Ok(finish(config))
+    // A reconnecting agent resumes its session from a ticket (stateless: no memory per
+    // machine) instead of a full handshake; its certificate comes back with the session and is
+    // checked against the database on every request as after a full handshake.
+    config.ticketer =
+        rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError::Material(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// The webpki client verifier, except that an end-entity certificate past its `notAfter` is

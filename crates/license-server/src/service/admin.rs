@@ -165,16 +165,7 @@ impl<'a> Admin<'a> {
         details: Value,
         result: Result<T>,
     ) -> Result<T> {
-        super::finish_audited(
-            self.store().pool(),
-            &self.actor,
-            tx,
-            action,
-            target,
-            details,
-            result,
-        )
-        .await
+        super::finish_audited(self.state, &self.actor, tx, action, target, details, result).await
     }
 
     pub(super) async fn begin(&self) -> Result<WriteTx> {
@@ -232,10 +223,9 @@ impl<'a> Admin<'a> {
                 message: "must be between 1 minute and 30 days".into(),
             });
         }
-        if clients::get(self.store().pool(), client_id)
-            .await?
-            .is_none()
-        {
+        // Read on the transaction's own connection: a second one from the pool while the
+        // transaction holds one deadlocks once every connection is held by such a writer.
+        if clients::get(&mut *conn, client_id).await?.is_none() {
             return Err(AdminError::NotFound {
                 what: "client",
                 id: client_id.to_string(),
@@ -243,7 +233,7 @@ impl<'a> Admin<'a> {
         }
         if let Some(machine_id) = machine_id {
             let _: MachineId = parse_id("machine_id", machine_id)?;
-            match machines::get(self.store().pool(), machine_id).await? {
+            match machines::get(&mut *conn, machine_id).await? {
                 None => {
                     return Err(AdminError::NotFound {
                         what: "machine",
@@ -365,13 +355,16 @@ impl<'a> Admin<'a> {
         let result = async {
             check_serial(&serial)?;
             if certificates::revoke(&mut tx, &serial, Timestamp::now()).await? {
-                Ok(())
+                let revoked = certificates::get(&mut *tx, &serial, Timestamp::now()).await?;
+                Ok(revoked.map(|c| c.machine_id))
             } else {
                 Err(self.why_not(&serial, "active").await)
             }
         }
         .await;
-        self.finish(tx, "certificate.revoke", Some(&serial), json!({}), result)
+        // The machine in the details: its agent hears of the revocation (`changes`).
+        let details = json!({"machine_id": result.as_ref().ok()});
+        self.finish(tx, "certificate.revoke", Some(&serial), details, result)
             .await?;
         self.certificate(&serial).await
     }

@@ -246,6 +246,7 @@ async fn bootstrap_inner(
     };
     let issued = certificates::issue(state, &mut tx, &identity, key, issuance).await?;
     tx.commit().await?;
+    state.changes.note_machine_write(&machine_id);
 
     let settings = &state.settings;
     Ok(BootstrapResponse {
@@ -369,6 +370,9 @@ pub async fn renew(
         match certificates::issue(state, &mut tx, identity, MachineKey::Csr(&csr), issuance).await {
             Ok(issued) => {
                 tx.commit().await?;
+                state
+                    .changes
+                    .note_machine_write(&identity.machine_id.to_string());
                 return Ok(RenewCertificateResponse {
                     certificate: issued.pem,
                     serial: issued.serial,

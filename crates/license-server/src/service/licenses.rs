@@ -206,15 +206,17 @@ fn no_secret_reason(machine_id: &str, rows: &[SealedSecretRow]) -> String {
 }
 
 /// `GET /api/v1/licenses`: tokens of every current (not revoked, not expired) license of the
-/// machine under its newest acknowledged secret, and the ids of its revoked licenses.
+/// machine under its newest acknowledged secret, and the ids of its revoked licenses; read on
+/// `pool` (the primary or the read replica, see `service::reads`).
 pub async fn machine_licenses(
     state: &AppState,
+    pool: &sqlx::AnyPool,
     identity: &MachineIdentity,
 ) -> Result<MachineLicenses, StoreError> {
     let machine_id = identity.machine_id.to_string();
     let now = Timestamp::now();
-    let rows = store::secrets::of_machine(state.store.pool(), &machine_id, now).await?;
-    let licenses = store::licenses::list(state.store.pool(), Some(&machine_id), now).await?;
+    let rows = store::secrets::of_machine(pool, &machine_id, now).await?;
+    let licenses = store::licenses::list(pool, Some(&machine_id), now).await?;
     let revoked = licenses
         .iter()
         .filter(|l| l.revoked_at.is_some())
@@ -275,17 +277,19 @@ fn standing(
 /// `POST /api/v1/validate-license`: the server's own verdict on a token presented by the
 /// machine it was issued for — the same verdict as the agent's (`license_protocol::verdict`),
 /// from what the database holds: the machine's secret versions and its licenses (a license
-/// deleted with its machine is as good as revoked).
+/// deleted with its machine is as good as revoked); read on `pool` (the primary or the read
+/// replica, see `service::reads`).
 pub async fn validate(
     state: &AppState,
+    pool: &sqlx::AnyPool,
     identity: &MachineIdentity,
     token_b64: &str,
 ) -> Result<ValidateLicenseResponse, StoreError> {
     let machine = identity.machine_id;
     let machine_id = machine.to_string();
     let now = Timestamp::now();
-    let rows = store::secrets::of_machine(state.store.pool(), &machine_id, now).await?;
-    let licenses = store::licenses::list(state.store.pool(), Some(&machine_id), now).await?;
+    let rows = store::secrets::of_machine(pool, &machine_id, now).await?;
+    let licenses = store::licenses::list(pool, Some(&machine_id), now).await?;
     let mut failure = None;
     let license_keys = state.keys.license_keys.snapshot();
     let outcome = verdict::verdict(

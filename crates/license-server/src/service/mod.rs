@@ -10,10 +10,12 @@
 
 pub mod admin;
 pub mod certificates;
+pub mod changes;
 pub mod enroll;
 pub mod fleet_alerts;
 pub mod keys;
 pub mod licenses;
+pub mod reads;
 pub mod recover;
 pub mod releases;
 pub mod secrets;
@@ -38,9 +40,9 @@ pub trait Refusal: From<StoreError> {
 
 /// Runs an administrative action to its end: commits `result` in `tx` with its audit row (by
 /// `actor`), or rolls `tx` back and audits the refusal outside it. Either way nothing happens
-/// without a trace.
+/// without a trace. A commit is noted in the change feed at once (`reads`).
 pub(crate) async fn finish_audited<T, E: Refusal>(
-    pool: &sqlx::AnyPool,
+    state: &AppState,
     actor: &str,
     mut tx: WriteTx,
     action: &str,
@@ -50,15 +52,17 @@ pub(crate) async fn finish_audited<T, E: Refusal>(
 ) -> Result<T, E> {
     match result {
         Ok(value) => {
+            let concerns = changes::concerns_of(actor, action, target, &details);
             let event = NewAuditEvent::success(Timestamp::now(), actor, action, target, details);
             audit::insert(&mut *tx, &event).await?;
             tx.commit().await?;
+            state.changes.note_write(&concerns);
             Ok(value)
         }
         Err(e) => {
             tx.rollback().await?;
             let event = NewAuditEvent::refused(actor, action, target, details, e.code().as_str());
-            audit::insert(pool, &event).await?;
+            audit::insert(state.store.pool(), &event).await?;
             Err(e)
         }
     }
@@ -72,6 +76,10 @@ pub struct AppState {
     pub settings: Settings,
     /// The signed release key set offers carry, kept between polls (`releases`).
     pub release_keys: releases::ReleaseKeysCache,
+    /// What agents must hear of at once (`changes`; followed while serving).
+    pub changes: Arc<changes::ChangeFeed>,
+    /// The read replica, if any, and where each machine's reads go (`reads`).
+    pub reads: reads::Reads,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -114,6 +122,29 @@ pub struct Settings {
     /// The Windows agent (`license-agent.exe`) that Windows installers are built from
     /// (`windows_stub`, resolved against the data directory).
     pub windows_stub: PathBuf,
+    /// The watch streams (`watch_*`).
+    pub watch: WatchSettings,
+    /// When agent requests are shed (`agent_max_inflight`, `agent_retry_after_secs`).
+    pub shedding: Shedding,
+    /// Connections the agent listener serves at once (`agent_max_connections`).
+    pub agent_max_connections: usize,
+}
+
+/// The watch streams agents hold (`GET /api/v1/watch`).
+#[derive(Debug, Clone, Copy)]
+pub struct WatchSettings {
+    pub heartbeat_secs: u64,
+    pub max_secs: u64,
+    pub spread_secs: u32,
+    pub feed_interval_ms: u64,
+}
+
+/// Agent requests beyond `max_inflight` at once are answered 503 with a `Retry-After`
+/// between half of `retry_after_secs` and all of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Shedding {
+    pub max_inflight: usize,
+    pub retry_after_secs: u64,
 }
 
 impl Settings {

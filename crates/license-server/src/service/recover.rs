@@ -141,6 +141,7 @@ async fn recover_inner(
     let issued =
         certificates::issue(state, &mut tx, &identity, MachineKey::Csr(&csr), issuance).await?;
     tx.commit().await?;
+    state.changes.note_machine_write(machine_id);
 
     Ok(RecoverResponse {
         client_id: identity.client_id,

@@ -213,16 +213,7 @@ impl<'a> ReleaseAdmin<'a> {
         details: Value,
         result: Result<T>,
     ) -> Result<T> {
-        super::finish_audited(
-            self.state.store.pool(),
-            &self.actor,
-            tx,
-            action,
-            target,
-            details,
-            result,
-        )
-        .await
+        super::finish_audited(self.state, &self.actor, tx, action, target, details, result).await
     }
 
     /// Stores the binary in chunks while hashing it, signs its manifest with the current
@@ -645,9 +636,10 @@ pub fn check_query(query: &StatusQuery) -> Result<(), ReleaseError> {
 
 /// The release offered to `machine` (the `update` of its secret status), when its query names
 /// its version, channel and architecture: one query on the releases of that channel and
-/// architecture.
+/// architecture, on `pool` (the primary or the read replica, see `service::reads`).
 pub async fn offer(
     state: &AppState,
+    pool: &sqlx::AnyPool,
     machine: &MachineIdentity,
     query: &StatusQuery,
 ) -> Result<Option<UpdateOffer>, StoreError> {
@@ -657,8 +649,7 @@ pub async fn offer(
         return Ok(None);
     };
     let machine_id = machine.machine_id.0;
-    let candidates =
-        stored::candidates(state.store.pool(), channel, arch, &machine_id.to_string()).await?;
+    let candidates = stored::candidates(pool, channel, arch, &machine_id.to_string()).await?;
     let Some(release) = choose_offer(&candidates, &machine_id, &machine.client_id.0, version)
     else {
         return Ok(None);
@@ -739,6 +730,8 @@ pub async fn report(
         }
     }
     tx.commit().await?;
+    // Whether this release is offered to the machine again just changed.
+    state.changes.note_machine_write(&machine_id);
     Ok(())
 }
 

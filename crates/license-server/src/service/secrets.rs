@@ -277,6 +277,7 @@ pub async fn rotate(
     };
     audit::insert(&mut *tx, &event).await?;
     tx.commit().await?;
+    state.changes.note_machine_write(&machine_id);
     // Test hook: the server dies after committing a version and before answering, as a
     // `kill -9` would; the agent's retry must get the same version back.
     if result.is_ok()
@@ -419,6 +420,7 @@ pub async fn ack(
                 NewAuditEvent::success(now, &actor, "secret.ack", Some(&machine_id), details);
             audit::insert(&mut *tx, &event).await?;
             tx.commit().await?;
+            state.changes.note_machine_write(&machine_id);
         }
         Err(e) => {
             tx.rollback().await?;
@@ -433,18 +435,31 @@ pub async fn ack(
     Ok(status(state, identity, certificate_expires_at).await?)
 }
 
-/// `GET /api/v1/secret-status`.
+/// The secret status of a machine, read from the primary (after a write of its own).
 pub async fn status(
     state: &AppState,
     identity: &MachineIdentity,
     certificate_expires_at: Timestamp,
 ) -> Result<SecretStatus, StoreError> {
+    status_on(state, state.store.pool(), identity, certificate_expires_at)
+        .await?
+        .ok_or_else(|| StoreError::Corrupt(format!("machine {} vanished", identity.machine_id)))
+}
+
+/// `GET /api/v1/secret-status`, read on `pool` (the primary or the read replica, see
+/// `service::reads`); `None` when the machine is not there.
+pub async fn status_on(
+    state: &AppState,
+    pool: &sqlx::AnyPool,
+    identity: &MachineIdentity,
+    certificate_expires_at: Timestamp,
+) -> Result<Option<SecretStatus>, StoreError> {
     let machine_id = identity.machine_id.to_string();
     let now = Timestamp::now();
-    let rows = stored::of_machine(state.store.pool(), &machine_id, now).await?;
-    let machine = machines::get(state.store.pool(), &machine_id)
-        .await?
-        .ok_or_else(|| StoreError::Corrupt(format!("machine {machine_id} vanished")))?;
+    let Some(machine) = machines::get(pool, &machine_id).await? else {
+        return Ok(None);
+    };
+    let rows = stored::of_machine(pool, &machine_id, now).await?;
     let current = rows
         .iter()
         .rev()
@@ -456,7 +471,7 @@ pub async fn status(
         Some(r) if r.state == SecretState::Grace || now > r.valid_until => "grace",
         Some(_) => "active",
     };
-    Ok(SecretStatus {
+    Ok(Some(SecretStatus {
         client_id: identity.client_id,
         machine_id: identity.machine_id,
         current_version: current.map(|r| r.version),
@@ -478,7 +493,8 @@ pub async fn status(
         license_keys: Some(state.keys.license_keys.snapshot().digest.clone()),
         server_trust: Some(state.keys.trust.digest.clone()),
         update: None,
-    })
+        watch_cursor: None,
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -85,6 +85,65 @@ pub async fn insert<'e>(ex: impl AnyExecutor<'e>, e: &NewAuditEvent<'_>) -> Resu
     Ok(())
 }
 
+/// One row as the change feed reads it (`service::changes`).
+#[derive(Debug, Clone)]
+pub struct FeedRow {
+    pub seq: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: Option<String>,
+    pub outcome: String,
+    pub details: String,
+}
+
+/// Up to `limit` rows after `after`, in order (the primary key's range).
+pub async fn feed_rows<'e>(
+    ex: impl AnyExecutor<'e>,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<FeedRow>> {
+    let rows = sqlx::query(
+        "SELECT seq, actor, action, target, outcome, details FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(ex)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(FeedRow {
+                seq: r.try_get("seq")?,
+                actor: r.try_get("actor")?,
+                action: r.try_get("action")?,
+                target: r.try_get("target")?,
+                outcome: r.try_get("outcome")?,
+                details: r.try_get("details")?,
+            })
+        })
+        .collect::<std::result::Result<_, sqlx::Error>>()
+        .map_err(StoreError::from)
+}
+
+/// The highest sequence number (0 when the trail is empty).
+pub async fn last_seq<'e>(ex: impl AnyExecutor<'e>) -> Result<i64> {
+    let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM audit_events")
+        .fetch_one(ex)
+        .await?;
+    Ok(row.try_get("seq")?)
+}
+
+/// The first sequence number of a row at or after `since`, if any.
+pub async fn first_seq_since<'e>(
+    ex: impl AnyExecutor<'e>,
+    since: Timestamp,
+) -> Result<Option<i64>> {
+    let row = sqlx::query("SELECT MIN(seq) AS seq FROM audit_events WHERE at >= $1")
+        .bind(since.0)
+        .fetch_one(ex)
+        .await?;
+    Ok(row.try_get("seq")?)
+}
+
 /// What the dashboard's audit page filters on; `None` matches everything.
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter<'a> {

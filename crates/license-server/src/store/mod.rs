@@ -7,7 +7,8 @@
 //! One set of SQL serves both backends (`$N` placeholders, `RETURNING`, `ON CONFLICT`, and
 //! integer Unix times all mean the same on SQLite and PostgreSQL); only the DDL differs, in
 //! `migrations/{sqlite,postgres}`, embedded at compile time. SQLite in the data directory is the
-//! default; several stateless replicas share one PostgreSQL database.
+//! default; several stateless replicas share one PostgreSQL database, and may read from a hot
+//! standby of it (`replica`: how fresh it is).
 //!
 //! Reads take any [`AnyExecutor`] (the pool, or a caller's transaction as `&mut *tx`); writes
 //! that compose into a caller's transaction take `&mut AnyConnection`.
@@ -23,7 +24,9 @@ pub mod licenses;
 pub mod machines;
 pub mod master_keys;
 pub mod nonces;
+pub mod notify;
 pub mod releases;
+pub mod replica;
 pub mod secrets;
 
 use std::str::FromStr;
@@ -125,6 +128,8 @@ pub struct Store {
     /// SQLite has one writer at a time; writers of this process queue here instead of in
     /// SQLite's busy handler, which sleeps in growing steps and inflates tail latency.
     write_queue: Option<Arc<tokio::sync::Mutex<()>>>,
+    /// Where the audit trail's notifications are heard (PostgreSQL, [`notify`]).
+    listen: Option<notify::ListenTarget>,
 }
 
 /// A write transaction; on SQLite it also holds this process's place in the write queue.
@@ -160,6 +165,42 @@ impl std::ops::DerefMut for WriteTx {
 impl Store {
     /// Connects (creating a SQLite file if needed) without running migrations.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, None).await
+    }
+
+    /// [`Store::connect`] with at most `max_connections` in the pool (8 on SQLite and 16 on
+    /// PostgreSQL when `None`).
+    pub async fn connect_with(url: &str, max_connections: Option<u32>) -> Result<Self, StoreError> {
+        let (backend, options, pool_options) = Self::options(url, max_connections)?;
+        let pool = pool_options.connect_with(options).await?;
+        let mut store = Self::of_pool(pool, backend);
+        if backend == Backend::Postgres {
+            let options = sqlx::postgres::PgConnectOptions::from_str(url)?;
+            store.listen = Some(notify::ListenTarget::new(options));
+        }
+        Ok(store)
+    }
+
+    /// A store on a PostgreSQL read replica: connects when first used, so a replica that is
+    /// down at start does not keep the server from serving; a read waits at most a second for
+    /// a connection; no migrations (a standby is read only). Never written to.
+    pub fn connect_replica(url: &str, max_connections: Option<u32>) -> Result<Self, StoreError> {
+        let (backend, options, pool_options) = Self::options(url, max_connections)?;
+        if backend != Backend::Postgres {
+            return Err(StoreError::UnsupportedUrl);
+        }
+        // Waiting long for a replica connection is worse than reading from the primary.
+        let pool_options = pool_options.acquire_timeout(Duration::from_secs(1));
+        Ok(Self::of_pool(
+            pool_options.connect_lazy_with(options),
+            backend,
+        ))
+    }
+
+    fn options(
+        url: &str,
+        max_connections: Option<u32>,
+    ) -> Result<(Backend, AnyConnectOptions, AnyPoolOptions), StoreError> {
         let backend = Backend::of_url(url)?;
         sqlx::any::install_default_drivers();
         let mut url = url.to_string();
@@ -171,8 +212,12 @@ impl Store {
             });
         }
         let options = AnyConnectOptions::from_str(&url)?.disable_statement_logging();
-        let pool = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite { 8 } else { 16 })
+        let pool_options = AnyPoolOptions::new()
+            .max_connections(max_connections.unwrap_or(if backend == Backend::Sqlite {
+                8
+            } else {
+                16
+            }))
             .acquire_timeout(Duration::from_secs(10))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
@@ -188,16 +233,24 @@ impl Store {
                     }
                     Ok(())
                 })
-            })
-            .connect_with(options)
-            .await?;
+            });
+        Ok((backend, options, pool_options))
+    }
+
+    fn of_pool(pool: AnyPool, backend: Backend) -> Self {
         let write_queue =
             (backend == Backend::Sqlite).then(|| Arc::new(tokio::sync::Mutex::new(())));
-        Ok(Self {
+        Self {
             pool,
             backend,
             write_queue,
-        })
+            listen: None,
+        }
+    }
+
+    /// Where the audit trail's notifications are heard: PostgreSQL connected by URL.
+    pub fn listen_target(&self) -> Option<&notify::ListenTarget> {
+        self.listen.as_ref()
     }
 
     /// Begins a transaction that will write.
@@ -219,7 +272,12 @@ impl Store {
 
     /// Connects and brings the schema up to date.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let store = Self::connect(url).await?;
+        Self::open_with(url, None).await
+    }
+
+    /// [`Store::open`] with at most `max_connections` in the pool.
+    pub async fn open_with(url: &str, max_connections: Option<u32>) -> Result<Self, StoreError> {
+        let store = Self::connect_with(url, max_connections).await?;
         store.migrate().await?;
         Ok(store)
     }

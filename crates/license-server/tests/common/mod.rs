@@ -85,6 +85,16 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// A database someone else made and removes (a PostgreSQL cluster of the test's own).
+    pub fn existing(url: &str) -> Self {
+        Self {
+            url: url.to_string(),
+            pg_name: None,
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some(name) = &self.pg_name {
@@ -234,8 +244,30 @@ impl TestServer {
         env: &[(String, String)],
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("srv");
         let db = TestDb::new(db, dir.path());
+        Self::start_in(dir, db, config, serve_args, env)
+    }
+
+    /// [`TestServer::start_configured`] on the database at `url`, which the caller made (and
+    /// removes).
+    pub fn start_on(url: &str, config: &str) -> Self {
+        Self::start_in(
+            tempfile::tempdir().unwrap(),
+            TestDb::existing(url),
+            config,
+            &[],
+            &[],
+        )
+    }
+
+    fn start_in(
+        dir: tempfile::TempDir,
+        db: TestDb,
+        config: &str,
+        serve_args: &[&str],
+        env: &[(String, String)],
+    ) -> Self {
+        let data = dir.path().join("srv");
         let out = Command::new(SERVER)
             .args([
                 "init",
@@ -514,4 +546,13 @@ macro_rules! on_both_databases {
             }
         }
     };
+}
+
+/// The value of the `/metrics` sample whose line starts with `series` (name and labels).
+pub fn metric_sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{series} missing in\n{text}"))
+        .parse()
+        .unwrap()
 }
