@@ -11,6 +11,7 @@ use std::time::Duration;
 use license_audit::Outcome;
 use license_protocol::license_keys::TrustedKeys;
 use license_protocol::rotation::parse_license_public_key;
+use rand::Rng as _;
 use tokio::sync::watch;
 
 use crate::access::{Access, SharedAccess};
@@ -401,10 +402,12 @@ fn next_round<S: AgentServer>(
             engine.set_watching(true);
             None
         }
-        // Back to polling: the next round no later than a poll interval from now.
+        // Back to polling (`Engine::stream_lost`), the round at a random point of the next
+        // poll interval: a fleet that lost its streams together does not come back together.
         Signal::Lost => {
-            engine.set_watching(false);
-            let poll = now + Duration::from_secs(engine.settings().poll_interval);
+            engine.stream_lost();
+            let interval = engine.settings().poll_interval.saturating_mul(1_000);
+            let poll = now + Duration::from_millis(rand::thread_rng().gen_range(0..=interval));
             (poll < deadline).then_some(poll)
         }
         Signal::Round { delay, .. } => {

@@ -6,8 +6,10 @@
 //! digest of the set held does the engine fetch the set (one request per rollover), accept it
 //! (signed by a key already trusted and not retired, not older than the one held), store it
 //! and hand the new trust to the validator, which drops its cache of verified tokens. A refused
-//! set is audited and alerted once per digest, and the old trust kept. Public keys only: the
-//! file holds nothing secret.
+//! set is audited and alerted once per digest, and the old trust kept. The set is also fetched
+//! when a license token just fetched names a key not held (the server took a new key up
+//! between the status and the tokens of one round), so the tokens verify at once. Public keys
+//! only: the file holds nothing secret.
 
 use std::path::{Path, PathBuf};
 
@@ -105,9 +107,48 @@ impl<S: AgentServer> Engine<S> {
             return Ok(());
         }
         let set = self.server.license_keys().await?;
+        self.take_key_set(&set, announced).await;
+        Ok(())
+    }
+
+    /// Fetches the server's key set when one of `tokens` (just fetched) names a key this agent
+    /// does not know: the server took up a new key after this round's secret status, and
+    /// without it the tokens would not verify until the next round.
+    pub(super) async fn learn_keys_of(
+        &mut self,
+        tokens: &[license_protocol::agent_api::LicenseToken],
+    ) -> Result<(), ClientError> {
+        let known = |id| self.machine.license_keys.states().any(|(k, _)| k == id);
+        let unknown = tokens
+            .iter()
+            .filter_map(|t| license_protocol::token::decode(&t.token).ok())
+            .filter_map(|(header, _)| header.key_id)
+            .any(|id| !known(id));
+        if !unknown {
+            return Ok(());
+        }
+        let set = self.server.license_keys().await?;
+        let digest = set.digest();
+        if self.machine.license_keys.digest() == Some(digest.as_str())
+            || self.health.refused_key_set.as_deref() == Some(digest.as_str())
+        {
+            return Ok(());
+        }
+        tracing::info!("a license token names a key this agent does not know: key set fetched");
+        self.take_key_set(&set, &digest).await;
+        Ok(())
+    }
+
+    /// Accepts `set` (see the module docs) or refuses it, audited and alerted either way; a
+    /// refused set is not fetched again while the server announces `digest`.
+    async fn take_key_set(
+        &mut self,
+        set: &license_protocol::license_keys::LicenseKeySet,
+        digest: &str,
+    ) {
         let mut trusted = self.machine.license_keys.clone();
-        if let Err(e) = trusted.accept(&set) {
-            self.health.refused_key_set = Some(announced.to_string());
+        if let Err(e) = trusted.accept(set) {
+            self.health.refused_key_set = Some(digest.to_string());
             tracing::error!(error = %e, "the server's license key set was refused; the keys trusted so far are kept");
             self.audit()
                 .note(
@@ -123,7 +164,7 @@ impl<S: AgentServer> Engine<S> {
                     serde_json::json!({"reason": e.to_string()}),
                 )
                 .await;
-            return Ok(());
+            return;
         }
         let file = self.settings.license_keys_file.clone();
         let saving = trusted.clone();
@@ -154,6 +195,5 @@ impl<S: AgentServer> Engine<S> {
         self.health.refused_key_set = None;
         self.validator.set_license_keys(trusted.clone());
         self.machine.license_keys = trusted;
-        Ok(())
     }
 }

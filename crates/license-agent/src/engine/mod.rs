@@ -275,6 +275,14 @@ impl<S: AgentServer> Engine<S> {
         self.health.watching = watching;
     }
 
+    /// The watch stream was lost: back to polling, and the next round talks to the server
+    /// even if a stream is held again by then, as what was missed may be more than the cursor
+    /// replays (a server restarted with new keys or certificates).
+    pub fn stream_lost(&mut self) {
+        self.set_watching(false);
+        self.request_round();
+    }
+
     /// The server pushed a change: the next tick talks to the server whatever the interval.
     pub fn request_round(&mut self) {
         self.health.round_requested = true;

@@ -134,6 +134,7 @@ impl<S: AgentServer> Engine<S> {
     /// licenses revoked since.
     pub(super) async fn refresh_licenses(&mut self) -> Result<(), RotationError> {
         let licenses = self.server.licenses().await?;
+        self.learn_keys_of(&licenses.tokens).await?;
         let dir = self.settings.tokens_dir.clone();
         let tokens = licenses.tokens.clone();
         blocking::run(move || write_tokens(&dir, &tokens))

@@ -73,8 +73,12 @@ struct Script {
     key_set: Mutex<Option<LicenseKeySet>>,
     /// `GET /api/v1/license-keys` calls.
     key_set_fetches: AtomicU64,
-    /// `GET /api/v1/licenses` calls.
+    /// `GET /api/v1/licenses` calls, and the tokens they answer.
     license_fetches: AtomicU64,
+    tokens: Mutex<Vec<license_protocol::agent_api::LicenseToken>>,
+    /// The secret status leaves the key set out (a server that took a new key up after it
+    /// answered the status and before the tokens).
+    status_lags: AtomicBool,
     /// The server trust it announces (none: an older server), its fetches, and the trusts the
     /// engine adopted.
     trust: Mutex<Option<ServerTrust>>,
@@ -142,7 +146,9 @@ impl AgentServer for Arc<Script> {
             "certificate_expires_at": "2030-01-01T00:00:00Z",
             "server_time": crate::platform::clock::system_now()
                 + self.clock_offset.load(Ordering::SeqCst),
-            "license_keys": self.key_set.lock().expect("set").as_ref().map(LicenseKeySet::digest),
+            "license_keys": self.key_set.lock().expect("set").as_ref()
+                .filter(|_| !self.status_lags.load(Ordering::SeqCst))
+                .map(LicenseKeySet::digest),
             "server_trust": self.trust.lock().expect("trust").as_ref().map(ServerTrust::digest),
         }))
         .expect("a status"))
@@ -198,7 +204,7 @@ impl AgentServer for Arc<Script> {
         self.license_fetches.fetch_add(1, Ordering::SeqCst);
         Ok(MachineLicenses {
             secret_version: Some(self.version.load(Ordering::SeqCst)),
-            tokens: Vec::new(),
+            tokens: self.tokens.lock().expect("tokens").clone(),
             revoked: Vec::new(),
         })
     }
@@ -340,6 +346,8 @@ fn fixture_with(policy: DegradedPolicy, from: i64, until: i64) -> Fixture {
         key_set: Mutex::default(),
         key_set_fetches: AtomicU64::new(0),
         license_fetches: AtomicU64::new(0),
+        tokens: Mutex::default(),
+        status_lags: AtomicBool::new(false),
         trust: Mutex::default(),
         trust_fetches: AtomicU64::new(0),
         adopted: Mutex::default(),
@@ -496,10 +504,14 @@ async fn while_the_stream_is_held_licenses_are_fetched_only_when_they_may_have_c
     f.engine.tick().await;
     assert_eq!(newest(&f), Some(2));
     assert_eq!(fetched(&f), 6);
-    // The stream lost and opened again: what was pushed meanwhile is unknown.
-    f.engine.set_watching(false);
+    // A tick soon after a round talks to no one.
+    f.engine.tick().await;
+    assert_eq!(fetched(&f), 6);
+    // The stream lost and opened again before the next tick: what was pushed meanwhile is
+    // unknown (and a restarted server may serve keys the cursor does not replay), so that
+    // tick is a round with the server, and fetches.
+    f.engine.stream_lost();
     f.engine.set_watching(true);
-    quiet_round(&mut f);
     f.engine.tick().await;
     assert_eq!(fetched(&f), 7);
 }
@@ -855,6 +867,46 @@ async fn a_license_key_rollover_is_learned_once_and_a_retirement_refuses_old_tok
     assert!(trusted
         .for_token(Some(KeyId::of(&new.verifying_key())))
         .is_ok());
+}
+
+#[tokio::test]
+async fn a_token_under_a_key_not_held_brings_the_key_set_in_the_same_round() {
+    let mut f = fixture(DegradedPolicy::Allow);
+    let old = f.script.license.lock().expect("key").clone();
+    let new = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    f.engine.tick().await;
+    // The server takes the new key up between the status (which still names the old set)
+    // and the tokens (signed by the new key).
+    announce(
+        &f,
+        &[(&old, KeyState::Previous), (&new, KeyState::Current)],
+        100,
+        &[&old, &new],
+        &new,
+    );
+    f.script.status_lags.store(true, Ordering::SeqCst);
+    let token = mint(&f, &new);
+    *f.script.tokens.lock().expect("tokens") = vec![license_protocol::agent_api::LicenseToken {
+        license_id: uuid::Uuid::new_v4(),
+        secret_version: newest(&f).expect("a secret"),
+        token: token.clone(),
+        expires_at: None,
+    }];
+    assert_eq!(verdict_on(&f, &token), Some(Reason::BadSignature));
+    f.engine.tick().await;
+    assert_eq!(fetches(&f), 1, "fetched for the token");
+    assert_eq!(verdict_on(&f, &token), None, "valid after this round");
+    // Tokens under keys held fetch nothing more.
+    f.engine.tick().await;
+    assert_eq!(fetches(&f), 1);
+    // A server that serves a token under a key its own set lacks: fetched, nothing learned,
+    // nothing refused, and the round carries on.
+    let stranger = ed25519_dalek::SigningKey::from_bytes(&[8; 32]);
+    f.script.tokens.lock().expect("tokens")[0].token = mint(&f, &stranger);
+    f.engine.tick().await;
+    assert_eq!(fetches(&f), 2);
+    assert_eq!(verdict_on(&f, &token), None);
+    assert!(!audit_text(&f).contains("alert.license_keys_refused"));
 }
 
 #[tokio::test]
