@@ -29,6 +29,21 @@ install_tool() {
   CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
     CARGO_PROFILE_RELEASE_OPT_LEVEL=1 cargo install "$1" --locked
 }
+# Where a C toolchain (the linker) is already there, they compile in the background from here,
+# beside the packages' download and installation below; each step that uses one waits for them
+# (`wait_tools`) and installs it itself should the background job have failed.
+tools_log="$(mktemp)"
+tools_job=""
+if command -v cc >/dev/null; then
+  (for tool in cargo-deny cargo-deb cargo-fuzz; do install_tool "$tool"; done) >"$tools_log" 2>&1 &
+  tools_job=$!
+fi
+wait_tools() {
+  [ -n "$tools_job" ] || return 0
+  say "waiting for the tools compiling in the background"
+  wait "$tools_job" || tail -n 30 "$tools_log"
+  tools_job=""
+}
 
 packages=()
 command -v cc >/dev/null || packages+=(build-essential)
@@ -131,6 +146,7 @@ say "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # cargo-deny checks the dependency tree against deny.toml (licenses, banned and duplicate
 # crates, crates.io as the only source).
+wait_tools
 install_tool cargo-deny
 say "cargo deny check licenses bans sources"
 cargo deny --locked check licenses bans sources
@@ -163,9 +179,27 @@ wait "$vm_image" || { tail -n 30 target/vm/image.log; say "the guest image faile
 # integration tests that run another package's (license-agent, license-server) find them.
 say "cargo test (unit and integration: real server, agent, TLS, SQLite and PostgreSQL)"
 log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
+vm_log="$(mktemp)"
+trap 'rm -f "$log" "$vm_log" "$tools_log"' EXIT
 status=0
-cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
+# The VM test (about six minutes, mostly its guest booting and working under KVM, one core at
+# most) runs beside the others rather than after them: its binary is started directly, from
+# its package's directory as cargo would, once everything is built; the run below skips it.
+vm_test=a_real_debian_machine_with_systemd_apparmor_and_a_tpm
+vm_bin="$(cargo test --workspace --locked --no-run --message-format=json-render-diagnostics \
+  | python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "vm" and m.get("executable"):
+        print(m["executable"])')"
+[ -x "$vm_bin" ] || { echo "the VM test's binary was not built" >&2; exit 1; }
+say "the VM test ($vm_test) in the background"
+(cd crates/license-agent && "$vm_bin" --exact "$vm_test") >"$vm_log" 2>&1 &
+vm_run=$!
+cargo test --workspace --locked --no-fail-fast -- --skip "$vm_test" 2>&1 | tee "$log" || status=$?
+say "waiting for the VM test"
+wait "$vm_run" || status=$?
+tee -a "$log" <"$vm_log"
 say "the secret-lifecycle end-to-end suite again, every agent on its own swtpm (TPM backend)"
 # --workspace, not -p: the same features as the run above, so nothing is rebuilt.
 LSA_TEST_TPM=1 cargo test --workspace --locked --test lifecycle 2>&1 | tee -a "$log" || status=$?

@@ -64,6 +64,29 @@ fn env_usize(name: &str, default: usize) -> Result<usize> {
 /// A child process killed on drop.
 struct Proc(Child);
 
+/// Has the kernel kill `command`'s process when the bench dies: a bench stopped by a signal
+/// runs no `Drop`, and would leave its replicas, HAProxy and workers on the cores. (The signal
+/// follows the thread that spawned the child: every child here is spawned by the main thread.)
+#[allow(unsafe_code)]
+fn dies_with_bench(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt as _;
+    let bench = std::process::id();
+    // SAFETY: the closure calls only async-signal-safe functions (prctl, getppid, _exit)
+    // between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The bench died before prctl: no signal will come.
+            if u32::try_from(libc::getppid()).ok() != Some(bench) {
+                libc::_exit(1);
+            }
+            Ok(())
+        })
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -80,7 +103,7 @@ struct Replica {
 }
 
 fn serve(data: &Path, log: &Path) -> Result<Replica> {
-    let mut child = Command::new(SERVER)
+    let mut child = dies_with_bench(&mut Command::new(SERVER))
         .arg("serve")
         .arg("--data-dir")
         .arg(data)
@@ -150,7 +173,7 @@ fn haproxy(dir: &Path, name: &str, port: u16, backends: &[&str]) -> Result<Proc>
         "haproxy -c: {}",
         String::from_utf8_lossy(&check.stderr)
     );
-    let child = Command::new("haproxy")
+    let child = dies_with_bench(&mut Command::new("haproxy"))
         .arg("-db")
         .arg("-f")
         .arg(&path)
@@ -179,6 +202,12 @@ fn psql(url: &str, sql: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// Quiet time before a window whose transactions are counted: PostgreSQL's backends report
+/// their counts to `pg_stat_database` at most once a second while busy and after 10 s once
+/// idle, so the ramp's transactions would otherwise land in the window.
+const STATS_SETTLE: Duration = Duration::from_secs(11);
+
+/// Transactions committed in `db` so far, as `pg_stat_database` has them (see [`STATS_SETTLE`]).
 fn transactions(url: &str, db: &str) -> Result<u64> {
     Ok(psql(
         url,
@@ -340,7 +369,7 @@ impl Workers {
     fn start(specs: Vec<WorkerSpec>, dir: &Path) -> Result<Self> {
         let (mut procs, mut latest) = (Vec::new(), Vec::new());
         for (i, spec) in specs.into_iter().enumerate() {
-            let mut child = Command::new(std::env::current_exe()?)
+            let mut child = dies_with_bench(&mut Command::new(std::env::current_exe()?))
                 .env(WORKER_ENV, serde_json::to_string(&spec)?)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -563,7 +592,7 @@ async fn bench_on(s: &Settings, url: &str, db: &str) -> Result<()> {
     {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::time::sleep(poll_interval).await;
+    tokio::time::sleep(poll_interval.max(STATS_SETTLE)).await;
     poll_fleet.recorder.reset_samples();
     // The ramp (2000 agents starting at once, their first rotations) may shed or cut
     // connections; the window must not.
@@ -642,7 +671,7 @@ async fn bench_on(s: &Settings, url: &str, db: &str) -> Result<()> {
     {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(STATS_SETTLE).await;
     let ramp = status(&fleet, &workers);
     ensure!(
         ramp.rotations >= first_rotations,

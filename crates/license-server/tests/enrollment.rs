@@ -426,6 +426,19 @@ async fn bad_input_is_refused_and_server_stays_healthy(db: Db) {
         .unwrap();
     assert_eq!(r.status(), 413);
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "body_too_large");
+    // JSON, but not an object (serde would read a struct from an array).
+    for body in ["[]", " [1, 2]", "\"token\"", "null"] {
+        let r = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let err = r.json::<Value>().await.unwrap();
+        assert_eq!(err["error"], "invalid_request", "{body}: {err}");
+    }
 
     // Field-level problems name the field.
     let mutate = |field: &str, value: Value| {

@@ -416,6 +416,21 @@ async fn a_release_rolls_out_is_verified_downloaded_halted_and_rotated(db: Db) {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(offered(&server, &ms).await, 1, "the named client keeps it");
+    // Every field is optional, yet the body must be an object: `[]` is refused.
+    let r = http
+        .post(format!("{admin_url}/api/admin/releases/{id}/rollout"))
+        .bearer_auth(&ops)
+        .json(&json!([]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["error"], "invalid_request", "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("JSON object"),
+        "{err}"
+    );
     let r = http
         .post(format!("{admin_url}/api/admin/releases/{id}/pause"))
         .bearer_auth(&ops)

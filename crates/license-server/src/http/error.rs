@@ -174,7 +174,7 @@ pub async fn refuse_oversized(
 }
 
 /// `Json<T>` whose rejections are JSON errors naming the problem (body too large, not JSON,
-/// a field missing or malformed) instead of axum's plain-text ones.
+/// not an object, a field missing or malformed) instead of axum's plain-text ones.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiJson<T>(pub T);
 
@@ -186,18 +186,39 @@ where
     type Rejection = ApiFailure;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        let failure = |status: StatusCode, message: String| {
+            let code = match status {
+                StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::BodyTooLarge,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+                _ => ErrorCode::InvalidRequest,
+            };
+            ApiFailure::new(status, code, message)
+        };
+        // Every request body of this API is an object: serde would also read a struct whose
+        // fields are all optional from an array (`[]`).
+        let (parts, body) = req.into_parts();
+        let bytes = axum::body::Bytes::from_request(
+            axum::extract::Request::from_parts(parts.clone(), body),
+            state,
+        )
+        .await
+        .map_err(|rejection| failure(rejection.status(), rejection.body_text()))?;
+        let object = bytes
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_none_or(|b| *b == b'{');
+        let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
         match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(Self(value)),
-            Err(rejection) => {
-                let status = rejection.status();
-                let code = match status {
-                    StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::BodyTooLarge,
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
-                    _ => ErrorCode::InvalidRequest,
-                };
-                // body_text() carries serde's message, which names the field and position.
-                Err(ApiFailure::new(status, code, rejection.body_text()))
+            Ok(Json(value)) if object => Ok(Self(value)),
+            // Not JSON, or not of the content type: said as such. body_text() carries serde's
+            // message, which names the field and position.
+            Err(rejection) if object || rejection.status() != StatusCode::UNPROCESSABLE_ENTITY => {
+                Err(failure(rejection.status(), rejection.body_text()))
             }
+            _ => Err(failure(
+                StatusCode::BAD_REQUEST,
+                "Failed to deserialize the JSON body: the body must be a JSON object".into(),
+            )),
         }
     }
 }
