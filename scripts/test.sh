@@ -179,27 +179,44 @@ wait "$vm_image" || { tail -n 30 target/vm/image.log; say "the guest image faile
 # integration tests that run another package's (license-agent, license-server) find them.
 say "cargo test (unit and integration: real server, agent, TLS, SQLite and PostgreSQL)"
 log="$(mktemp)"
-vm_log="$(mktemp)"
-trap 'rm -f "$log" "$vm_log" "$tools_log"' EXIT
+beside_log="$(mktemp)"
+trap 'rm -f "$log" "$beside_log" "$tools_log"' EXIT
 status=0
-# The VM test (about six minutes, mostly its guest booting and working under KVM, one core at
-# most) runs beside the others rather than after them: its binary is started directly, from
-# its package's directory as cargo would, once everything is built; the run below skips it.
-vm_test=a_real_debian_machine_with_systemd_apparmor_and_a_tpm
-vm_bin="$(cargo test --workspace --locked --no-run --message-format=json-render-diagnostics \
-  | python3 -c 'import json, sys
-for line in sys.stdin:
+# The tests that drive an emulator — the VM test (about six minutes, its guest booting and
+# working under QEMU), then the two wine tests (about three) — run one after the other beside
+# the others rather than after them: their binaries are started directly, each from its
+# package's directory as cargo would, once everything is built; the run below skips them.
+beside=(vm:a_real_debian_machine_with_systemd_apparmor_and_a_tpm
+  windows:a_windows_till_installs_enrolls_and_validates_under_wine
+  windows_c_example:the_c_example_validates_against_the_pipe_echo_agent_under_wine)
+cargo test --workspace --locked --no-run --message-format=json-render-diagnostics >"$beside_log"
+skips=()
+beside_runs=()
+for entry in "${beside[@]}"; do
+  target="${entry%%:*}" name="${entry#*:}"
+  # "<package directory> <executable>" of the test target named $target.
+  found="$(TARGET="$target" python3 -c 'import json, os, sys
+for line in open(sys.argv[1]):
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "vm" and m.get("executable"):
-        print(m["executable"])')"
-[ -x "$vm_bin" ] || { echo "the VM test's binary was not built" >&2; exit 1; }
-say "the VM test ($vm_test) in the background"
-(cd crates/license-agent && "$vm_bin" --exact "$vm_test") >"$vm_log" 2>&1 &
-vm_run=$!
-cargo test --workspace --locked --no-fail-fast -- --skip "$vm_test" 2>&1 | tee "$log" || status=$?
-say "waiting for the VM test"
-wait "$vm_run" || status=$?
-tee -a "$log" <"$vm_log"
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == os.environ["TARGET"] \
+            and m["target"]["kind"] == ["test"] and m.get("executable"):
+        print(os.path.dirname(m["manifest_path"]), m["executable"])' "$beside_log")"
+  [ -n "$found" ] || { echo "the $target test's binary was not built" >&2; exit 1; }
+  skips+=(--skip "$name")
+  beside_runs+=("$found $name")
+done
+say "beside the others, one after the other: ${beside[*]%%:*} tests"
+(failed=0
+for run in "${beside_runs[@]}"; do
+  read -r dir bin name <<<"$run"
+  (cd "$dir" && "$bin" --exact "$name") || failed=1
+done
+exit "$failed") >"$beside_log" 2>&1 &
+beside_job=$!
+cargo test --workspace --locked --no-fail-fast -- "${skips[@]}" 2>&1 | tee "$log" || status=$?
+say "waiting for the tests run beside the others"
+wait "$beside_job" || status=$?
+tee -a "$log" <"$beside_log"
 say "the secret-lifecycle end-to-end suite again, every agent on its own swtpm (TPM backend)"
 # --workspace, not -p: the same features as the run above, so nothing is rebuilt.
 LSA_TEST_TPM=1 cargo test --workspace --locked --test lifecycle 2>&1 | tee -a "$log" || status=$?

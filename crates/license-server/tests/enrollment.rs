@@ -435,7 +435,7 @@ async fn bad_input_is_refused_and_server_stays_healthy(db: Db) {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 400, "{body}");
+        assert_eq!(r.status(), 422, "{body}");
         let err = r.json::<Value>().await.unwrap();
         assert_eq!(err["error"], "invalid_request", "{body}: {err}");
     }

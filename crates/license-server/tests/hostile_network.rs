@@ -1,7 +1,8 @@
 //! A hostile network against real server processes (issue "hold against a hostile network",
 //! findings 1 and 2): clients that request the agent binary and stop reading, and floods of
-//! idle TCP connections from one address and from many. A legitimate client is served
-//! throughout.
+//! idle TCP connections from one address and from many; and the kernel's watch (TCP
+//! keepalive) on every agent connection, for peers that vanish without a word. A legitimate
+//! client is served throughout.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -188,4 +189,55 @@ async fn idle_connections_from_many_addresses_do_not_starve_the_agent_listener()
         assert_eq!(status, 200, "{body}");
     }
     drop(floods);
+}
+
+/// `ss`'s line for the connection from `peer` to `port`, with its timers (`-o`).
+fn timers(port: u16, peer: &str) -> String {
+    let out = Command::new("ss")
+        .args(["-Htno", "state", "established"])
+        .arg(format!("( sport = :{port} and dst {peer} )"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kernel_watches_every_agent_connection_for_a_vanished_peer() {
+    let server = TestServer::start(Db::Sqlite);
+    let (_client, answer, key) = server.enrolled_machine("Shop", "HW-KEEP").await;
+    let cert = answer["certificate"].as_str().unwrap().to_string();
+    let url = server.server.agent_url.clone();
+    let port = port_of(&url);
+
+    // A peer that connected and says nothing: the server's end of it carries TCP keepalive
+    // (first probe after 120 s idle), so a peer that vanished without a FIN is found by the
+    // kernel; without it, an idle connection has no timer at all.
+    let peer = Flooder::start("idle", port, "127.0.0.41", 1);
+    let line = timers(port, "127.0.0.41");
+    let timer = line
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("timer:(keepalive,"))
+        .unwrap_or_else(|| panic!("no keepalive timer on the server's end: {line:?}"));
+    assert!(
+        timer.starts_with("1min") || timer.starts_with("2min,") || !timer.contains("min"),
+        "first probe within 120 s: {line:?}"
+    );
+    // The server's end only: the peer's own socket has none.
+    let peer_side = Command::new("ss")
+        .args(["-Htno", "state", "established"])
+        .arg(format!("( dport = :{port} and src 127.0.0.41 )"))
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&peer_side.stdout).contains("keepalive"),
+        "the flooder set no keepalive of its own"
+    );
+    let (status, body) = server.secret_status(&url, &cert, &key).await;
+    assert_eq!(status, 200, "{body}");
+    drop(peer);
 }

@@ -424,7 +424,7 @@ async fn a_release_rolls_out_is_verified_downloaded_halted_and_rotated(db: Db) {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 400);
+    assert_eq!(r.status(), 422);
     let err: Value = r.json().await.unwrap();
     assert_eq!(err["error"], "invalid_request", "{err}");
     assert!(

@@ -218,9 +218,17 @@ pub fn apply(plan: &Plan, host: &mut impl Host) -> Result<Option<UpdateResult>, 
                             journal.step = Step::Stopped;
                         }
                     }
-                    // The new version was started at boot: its health counts from now.
-                    Step::Started => journal.started_at = Some(at),
-                    Step::Swapped | Step::RollingBack | Step::Done => {}
+                    // The new version was started at boot and made its first round then,
+                    // before this step could count it (while its watch stream is held it
+                    // makes the next one an hour later): stopped, and started again by the
+                    // step, its health counting from that start.
+                    Step::Swapped | Step::Started => {
+                        if let Err(e) = host.stop() {
+                            journal.record("stop", at, e);
+                        }
+                        journal.step = Step::Swapped;
+                    }
+                    Step::RollingBack | Step::Done => {}
                 }
                 tracing::warn!(step = ?journal.step, "resuming an unfinished update");
             }
@@ -734,6 +742,9 @@ mod tests {
         healthy: bool,
         now: i64,
         running: Option<Vec<u8>>,
+        /// When the running agent started: it makes its one round with the server then (a
+        /// real one holding its watch stream makes the next an hour later).
+        started_at: i64,
         log: Vec<String>,
     }
 
@@ -744,12 +755,21 @@ mod tests {
             Ok(())
         }
         fn start(&mut self) -> Result<(), String> {
+            // As `systemctl start`: nothing for an agent already running.
+            if self.running.is_some() {
+                self.log.push("start".into());
+                return Ok(());
+            }
             self.running = Some(std::fs::read(&self.binary).map_err(|e| e.to_string())?);
+            self.started_at = self.now;
             self.log.push("start".into());
             Ok(())
         }
-        fn probe(&mut self, version: Version, _since: i64) -> Result<(), String> {
+        fn probe(&mut self, version: Version, since: i64) -> Result<(), String> {
             let old = version == running_version();
+            if self.started_at < since {
+                return Err("no round with the server finished since it started".into());
+            }
             match (&self.running, self.healthy) {
                 (Some(b), true) if b == b"NEW" && !old => Ok(()),
                 (Some(b), _) if b == b"OLD" && old => Ok(()),
@@ -797,6 +817,7 @@ mod tests {
             healthy: true,
             now: 1_000,
             running: Some(b"OLD".to_vec()),
+            started_at: 0,
             log: Vec::new(),
         };
         Machine {
@@ -1040,6 +1061,8 @@ mod tests {
             // What boot does: the machine starts whatever is installed.
             m.host.running = None;
             m.host.start().expect("boot");
+            // The boot takes a while before the step runs.
+            m.host.now += 5;
             assert!(
                 matches!(m.host.running.as_deref(), Some(b"OLD") | Some(b"NEW")),
                 "{step:?}: a binary starts"

@@ -216,7 +216,7 @@ where
                 Err(failure(rejection.status(), rejection.body_text()))
             }
             _ => Err(failure(
-                StatusCode::BAD_REQUEST,
+                StatusCode::UNPROCESSABLE_ENTITY,
                 "Failed to deserialize the JSON body: the body must be a JSON object".into(),
             )),
         }
