@@ -210,8 +210,8 @@ where
         let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
         match Json::<T>::from_request(req, state).await {
             Ok(Json(value)) if object => Ok(Self(value)),
-            // Not JSON, or not of the content type: said as such. body_text() carries serde's
-            // message, which names the field and position.
+            // Not JSON, not of the content type, or an object that does not fit: said as such
+            // (body_text() carries serde's message, which names the field and position).
             Err(rejection) if object || rejection.status() != StatusCode::UNPROCESSABLE_ENTITY => {
                 Err(failure(rejection.status(), rejection.body_text()))
             }
