@@ -36,30 +36,12 @@ use license_fleet::http::Target;
 use license_fleet::{process, run_fleet, Enroller, FleetConfig, IdentityCache, Mode, ProfileMix};
 use serde_json::Value;
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
-type Result<T, E = Error> = std::result::Result<T, E>;
+#[macro_use]
+mod common;
+use common::{env_usize, Result, SERVER};
 
-macro_rules! ensure {
-    ($cond:expr, $($msg:tt)+) => {
-        if !$cond {
-            return Err(format!($($msg)+).into());
-        }
-    };
-}
-
-const SERVER: &str = env!("CARGO_BIN_EXE_license-server");
 /// The streams' ping unless `BENCH_HEARTBEAT_SECS` says otherwise: the server's default.
 const DEFAULT_HEARTBEAT: u64 = license_server::config::DEFAULT_WATCH_HEARTBEAT_SECS;
-
-fn env_usize(name: &str, default: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Ok(v) => Ok(v
-            .trim()
-            .parse()
-            .map_err(|_| format!("{name}={v:?} is not a count"))?),
-        Err(_) => Ok(default),
-    }
-}
 
 /// A child process killed on drop.
 struct Proc(Child);

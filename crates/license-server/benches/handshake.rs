@@ -47,7 +47,7 @@
 //! `cargo test --benches`) it does a smoke pass: 1 s runs, 2 rounds, every check made.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -57,36 +57,17 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
-type Result<T, E = Error> = std::result::Result<T, E>;
+#[macro_use]
+mod common;
+use common::{env_usize, Result, Server, SNI};
 
-/// `ensure!(condition, "format", args…)`: returns the formatted error unless `condition`.
-macro_rules! ensure {
-    ($cond:expr, $($msg:tt)+) => {
-        if !$cond {
-            return Err(format!($($msg)+).into());
-        }
-    };
-}
-
-const SERVER: &str = env!("CARGO_BIN_EXE_license-server");
-/// Name the server certificate is issued for (`init --dns-name localhost`).
-const SNI: &str = "localhost";
 /// The listener whose handshakes are measured, as `/metrics` labels it.
 const AGENT_LISTENER: &str = "agent";
 
 fn env_count(name: &str, default: u64, min: u64) -> Result<u64> {
-    match std::env::var(name) {
-        Ok(v) => {
-            let n: u64 = v
-                .trim()
-                .parse()
-                .map_err(|_| format!("{name}={v:?} is not a count"))?;
-            ensure!(n >= min, "{name} must be at least {min}");
-            Ok(n)
-        }
-        Err(_) => Ok(default),
-    }
+    let n = env_usize(name, usize::try_from(default)?)? as u64;
+    ensure!(n >= min, "{name} must be at least {min}");
+    Ok(n)
 }
 
 /// A program on the PATH, or in /usr/sbin (nginx, when root's PATH is not the shell's).
@@ -136,119 +117,6 @@ fn children(parent: u32) -> BTreeSet<u32> {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| proc_stat(*pid).is_some_and(|(ppid, _)| ppid == parent))
         .collect()
-}
-
-/// One `license-server serve` process on a fresh data directory; killed on drop.
-struct Server {
-    child: Child,
-    data: PathBuf,
-    public: SocketAddr,
-    agent: SocketAddr,
-    admin: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start() -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let data = dir.path().join("srv");
-        let out = Command::new(SERVER)
-            .args(["init", "--dns-name", SNI, "--ip", "127.0.0.1", "--data-dir"])
-            .arg(&data)
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "init: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let log = std::fs::File::create(dir.path().join("serve.stderr"))?;
-        let mut child = Command::new(SERVER)
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(&data)
-            .args([
-                "--public-listen",
-                "127.0.0.1:0",
-                "--agent-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--json",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or("serve: no stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
-        let ready: Value = match serde_json::from_str(&line) {
-            Ok(v) => v,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let log =
-                    std::fs::read_to_string(dir.path().join("serve.stderr")).unwrap_or_default();
-                return Err(format!("server did not start: {line:?}\n{log}").into());
-            }
-        };
-        let addr = |key: &str| -> Result<SocketAddr> {
-            let addr = ready[key]
-                .as_str()
-                .ok_or_else(|| format!("ready line without {key}: {ready}"))?;
-            Ok(addr.parse()?)
-        };
-        Ok(Self {
-            public: addr("public")?,
-            agent: addr("agent")?,
-            admin: addr("admin")?,
-            child,
-            data,
-            dir,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Fails when the server has exited.
-    fn alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            let log =
-                std::fs::read_to_string(self.dir.path().join("serve.stderr")).unwrap_or_default();
-            return Err(format!("license-server exited ({status}):\n{log}").into());
-        }
-        Ok(())
-    }
-
-    /// `license-server admin --json …` on this data directory.
-    fn admin_json(&self, args: &[&str]) -> Result<Value> {
-        let out = Command::new(SERVER)
-            .arg("admin")
-            .arg("--data-dir")
-            .arg(&self.data)
-            .arg("--json")
-            .args(args)
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "admin {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(serde_json::from_slice(&out.stdout)?)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// nginx in the foreground with one worker, on its own configuration; stopped on drop.
@@ -661,7 +529,7 @@ fn main() -> Result<()> {
         nginx: program("nginx")?,
     };
 
-    let mut server = Server::start()?;
+    let mut server = Server::start(&[])?;
     let ca_pem = std::fs::read_to_string(server.data.join("ca.pem"))?;
     let server_auth = client_config(&ca_pem, None)?;
     let metrics_token = server.admin_json(&[

@@ -39,10 +39,7 @@
 //! it runs a small smoke pass instead (8 requests, concurrency 2).
 
 use std::future::Future;
-use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -57,140 +54,9 @@ use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
-type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// `ensure!(condition, "format", args…)`: returns the formatted error unless `condition`.
-macro_rules! ensure {
-    ($cond:expr, $($msg:tt)+) => {
-        if !$cond {
-            return Err(format!($($msg)+).into());
-        }
-    };
-}
-
-const SERVER: &str = env!("CARGO_BIN_EXE_license-server");
-/// Name the server certificate is issued for (`init --dns-name localhost`).
-const SNI: &str = "localhost";
-
-fn env_usize(name: &str, default: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Ok(v) => {
-            let n: usize = v
-                .trim()
-                .parse()
-                .map_err(|_| format!("{name}={v:?} is not a count"))?;
-            ensure!(n > 0, "{name} must be at least 1");
-            Ok(n)
-        }
-        Err(_) => Ok(default),
-    }
-}
-
-/// One `license-server serve` process on a fresh data directory; killed on drop.
-struct Server {
-    child: Child,
-    data: PathBuf,
-    public: SocketAddr,
-    agent: SocketAddr,
-    admin: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start() -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let data = dir.path().join("srv");
-        let out = Command::new(SERVER)
-            .args(["init", "--dns-name", SNI, "--ip", "127.0.0.1", "--data-dir"])
-            .arg(&data)
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "init: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let log = std::fs::File::create(dir.path().join("serve.stderr"))?;
-        let mut child = Command::new(SERVER)
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(&data)
-            .args([
-                "--public-listen",
-                "127.0.0.1:0",
-                "--agent-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--bootstrap-rate-per-minute",
-                "1000000",
-                "--json",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or("serve: no stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
-        let ready: Value = match serde_json::from_str(&line) {
-            Ok(v) => v,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let log =
-                    std::fs::read_to_string(dir.path().join("serve.stderr")).unwrap_or_default();
-                return Err(format!("server did not start: {line:?}\n{log}").into());
-            }
-        };
-        let addr = |key: &str| -> Result<SocketAddr> {
-            let addr = ready[key]
-                .as_str()
-                .ok_or_else(|| format!("ready line without {key}: {ready}"))?;
-            Ok(addr.parse()?)
-        };
-        Ok(Self {
-            public: addr("public")?,
-            agent: addr("agent")?,
-            admin: addr("admin")?,
-            child,
-            data,
-            _dir: dir,
-        })
-    }
-
-    /// `license-server admin --json …` on this data directory.
-    fn admin_json(&self, args: &[&str]) -> Result<Value> {
-        let out = Command::new(SERVER)
-            .arg("admin")
-            .arg("--data-dir")
-            .arg(&self.data)
-            .arg("--json")
-            .args(args)
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "admin {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(serde_json::from_slice(&out.stdout)?)
-    }
-
-    fn ca_pem(&self) -> Result<String> {
-        Ok(std::fs::read_to_string(self.data.join("ca.pem"))?)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+#[macro_use]
+mod common;
+use common::{env_usize, Error, Result, Server, SNI};
 
 /// TLS 1.3 only, ring provider, ALPN http/1.1, and no session resumption: every connection
 /// made with this configuration performs a full handshake.
@@ -417,7 +283,7 @@ fn main() -> Result<()> {
 
 async fn bench(requests: usize, concurrency: usize, warmup: usize, bench_mode: bool) -> Result<()> {
     let release_size_mib = env_usize("BENCH_RELEASE_MIB", if bench_mode { 11 } else { 1 })?;
-    let server = Server::start()?;
+    let server = Server::start(&["--bootstrap-rate-per-minute", "1000000"])?;
     let ca_pem = server.ca_pem()?;
     let server_auth = client_config(&ca_pem, None)?;
 
