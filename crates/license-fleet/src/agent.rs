@@ -465,20 +465,31 @@ impl SimAgent {
         self.renewed(key_pem, &answer)
     }
 
-    /// A renewal on a connection of its own (poll mode).
-    async fn renew_h1(&mut self, tls: &Arc<rustls::ClientConfig>) -> Result<(), RoundError> {
-        let (key_pem, body) = Self::renewal_request().ok_or(RoundError::Failed)?;
-        let req = request(
-            "POST",
-            &self.target.uri("/api/v1/renew-certificate"),
-            Some(body),
-        );
+    /// POST `body` to `path` on a connection of its own (poll mode), counted, its answer
+    /// checked and timed as `route`.
+    async fn post_h1(
+        &mut self,
+        tls: &Arc<rustls::ClientConfig>,
+        route: &'static str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<Answer, RoundError> {
         Counters::add(&self.counters().connections);
+        let req = request("POST", &self.target.uri(path), Some(body));
         let mut answers = h1_round(&self.target, tls.clone(), vec![req])
             .await
             .map_err(|e| self.transport(&e))?;
         let (answer, took) = answers.remove(0);
-        self.answer_ok("renew-certificate", &answer, took)?;
+        self.answer_ok(route, &answer, took)?;
+        Ok(answer)
+    }
+
+    /// A renewal on a connection of its own (poll mode).
+    async fn renew_h1(&mut self, tls: &Arc<rustls::ClientConfig>) -> Result<(), RoundError> {
+        let (key_pem, body) = Self::renewal_request().ok_or(RoundError::Failed)?;
+        let answer = self
+            .post_h1(tls, "renew-certificate", "/api/v1/renew-certificate", body)
+            .await?;
         self.renewed(key_pem, &answer)
     }
 
@@ -568,33 +579,16 @@ impl SimAgent {
     /// A rotation and its acknowledgement on a connection of their own (poll mode).
     async fn rotate_h1(&mut self, tls: &Arc<rustls::ClientConfig>) -> Result<(), RoundError> {
         let body = self.rotate_request().ok_or(RoundError::Failed)?;
-        Counters::add(&self.counters().connections);
-        let req = request(
-            "POST",
-            &self.target.uri("/api/v1/rotate-secret"),
-            Some(body),
-        );
-        let mut answers = h1_round(&self.target, tls.clone(), vec![req])
-            .await
-            .map_err(|e| self.transport(&e))?;
-        let (answer, took) = answers.remove(0);
-        self.answer_ok("rotate-secret", &answer, took)?;
+        let answer = self
+            .post_h1(tls, "rotate-secret", "/api/v1/rotate-secret", body)
+            .await?;
         let rotated: Value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
         let version = rotated["secret_version"]
             .as_u64()
             .ok_or(RoundError::Failed)?;
         let ack = json!({"secret_version": version}).to_string().into_bytes();
-        let req = request(
-            "POST",
-            &self.target.uri("/api/v1/rotate-secret/ack"),
-            Some(ack),
-        );
-        Counters::add(&self.counters().connections);
-        let mut answers = h1_round(&self.target, tls.clone(), vec![req])
-            .await
-            .map_err(|e| self.transport(&e))?;
-        let (answer, took) = answers.remove(0);
-        self.answer_ok("rotate-secret/ack", &answer, took)?;
+        self.post_h1(tls, "rotate-secret/ack", "/api/v1/rotate-secret/ack", ack)
+            .await?;
         self.version = version;
         Counters::add(&self.counters().rotations);
         Ok(())
