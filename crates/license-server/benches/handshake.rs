@@ -257,26 +257,7 @@ fn client_config(
     ca_pem: &str,
     identity: Option<(&str, &str)>,
 ) -> Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-        roots.add(cert?)?;
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])?
-    .with_root_certificates(roots);
-    let config = match identity {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => {
-            let chain =
-                rustls_pemfile::certs(&mut cert.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-            let key =
-                rustls_pemfile::private_key(&mut key.as_bytes())?.ok_or("no private key in PEM")?;
-            builder.with_client_auth_cert(chain, key)?
-        }
-    };
-    Ok(Arc::new(config))
+    Ok(Arc::new(common::client_config(ca_pem, identity)?))
 }
 
 /// What one HTTPS request returned, and the certificate chain the server presented.

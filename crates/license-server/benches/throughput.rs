@@ -58,31 +58,13 @@ use tokio_rustls::TlsConnector;
 mod common;
 use common::{env_usize, Error, Result, Server, SNI};
 
-/// TLS 1.3 only, ring provider, ALPN http/1.1, and no session resumption: every connection
-/// made with this configuration performs a full handshake.
+/// TLS 1.3 client trusting the server's CA, with the machine's certificate when given; no
+/// session resumption (every connection a full handshake), HTTP/1.1.
 fn client_config(
     ca_pem: &str,
     identity: Option<(&str, &str)>,
 ) -> Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-        roots.add(cert?)?;
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])?
-    .with_root_certificates(roots);
-    let mut config = match identity {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => {
-            let chain =
-                rustls_pemfile::certs(&mut cert.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-            let key =
-                rustls_pemfile::private_key(&mut key.as_bytes())?.ok_or("no private key in PEM")?;
-            builder.with_client_auth_cert(chain, key)?
-        }
-    };
+    let mut config = common::client_config(ca_pem, identity)?;
     config.resumption = Resumption::disabled();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))

@@ -37,6 +37,30 @@ pub fn env_usize(name: &str, default: usize) -> Result<usize> {
     }
 }
 
+/// TLS 1.3 client (ring) trusting the server's CA, with the machine's certificate and key
+/// (PEM) when given.
+pub fn client_config(ca_pem: &str, identity: Option<(&str, &str)>) -> Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_root_certificates(roots);
+    Ok(match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain =
+                rustls_pemfile::certs(&mut cert.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+            let key =
+                rustls_pemfile::private_key(&mut key.as_bytes())?.ok_or("no private key in PEM")?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+    })
+}
+
 /// One `license-server serve` process on a fresh data directory; killed on drop.
 pub struct Server {
     pub child: Child,
